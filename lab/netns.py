@@ -1,0 +1,163 @@
+"""Enter a pod's network namespace for a block of code or a child process.
+
+setns(2) with CLONE_NEWNET changes only the calling thread, so a block of
+code can work inside a pod and come back; sockets and netlink handles made
+inside stay tied to that namespace after we leave.  Children are forked (not
+exec'ed): they enter the pod, drop to their uid/gid and run a Python callable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import os
+import signal
+import sys
+from typing import Callable, Iterator
+
+from pyroute2 import netns as _netns
+
+NETNS_DIR = "/run/netns"
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_PR_SET_PDEATHSIG = 1
+_PR_SET_NAME = 15
+_PR_CAPBSET_DROP = 24
+_CLONE_NEWNET = 0x40000000
+_CAP_LAST_CAP_PATH = "/proc/sys/kernel/cap_last_cap"
+
+
+def path(name: str) -> str:
+    return os.path.join(NETNS_DIR, name)
+
+
+def exists(name: str) -> bool:
+    return os.path.exists(path(name))
+
+
+def names() -> list[str]:
+    return sorted(_netns.listnetns())
+
+
+def create(name: str) -> None:
+    """Create a named namespace (as `ip netns add`) without moving the caller."""
+    with _saved_netns():
+        _netns._create(name)  # unshare on this thread + bind mount, then back
+
+
+def remove(name: str) -> None:
+    if exists(name):
+        _netns.remove(name)
+
+
+@contextlib.contextmanager
+def _saved_netns() -> Iterator[None]:
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    try:
+        yield
+    finally:
+        _netns.setns(home)
+        os.close(home)
+
+
+@contextlib.contextmanager
+def entered(name: str) -> Iterator[None]:
+    """Run the block inside namespace `name`; the caller always comes back."""
+    target = os.open(path(name), os.O_RDONLY)
+    try:
+        with _saved_netns():
+            _netns.setns(target)
+            yield
+    finally:
+        os.close(target)
+
+
+@contextlib.contextmanager
+def fs_identity(uid: int, gid: int) -> Iterator[None]:
+    """Make files and sockets created in the block belong to uid/gid.
+
+    xt_owner matches on the credentials a socket's file was opened with
+    (f_cred->fsuid/fsgid), so a socket made here is, to `-m owner`, a socket of
+    that user.  setfsuid/setfsgid are per thread and never fail loudly, so
+    each change is read back.
+    """
+    old_gid = _libc.setfsgid(gid)
+    old_uid = _libc.setfsuid(uid)
+    try:
+        if _libc.setfsuid(-1) != uid or _libc.setfsgid(-1) != gid:
+            raise PermissionError(f"cannot take fs identity {uid}:{gid}")
+        yield
+    finally:
+        _libc.setfsuid(old_uid)
+        _libc.setfsgid(old_gid)
+
+
+@contextlib.contextmanager
+def scratch() -> Iterator[None]:
+    """Run the block in a fresh, unnamed namespace that vanishes afterwards."""
+    with _saved_netns():
+        if _libc.unshare(_CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"cannot make a network namespace: {os.strerror(err)}")
+        yield
+
+
+def drop_privileges(uid: int, gid: int) -> None:
+    """Become uid/gid with no supplementary groups and no capabilities."""
+    last_cap = int(open(_CAP_LAST_CAP_PATH).read())
+    for cap in range(last_cap + 1):
+        _libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0)
+    os.setgroups([])
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)  # all uids non-zero: the kernel clears every capability set
+
+
+def spawn(
+    ns: str,
+    run: Callable[[], object],
+    *,
+    name: str,
+    uid: int,
+    gid: int,
+    log_path: str,
+    die_with_parent: bool = True,
+) -> int:
+    """Fork a child that enters `ns`, drops to uid/gid and calls `run`.
+
+    The child's stdout and stderr go to `log_path`; with `die_with_parent` the
+    kernel kills it when this process dies, even by SIGKILL.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 1
+    try:
+        os.setsid()
+        if die_with_parent:
+            _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        _libc.prctl(_PR_SET_NAME, name.encode()[:15], 0, 0, 0)
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_DFL)
+        log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.dup2(log, 1)
+        os.dup2(log, 2)
+        os.closerange(3, 65536)
+        sys.stdout = os.fdopen(1, "w", buffering=1)
+        sys.stderr = os.fdopen(2, "w", buffering=1)
+        target = os.open(path(ns), os.O_RDONLY)
+        _netns.setns(target)
+        os.close(target)
+        drop_privileges(uid, gid)
+        run()
+        code = 0
+    except BaseException:  # the child must never return into the parent's code
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        os._exit(code)

@@ -1,0 +1,159 @@
+"""Lab records: what a lab made, so that a lab whose owner died is found and reaped.
+
+A record is written before the first namespace exists and removed after the
+last one is gone, so every `ilab-<labid>-*` namespace is covered by a record
+unless its owner is in the middle of tearing it down.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+
+from . import netns
+
+STATE_DIR = os.environ.get("ISTIO_LAB_STATE_DIR", "/run/istio-iptables-lab")
+NS_PREFIX = "ilab-"
+LABID_RE = re.compile(r"^[a-z0-9]{1,12}$")
+
+
+def ns_name(labid: str, pod: str) -> str:
+    return f"{NS_PREFIX}{labid}-{pod}"
+
+
+def labid_of(ns: str) -> str | None:
+    m = re.match(rf"^{NS_PREFIX}([a-z0-9]+)-", ns)
+    return m.group(1) if m else None
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time in clock ticks: a PID plus this names one process."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+@dataclass
+class Record:
+    labid: str
+    owner_pid: int
+    owner_start: str | None
+    detached: bool = False  # left up on purpose by `istio-lab up`
+    pids: dict[str, int] = field(default_factory=dict)  # process name -> pid
+    created: float = field(default_factory=time.time)
+
+    @property
+    def dir(self) -> str:
+        return os.path.join(STATE_DIR, self.labid)
+
+    def save(self) -> None:
+        os.makedirs(self.dir, mode=0o755, exist_ok=True)
+        tmp = os.path.join(self.dir, "record.json.tmp")
+        with open(tmp, "w") as f:
+            json.dump(asdict(self), f)
+        os.replace(tmp, os.path.join(self.dir, "record.json"))
+
+    def owner_alive(self) -> bool:
+        return _start_time(self.owner_pid) == self.owner_start and self.owner_start is not None
+
+    @classmethod
+    def new(cls, labid: str, detached: bool = False) -> "Record":
+        pid = os.getpid()
+        return cls(labid, pid, _start_time(pid), detached)
+
+    @classmethod
+    def load(cls, labid: str) -> "Record | None":
+        try:
+            with open(os.path.join(STATE_DIR, labid, "record.json")) as f:
+                return cls(**json.load(f))
+        except (OSError, ValueError, TypeError):
+            return None
+
+
+def known_labids() -> set[str]:
+    ids = {labid_of(n) for n in netns.names()} - {None}
+    if os.path.isdir(STATE_DIR):
+        ids |= {d for d in os.listdir(STATE_DIR) if LABID_RE.match(d)}
+    return ids
+
+
+def lab_namespaces(labid: str) -> list[str]:
+    return [n for n in netns.names() if labid_of(n) == labid]
+
+
+def _pids_in(namespaces: list[str]) -> list[int]:
+    """Every process whose network namespace is one of these."""
+    inodes = set()
+    for ns in namespaces:
+        try:
+            inodes.add(os.stat(netns.path(ns)).st_ino)
+        except OSError:
+            pass
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.stat(f"/proc/{entry}/ns/net").st_ino in inodes:
+                    pids.append(int(entry))
+            except OSError:
+                pass
+    return pids
+
+
+def destroy(labid: str, deadline: float = 2.0) -> None:
+    """Kill the lab's processes, delete its namespaces, then its record."""
+    namespaces = lab_namespaces(labid)
+    victims = [p for p in _pids_in(namespaces) if p != os.getpid()]
+    for pid in victims:
+        _signal(pid, signal.SIGTERM)
+    end = time.monotonic() + deadline
+    while victims and time.monotonic() < end:
+        victims = [p for p in victims if _reap(p)]
+        if victims:
+            time.sleep(0.005)
+    for pid in victims:
+        _signal(pid, signal.SIGKILL)
+        _reap(pid, block=True)
+    for ns in sorted(namespaces, key=lambda n: n.endswith("-node")):  # fabric last
+        netns.remove(ns)
+    shutil.rmtree(os.path.join(STATE_DIR, labid), ignore_errors=True)
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _reap(pid: int, block: bool = False) -> bool:
+    """True while the process still runs; collects our own children."""
+    try:
+        done, _ = os.waitpid(pid, 0 if block else os.WNOHANG)
+        return done == 0
+    except ChildProcessError:  # not our child: alive while /proc says so and not a zombie
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+
+
+def reap_orphans() -> list[str]:
+    """Destroy every lab whose owner is dead and that was not left up on purpose."""
+    reaped = []
+    for labid in sorted(known_labids()):
+        record = Record.load(labid)
+        if record is not None and (record.detached or record.owner_alive()):
+            continue
+        destroy(labid)
+        reaped.append(labid)
+    return reaped
+

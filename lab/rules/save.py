@@ -1,0 +1,122 @@
+"""The iptables-save format: parse a dump into tables, chains and rule lines.
+
+Pure text work, no kernel: the lab keeps rule sets in this format because it
+is what people copy out of a real pod (`iptables-save`) and what the kernel
+reads back, so a profile and a pod's dump compare line for line.
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass, field
+
+BUILTIN_CHAINS = {
+    "raw": ("PREROUTING", "OUTPUT"),
+    "mangle": ("PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"),
+    "nat": ("PREROUTING", "INPUT", "OUTPUT", "POSTROUTING"),
+    "filter": ("INPUT", "FORWARD", "OUTPUT"),
+    "security": ("INPUT", "FORWARD", "OUTPUT"),
+}
+
+
+class SaveFormatError(ValueError):
+    """A line of a dump that cannot be understood; names the line."""
+
+    def __init__(self, source: str, lineno: int, line: str, problem: str):
+        super().__init__(f"{source}:{lineno}: {problem}: {line.strip()!r}")
+        self.lineno = lineno
+
+
+@dataclass(frozen=True)
+class RuleLine:
+    """One `-A CHAIN ...` line: the chain and the rule's arguments after it."""
+
+    chain: str
+    args: tuple[str, ...]
+
+    @property
+    def spec(self) -> str:
+        return " ".join(f'"{a}"' if not a or " " in a else a for a in self.args)
+
+    def __str__(self) -> str:
+        return f"-A {self.chain} {self.spec}"
+
+
+@dataclass
+class TableDump:
+    name: str
+    policies: dict[str, str] = field(default_factory=dict)  # builtin chain -> policy
+    chains: list[str] = field(default_factory=list)  # user chains, in order
+    rules: list[RuleLine] = field(default_factory=list)
+
+    def chain_rules(self, chain: str) -> list[RuleLine]:
+        return [r for r in self.rules if r.chain == chain]
+
+    def lines(self) -> list[str]:
+        """The table's rule lines in save order (what a round trip compares)."""
+        return [str(r) for r in self.rules]
+
+
+@dataclass
+class Dump:
+    tables: dict[str, TableDump] = field(default_factory=dict)
+
+    def lines(self) -> list[str]:
+        return [line for t in self.tables.values() for line in t.lines()]
+
+
+def parse(text: str, source: str = "<rules>") -> Dump:
+    dump = Dump()
+    table: TableDump | None = None
+    for lineno, line in enumerate(text.splitlines(), 1):
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+
+        def fail(problem: str) -> SaveFormatError:
+            return SaveFormatError(source, lineno, line, problem)
+
+        if stripped.startswith("*"):
+            if table is not None:
+                raise fail(f"table {table.name} has no COMMIT before this")
+            name = stripped[1:]
+            if name not in BUILTIN_CHAINS:
+                raise fail(f"unknown table {name!r}")
+            table = dump.tables.setdefault(name, TableDump(name))
+        elif table is None:
+            raise fail("line outside a table (a dump starts tables with *nat, *mangle, ...)")
+        elif stripped == "COMMIT":
+            table = None
+        elif stripped.startswith(":"):
+            _parse_chain(stripped, table, fail)
+        elif stripped.startswith("-A "):
+            try:
+                tokens = shlex.split(stripped)
+            except ValueError as e:
+                raise fail(str(e)) from None
+            if len(tokens) < 3:
+                raise fail("rule with no match or target")
+            chain = tokens[1]
+            if chain not in BUILTIN_CHAINS[table.name] and chain not in table.chains:
+                raise fail(f"chain {chain} is not declared in table {table.name}")
+            table.rules.append(RuleLine(chain, tuple(tokens[2:])))
+        else:
+            raise fail("expected *table, :CHAIN, -A CHAIN or COMMIT")
+    if table is not None:
+        raise SaveFormatError(source, lineno, "", f"table {table.name} never COMMITs")
+    return dump
+
+
+def _parse_chain(line: str, table: TableDump, fail) -> None:
+    parts = line[1:].split()
+    if len(parts) < 2:
+        raise fail("chain line needs a name and a policy")
+    name, policy = parts[0], parts[1]
+    if name in BUILTIN_CHAINS[table.name]:
+        if policy not in ("ACCEPT", "DROP"):
+            raise fail(f"policy of {name} must be ACCEPT or DROP")
+        table.policies[name] = policy
+    elif policy != "-":
+        raise fail(f"user chain {name} cannot have policy {policy}")
+    elif name not in table.chains:
+        table.chains.append(name)

@@ -1,0 +1,211 @@
+"""Apply rule sets to a pod and read them back, through python-iptables.
+
+python-iptables drives legacy xtables (libiptc): a table handle is a snapshot
+taken from the namespace the calling thread is in, so every function here
+enters the pod first and takes a fresh handle.  A table is written with one
+commit, as iptables-restore would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+from dataclasses import dataclass
+from typing import Iterator
+
+from .. import netns
+from .save import BUILTIN_CHAINS, Dump, RuleLine, TableDump
+
+
+class RuleError(ValueError):
+    """A rule the kernel or libxtables refused; names the rule."""
+
+
+@dataclass(frozen=True)
+class NumberedRule:
+    table: str
+    chain: str
+    num: int  # from the chain's head, starting at 1, as the kernel counts
+    line: str  # iptables-save form: "-A CHAIN ..."
+    packets: int
+    bytes: int
+
+    @property
+    def ref(self) -> str:
+        return f"{self.chain}#{self.num}"
+
+
+def _iptc():
+    import iptc  # loads libxtables; deferred so `--help` and preflight stay fast
+
+    return iptc
+
+
+@contextlib.contextmanager
+def _table(ns: str | None, name: str) -> Iterator[object]:
+    """A table handle of `ns` (None: the namespace this thread is in)."""
+    iptc = _iptc()
+    with netns.entered(ns) if ns else contextlib.nullcontext():
+        table = iptc.Table(name, autocommit=False)
+        table.refresh()  # a handle of this namespace, not one cached from another
+        try:
+            yield table
+        finally:
+            table.close()
+
+
+def apply(ns: str | None, dump: Dump) -> None:
+    """Replace each table of the dump in `ns` with the dump's content."""
+    for table_dump in dump.tables.values():
+        with _table(ns, table_dump.name) as table:
+            _replace(table, table_dump)
+            try:
+                table.commit()
+            except Exception as e:
+                raise RuleError(f"{table_dump.name}: the kernel refused the table: {e}") from None
+
+
+def _replace(table, dump: TableDump) -> None:
+    iptc = _iptc()
+    for chain in list(table.chains):
+        table.flush_entries(chain.name)
+    for chain in list(table.chains):
+        if not table.builtin_chain(chain.name):
+            table.delete_chain(chain.name)
+    for name, policy in dump.policies.items():
+        table.set_policy(name, policy)
+    for name in dump.chains:
+        table.create_chain(name)
+    for rule_line in dump.rules:
+        try:
+            rule = to_iptc(rule_line)
+        except Exception as e:
+            raise RuleError(f"{dump.name}: {rule_line}: {e}") from None
+        iptc.Chain(table, rule_line.chain).append_rule(rule)
+
+
+def to_iptc(line: RuleLine):
+    """Build a python-iptables Rule from the arguments of a save line."""
+    iptc = _iptc()
+    rule = iptc.Rule()
+    args = list(line.args)
+    module = None  # the match or target that takes --options
+    negate = False
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "!":
+            negate = True
+            i += 1
+            continue
+        bang = "!" if negate else ""
+        negate = False
+        if arg in ("-s", "-d", "-i", "-o", "-p"):
+            field = {"-s": "src", "-d": "dst", "-i": "in_interface", "-o": "out_interface", "-p": "protocol"}[arg]
+            setattr(rule, field, bang + args[i + 1])
+            i += 2
+        elif arg == "-m":
+            module = rule.create_match(args[i + 1])
+            i += 2
+        elif arg in ("-j", "-g"):
+            if arg == "-g":
+                raise ValueError("goto (-g) is not supported")
+            module = rule.create_target(args[i + 1])
+            i += 2
+        elif arg.startswith("--"):
+            if module is None:
+                raise ValueError(f"option {arg} before any -m or -j")
+            values = []
+            i += 1
+            while i < len(args) and not args[i].startswith("-") and args[i] != "!":
+                values.append(args[i])
+                i += 1
+            module.set_parameter(arg[2:], ([bang] if bang else []) + values)
+        else:
+            raise ValueError(f"unexpected argument {arg!r}")
+    return rule
+
+
+def _address(value: str, default: str = "0.0.0.0/0.0.0.0") -> str | None:
+    if value == default:
+        return None
+    bang = value.startswith("!")
+    net = ipaddress.ip_network(value.lstrip("!"), strict=False)
+    return ("! " if bang else "") + f"-{{}} {net.with_prefixlen}"
+
+
+def _params(module) -> str:
+    out = []
+    for key, values in module.get_all_parameters().items():
+        if values[:1] == ["!"]:
+            out.append("!")
+            values = values[1:]
+        out.append(f"--{key}")
+        out.extend(values)
+    return " ".join(out)
+
+
+def to_save(chain: str, rule) -> str:
+    """Render a python-iptables Rule as iptables-save prints it."""
+    parts = [f"-A {chain}"]
+    for flag, value in (("s", rule.src), ("d", rule.dst)):
+        addr = _address(value)
+        if addr:
+            parts.append(addr.format(flag))
+    for flag, value in (("i", rule.in_interface), ("o", rule.out_interface)):
+        if value:
+            parts.append(f"! -{flag} {value[1:]}" if value.startswith("!") else f"-{flag} {value}")
+    if rule.protocol and rule.protocol != "ip":
+        proto = rule.protocol
+        parts.append(f"! -p {proto[1:]}" if proto.startswith("!") else f"-p {proto}")
+    for match in rule.matches:
+        params = _params(match)
+        parts.append(f"-m {match.name}" + (f" {params}" if params else ""))
+    if rule.target and rule.target.name:
+        params = _params(rule.target)
+        parts.append(f"-j {rule.target.name}" + (f" {params}" if params else ""))
+    return " ".join(parts)
+
+
+def listing(ns: str, table_name: str) -> list[NumberedRule]:
+    """Every rule of a table in `ns`, numbered per chain, with its counters."""
+    out = []
+    with _table(ns, table_name) as table:
+        for chain in table.chains:
+            for num, rule in enumerate(chain.rules, 1):
+                packets, nbytes = rule.get_counters()
+                out.append(NumberedRule(table_name, chain.name, num, to_save(chain.name, rule), packets, nbytes))
+    return out
+
+
+def chain_policies(ns: str, table_name: str) -> dict[str, tuple[str, int, int]]:
+    """Builtin chains' policy and counters (what `-L` prints on the chain line)."""
+    out = {}
+    with _table(ns, table_name) as table:
+        for name in BUILTIN_CHAINS[table_name]:
+            chain = _iptc().Chain(table, name)
+            policy, counters = chain.get_policy(), chain.get_counters()
+            out[name] = (policy.name, counters[0], counters[1])
+    return out
+
+
+def zero(ns: str, table_name: str) -> None:
+    with _table(ns, table_name) as table:
+        for chain in table.chains:
+            table.zero_entries(chain.name)
+        table.commit()
+
+
+def insert(ns: str, table_name: str, chain: str, args: tuple[str, ...]) -> None:
+    """Put one rule at the head of a chain (where a TRACE rule must be)."""
+    iptc = _iptc()
+    with _table(ns, table_name) as table:
+        iptc.Chain(table, chain).insert_rule(to_iptc(RuleLine(chain, args)))
+        table.commit()
+
+
+def delete(ns: str, table_name: str, chain: str, args: tuple[str, ...]) -> None:
+    iptc = _iptc()
+    with _table(ns, table_name) as table:
+        iptc.Chain(table, chain).delete_rule(to_iptc(RuleLine(chain, args)))
+        table.commit()

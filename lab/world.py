@@ -1,0 +1,125 @@
+"""A lab: a fabric namespace playing the node, and pods wired to its bridge.
+
+    ilab-<labid>-node:   br0 10.244.0.1/24  <- veth ->  ilab-<labid>-<pod>: eth0
+Every link, address and route lives in the lab's own namespaces.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import string
+from dataclasses import dataclass
+from typing import Iterator
+
+from . import netns, plan, record
+from .errors import LabError
+
+BRIDGE = "br0"
+
+
+@dataclass(frozen=True)
+class Pod:
+    name: str
+    ns: str
+    ip: str
+
+
+@contextlib.contextmanager
+def ipr(ns: str) -> Iterator[object]:
+    """A pyroute2 IPRoute socket opened inside `ns` (it stays bound there)."""
+    from pyroute2 import IPRoute
+
+    with netns.entered(ns):
+        sock = IPRoute()
+    try:
+        yield sock
+    finally:
+        sock.close()
+
+
+def new_labid() -> str:
+    alphabet = string.ascii_lowercase + string.digits
+    return "".join(secrets.choice(alphabet) for _ in range(6))
+
+
+class Lab:
+    """One isolated cluster on this kernel. Use as a context manager: it always tears down."""
+
+    def __init__(self, labid: str | None = None, detached: bool = False):
+        self.labid = labid or new_labid()
+        if not record.LABID_RE.match(self.labid):
+            raise LabError(f"bad lab id {self.labid!r}: use 1-12 lowercase letters and digits")
+        self.record = record.Record.new(self.labid, detached)
+        self.node = record.ns_name(self.labid, "node")
+        self.pods = {name: Pod(name, record.ns_name(self.labid, name), ip) for name, ip in plan.PODS.items()}
+        self.up = False
+
+    @property
+    def run_dir(self) -> str:
+        return self.record.dir
+
+    def pod(self, name: str) -> Pod:
+        try:
+            return self.pods[name]
+        except KeyError:
+            raise LabError(f"no pod {name!r} in the lab (pods: {', '.join(self.pods)})") from None
+
+    def namespaces(self) -> list[str]:
+        return [self.node] + [p.ns for p in self.pods.values()]
+
+    def create(self) -> "Lab":
+        if record.lab_namespaces(self.labid) or os.path.exists(self.run_dir):
+            raise LabError(f"lab {self.labid} already exists (istio-lab down {self.labid})")
+        self.record.save()  # before any namespace: a crash from here on is reapable
+        self.up = True
+        try:
+            self._build_fabric()
+            for pod in self.pods.values():
+                self._build_pod(pod)
+        except BaseException:
+            self.destroy()
+            raise
+        return self
+
+    def _build_fabric(self) -> None:
+        netns.create(self.node)
+        with ipr(self.node) as node:
+            node.link("set", index=node.link_lookup(ifname="lo")[0], state="up")
+            node.link("add", ifname=BRIDGE, kind="bridge")
+            br = node.link_lookup(ifname=BRIDGE)[0]
+            node.addr("add", index=br, address=plan.GATEWAY, prefixlen=plan.POD_PREFIX)
+            node.link("set", index=br, state="up")
+
+    def _build_pod(self, pod: Pod) -> None:
+        netns.create(pod.ns)
+        with ipr(self.node) as node:
+            node.link("add", ifname=pod.name, kind="veth",
+                      peer={"ifname": "eth0", "net_ns_fd": netns.path(pod.ns)})
+            idx = node.link_lookup(ifname=pod.name)[0]
+            node.link("set", index=idx, master=node.link_lookup(ifname=BRIDGE)[0], state="up")
+        with ipr(pod.ns) as inside:
+            inside.link("set", index=inside.link_lookup(ifname="lo")[0], state="up")
+            eth0 = inside.link_lookup(ifname="eth0")[0]
+            inside.addr("add", index=eth0, address=pod.ip, prefixlen=plan.POD_PREFIX)
+            inside.link("set", index=eth0, state="up")
+            inside.route("add", dst="default", gateway=plan.GATEWAY)
+            inside.route("add", dst=plan.SERVICE_RANGE, gateway=plan.GATEWAY)
+
+    def destroy(self) -> None:
+        if self.up:
+            record.destroy(self.labid)
+            self.up = False
+
+    def __enter__(self) -> "Lab":
+        return self.create()
+
+    def __exit__(self, *exc) -> None:
+        self.destroy()
+
+    def describe(self) -> list[tuple[str, str, str]]:
+        """(pod, namespace, address) rows, node first."""
+        rows = [("node", self.node, f"{plan.GATEWAY}/{plan.POD_PREFIX} on {BRIDGE}")]
+        rows += [(p.name, p.ns, f"{p.ip}/{plan.POD_PREFIX} on eth0") for p in self.pods.values()]
+        return rows

@@ -1,0 +1,43 @@
+"""A snapshot of everything of the host namespace the lab must never change."""
+
+import glob
+import shutil
+import subprocess
+
+VOLATILE_SYSCTLS = {"nf_conntrack_count"}
+
+
+def _cmd(*argv: str) -> str:
+    if shutil.which(argv[0]) is None:
+        return f"{argv[0]}: not installed"
+    out = subprocess.run(argv, capture_output=True, text=True).stdout
+    return "\n".join(l for l in out.splitlines() if not l.startswith("#"))  # save headers carry a timestamp
+
+
+def _sysctls() -> dict[str, str]:
+    values = {}
+    for path in sorted(glob.glob("/proc/sys/net/netfilter/*")) + [
+        "/proc/sys/net/ipv4/ip_forward",
+        "/proc/sys/net/ipv4/conf/all/route_localnet",
+        "/proc/sys/net/bridge/bridge-nf-call-iptables",
+    ]:
+        if path.rsplit("/", 1)[1] in VOLATILE_SYSCTLS:
+            continue
+        try:
+            with open(path) as f:
+                values[path] = f.read()
+        except OSError:
+            pass
+    return values
+
+
+def snapshot() -> dict[str, object]:
+    return {
+        "links": _cmd("ip", "-o", "link", "show"),
+        "addresses": _cmd("ip", "-o", "addr", "show"),
+        "routes": _cmd("ip", "route", "show", "table", "all"),
+        "rules": _cmd("ip", "rule", "show"),
+        "iptables-legacy-save": _cmd("iptables-legacy-save"),
+        "iptables-nft-save": _cmd("iptables-nft-save"),
+        "sysctls": _sysctls(),
+    }
