@@ -130,14 +130,13 @@ def spawn(
     """
     sys.stdout.flush()
     sys.stderr.flush()
+    parent = os.getpid()
     pid = os.fork()
     if pid:
         return pid
     code = 1
     try:
         os.setsid()
-        if die_with_parent:
-            _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         _libc.prctl(_PR_SET_NAME, name.encode()[:15], 0, 0, 0)
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, signal.SIG_DFL)
@@ -153,6 +152,10 @@ def spawn(
         _netns.setns(target)
         os.close(target)
         drop_privileges(uid, gid)
+        if die_with_parent:  # after the uid change: changing credentials clears the death signal
+            _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+            if os.getppid() != parent:  # the parent died before the signal was armed
+                return
         run()
         code = 0
     except BaseException:  # the child must never return into the parent's code

@@ -110,7 +110,11 @@ def _pids_in(namespaces: list[str]) -> list[int]:
 def destroy(labid: str, deadline: float = 2.0) -> None:
     """Kill the lab's processes, delete its namespaces, then its record."""
     namespaces = lab_namespaces(labid)
-    victims = [p for p in _pids_in(namespaces) if p != os.getpid()]
+    rec = Record.load(labid)
+    # Recorded pids are trusted only while their owner lives: then they are its children
+    # (a child's pid is not reused until it is reaped).  Otherwise the namespaces tell.
+    recorded = list(rec.pids.values()) if rec and rec.owner_alive() else []
+    victims = sorted({p for p in _pids_in(namespaces) + recorded if p != os.getpid()})
     for pid in victims:
         _signal(pid, signal.SIGTERM)
     end = time.monotonic() + deadline

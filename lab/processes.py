@@ -1,0 +1,290 @@
+"""Start a lab's processes, know when they are ready, and notice when one dies.
+
+Every process is forked by netns.spawn with its config as plain Python objects.  Readiness
+is read from /proc, never probed with a connection: a probe would itself be traffic (rule
+counters, TRACE events, access-log lines) in a lab whose witnesses must see only the
+scenario.  A process is ready when the sockets it owns (/proc/PID/fd) include a LISTEN
+socket on each of its addresses and an ESTABLISHED one to each peer it must dial, as
+/proc/PID/net/tcp (its own namespace's table) shows.  They start in three waves: the
+listeners; then pilot-agent, whose first dial to istiod and first /ready poll then succeed;
+then the scraper, whose first round is its readiness.  After start() returns, no process
+opens a connection until the harness asks for one.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import signal
+import socket
+import struct
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from . import netns, plan, workloads
+from .sidecar import agent, envoy
+from .errors import LabError
+from .world import Lab
+
+ACCESS_LOG = "envoy-access.jsonl"
+ISTIOD_LOG = "istiod.jsonl"
+SCRAPE_LOG = "prometheus-scrapes.jsonl"
+ISTIOD_UID = ISTIOD_GID = 1337  # istiod's own Deployment runs as 1337 too
+PROMETHEUS_UID = PROMETHEUS_GID = 65534  # nobody, as the Prometheus image runs
+TCP_LISTEN, TCP_ESTABLISHED = "0A", "01"
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One process of the lab: where it runs, as whom, what it runs, when it is ready."""
+
+    name: str
+    pod: str
+    uid: int
+    gid: int
+    run: Callable[[], None]
+    listens: tuple[tuple[str, int], ...] = ()
+    dials: tuple[tuple[str, int], ...] = ()  # peers it holds an established connection to
+
+
+class ProcessDied(LabError):
+    """A lab process that exited; the message is one line, `log_tail` has the rest."""
+
+    def __init__(self, name: str, how: str, log_path: str):
+        self.name, self.log_tail = name, tail(log_path)
+        last = self.log_tail.strip().splitlines()[-1:] or ["(nothing on stderr)"]
+        super().__init__(f"{name} {how}: {last[0]} (log: {log_path})")
+
+
+def log_path(lab: Lab, name: str) -> str:
+    """The process's stdout+stderr."""
+    return os.path.join(lab.run_dir, f"{name}.log")
+
+
+def _scrape_targets(lab: Lab) -> tuple[tuple[str, int, str], ...]:
+    ip = lab.pods["sidecar"].ip
+    return ((ip, plan.Port.STATS, "/stats/prometheus"), (ip, plan.Port.AGENT, "/stats/prometheus"))
+
+
+def _servers(lab: Lab) -> list[Spec]:
+    P, run_dir = plan.Port, lab.run_dir
+    envoy_config = envoy.Config(os.path.join(run_dir, ACCESS_LOG), envoy.endpoints_from())
+    agent_config = agent.Config(istiod=(lab.pods["istiod"].ip, P.ISTIOD))
+    any_ = "0.0.0.0"
+    return [
+        Spec("envoy", "sidecar", plan.PROXY_UID, plan.PROXY_GID, functools.partial(envoy.run, envoy_config),
+             listens=((any_, P.OUTBOUND), (any_, P.INBOUND), ("127.0.0.1", P.ADMIN), (any_, P.STATS), (any_, P.READY))),
+        Spec("pilot-agent", "sidecar", plan.PROXY_UID, plan.PROXY_GID, functools.partial(agent.run, agent_config),
+             listens=((any_, P.AGENT),), dials=(agent_config.istiod,)),
+        Spec("app-sidecar", "sidecar", plan.APP_UID, plan.APP_GID,
+             functools.partial(workloads.run_app, workloads.AppConfig("sidecar", P.SIDECAR_APP)),
+             listens=((any_, P.SIDECAR_APP),)),
+        Spec("app-remote", "remote", plan.APP_UID, plan.APP_GID,
+             functools.partial(workloads.run_app, workloads.AppConfig("remote", P.REMOTE_APP)),
+             listens=((any_, P.REMOTE_APP),)),
+        Spec("istiod", "istiod", ISTIOD_UID, ISTIOD_GID,
+             functools.partial(workloads.run_istiod, workloads.IstiodConfig(os.path.join(run_dir, ISTIOD_LOG))),
+             listens=((any_, P.ISTIOD),)),
+    ]
+
+
+def _scraper(lab: Lab) -> Spec:
+    config = workloads.ScraperConfig(os.path.join(lab.run_dir, SCRAPE_LOG), _scrape_targets(lab))
+    return Spec("prometheus", "prometheus", PROMETHEUS_UID, PROMETHEUS_GID,
+                functools.partial(workloads.run_scraper, config))
+
+
+def start(lab: Lab, timeout: float = 3.0) -> None:
+    """Spawn every process, record their pids, and return once all are ready.
+
+    All or nothing: on any failure the processes this call spawned are killed by pid and
+    reaped before the error (LabError, or ProcessDied naming the one that died) goes up.
+    Teardown alone could miss a child forked but not yet inside its pod's namespace.
+    """
+    if not lab.up:
+        raise LabError(f"lab {lab.labid} is not up: create it before starting processes")
+    if lab.record.pids:
+        raise LabError(f"lab {lab.labid} already runs {', '.join(lab.record.pids)}")
+    try:
+        _start(lab, time.monotonic() + timeout)
+    except BaseException:
+        for name in lab.record.pids:
+            _kill(lab, name)
+        raise
+
+
+def _start(lab: Lab, deadline: float) -> None:
+    _own(os.path.join(lab.run_dir, ACCESS_LOG), plan.PROXY_UID, plan.PROXY_GID)
+    _own(os.path.join(lab.run_dir, ISTIOD_LOG), ISTIOD_UID, ISTIOD_GID)
+    _own(os.path.join(lab.run_dir, SCRAPE_LOG), PROMETHEUS_UID, PROMETHEUS_GID)
+
+    specs = _servers(lab)
+    listeners, dialers = [s for s in specs if not s.dials], [s for s in specs if s.dials]
+    for wave in (listeners, dialers):  # dialers once their peers listen: first dial and poll succeed
+        _spawn(lab, wave)
+        _wait(lab, {s.name: functools.partial(_sockets_missing, lab.record.pids[s.name], s) for s in wave}, deadline)
+    prometheus = _scraper(lab)
+    _spawn(lab, [prometheus])
+    _wait(lab, {prometheus.name: functools.partial(_scrapes_missing, lab, len(_scrape_targets(lab)))}, deadline)
+    failed = [s for s in scrapes(lab) if s["status"] != 200]
+    if failed:
+        raise LabError(f"prometheus: first scrape of {failed[0]['target']} failed: "
+                       f"{failed[0]['error'] or 'HTTP ' + str(failed[0]['status'])}")
+
+
+def _own(path: str, uid: int, gid: int) -> None:
+    """Pre-create a file a child appends to (it cannot create files in the root-owned run dir)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.fchown(fd, uid, gid)
+    os.close(fd)
+
+
+def _spawn(lab: Lab, specs: list[Spec]) -> None:
+    for s in specs:
+        lab.record.pids[s.name] = netns.spawn(lab.pods[s.pod].ns, s.run, name=s.name, uid=s.uid, gid=s.gid,
+                                              log_path=log_path(lab, s.name),
+                                              die_with_parent=not lab.record.detached)
+    lab.record.save()
+
+
+def _wait(lab: Lab, pending: dict[str, Callable[[], str | None]], deadline: float) -> None:
+    """Poll each process's check (None when ready, else what is missing) until all pass."""
+    pause = 0.001
+    while True:
+        missing = {}
+        for name, check in pending.items():
+            _check(lab, name)
+            if (what := check()) is not None:
+                missing[name] = what
+        if not missing:
+            return
+        if time.monotonic() > deadline:
+            name, what = next(iter(missing.items()))
+            raise LabError(f"{name} not ready in time: {what}; last logged: {_last_line(log_path(lab, name))} "
+                           f"(log: {log_path(lab, name)})")
+        pending = {name: pending[name] for name in missing}
+        time.sleep(pause)
+        pause = min(pause * 2, 0.005)  # /proc reads are cheap; a coarse poll would cost start-up time
+
+
+def _kill(lab: Lab, name: str) -> None:
+    pid = lab.record.pids[name]
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    _exit_status(lab.labid, pid, wait=True)
+
+
+def check_alive(lab: Lab) -> None:
+    """Raise ProcessDied for the first recorded process that is no longer running."""
+    for name in lab.record.pids:
+        _check(lab, name)
+
+
+def _check(lab: Lab, name: str) -> None:
+    how = _exit_status(lab.labid, lab.record.pids[name])
+    if how:
+        raise ProcessDied(name, how, log_path(lab, name))
+
+
+_ended: dict[tuple[str, int], str] = {}  # (labid, pid) -> how it ended, for children already reaped
+
+
+def _exit_status(labid: str, pid: int, wait: bool = False) -> str | None:
+    """How the process ended, or None while it runs (with `wait`, once it has ended).
+
+    A dead child is reaped here: teardown finds processes by their network namespace,
+    which a zombie no longer has, so a zombie left for it would outlive the lab.
+    """
+    if (labid, pid) in _ended:
+        return _ended[labid, pid]
+    try:
+        info = os.waitid(os.P_PID, pid, os.WEXITED | (0 if wait else os.WNOHANG))
+    except ChildProcessError:  # not our child (a lab started by another process)
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return "exited" if f.read().rsplit(")", 1)[1].split()[0] == "Z" else None
+        except OSError:
+            return "exited"
+    if info is None:
+        return None
+    if info.si_code == os.CLD_EXITED:
+        how = f"exited with status {info.si_status}"
+    else:
+        how = f"was killed by {signal.Signals(info.si_status).name}"
+    _ended[labid, pid] = how
+    return how
+
+
+def _sockets_missing(pid: int, spec: Spec) -> str | None:
+    owned = set()
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if link.startswith("socket:["):
+                owned.add(link[8:-1])
+        with open(f"/proc/{pid}/net/tcp") as f:
+            rows = [line.split() for line in f.readlines()[1:]]
+    except OSError as e:
+        return f"cannot read its sockets: {e}"
+    mine = [(_hexaddr(r[1]), _hexaddr(r[2]), r[3]) for r in rows if r[9] in owned]
+    listening = {local for local, _, state in mine if state == TCP_LISTEN}
+    connected = {remote for _, remote, state in mine if state == TCP_ESTABLISHED}
+    missing = [f"listening on {a}:{p}" for a, p in spec.listens if (a, p) not in listening]
+    missing += [f"connected to {a}:{p}" for a, p in spec.dials if (a, p) not in connected]
+    return "not " + ", not ".join(missing) if missing else None
+
+
+def _scrapes_missing(lab: Lab, want: int) -> str | None:
+    got = len(scrapes(lab))
+    return None if got >= want else f"{got} of {want} scrapes logged"
+
+
+def _hexaddr(text: str) -> tuple[str, int]:
+    """/proc/net/tcp's "0A00F40A:1F90" (address in host byte order) -> ("10.244.0.10", 8080)."""
+    ip, port = text.split(":")
+    return socket.inet_ntoa(struct.pack("=I", int(ip, 16))), int(port, 16)
+
+
+def tail(path: str, lines: int = 20) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return "".join(f.readlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def _last_line(path: str) -> str:
+    return tail(path, 1).strip() or "(nothing logged)"
+
+
+# -- what the processes wrote --------------------------------------------------------------
+
+def read_jsonl(path: str) -> list[dict]:
+    """Whole lines only: a line still being appended is left for the next read."""
+    with open(path) as f:
+        return [json.loads(line) for line in f.read().splitlines(keepends=True) if line.endswith("\n")]
+
+
+def access_log(lab: Lab) -> list[dict]:
+    return read_jsonl(os.path.join(lab.run_dir, ACCESS_LOG))
+
+
+def istiod_log(lab: Lab) -> list[dict]:
+    return read_jsonl(os.path.join(lab.run_dir, ISTIOD_LOG))
+
+
+def scrapes(lab: Lab) -> list[dict]:
+    return read_jsonl(os.path.join(lab.run_dir, SCRAPE_LOG))
+
+
+def scrape(lab: Lab, timeout: float = 2.0) -> list[dict]:
+    """Make Prometheus scrape every target once now (SIGUSR1); its new log lines."""
+    before = len(scrapes(lab))
+    want = before + len(_scrape_targets(lab))
+    os.kill(lab.record.pids["prometheus"], signal.SIGUSR1)
+    _wait(lab, {"prometheus": functools.partial(_scrapes_missing, lab, want)}, time.monotonic() + timeout)
+    return scrapes(lab)[before:]

@@ -1,0 +1,240 @@
+"""A stub Envoy: the two transparent proxies iptables redirects to, plus the ports around them.
+
+One asyncio process, uid/gid 1337 in the sidecar pod:
+  15001 outbound  original destination via SO_ORIGINAL_DST; a Service VIP:port goes to its
+                  endpoint (as EDS would), anything else to the original destination
+                  (PassthroughCluster); the upstream socket is Envoy's own, unbound.
+  15006 inbound   connects to the original destination from 127.0.0.6, as Envoy's inbound
+                  passthrough does since Istio 1.10, so ISTIO_OUTPUT rule 1 lets it out.
+  15000 admin     127.0.0.1 only: /ready, /stats, /stats/prometheus
+  15090 stats     /stats/prometheus    15021 readiness: /healthz/ready
+Real Envoy serves 15090 and 15021 by proxying to its admin port and to pilot-agent over
+localhost; the stub answers them itself, so a scrape makes no extra localhost connection.
+
+Access log: one JSON line per proxied connection, appended with one write(2) to an O_APPEND
+file when the upstream ends its side (EOF), before that EOF is passed to the downstream; or,
+for a connection that fails, before the downstream socket is closed.  So any client that
+reads to EOF finds its line in the file by the time it sees EOF, whether or not it
+half-closed, and through both proxies in turn (15006's line is written before 15001 sees
+EOF).  Bytes the downstream sends after the upstream has finished are forwarded, not counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import resource
+import socket
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+from .. import plan
+from . import httpio
+
+SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h, level SOL_IP
+BACKLOG = 1024
+PASSTHROUGH = "PassthroughCluster"
+INBOUND_PASSTHROUGH = "InboundPassthroughClusterIpv4"
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    ip: str
+    port: int
+    cluster: str
+
+
+@dataclass(frozen=True)
+class Config:
+    access_log: str  # pre-created by the harness, writable by uid 1337
+    endpoints: dict[tuple[str, int], Endpoint]  # Service VIP:port -> endpoint, as EDS gives it
+    connect_timeout: float = 2.0
+
+
+def endpoints_from(services=plan.SERVICES, pods=plan.PODS) -> dict[tuple[str, int], Endpoint]:
+    return {(s.vip, s.port): Endpoint(pods[s.pod], s.target_port,
+                                      f"outbound|{s.port}||{s.name}.default.svc.cluster.local")
+            for s in services}
+
+
+def original_dst(sock) -> tuple[str, int]:
+    """Where the client meant to go before REDIRECT rewrote it (struct sockaddr_in)."""
+    raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
+    return socket.inet_ntoa(raw[4:8]), int.from_bytes(raw[2:4], "big")
+
+
+class Stats:
+    """Envoy-style counters, keyed (scope, name, stat): ("listener", "0.0.0.0_15001", "downstream_cx_total")."""
+
+    GAUGES = {"downstream_cx_active"}
+
+    def __init__(self, listeners: list[int]):
+        self.values: Counter[tuple[str, str, str]] = Counter()
+        for port in listeners:  # listeners are known up front: their zeros are worth showing
+            for stat in ("downstream_cx_total", "downstream_cx_active"):
+                self.values["listener", f"0.0.0.0_{port}", stat] += 0
+
+    def add(self, scope: str, name: str, stat: str, n: int = 1) -> None:
+        self.values[scope, name, stat] += n
+
+    def text(self) -> str:
+        return "".join(f"{scope}.{name}.{stat}: {v}\n" for (scope, name, stat), v in sorted(self.values.items()))
+
+    def prometheus(self) -> str:
+        lines, typed = ["# TYPE envoy_server_live gauge", "envoy_server_live 1"], set()
+        for (scope, name, stat), v in sorted(self.values.items(), key=lambda kv: (kv[0][0], kv[0][2], kv[0][1])):
+            metric = f"envoy_{scope}_{stat}"
+            if metric not in typed:
+                typed.add(metric)
+                lines.append(f"# TYPE {metric} {'gauge' if stat in self.GAUGES else 'counter'}")
+            lines.append(f'{metric}{{{scope}="{name}"}} {v}')
+        return "\n".join(lines) + "\n"
+
+
+class Envoy:
+    def __init__(self, config: Config):
+        self.config = config
+        self.stats = Stats([plan.Port.OUTBOUND, plan.Port.INBOUND, plan.Port.STATS, plan.Port.READY])
+        self.log_fd = os.open(config.access_log, os.O_WRONLY | os.O_APPEND)
+
+    async def serve(self) -> None:
+        P = plan.Port
+        servers = [
+            await asyncio.start_server(lambda r, w: self.proxy(P.OUTBOUND, r, w), "0.0.0.0", P.OUTBOUND, backlog=BACKLOG),
+            await asyncio.start_server(lambda r, w: self.proxy(P.INBOUND, r, w), "0.0.0.0", P.INBOUND, backlog=BACKLOG),
+            await asyncio.start_server(httpio.server(self.admin), "127.0.0.1", P.ADMIN, backlog=BACKLOG),
+            await asyncio.start_server(self.counted(P.STATS, self.stats_port), "0.0.0.0", P.STATS, backlog=BACKLOG),
+            await asyncio.start_server(self.counted(P.READY, self.ready_port), "0.0.0.0", P.READY, backlog=BACKLOG),
+        ]
+        await asyncio.gather(*(s.serve_forever() for s in servers))
+
+    # -- the HTTP ports -----------------------------------------------------------------
+
+    def counted(self, port: int, route: httpio.Route):
+        serve = httpio.server(route)
+
+        async def counted_serve(reader, writer):
+            name = f"0.0.0.0_{port}"
+            self.stats.add("listener", name, "downstream_cx_total")
+            self.stats.add("listener", name, "downstream_cx_active")
+            try:
+                await serve(reader, writer)
+            finally:
+                self.stats.add("listener", name, "downstream_cx_active", -1)
+
+        return counted_serve
+
+    async def admin(self, req: httpio.Request) -> tuple[int, str, str]:
+        if req.path == "/ready":
+            return 200, "LIVE\n", httpio.TEXT
+        if req.path == "/stats":
+            return 200, self.stats.text(), httpio.TEXT
+        if req.path == "/stats/prometheus":
+            return 200, self.stats.prometheus(), httpio.PROMETHEUS
+        return 404, "admin: /ready /stats /stats/prometheus\n", httpio.TEXT
+
+    async def stats_port(self, req: httpio.Request) -> tuple[int, str, str]:
+        if req.path == "/stats/prometheus":
+            return 200, self.stats.prometheus(), httpio.PROMETHEUS
+        return 404, "", httpio.TEXT
+
+    async def ready_port(self, req: httpio.Request) -> tuple[int, str, str]:
+        return (200, "", httpio.TEXT) if req.path == "/healthz/ready" else (404, "", httpio.TEXT)
+
+    # -- the proxies --------------------------------------------------------------------
+
+    def route(self, listener: int, dst: tuple[str, int]) -> tuple[Endpoint, tuple[str, int] | None]:
+        """Upstream endpoint and source address for a connection's original destination."""
+        if listener == plan.Port.INBOUND:
+            return Endpoint(*dst, INBOUND_PASSTHROUGH), (plan.INBOUND_PASSTHROUGH_SOURCE, 0)
+        return self.config.endpoints.get(dst, Endpoint(*dst, PASSTHROUGH)), None
+
+    async def proxy(self, listener: int, down_r: asyncio.StreamReader, down_w: asyncio.StreamWriter) -> None:
+        t0 = time.monotonic()
+        name = f"0.0.0.0_{listener}"
+        entry = {"listener": listener,
+                 "downstream_peer": httpio.addr(down_w.get_extra_info("peername")),
+                 "downstream_local": httpio.addr(down_w.get_extra_info("sockname")),
+                 "original_dst": None, "upstream_cluster": None, "upstream_local": None, "upstream_peer": None,
+                 "bytes_from_downstream": 0, "bytes_to_downstream": 0,
+                 "start_time": time.time(), "duration_ms": 0.0, "error": None}
+        logged = False
+
+        def log() -> None:
+            nonlocal logged
+            if not logged:
+                logged = True
+                entry["duration_ms"] = round((time.monotonic() - t0) * 1000, 3)
+                os.write(self.log_fd, (json.dumps(entry) + "\n").encode())
+
+        self.stats.add("listener", name, "downstream_cx_total")
+        self.stats.add("listener", name, "downstream_cx_active")
+        up_w = None
+        try:
+            try:
+                dst = original_dst(down_w.get_extra_info("socket"))
+            except OSError as e:
+                raise ProxyError(f"no original destination: {e.strerror}") from None
+            entry["original_dst"] = httpio.addr(dst)
+            if dst[1] == listener:  # Istio's virtual{Outbound,Inbound}-blackhole: never loop into ourselves
+                raise ProxyError("blackhole: connection addressed to the proxy port itself")
+            endpoint, source = self.route(listener, dst)
+            entry["upstream_cluster"] = endpoint.cluster
+            self.stats.add("cluster", endpoint.cluster, "upstream_cx_total")
+            try:
+                up_r, up_w = await asyncio.wait_for(
+                    asyncio.open_connection(endpoint.ip, endpoint.port, local_addr=source),
+                    self.config.connect_timeout)
+            except (OSError, asyncio.TimeoutError) as e:
+                self.stats.add("cluster", endpoint.cluster, "upstream_cx_connect_fail")
+                why = os.strerror(e.errno) if getattr(e, "errno", None) else "timeout"
+                raise ProxyError(f"upstream connect to {endpoint.ip}:{endpoint.port} failed: {why}") from None
+            entry["upstream_local"] = httpio.addr(up_w.get_extra_info("sockname"))
+            entry["upstream_peer"] = httpio.addr(up_w.get_extra_info("peername"))
+            await self.pump(entry, endpoint.cluster, down_r, down_w, up_r, up_w, log)
+        except ProxyError as e:
+            entry["error"] = str(e)
+        finally:
+            log()
+            self.stats.add("listener", name, "downstream_cx_active", -1)
+            if up_w is not None:
+                up_w.close()
+            down_w.close()
+
+    async def pump(self, entry: dict, cluster: str, down_r, down_w, up_r, up_w, log) -> None:
+        """Copy both ways, forwarding half-closes; `log` runs before the upstream's EOF is passed on."""
+
+        async def copy(src: asyncio.StreamReader, dst: asyncio.StreamWriter, counter: str, cluster_stat: str,
+                       before_eof=None) -> None:
+            while data := await src.read(65536):
+                entry[counter] += len(data)
+                self.stats.add("cluster", cluster, cluster_stat, len(data))
+                dst.write(data)
+                await dst.drain()
+            if before_eof:
+                before_eof()
+            dst.write_eof()
+
+        upstream = asyncio.create_task(copy(down_r, up_w, "bytes_from_downstream", "upstream_cx_tx_bytes_total"))
+        downstream = asyncio.create_task(copy(up_r, down_w, "bytes_to_downstream", "upstream_cx_rx_bytes_total", log))
+        finished, pending = await asyncio.wait({upstream, downstream}, return_when=asyncio.FIRST_EXCEPTION)
+        failed = next((t for t in finished if t.exception()), None)
+        if failed is not None:
+            down_w.transport.abort()
+            up_w.transport.abort()
+            await asyncio.gather(*pending, return_exceptions=True)
+            way = "downstream->upstream" if failed is upstream else "upstream->downstream"
+            raise ProxyError(f"{way}: {failed.exception()!r}")
+
+
+class ProxyError(Exception):
+    """Why a proxied connection ended badly; goes to the access log's "error"."""
+
+
+def run(config: Config) -> None:
+    """The child's entry point (netns.spawn calls it as uid/gid 1337 in the sidecar pod)."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # as Envoy's container does: many sockets
+    asyncio.run(Envoy(config).serve())
