@@ -154,8 +154,29 @@ def pytest_report_header(config: pytest.Config) -> str:
     return f"istio-lab: uid {os.geteuid()}; {mode}"
 
 
+def _become_subreaper() -> None:
+    """Orphans of the CLIs the tests SIGKILL become ours, so we can reap them:
+    otherwise they wait as zombies for PID 1, which may take its time."""
+    import ctypes
+
+    PR_SET_CHILD_SUBREAPER = 36
+    ctypes.CDLL(None).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+
+def _reap_zombies() -> None:
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
 def pytest_sessionstart(session: pytest.Session) -> None:
     state = _state(session.config)
+    if is_root():
+        _become_subreaper()
     if is_root() and not _is_worker_or_collect_only(session.config):
         state.baseline = _snapshot(state.notes)
         state.start_netns = _own_netns()
@@ -237,6 +258,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         _fail_session(session)
 
     if state.baseline is not None:
+        _reap_zombies()
         after = _snapshot(state.notes)
         now = _own_netns()
         if now != state.start_netns:

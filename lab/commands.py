@@ -1,0 +1,203 @@
+"""What each `istio-lab` subcommand does; cli.py only parses and maps errors."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import signal
+import sys
+
+from . import preflight, record
+from .errors import LabError
+from .rules import profiles, xtables
+from .world import Lab
+
+
+def dispatch(args: argparse.Namespace) -> int:
+    handler = {
+        "run": run,
+        "list": list_scenarios,
+        "explain": explain,
+        "up": up,
+        "down": down,
+        "rules": rules,
+        "preflight": check,
+    }[args.command]
+    return handler(args)
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(highlight=False)
+
+
+def _ready_machine() -> None:
+    """Preflight, then reap labs whose owner died (a SIGKILLed run, say)."""
+    preflight.check()
+    for labid in record.reap_orphans():
+        print(f"istio-lab: removed lab {labid} left behind by a process that died", file=sys.stderr)
+
+
+def bring_up(lab: Lab, profile: str = profiles.DEFAULT) -> None:
+    """The sidecar's rules, then the processes (rules first, as Istio's init container)."""
+    from . import processes
+
+    xtables.apply(lab.pod("sidecar").ns, profiles.load(profile))
+    processes.start(lab)
+
+
+def check(args) -> int:
+    preflight.check()
+    print("istio-lab: this machine can run the lab (root, legacy xtables, owner, REDIRECT, TRACE, nfnetlink_log)")
+    return 0
+
+
+def run(args) -> int:
+    from . import report, runner, scenario
+
+    chosen = scenario.select(scenario.load_all(args.scenarios), args.ids)  # bad files fail before any lab
+    _ready_machine()
+    console = _console()
+    status = console.status("building the lab") if not args.json else contextlib.nullcontext()
+    with status, Lab() as lab:
+        bring_up(lab)
+        results = runner.run(lab, chosen)
+    if args.json:
+        print(report.to_json(results, lab=lab.labid, profile=profiles.DEFAULT))
+    else:
+        report.render(console, results)
+    return 0 if all(r.verdict == "pass" for r in results) else 1
+
+
+def explain(args) -> int:
+    from . import path, scenario
+
+    s = scenario.select(scenario.load_all(args.scenarios), [args.id])[0]
+    console = _console()
+    console.print(f"{s.id}: {s.title}", style="bold", markup=False)
+    console.print(f"kernel : {s.expected_path}", markup=False)
+    console.print(f"article: {s.article_path or '(a picture only) ' + s.article_claim}", markup=False)
+    console.print()
+    console.print(s.explanation.rstrip(), markup=False)
+    console.print()
+    console.print(explain_rules(path.parse(s.expected_path), profiles.load()), markup=False, end="")
+    return 0
+
+
+def explain_rules(measured, dump) -> str:
+    """The rules of every chain the path passes, numbered as applied; '>' marks those that matched."""
+    nat = dump.tables["nat"]
+    matched = {(h.name, h.rule) for h in measured.hops if h.kind == "chain"}
+    out = []
+    for chain in dict.fromkeys(h.name for h in measured.hops if h.kind == "chain"):
+        out.append(f"{chain} (nat table, {profiles.summary()})")
+        for num, rule in enumerate(nat.chain_rules(chain), 1):
+            mark = ">" if (chain, num) in matched or len(nat.chain_rules(chain)) == 1 else " "
+            out.append(f" {mark} {num:>2}  {rule.spec}")
+        out.append("")
+    return "\n".join(out) + "\n"
+
+
+def list_scenarios(args) -> int:
+    from . import scenario
+
+    console = _console()
+    for s in scenario.load_all(args.scenarios):
+        variant = f"  (variant of {s.variant_of})" if s.variant_of else ""
+        console.print(f"{s.id:<28} type {s.type}  {s.title}{variant}", markup=False, highlight=False)
+    return 0
+
+
+def up(args) -> int:
+    _ready_machine()
+    lab = Lab(args.labid, detached=not args.hold)
+    try:
+        lab.create()
+        bring_up(lab)
+        console = _console()
+        _show(console, lab)
+        if args.hold:
+            console.print(f"Lab [bold]{lab.labid}[/] is up; Ctrl-C tears it down.")
+            signal.pause()
+    except BaseException:
+        lab.destroy()
+        raise
+    console.print(f"\nLab [bold]{lab.labid}[/] is up. Enter a pod, e.g.:")
+    console.print(f"  ip netns exec {lab.pod('sidecar').ns} bash")
+    console.print(f"  ip netns exec {lab.pod('sidecar').ns} iptables-legacy -t nat -L -v --line-numbers")
+    console.print(f"  ip netns exec {lab.pod('sidecar').ns} curl -s http://10.244.0.20:9080/")
+    console.print(f"Rules and counters: istio-lab rules {lab.labid}   Remove it: istio-lab down {lab.labid}")
+    return 0
+
+
+def _labs_up() -> list[str]:
+    return sorted(record.known_labids())
+
+
+def _one_lab(labid: str | None) -> str:
+    labs = _labs_up()
+    if labid is not None:
+        if labid not in labs:
+            raise LabError(f"no lab {labid!r} on this machine (labs: {', '.join(labs) or 'none'})")
+        return labid
+    if len(labs) != 1:
+        raise LabError(f"{len(labs)} labs are up ({', '.join(labs) or 'none'}): name one")
+    return labs[0]
+
+
+def down(args) -> int:
+    preflight.check_root()
+    if args.all and args.labid:
+        raise LabError("give a lab id or --all, not both")
+    targets = _labs_up() if args.all else [_one_lab(args.labid)]
+    for labid in targets:
+        record.destroy(labid)
+        print(f"istio-lab: removed lab {labid}")
+    if args.all and not targets:
+        print("istio-lab: no lab to remove")
+    return 0
+
+
+def rules(args) -> int:
+    preflight.check_root()
+    labid = _one_lab(args.labid)
+    ns = record.ns_name(labid, "sidecar")
+    console = _console()
+    for table in ("raw", "nat"):
+        listing = xtables.listing(ns, table)
+        if not listing and table != "nat":
+            continue
+        console.print(f"[bold]# table {table}[/] (pod {ns})")
+        console.print(render_listing(listing, xtables.chain_policies(ns, table)), end="", markup=False)
+    return 0
+
+
+def render_listing(listing, policies) -> str:
+    """Chains and numbered rules with counters, laid out like `iptables -L -v --line-numbers`."""
+    chains: dict[str, list] = {name: [] for name in policies}
+    for rule in listing:
+        chains.setdefault(rule.chain, []).append(rule)
+    out = []
+    for chain, rows in chains.items():
+        if chain in policies:
+            policy, packets, nbytes = policies[chain]
+            out.append(f"Chain {chain} (policy {policy} {packets} packets, {nbytes} bytes)")
+        else:
+            out.append(f"Chain {chain}")
+        out.append(f"{'num':<4} {'pkts':>6} {'bytes':>7}  rule")
+        for r in rows:
+            out.append(f"{r.num:<4} {r.packets:>6} {r.bytes:>7}  {r.line.split(' ', 2)[2]}")
+        out.append("")
+    return "\n".join(out) + "\n"
+
+
+def _show(console, lab: Lab) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"lab {lab.labid}")
+    for col in ("pod", "namespace", "address"):
+        table.add_column(col)
+    for row in lab.describe():
+        table.add_row(*row)
+    console.print(table)
