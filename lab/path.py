@@ -1,0 +1,223 @@
+"""Join TRACE events and access-log lines into a path in the article's notation.
+
+A redirected client connection becomes several TCP legs: the client's, then
+one per proxy that re-dials.  The sidecar's access log chains them (each
+line's downstream peer is a leg's client, its upstream local address the next
+leg's client).  Each leg's first packet, the SYN, is the only one the nat
+table judges, so the nat events of the SYNs are the hops.
+
+Notation, as the article writes it:
+    Local Pod -> OUTPUT -> ISTIO_OUTPUT RULE 9 -> ISTIO_REDIRECT -> Envoy 15001 (Outbound) -> ...
+A rule number is printed for chains with more than one rule; a chain of one
+rule (ISTIO_REDIRECT) needs none.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Iterable, Sequence
+
+from .rules.save import BUILTIN_CHAINS
+
+HOOKS = ("PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING")
+PROXIES = {15001: "Outbound", 15006: "Inbound"}
+
+
+@dataclass(frozen=True)
+class Hop:
+    kind: str  # "endpoint" | "hook" | "chain" | "proxy"
+    name: str  # "Local Pod", "OUTPUT", "ISTIO_OUTPUT", "Envoy 15001 (Outbound)"
+    rule: int | None = None  # the rule that matched in `name` (chains only)
+    numbered: bool = True  # print the rule number (False for one-rule chains)
+    packet: str = ""  # the packet the hop was seen on
+    line: str = ""  # the matched rule, in iptables-save form
+
+    def __str__(self) -> str:
+        if self.kind == "chain" and self.rule is not None and self.numbered:
+            return f"{self.name} RULE {self.rule}"
+        return self.name
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v not in ("", None) and k != "numbered"}
+
+
+@dataclass(frozen=True)
+class Leg:
+    """One TCP connection: who dialed what, and the proxy listener that took it, if any."""
+
+    client: str  # "ip:port"
+    server: str  # "ip:port" as dialed, before any NAT
+    proxy: int | None = None  # 15001 / 15006 when redirected
+
+
+def endpoint(addr: str) -> tuple[str, int]:
+    host, port = addr.rsplit(":", 1)
+    return host, int(port)
+
+
+def chain_legs(client: str, server: str, access_log: Iterable[dict]) -> list[Leg]:
+    """Follow the access log from the client's connection through every proxy."""
+    by_downstream = {line["downstream_peer"]: line for line in access_log}
+    legs = []
+    seen = set()
+    while client not in seen:
+        seen.add(client)
+        line = by_downstream.get(client)
+        if line is None:
+            legs.append(Leg(client, server))
+            break
+        legs.append(Leg(client, line["original_dst"], line["listener"]))
+        client, server = line["upstream_local"], line["upstream_peer"]
+    return legs
+
+
+def syn_events(events: Sequence, leg: Leg) -> list:
+    """The events of the leg's SYN, in the order the kernel emitted them."""
+    host, port = endpoint(leg.client)
+    return [e for e in events if e.src == host and e.sport == port and e.tcp_flags == "S"]
+
+
+def _packet(e) -> str:
+    return f"SYN {e.src}:{e.sport} > {e.dst}:{e.dport}"
+
+
+def leg_hops(events: Sequence, leg: Leg, rule_counts: dict[str, int], rule_lines: dict[str, str]) -> list[Hop]:
+    """Hops of one leg from its SYN's events in the pod that holds the rules."""
+    syn = syn_events(events, leg)
+    if not syn:
+        return []
+    nat = [e for e in syn if e.table == "nat"]
+    entry = next((e.chain for e in syn if e.chain in ("OUTPUT", "PREROUTING")), syn[0].chain)
+    hops = [Hop("hook", entry, packet=_packet(syn[0]))]
+    for e in nat:
+        if e.chain in BUILTIN_CHAINS["nat"] or e.kind != "rule":
+            continue
+        ref = f"{e.chain}#{e.rulenum}"
+        hops.append(Hop("chain", e.chain, e.rulenum, rule_counts.get(e.chain, 2) > 1, _packet(e), rule_lines.get(ref, "")))
+    if leg.proxy is not None:
+        hops.append(Hop("proxy", f"Envoy {leg.proxy} ({PROXIES.get(leg.proxy, 'Listener')})", packet=_packet(syn[0])))
+    else:
+        chains = {e.chain for e in syn}
+        exit_hook = "POSTROUTING" if entry == "OUTPUT" else "INPUT"
+        if exit_hook in chains:
+            last = next(e for e in reversed(syn) if e.chain == exit_hook)
+            hops.append(Hop("hook", exit_hook, packet=_packet(last)))
+    return hops
+
+
+@dataclass
+class Path:
+    hops: list[Hop] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        return " -> ".join(str(h) for h in self.hops)
+
+    def rule_hits(self) -> list[str]:
+        return [f"{h.name}#{h.rule}" for h in self.hops if h.kind == "chain"]
+
+
+def build(source: str, destination: str, legs: list[Leg], events: Sequence,
+          rule_counts: dict[str, int], rule_lines: dict[str, str]) -> Path:
+    hops = [Hop("endpoint", source)]
+    for leg in legs:
+        hops += leg_hops(events, leg, rule_counts, rule_lines)
+    hops.append(Hop("endpoint", destination, packet=legs[-1].server if legs else ""))
+    return Path(hops)
+
+
+# --- the article's notation, read back -------------------------------------------
+
+_TYPOS = {"RREROUTING": "PREROUTING"}  # the article's spelling slips, read as meant
+_PROXY_RE = re.compile(r"^envoy\s*(\d+)\s*\((outbound|inbound)[^)]*\)$", re.I)
+_CHAIN_RE = re.compile(r"^([A-Za-z_]+)(?:\s+RULE\s+(\d+))?(?:\s*\(.*\))?$", re.I)
+
+
+def parse(text: str) -> Path:
+    """Read a path written in the article's notation (tolerant of its typography)."""
+    tokens = [" ".join(t.split()) for t in text.split("->")]
+    tokens = [t for t in tokens if t]
+    hops = []
+    for i, token in enumerate(tokens):
+        if i in (0, len(tokens) - 1):
+            hops.append(Hop("endpoint", token))
+            continue
+        proxy = _PROXY_RE.match(token)
+        chain = _CHAIN_RE.match(token)
+        if proxy:
+            hops.append(Hop("proxy", f"Envoy {proxy.group(1)} ({proxy.group(2).capitalize()})"))
+        elif chain:
+            name = _TYPOS.get(chain.group(1).upper(), chain.group(1).upper())
+            rule = int(chain.group(2)) if chain.group(2) else None
+            hops.append(Hop("hook", name) if name in HOOKS else Hop("chain", name, rule))
+        else:
+            raise ValueError(f"cannot read hop {token!r}")
+    return Path(hops)
+
+
+def notes(text: str) -> list[str]:
+    """What reading the article's path had to assume."""
+    return [f"the article writes {typo}, read as {meant}" for typo, meant in _TYPOS.items() if typo in text]
+
+
+def _same(claim: Hop, measured: Hop) -> bool:
+    if claim.kind != measured.kind:
+        return False
+    if claim.kind == "endpoint":
+        return claim.name.lower() == measured.name.lower()
+    if claim.name != measured.name:
+        return False
+    return claim.rule is None or claim.rule == measured.rule  # the article may leave a rule unnamed
+
+
+def align(claim: Sequence[Hop], measured: Sequence[Hop]) -> list[tuple[Hop | None, Hop | None]]:
+    """Pair the hops of two paths (longest common subsequence); None marks a missing hop."""
+    n, m = len(claim), len(measured)
+    best = [[0] * (m + 1) for _ in range(n + 1)]
+    for i in range(n - 1, -1, -1):
+        for j in range(m - 1, -1, -1):
+            best[i][j] = (best[i + 1][j + 1] + 1 if _same(claim[i], measured[j])
+                          else max(best[i + 1][j], best[i][j + 1]))
+    pairs, i, j = [], 0, 0
+    while i < n or j < m:
+        if i < n and j < m and _same(claim[i], measured[j]):
+            pairs.append((claim[i], measured[j]))
+            i, j = i + 1, j + 1
+        elif j < m and (i == n or best[i][j + 1] >= best[i + 1][j]):
+            pairs.append((None, measured[j]))
+            j += 1
+        else:
+            pairs.append((claim[i], None))
+            i += 1
+    return _pair_replacements(pairs)
+
+
+def _pair_replacements(pairs):
+    """Turn an adjacent (claim, None) + (None, measured) into one replaced hop."""
+    out = []
+    for pair in pairs:
+        if out and out[-1][1] is None and pair[0] is None and out[-1][0].kind == pair[1].kind:
+            out[-1] = (out[-1][0], pair[1])
+        elif out and out[-1][0] is None and pair[1] is None and out[-1][1].kind == pair[0].kind:
+            out[-1] = (pair[0], out[-1][1])
+        else:
+            out.append(pair)
+    return out
+
+
+def differences(claim: Path, measured: Path) -> list[str]:
+    """Hop by hop, where the article's path and the kernel's part ways."""
+    out = []
+    position = 0
+    for c, k in align(claim.hops, measured.hops):
+        if k is not None:
+            position += 1
+        if c is not None and k is not None and _same(c, k):
+            continue
+        if c is None:
+            out.append(f"hop {position}: the kernel passes {k}, which the article leaves out")
+        elif k is None:
+            out.append(f"after hop {position}: the article has {c}, the kernel never passes it")
+        else:
+            out.append(f"hop {position}: the article has {c}, the kernel {k}")
+    return out

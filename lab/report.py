@@ -1,0 +1,94 @@
+"""Say what the kernel did: the terminal report (rich) and the JSON document."""
+
+from __future__ import annotations
+
+import json
+
+from .runner import Result
+
+
+def as_dict(r: Result) -> dict:
+    s = r.scenario
+    return {
+        "id": s.id,
+        "title": s.title,
+        "type": s.type,
+        "variant_of": s.variant_of,
+        "verdict": r.verdict,
+        "measured_path": r.measured_path,
+        "expected_path": s.expected_path,
+        "article_path": s.article_path,
+        "article_claim": s.article_claim,
+        "matches_article": r.matches_article,
+        "differences": r.article_differences,
+        "rule_hits": r.rule_hits,
+        "counters": r.counter_deltas,
+        "trace_rule_events": r.trace_rule_events,
+        "counters_agree": r.counters_agree,
+        "endpoint": r.endpoint,
+        "legs": [{"client": leg.client, "server": leg.server, "proxy": leg.proxy} for leg in r.legs],
+        "hops": [h.as_dict() for h in r.measured.hops],
+        "failure": r.failure,
+    }
+
+
+def to_json(results: list[Result], **meta) -> str:
+    return json.dumps({**meta, "scenarios": [as_dict(r) for r in results]}, indent=2)
+
+
+def _verdict(r: Result) -> str:
+    return "[green]pass[/]" if r.verdict == "pass" else "[bold red]FAIL[/]"
+
+
+def _why_failed(r: Result) -> list[str]:
+    if r.failure:
+        return [r.failure]
+    out = []
+    if not r.path_as_expected:
+        out.append(f"expected {r.scenario.expected_path}")
+    if not r.counters_agree:
+        out.append(f"rule counters {r.counter_deltas} differ from TRACE rule events {r.trace_rule_events}")
+    return out
+
+
+def render(console, results: list[Result]) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    for r in results:
+        s = r.scenario
+        console.rule(f"[bold]{escape(s.id)}[/]  {escape(s.title)}", align="left")
+        console.print(f"  kernel : {escape(r.measured_path or '(not measured)')}")
+        console.print(f"  article: {escape(s.article_path or '(a picture only) ' + s.article_claim)}")
+        if r.matches_article:
+            console.print("  [green]the kernel agrees with the article[/]")
+        for d in r.article_differences:
+            console.print(f"  [yellow]differs[/]: {escape(d)}")
+        if r.counter_deltas:
+            console.print("  nat rules whose counters moved:")
+            for ref, delta in r.counter_deltas.items():
+                console.print(f"    {ref:<18} +{delta:<3} {escape(r.rule_lines.get(ref, ''))}")
+        agree = "agree" if r.counters_agree else "[red]DISAGREE[/]"
+        console.print(f"  counters vs TRACE: {agree};  reached: {escape(r.endpoint or '-')};  verdict: {_verdict(r)}")
+        for why in _why_failed(r):
+            console.print(f"  [red]{escape(why)}[/]")
+    table = Table(title="The six traffic types, judged by the kernel")
+    for col in ("scenario", "article", "kernel", "", "verdict"):
+        table.add_column(col, overflow="fold")
+    for r in results:
+        table.add_row(
+            r.scenario.id,
+            _short(r.scenario.article_path) or "(picture)",
+            _short(r.measured_path) or "-",
+            "agree" if r.matches_article else "[yellow]differ[/]",
+            _verdict(r),
+        )
+    console.print(table)
+
+
+def _short(text: str) -> str:
+    """The hops between the endpoints: the part that says which rules."""
+    from rich.markup import escape
+
+    hops = [h.strip() for h in text.split("->")]
+    return escape(" > ".join(" ".join(h.split()) for h in hops[1:-1])) if len(hops) > 2 else escape(text)

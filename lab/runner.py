@@ -1,0 +1,192 @@
+"""Fire each scenario's traffic in a lab and judge it by three witnesses.
+
+The witnesses: TRACE events from every pod, the sidecar's nat rule counters,
+and Envoy's access log.  The path comes from the first and third; the second
+must agree with the first, rule for rule, or the result says so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+from . import path as paths
+from . import processes, workloads
+from .errors import LabError
+from .rules import xtables
+from .scenario import Scenario
+from .trace import TraceError, TraceEvent, TraceReader
+from .world import Lab
+
+
+@dataclass
+class Result:
+    scenario: Scenario
+    measured: paths.Path = field(default_factory=paths.Path)
+    legs: list[paths.Leg] = field(default_factory=list)
+    rule_hits: list[str] = field(default_factory=list)
+    counter_deltas: dict[str, int] = field(default_factory=dict)  # nat rule -> packets during the scenario
+    trace_rule_events: dict[str, int] = field(default_factory=dict)  # nat rule -> TRACE `rule` events
+    rule_lines: dict[str, str] = field(default_factory=dict)
+    endpoint: str = ""  # "pod ip:port" where the last leg's SYN reached INPUT
+    response: dict | None = None
+    events: list[TraceEvent] = field(default_factory=list)
+    failure: str | None = None
+
+    @property
+    def counters_agree(self) -> bool:
+        return self.counter_deltas == self.trace_rule_events
+
+    @property
+    def measured_path(self) -> str:
+        return str(self.measured) if self.failure is None else ""
+
+    @property
+    def article_differences(self) -> list[str]:
+        s = self.scenario
+        if self.failure:
+            return []
+        if s.article_path:
+            return paths.differences(paths.parse(s.article_path), self.measured)
+        proxies = [h.name for h in self.measured.hops if h.kind == "proxy"]
+        if list(s.article_proxies or ()) != proxies:
+            return [f"the article says the traffic passes {', '.join(s.article_proxies) or 'no proxy'}; "
+                    f"the kernel sends it through {', '.join(proxies) or 'no proxy'}"]
+        return []
+
+    @property
+    def matches_article(self) -> bool:
+        return self.failure is None and not self.article_differences
+
+    @property
+    def path_as_expected(self) -> bool:
+        return self.failure is None and self.measured_path == str(paths.parse(self.scenario.expected_path))
+
+    @property
+    def verdict(self) -> str:
+        return "pass" if self.path_as_expected and self.counters_agree and self.endpoint else "fail"
+
+
+def _trace_rule(ports: tuple[int, ...]) -> tuple[str, ...]:
+    return ("-p", "tcp", "-m", "multiport", "--ports", ",".join(map(str, ports)), "-j", "TRACE")
+
+
+class Witnesses:
+    """TRACE readers on every pod for the lab's life, TRACE rules per scenario."""
+
+    def __init__(self, lab: Lab):
+        self.lab = lab
+        self.readers: list[TraceReader] = []
+        try:
+            for pod in lab.pods.values():
+                xtables.touch(pod.ns)
+                self.readers.append(TraceReader(pod.ns, pod.name))
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        for reader in self.readers:
+            reader.close()
+        self.readers = []
+
+    @contextlib.contextmanager
+    def tracing(self, ports: tuple[int, ...]):
+        """TRACE rules at the head of every pod's raw PREROUTING and OUTPUT, removed after."""
+        rule = _trace_rule(ports)
+        placed = []
+        try:
+            for pod in self.lab.pods.values():
+                for chain in ("PREROUTING", "OUTPUT"):
+                    xtables.insert(pod.ns, "raw", chain, rule)
+                    placed.append((pod.ns, chain))
+            for reader in self.readers:
+                reader.drain(settle=0)  # whatever came before belongs to no scenario
+            yield
+        finally:
+            for ns, chain in placed:
+                xtables.delete(ns, "raw", chain, rule)
+
+    def events(self) -> dict[str, list[TraceEvent]]:
+        return {reader.pod: reader.drain() for reader in self.readers}
+
+
+def _counters(ns: str) -> dict[str, tuple[int, str]]:
+    return {r.ref: (r.packets, r.line) for r in xtables.listing(ns, "nat")}
+
+
+@dataclass
+class Observation:
+    """What the witnesses saw of one scenario: enough to judge it again offline."""
+
+    response_local: str  # the client socket's address: the first leg's client
+    response_status: int
+    response_body: str
+    events: dict[str, list[TraceEvent]]  # pod -> TRACE events
+    counters_before: dict[str, tuple[int, str]]  # nat rule -> (packets, rule line)
+    counters_after: dict[str, tuple[int, str]]
+    access_log: list[dict]
+
+
+def observe(lab: Lab, witnesses: Witnesses, scenario: Scenario) -> Observation:
+    sidecar = lab.pod("sidecar").ns
+    src = scenario.source
+    processes.check_alive(lab)
+    with witnesses.tracing(scenario.traced_ports):
+        before = _counters(sidecar)
+        fire = workloads.request if scenario.protocol == "http" else workloads.stream
+        response = fire(lab.pod(src.pod).ns, scenario.address, scenario.port, uid=src.uid, gid=src.gid)
+        events = witnesses.events()
+        after = _counters(sidecar)
+    processes.check_alive(lab)
+    return Observation(response.local, response.status, response.body, events, before, after, processes.access_log(lab))
+
+
+def judge(scenario: Scenario, seen: Observation) -> Result:
+    """Join the witnesses into a path and compare; pure, so recorded runs can be judged again."""
+    result = Result(scenario)
+    result.response = {"status": seen.response_status, "local": seen.response_local, "body": seen.response_body}
+    result.events = [e for events in seen.events.values() for e in events]
+    before, after = seen.counters_before, seen.counters_after
+    result.rule_lines = {ref: line for ref, (_, line) in after.items()}
+    result.counter_deltas = {ref: n - before[ref][0] for ref, (n, _) in after.items() if n != before[ref][0]}
+    sidecar_events = seen.events["sidecar"]
+    for e in sidecar_events:
+        if e.table == "nat" and e.kind == "rule":
+            ref = f"{e.chain}#{e.rulenum}"
+            result.trace_rule_events[ref] = result.trace_rule_events.get(ref, 0) + 1
+    result.legs = paths.chain_legs(seen.response_local, f"{scenario.address}:{scenario.port}", seen.access_log)
+    rule_counts: dict[str, int] = {}
+    for ref in after:
+        chain = ref.split("#")[0]
+        rule_counts[chain] = rule_counts.get(chain, 0) + 1
+    result.measured = paths.build(scenario.source.label, scenario.destination, result.legs, sidecar_events,
+                                  rule_counts, result.rule_lines)
+    result.rule_hits = [f"{e.chain}#{e.rulenum}" for leg in result.legs
+                        for e in paths.syn_events(sidecar_events, leg) if e.table == "nat" and e.kind == "rule"]
+    result.endpoint = _endpoint(result.events, result.legs[-1])
+    if not result.endpoint:
+        result.failure = f"the last leg {result.legs[-1].client} > {result.legs[-1].server} never reached INPUT in any pod"
+    return result
+
+
+def run_one(lab: Lab, witnesses: Witnesses, scenario: Scenario) -> Result:
+    try:
+        return judge(scenario, observe(lab, witnesses, scenario))
+    except (LabError, TraceError) as e:
+        return Result(scenario, failure=str(e))
+
+
+def _endpoint(events: list[TraceEvent], leg: paths.Leg) -> str:
+    for e in paths.syn_events(events, leg):
+        if e.chain == "INPUT":
+            return f"{e.pod} {e.dst}:{e.dport}"
+    return ""
+
+
+def run(lab: Lab, scenarios: list[Scenario]) -> list[Result]:
+    witnesses = Witnesses(lab)
+    try:
+        return [run_one(lab, witnesses, s) for s in scenarios]
+    finally:
+        witnesses.close()

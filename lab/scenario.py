@@ -1,0 +1,228 @@
+"""Scenario files: one kind of traffic, the article's claim, and the kernel's path.
+
+A scenario is data (scenarios/*.yaml).  Loading checks every field and names
+the file and field of the first problem; nothing runs until all files load.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import plan
+from .errors import LabError
+
+SCENARIO_DIR = Path(__file__).resolve().parent.parent / "scenarios"
+PROTOCOLS = ("http", "tcp")
+_LAB_NETWORKS = [ipaddress.ip_network(n) for n in (plan.POD_SUBNET, plan.SERVICE_RANGE, "127.0.0.0/8")]
+
+
+class ScenarioError(LabError):
+    """A scenario file the lab cannot use: names the file, the field and the problem."""
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    pod: str
+    label: str  # the name the article's notation gives it, e.g. "Local Pod"
+    process: str = ""
+    uid: int = 0
+    gid: int = 0
+
+
+@dataclass(frozen=True)
+class Scenario:
+    id: str
+    title: str
+    type: int  # the article's traffic type, 1-6
+    variant_of: str | None
+    article_path: str  # verbatim; "" when the article shows the path only as a picture
+    article_claim: str  # the article's sentence about this traffic, verbatim
+    article_proxies: tuple[str, ...] | None  # the proxies the claim names, when it gives no path
+    source: Endpoint
+    address: str  # the destination as dialed
+    port: int
+    protocol: str  # "http": one GET; "tcp": a stream opened and half-closed (istiod's xDS)
+    destination: str  # label of where the traffic should end
+    expected_path: str
+    explanation: str
+    file: str
+
+    @property
+    def traced_ports(self) -> tuple[int, ...]:
+        """The ports whose packets the scenario traces: its own and the proxies'."""
+        ports = {self.port, plan.Port.OUTBOUND, plan.Port.INBOUND}
+        ports |= {s.target_port for s in plan.SERVICES if (s.vip, s.port) == (self.address, self.port)}
+        return tuple(sorted(ports))
+
+
+class _Fields:
+    """Typed access to a mapping that reports `file: field: problem` on misuse."""
+
+    def __init__(self, data, file: str, where: str = ""):
+        if not isinstance(data, dict):
+            raise ScenarioError(f"{file}: {where or 'top level'}: expected a mapping, got {type(data).__name__}")
+        self.data, self.file, self.where = data, file, where
+
+    def _name(self, key: str) -> str:
+        return f"{self.where}.{key}" if self.where else key
+
+    def fail(self, key: str, problem: str) -> ScenarioError:
+        return ScenarioError(f"{self.file}: {self._name(key)}: {problem}")
+
+    def get(self, key: str, kind, required: bool = True, default=None):
+        if key not in self.data or self.data[key] is None:
+            if required:
+                raise self.fail(key, "missing")
+            return default
+        value = self.data[key]
+        if kind is int and isinstance(value, bool) or not isinstance(value, kind):
+            raise self.fail(key, f"expected {kind.__name__}, got {type(value).__name__} {value!r}")
+        if kind is str and not value.strip() and required:
+            raise self.fail(key, "empty")
+        return value
+
+    def sub(self, key: str) -> "_Fields":
+        return _Fields(self.get(key, dict), self.file, self._name(key))
+
+    def unknown(self, allowed: set[str]) -> None:
+        extra = sorted(set(self.data) - allowed)
+        if extra:
+            raise self.fail(extra[0], f"unknown field (allowed: {', '.join(sorted(allowed))})")
+
+
+def _port(f: _Fields, key: str) -> int:
+    port = f.get(key, int)
+    if not 1 <= port <= 65535:
+        raise f.fail(key, f"port {port} is out of range 1-65535")
+    return port
+
+
+def _id(f: _Fields, key: str, required: bool = True) -> int:
+    value = f.get(key, int, required, 0)
+    if not 0 <= value <= 65535:
+        raise f.fail(key, f"{value} is not a uid/gid the lab uses (0-65535)")
+    return value
+
+
+def _pod(f: _Fields, key: str) -> str:
+    pod = f.get(key, str)
+    if pod not in plan.PODS:
+        raise f.fail(key, f"unknown pod {pod!r} (pods: {', '.join(plan.PODS)})")
+    return pod
+
+
+def _destination(to: _Fields) -> str:
+    """The address to dial: a pod's IP, a Service VIP, or a literal inside the lab."""
+    given = [k for k in ("pod", "service", "address") if k in to.data]
+    if len(given) != 1:
+        raise to.fail("pod", "give exactly one of pod, service, address")
+    if given[0] == "pod":
+        return plan.PODS[_pod(to, "pod")]
+    if given[0] == "service":
+        name = to.get("service", str)
+        for s in plan.SERVICES:
+            if s.name == name:
+                return s.vip
+        raise to.fail("service", f"unknown service {name!r} (services: {', '.join(s.name for s in plan.SERVICES)})")
+    address = to.get("address", str)
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        raise to.fail("address", f"{address!r} is not an IP address") from None
+    if not any(ip in net for net in _LAB_NETWORKS):
+        raise to.fail("address", f"{address} is outside the lab (traffic stays in {', '.join(map(str, _LAB_NETWORKS))})")
+    return address
+
+
+def parse(data, file: str) -> Scenario:
+    top = _Fields(data, file)
+    top.unknown({"id", "title", "type", "variant_of", "article", "traffic", "expected", "explanation"})
+    article = top.sub("article")
+    article.unknown({"path", "claim", "proxies"})
+    traffic = top.sub("traffic")
+    traffic.unknown({"from", "to"})
+    src, to = traffic.sub("from"), traffic.sub("to")
+    src.unknown({"pod", "process", "uid", "gid", "label"})
+    to.unknown({"pod", "service", "address", "port", "protocol", "label"})
+    protocol = to.get("protocol", str, required=False, default="http")
+    if protocol not in PROTOCOLS:
+        raise to.fail("protocol", f"{protocol!r} is not one of {', '.join(PROTOCOLS)}")
+    expected = top.sub("expected")
+    expected.unknown({"path"})
+    proxies = article.get("proxies", list, required=False)
+    scenario_type = top.get("type", int)
+    if not 1 <= scenario_type <= 6:
+        raise top.fail("type", f"the article has traffic types 1-6, not {scenario_type}")
+    scenario = Scenario(
+        id=top.get("id", str),
+        title=top.get("title", str),
+        type=scenario_type,
+        variant_of=top.get("variant_of", str, required=False),
+        article_path=article.get("path", str, required=False, default=""),
+        article_claim=article.get("claim", str),
+        article_proxies=tuple(proxies) if proxies is not None else None,
+        source=Endpoint(_pod(src, "pod"), src.get("label", str), src.get("process", str), _id(src, "uid"), _id(src, "gid")),
+        address=_destination(to),
+        port=_port(to, "port"),
+        protocol=protocol,
+        destination=to.get("label", str),
+        expected_path=expected.get("path", str),
+        explanation=top.get("explanation", str),
+        file=file,
+    )
+    if not scenario.article_path and scenario.article_proxies is None:
+        raise article.fail("path", "missing (or give article.proxies when the article has no path in words)")
+    from . import path as pathlib  # the notation must read back
+
+    for key, text in (("article.path", scenario.article_path), ("expected.path", scenario.expected_path)):
+        if text:
+            try:
+                pathlib.parse(text)
+            except ValueError as e:
+                raise ScenarioError(f"{file}: {key}: {e}") from None
+    return scenario
+
+
+def load_file(file: str) -> Scenario:
+    import yaml
+
+    try:
+        with open(file) as f:
+            data = yaml.safe_load(f)
+    except OSError as e:
+        raise ScenarioError(f"{file}: cannot read: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark else "?"
+        raise ScenarioError(f"{file}: {where}: bad YAML: {getattr(e, 'problem', e)}") from None
+    return parse(data, file)
+
+
+def load_all(directory: Path | str | None = None) -> list[Scenario]:
+    directory = directory or SCENARIO_DIR
+    if not os.path.isdir(directory):
+        raise ScenarioError(f"{directory}: no such scenario directory")
+    files = sorted(str(p) for p in Path(directory).glob("*.yaml"))
+    scenarios = [load_file(f) for f in files]
+    seen: dict[str, str] = {}
+    for s in scenarios:
+        if s.id in seen:
+            raise ScenarioError(f"{s.file}: id: {s.id!r} is also the id of {seen[s.id]}")
+        seen[s.id] = s.file
+    for s in scenarios:
+        if s.variant_of and s.variant_of not in seen:
+            raise ScenarioError(f"{s.file}: variant_of: no scenario {s.variant_of!r}")
+    return scenarios
+
+
+def select(scenarios: list[Scenario], ids: list[str]) -> list[Scenario]:
+    if not ids:
+        return scenarios
+    by_id = {s.id: s for s in scenarios}
+    unknown = [i for i in ids if i not in by_id]
+    if unknown:
+        raise ScenarioError(f"unknown scenario id {unknown[0]!r} (istio-lab list shows them)")
+    return [by_id[i] for i in ids]
