@@ -135,7 +135,11 @@ def observe(lab: Lab, witnesses: Witnesses, scenario: Scenario) -> Observation:
     with witnesses.tracing(scenario.traced_ports):
         before = _counters(sidecar)
         fire = workloads.request if scenario.protocol == "http" else workloads.stream
-        response = fire(lab.pod(src.pod).ns, scenario.address, scenario.port, uid=src.uid, gid=src.gid)
+        try:
+            response = fire(lab.pod(src.pod).ns, scenario.address, scenario.port, uid=src.uid, gid=src.gid)
+        except workloads.RequestError:
+            processes.check_alive(lab)  # a dead proxy is the better answer than "refused"
+            raise
         events = witnesses.events()
         after = _counters(sidecar)
     processes.check_alive(lab)

@@ -1,0 +1,107 @@
+"""The joiner and the article's notation, offline: recorded kernel runs judged again."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lab import path, runner, scenario
+
+from .record_observations import OUT, from_json
+
+ARTICLE = Path(__file__).resolve().parents[2] / "shared" / "article" / "istio-sidecar-traffic-types.txt"
+RECORDED = json.load(open(OUT))
+SCENARIOS = {s.id: s for s in scenario.load_all()}
+
+
+@pytest.mark.parametrize("sid", sorted(RECORDED))
+def test_recorded_runs_join_into_the_expected_path(sid):
+    result = runner.judge(SCENARIOS[sid], from_json(RECORDED[sid]))
+    assert result.failure is None
+    assert result.measured_path == SCENARIOS[sid].expected_path
+    assert result.counters_agree
+    assert result.verdict == "pass"
+
+
+def test_recorded_legs_follow_the_access_log():
+    vip = runner.judge(SCENARIOS["type4-local-to-local"], from_json(RECORDED["type4-local-to-local"]))
+    assert [leg.proxy for leg in vip.legs] == [15001, 15006, None]
+    assert vip.legs[2].client.startswith("127.0.0.6:")
+    assert vip.legs[2].server == "10.244.0.10:8080"
+    assert vip.rule_hits == ["OUTPUT#1", "ISTIO_OUTPUT#9", "ISTIO_REDIRECT#1",
+                             "OUTPUT#1", "ISTIO_OUTPUT#2", "ISTIO_IN_REDIRECT#1",
+                             "OUTPUT#1", "ISTIO_OUTPUT#1"]
+    assert vip.endpoint == "sidecar 10.244.0.10:8080"
+
+
+def test_a_hop_names_the_packet_it_was_seen_on():
+    result = runner.judge(SCENARIOS["type2-local-to-remote"], from_json(RECORDED["type2-local-to-remote"]))
+    rule9 = next(h for h in result.measured.hops if h.name == "ISTIO_OUTPUT" and h.rule == 9)
+    assert rule9.packet.startswith("SYN 10.244.0.10:") and rule9.packet.endswith("> 10.96.0.90:9080")
+    assert rule9.line == "-A ISTIO_OUTPUT -j ISTIO_REDIRECT"
+
+
+def test_a_missing_access_log_line_leaves_the_proxy_unnamed():
+    seen = from_json(RECORDED["type2-local-to-remote"])
+    seen.access_log = []
+    result = runner.judge(SCENARIOS["type2-local-to-remote"], seen)
+    assert "Envoy 15001" not in result.measured_path
+    assert result.verdict == "fail"
+
+
+def test_counters_that_disagree_with_trace_fail_the_verdict():
+    seen = from_json(RECORDED["type2-local-to-remote"])
+    packets, line = seen.counters_after["ISTIO_OUTPUT#9"]
+    seen.counters_after["ISTIO_OUTPUT#9"] = (packets + 1, line)
+    result = runner.judge(SCENARIOS["type2-local-to-remote"], seen)
+    assert not result.counters_agree
+    assert result.verdict == "fail"
+
+
+def test_article_paths_read_back_with_their_typography_normalised():
+    claim = path.parse("Prometheus-> RREROUTING -> ISTIO_INBOUND (traffic destined for ports 15002, 15090 "
+                       "will go to INPUT) -> INPUT -> Local Pod")
+    assert [str(h) for h in claim.hops] == ["Prometheus", "PREROUTING", "ISTIO_INBOUND", "INPUT", "Local Pod"]
+    assert path.notes("Prometheus-> RREROUTING -> INPUT -> X") == ["the article writes RREROUTING, read as PREROUTING"]
+    six = path.parse("pilot-agent\u00a0 process -> OUTPUT -> Istio_OUTPUT RULE 9 -> Envoy 15001 (Outbound Handler) -> Istiod")
+    assert [str(h) for h in six.hops] == ["pilot-agent process", "OUTPUT", "ISTIO_OUTPUT RULE 9", "Envoy 15001 (Outbound)", "Istiod"]
+
+
+def test_unreadable_hop_is_an_error():
+    with pytest.raises(ValueError, match="cannot read hop"):
+        path.parse("A -> OUTPUT -> ??? -> B")
+
+
+def test_differences_hop_by_hop():
+    article = path.parse("pilot-agent process -> OUTPUT -> ISTIO_OUTPUT RULE 9 -> Envoy 15001 (Outbound) -> "
+                         "OUTPUT -> ISTIO_OUTPUT RULE 4 -> POSTROUTING -> Istiod")
+    kernel = path.parse("pilot-agent process -> OUTPUT -> ISTIO_OUTPUT RULE 4 -> POSTROUTING -> Istiod")
+    assert path.differences(article, kernel) == [
+        "after hop 2: the article has ISTIO_OUTPUT RULE 9, the kernel never passes it",
+        "after hop 2: the article has Envoy 15001 (Outbound), the kernel never passes it",
+        "after hop 2: the article has OUTPUT, the kernel never passes it",
+    ]
+    assert path.differences(kernel, kernel) == []
+    replaced = path.parse("X -> OUTPUT -> ISTIO_OUTPUT RULE 8 -> POSTROUTING -> X")
+    measured = path.parse("X -> OUTPUT -> ISTIO_OUTPUT RULE 4 -> POSTROUTING -> X")
+    assert path.differences(replaced, measured) == ["hop 3: the article has ISTIO_OUTPUT RULE 8, the kernel ISTIO_OUTPUT RULE 4"]
+
+
+def test_an_unnumbered_article_hop_matches_any_rule():
+    assert path.differences(path.parse("A -> PREROUTING -> ISTIO_INBOUND -> INPUT -> B"),
+                            path.parse("A -> PREROUTING -> ISTIO_INBOUND RULE 2 -> INPUT -> B")) == []
+
+
+def test_chain_legs_stops_on_a_loop_in_the_log():
+    log = [{"downstream_peer": "a:1", "original_dst": "b:2", "listener": 15001, "upstream_local": "a:1", "upstream_peer": "b:2"}]
+    assert path.chain_legs("a:1", "b:2", log) == [path.Leg("a:1", "b:2", 15001)]
+
+
+@pytest.mark.parametrize("s", SCENARIOS.values(), ids=SCENARIOS)
+def test_article_words_are_quoted_verbatim(s):
+    if not ARTICLE.exists():
+        pytest.skip(f"the article is not beside this checkout ({ARTICLE})")
+    article = ARTICLE.read_text()
+    assert s.article_claim in article
+    if s.article_path:
+        assert s.article_path in article.splitlines()
