@@ -29,7 +29,7 @@ def dispatch(args: argparse.Namespace) -> int:
 def _console():
     from rich.console import Console
 
-    return Console(highlight=False)
+    return Console(highlight=False, soft_wrap=True)
 
 
 def _ready_machine() -> None:

@@ -206,18 +206,41 @@ def _pair_replacements(pairs):
 
 
 def differences(claim: Path, measured: Path) -> list[str]:
-    """Hop by hop, where the article's path and the kernel's part ways."""
-    out = []
+    """Hop by hop, where the article's path and the kernel's part ways.
+
+    A run of hops only one side has is one difference, e.g. the article's
+    detour through a proxy the kernel never takes.
+    """
+    out: list[str] = []
     position = 0
+    run: tuple[str, list[Hop]] | None = None  # ("claim" | "kernel", hops) not yet reported
+
+    def flush():
+        if run:
+            side, hops = run
+            text = " -> ".join(map(str, hops))
+            if side == "claim":
+                out.append(f"after hop {position}: the article has {text}; the kernel never passes "
+                           + ("it" if len(hops) == 1 else "them"))
+            else:
+                first = position - len(hops) + 1
+                where = f"hop {first}" if len(hops) == 1 else f"hops {first}-{position}"
+                out.append(f"{where}: the kernel passes {text}, which the article leaves out")
+
     for c, k in align(claim.hops, measured.hops):
+        side = "claim" if k is None else "kernel" if c is None else None
+        if side and run and run[0] == side:
+            run[1].append(c or k)
+            if k is not None:
+                position += 1
+            continue
+        flush()
+        run = None
         if k is not None:
             position += 1
-        if c is not None and k is not None and _same(c, k):
-            continue
-        if c is None:
-            out.append(f"hop {position}: the kernel passes {k}, which the article leaves out")
-        elif k is None:
-            out.append(f"after hop {position}: the article has {c}, the kernel never passes it")
-        else:
+        if side:
+            run = (side, [c or k])
+        elif not _same(c, k):
             out.append(f"hop {position}: the article has {c}, the kernel {k}")
+    flush()
     return out

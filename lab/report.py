@@ -66,19 +66,20 @@ def render(console, results: list[Result]) -> None:
             console.print(f"  [yellow]differs[/]: {escape(d)}")
         if r.counter_deltas:
             console.print("  nat rules whose counters moved:")
-            for ref, delta in r.counter_deltas.items():
-                console.print(f"    {ref:<18} +{delta:<3} {escape(r.rule_lines.get(ref, ''))}")
+            order = list(dict.fromkeys(r.rule_hits)) + sorted(set(r.counter_deltas) - set(r.rule_hits))
+            for ref in (ref for ref in order if ref in r.counter_deltas):
+                console.print(f"    {ref:<20} +{r.counter_deltas[ref]:<3} {escape(r.rule_lines.get(ref, ''))}")
         agree = "agree" if r.counters_agree else "[red]DISAGREE[/]"
         console.print(f"  counters vs TRACE: {agree};  reached: {escape(r.endpoint or '-')};  verdict: {_verdict(r)}")
         for why in _why_failed(r):
             console.print(f"  [red]{escape(why)}[/]")
-    table = Table(title="The six traffic types, judged by the kernel")
+    table = Table(title="The article's traffic types (and variants), judged by the kernel")
     for col in ("scenario", "article", "kernel", "", "verdict"):
         table.add_column(col, overflow="fold")
     for r in results:
         table.add_row(
             r.scenario.id,
-            _short(r.scenario.article_path) or "(picture)",
+            _short(r.scenario.article_path) or "(picture) " + ", ".join(r.scenario.article_proxies or ()),
             _short(r.measured_path) or "-",
             "agree" if r.matches_article else "[yellow]differ[/]",
             _verdict(r),
@@ -87,8 +88,18 @@ def render(console, results: list[Result]) -> None:
 
 
 def _short(text: str) -> str:
-    """The hops between the endpoints: the part that says which rules."""
+    """The rules and proxies a path passes, e.g. `ISTIO_OUTPUT 9 › 15001 › ISTIO_OUTPUT 4`.
+
+    The REDIRECT chains are left out: the proxy port after them says the same.
+    """
     from rich.markup import escape
 
-    hops = [h.strip() for h in text.split("->")]
-    return escape(" > ".join(" ".join(h.split()) for h in hops[1:-1])) if len(hops) > 2 else escape(text)
+    from . import path
+
+    parts = []
+    for hop in path.parse(text).hops if text else ():
+        if hop.kind == "proxy":
+            parts.append(hop.name.split()[1])
+        elif hop.kind == "chain" and not hop.name.endswith("REDIRECT"):
+            parts.append(f"{hop.name} {hop.rule}" if hop.rule else hop.name)
+    return escape(" › ".join(parts))

@@ -77,9 +77,12 @@ def test_differences_hop_by_hop():
                          "OUTPUT -> ISTIO_OUTPUT RULE 4 -> POSTROUTING -> Istiod")
     kernel = path.parse("pilot-agent process -> OUTPUT -> ISTIO_OUTPUT RULE 4 -> POSTROUTING -> Istiod")
     assert path.differences(article, kernel) == [
-        "after hop 2: the article has ISTIO_OUTPUT RULE 9, the kernel never passes it",
-        "after hop 2: the article has Envoy 15001 (Outbound), the kernel never passes it",
-        "after hop 2: the article has OUTPUT, the kernel never passes it",
+        "after hop 2: the article has ISTIO_OUTPUT RULE 9 -> Envoy 15001 (Outbound) -> OUTPUT; "
+        "the kernel never passes them",
+    ]
+    assert path.differences(kernel, article) == [
+        "hops 3-5: the kernel passes ISTIO_OUTPUT RULE 9 -> Envoy 15001 (Outbound) -> OUTPUT, "
+        "which the article leaves out",
     ]
     assert path.differences(kernel, kernel) == []
     replaced = path.parse("X -> OUTPUT -> ISTIO_OUTPUT RULE 8 -> POSTROUTING -> X")
