@@ -14,6 +14,7 @@ import ctypes.util
 import os
 import signal
 import sys
+import threading
 from typing import Callable, Iterator
 
 from pyroute2 import netns as _netns
@@ -41,9 +42,23 @@ def names() -> list[str]:
 
 
 def create(name: str) -> None:
-    """Create a named namespace (as `ip netns add`) without moving the caller."""
+    """Create a named namespace (as `ip netns add`) without moving the caller.
+
+    pyroute2 unshares the calling thread but bind-mounts /proc/self/ns/net, the
+    *main* thread's namespace: called from another thread it would name the
+    host's namespace.  So this runs on the main thread only, and checks.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        raise RuntimeError("netns.create must run on the main thread")
     with _saved_netns():
         _netns._create(name)  # unshare on this thread + bind mount, then back
+    if inode(path(name)) == inode("/proc/thread-self/ns/net"):
+        remove(name)
+        raise RuntimeError(f"namespace {name} came out as the caller's own namespace; removed it")
+
+
+def inode(ns_path: str) -> int:
+    return os.stat(ns_path).st_ino
 
 
 def remove(name: str) -> None:

@@ -89,13 +89,14 @@ def lab_namespaces(labid: str) -> list[str]:
 
 
 def _pids_in(namespaces: list[str]) -> list[int]:
-    """Every process whose network namespace is one of these."""
+    """Every process whose network namespace is one of these (never the host's)."""
     inodes = set()
     for ns in namespaces:
         try:
             inodes.add(os.stat(netns.path(ns)).st_ino)
         except OSError:
             pass
+    inodes -= _host_inodes()
     pids = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -105,6 +106,17 @@ def _pids_in(namespaces: list[str]) -> list[int]:
             except OSError:
                 pass
     return pids
+
+
+def _host_inodes() -> set[int]:
+    """The namespaces that are not the lab's: ours and init's, whatever a name claims."""
+    found = set()
+    for ns in ("/proc/self/ns/net", "/proc/1/ns/net"):
+        try:
+            found.add(os.stat(ns).st_ino)
+        except OSError:
+            pass
+    return found
 
 
 def destroy(labid: str, deadline: float = 2.0) -> None:

@@ -17,6 +17,7 @@ from . import netns, plan, record
 from .errors import LabError
 
 BRIDGE = "br0"
+LO_INDEX = 1  # lo is always the first link of a new namespace
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,7 @@ class Lab:
     def _build_fabric(self) -> None:
         netns.create(self.node)
         with ipr(self.node) as node:
-            node.link("set", index=node.link_lookup(ifname="lo")[0], state="up")
+            node.link("set", index=LO_INDEX, state="up")
             node.link("add", ifname=BRIDGE, kind="bridge")
             br = node.link_lookup(ifname=BRIDGE)[0]
             node.addr("add", index=br, address=plan.GATEWAY, prefixlen=plan.POD_PREFIX)
@@ -100,7 +101,7 @@ class Lab:
             idx = node.link_lookup(ifname=pod.name)[0]
             node.link("set", index=idx, master=node.link_lookup(ifname=BRIDGE)[0], state="up")
         with ipr(pod.ns) as inside:
-            inside.link("set", index=inside.link_lookup(ifname="lo")[0], state="up")
+            inside.link("set", index=LO_INDEX, state="up")
             eth0 = inside.link_lookup(ifname="eth0")[0]
             inside.addr("add", index=eth0, address=pod.ip, prefixlen=plan.POD_PREFIX)
             inside.link("set", index=eth0, state="up")

@@ -194,3 +194,41 @@ def test_down_of_an_unknown_lab_is_one_line_and_status_2():
     result = subprocess.run([sys.executable, "-m", "lab.cli", "down", "zzzz"], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "no lab 'zzzz'" in result.stderr
+
+
+def test_a_lab_name_that_points_at_the_host_namespace_kills_nothing():
+    """Defence in depth: if a lab's name ever named our own namespace, teardown must
+    unmount the name and leave every process of that namespace alone."""
+    name = "ilab-zzhost-sidecar"
+    open(netns.path(name), "w").close()
+    subprocess.run(["mount", "--bind", "/proc/self/ns/net", netns.path(name)], check=True)
+    bystander = subprocess.Popen(["sleep", "30"])
+    try:
+        record.destroy("zzhost")
+        assert bystander.poll() is None, "teardown killed a process of the host namespace"
+        assert not netns.exists(name)
+    finally:
+        bystander.kill()
+        bystander.wait()
+        if netns.exists(name):
+            netns.remove(name)
+
+
+def test_namespaces_are_made_on_the_main_thread_only():
+    import threading
+
+    failure = []
+    worker = threading.Thread(target=lambda: failure.append(_try_create("ilab-zzthread-x")))
+    worker.start()
+    worker.join()
+    assert failure == ["must run on the main thread"]
+    assert not netns.exists("ilab-zzthread-x")
+
+
+def _try_create(name):
+    try:
+        netns.create(name)
+    except RuntimeError as e:
+        return str(e).split("netns.create ")[-1]
+    netns.remove(name)
+    return "created"
