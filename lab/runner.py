@@ -77,6 +77,7 @@ class Witnesses:
     def __init__(self, lab: Lab):
         self.lab = lab
         self.readers: list[TraceReader] = []
+        self.rule_lines = {r.ref: r.line for r in xtables.listing(lab.pod("sidecar").ns, "nat")}
         try:
             for pod in lab.pods.values():
                 xtables.touch(pod.ns)
@@ -91,28 +92,31 @@ class Witnesses:
         self.readers = []
 
     @contextlib.contextmanager
-    def tracing(self, ports: tuple[int, ...]):
-        """TRACE rules at the head of every pod's raw PREROUTING and OUTPUT, removed after."""
-        rule = _trace_rule(ports)
+    def tracing(self, scenario: Scenario):
+        """TRACE rules at the head of raw PREROUTING and OUTPUT in the pods the scenario
+        crosses, for its ports only; removed after."""
+        rule = _trace_rule(scenario.traced_ports)
+        rules = [("PREROUTING", rule), ("OUTPUT", rule)]
         placed = []
         try:
-            for pod in self.lab.pods.values():
-                for chain in ("PREROUTING", "OUTPUT"):
-                    xtables.insert(pod.ns, "raw", chain, rule)
-                    placed.append((pod.ns, chain))
+            for pod in scenario.traced_pods:
+                ns = self.lab.pod(pod).ns
+                xtables.insert(ns, "raw", rules)
+                placed.append(ns)
             for reader in self.readers:
                 reader.drain(settle=0)  # whatever came before belongs to no scenario
             yield
         finally:
-            for ns, chain in placed:
-                xtables.delete(ns, "raw", chain, rule)
+            for ns in placed:
+                xtables.delete(ns, "raw", rules)
 
     def events(self) -> dict[str, list[TraceEvent]]:
-        return {reader.pod: reader.drain() for reader in self.readers}
+        """Everything queued now.  No settle window is needed: every leg's SYN has been
+        through every hook before the client gets its answer, and only SYNs make hops;
+        a straggling final ACK is discarded by the next scenario's tracing()."""
+        return {reader.pod: reader.drain(settle=0) for reader in self.readers}
 
 
-def _counters(ns: str) -> dict[str, tuple[int, str]]:
-    return {r.ref: (r.packets, r.line) for r in xtables.listing(ns, "nat")}
 
 
 @dataclass
@@ -123,8 +127,9 @@ class Observation:
     response_status: int
     response_body: str
     events: dict[str, list[TraceEvent]]  # pod -> TRACE events
-    counters_before: dict[str, tuple[int, str]]  # nat rule -> (packets, rule line)
-    counters_after: dict[str, tuple[int, str]]
+    counters_before: dict[str, int]  # nat rule "CHAIN#N" -> packets
+    counters_after: dict[str, int]
+    rule_lines: dict[str, str]  # nat rule "CHAIN#N" -> its line, as applied
     access_log: list[dict]
 
 
@@ -132,8 +137,8 @@ def observe(lab: Lab, witnesses: Witnesses, scenario: Scenario) -> Observation:
     sidecar = lab.pod("sidecar").ns
     src = scenario.source
     processes.check_alive(lab)
-    with witnesses.tracing(scenario.traced_ports):
-        before = _counters(sidecar)
+    with witnesses.tracing(scenario):
+        before = xtables.packet_counts(sidecar, "nat")
         fire = workloads.request if scenario.protocol == "http" else workloads.stream
         try:
             response = fire(lab.pod(src.pod).ns, scenario.address, scenario.port, uid=src.uid, gid=src.gid)
@@ -141,9 +146,10 @@ def observe(lab: Lab, witnesses: Witnesses, scenario: Scenario) -> Observation:
             processes.check_alive(lab)  # a dead proxy is the better answer than "refused"
             raise
         events = witnesses.events()
-        after = _counters(sidecar)
+        after = xtables.packet_counts(sidecar, "nat")
     processes.check_alive(lab)
-    return Observation(response.local, response.status, response.body, events, before, after, processes.access_log(lab))
+    return Observation(response.local, response.status, response.body, events, before, after,
+                       witnesses.rule_lines, processes.access_log(lab))
 
 
 def judge(scenario: Scenario, seen: Observation) -> Result:
@@ -152,8 +158,8 @@ def judge(scenario: Scenario, seen: Observation) -> Result:
     result.response = {"status": seen.response_status, "local": seen.response_local, "body": seen.response_body}
     result.events = [e for events in seen.events.values() for e in events]
     before, after = seen.counters_before, seen.counters_after
-    result.rule_lines = {ref: line for ref, (_, line) in after.items()}
-    result.counter_deltas = {ref: n - before[ref][0] for ref, (n, _) in after.items() if n != before[ref][0]}
+    result.rule_lines = seen.rule_lines
+    result.counter_deltas = {ref: n - before.get(ref, 0) for ref, n in after.items() if n != before.get(ref, 0)}
     sidecar_events = seen.events["sidecar"]
     for e in sidecar_events:
         if e.table == "nat" and e.kind == "rule":

@@ -51,6 +51,19 @@ class Scenario:
     file: str
 
     @property
+    def endpoint_pod(self) -> str:
+        """The pod the traffic should end in: a VIP's endpoint, a pod IP's pod, or the source for loopback."""
+        for s in plan.SERVICES:
+            if (s.vip, s.port) == (self.address, self.port):
+                return s.pod
+        return next((pod for pod, ip in plan.PODS.items() if ip == self.address), self.source.pod)
+
+    @property
+    def traced_pods(self) -> tuple[str, ...]:
+        """The pod whose rules decide the path, and the one that shows where it ends."""
+        return tuple(dict.fromkeys(("sidecar", self.endpoint_pod)))
+
+    @property
     def traced_ports(self) -> tuple[int, ...]:
         """The ports whose packets the scenario traces: its own and the proxies'."""
         ports = {self.port, plan.Port.OUTBOUND, plan.Port.INBOUND}
@@ -191,7 +204,7 @@ def load_file(file: str) -> Scenario:
 
     try:
         with open(file) as f:
-            data = yaml.safe_load(f)
+            data = yaml.load(f, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     except OSError as e:
         raise ScenarioError(f"{file}: cannot read: {e.strerror}") from None
     except yaml.YAMLError as e:

@@ -22,10 +22,8 @@ def to_json(seen: runner.Observation) -> dict:
 def from_json(data: dict) -> runner.Observation:
     from lab.trace import TraceEvent
 
-    events = {pod: [TraceEvent(**e) for e in evs] for pod, evs in data["events"].items()}
-    counters = {k: {ref: tuple(v) for ref, v in data[k].items()} for k in ("counters_before", "counters_after")}
-    return runner.Observation(data["response_local"], data["response_status"], data["response_body"],
-                              events, counters["counters_before"], counters["counters_after"], data["access_log"])
+    data = dict(data, events={pod: [TraceEvent(**e) for e in evs] for pod, evs in data["events"].items()})
+    return runner.Observation(**data)
 
 
 def main() -> None:

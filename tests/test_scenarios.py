@@ -80,7 +80,7 @@ def test_two_labs_tracing_at_once_see_only_their_own_events():
         commands.bring_up(b)
         wa, wb = runner.Witnesses(a), runner.Witnesses(b)
         try:
-            with wb.tracing(chosen[0].traced_ports):  # b traces the same ports, but sends nothing
+            with wb.tracing(chosen[0]):  # b traces the same pods and ports, but sends nothing
                 ra = runner.run_one(a, wa, chosen[0])
                 quiet = wb.events()
         finally:

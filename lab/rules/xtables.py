@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import os
 from dataclasses import dataclass
 from typing import Iterator
 
 from .. import netns
 from .save import BUILTIN_CHAINS, Dump, RuleLine, TableDump
+
+TABLES = ("raw", "mangle", "nat", "filter", "security")  # legacy xtables creates each on first use
 
 
 class RuleError(ValueError):
@@ -35,23 +38,41 @@ class NumberedRule:
         return f"{self.chain}#{self.num}"
 
 
+XTABLES_DIRS = ("/usr/lib/x86_64-linux-gnu/xtables", "/usr/lib/aarch64-linux-gnu/xtables",
+                "/usr/lib64/xtables", "/usr/lib/xtables", "/usr/libexec/xtables")
+
+
 def _iptc():
-    import iptc  # loads libxtables; deferred so `--help` and preflight stay fast
+    """python-iptables, imported on first use (it loads libxtables and its extensions).
+
+    Without XTABLES_LIBDIR it runs `ldconfig -N -v` to find the extensions' directory,
+    a tenth of a second on every run; we point it there when we can.
+    """
+    if "XTABLES_LIBDIR" not in os.environ:
+        found = next((d for d in XTABLES_DIRS if os.path.isdir(d)), None)
+        if found:
+            os.environ["XTABLES_LIBDIR"] = found
+    import iptc
 
     return iptc
 
 
 @contextlib.contextmanager
 def _table(ns: str | None, name: str) -> Iterator[object]:
-    """A table handle of `ns` (None: the namespace this thread is in)."""
+    """A table handle of `ns` (None: the namespace this thread is in).
+
+    python-iptables caches one Table object per name and, when building a rule,
+    asks every cached table whether the target is a chain; so every table is
+    refreshed here, in this namespace, and none ever autocommits.
+    """
     iptc = _iptc()
     with netns.entered(ns) if ns else contextlib.nullcontext():
-        table = iptc.Table(name, autocommit=False)
-        table.refresh()  # a handle of this namespace, not one cached from another
-        try:
-            yield table
-        finally:
-            table.close()
+        for other in TABLES:
+            table = iptc.Table(other, autocommit=False)
+            table.refresh()
+        table = iptc.Table(name)
+        iptc.Table.existing_table_names.update(dict.fromkeys(TABLES, True))
+        yield table
 
 
 def apply(ns: str | None, dump: Dump) -> None:
@@ -63,6 +84,12 @@ def apply(ns: str | None, dump: Dump) -> None:
                 table.commit()
             except Exception as e:
                 raise RuleError(f"{table_dump.name}: the kernel refused the table: {e}") from None
+
+
+def touch(ns: str) -> None:
+    """Make every table exist in `ns`: only a table that exists reports TRACE events."""
+    with _table(ns, "raw"):
+        pass
 
 
 def _replace(table, dump: TableDump) -> None:
@@ -196,16 +223,34 @@ def zero(ns: str, table_name: str) -> None:
         table.commit()
 
 
-def insert(ns: str, table_name: str, chain: str, args: tuple[str, ...]) -> None:
-    """Put one rule at the head of a chain (where a TRACE rule must be)."""
+def insert(ns: str, table_name: str, rules: list[tuple[str, tuple[str, ...]]]) -> None:
+    """Put rules at the head of their chains (where a TRACE rule must be), in one commit."""
     iptc = _iptc()
     with _table(ns, table_name) as table:
-        iptc.Chain(table, chain).insert_rule(to_iptc(RuleLine(chain, args)))
+        for chain, args in rules:
+            iptc.Chain(table, chain).insert_rule(to_iptc(RuleLine(chain, args)))
         table.commit()
 
 
-def delete(ns: str, table_name: str, chain: str, args: tuple[str, ...]) -> None:
+def delete(ns: str, table_name: str, rules: list[tuple[str, tuple[str, ...]]]) -> None:
     iptc = _iptc()
     with _table(ns, table_name) as table:
-        iptc.Chain(table, chain).delete_rule(to_iptc(RuleLine(chain, args)))
+        for chain, args in rules:
+            iptc.Chain(table, chain).delete_rule(to_iptc(RuleLine(chain, args)))
         table.commit()
+
+
+def packet_counts(ns: str, table_name: str) -> dict[str, int]:
+    """Each rule's packet counter, as `CHAIN#N`: what a scenario reads before and after.
+
+    Reads the entries' counters directly rather than decoding every rule (listing()),
+    which costs ten times as much.
+    """
+    out = {}
+    with _table(ns, table_name) as table:
+        for chain in table.chains:
+            entry, num = table.first_rule(chain.name), 1
+            while entry:
+                out[f"{chain.name}#{num}"] = entry.counters.pcnt
+                entry, num = table.next_rule(entry), num + 1
+    return out
