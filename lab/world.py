@@ -76,30 +76,28 @@ class Lab:
         self.record.save()  # before any namespace: a crash from here on is reapable
         self.up = True
         try:
-            self._build_fabric()
-            for pod in self.pods.values():
-                self._build_pod(pod)
+            netns.create(self.node)
+            with ipr(self.node) as node:
+                bridge = self._build_fabric(node)
+                for pod in self.pods.values():
+                    self._build_pod(node, bridge, pod)
         except BaseException:
             self.destroy()
             raise
         return self
 
-    def _build_fabric(self) -> None:
-        netns.create(self.node)
-        with ipr(self.node) as node:
-            node.link("set", index=LO_INDEX, state="up")
-            node.link("add", ifname=BRIDGE, kind="bridge")
-            br = node.link_lookup(ifname=BRIDGE)[0]
-            node.addr("add", index=br, address=plan.GATEWAY, prefixlen=plan.POD_PREFIX)
-            node.link("set", index=br, state="up")
+    def _build_fabric(self, node) -> int:
+        node.link("set", index=LO_INDEX, state="up")
+        node.link("add", ifname=BRIDGE, kind="bridge")
+        bridge = node.link_lookup(ifname=BRIDGE)[0]
+        node.addr("add", index=bridge, address=plan.GATEWAY, prefixlen=plan.POD_PREFIX)
+        node.link("set", index=bridge, state="up")
+        return bridge
 
-    def _build_pod(self, pod: Pod) -> None:
+    def _build_pod(self, node, bridge: int, pod: Pod) -> None:
         netns.create(pod.ns)
-        with ipr(self.node) as node:
-            node.link("add", ifname=pod.name, kind="veth",
-                      peer={"ifname": "eth0", "net_ns_fd": netns.path(pod.ns)})
-            idx = node.link_lookup(ifname=pod.name)[0]
-            node.link("set", index=idx, master=node.link_lookup(ifname=BRIDGE)[0], state="up")
+        node.link("add", ifname=pod.name, kind="veth", master=bridge, state="up",
+                  peer={"ifname": "eth0", "net_ns_fd": netns.path(pod.ns)})
         with ipr(pod.ns) as inside:
             inside.link("set", index=LO_INDEX, state="up")
             eth0 = inside.link_lookup(ifname="eth0")[0]
