@@ -21,7 +21,7 @@ class PreflightError(RuntimeError):
         self.problems = problems
 
 
-ROOT_MESSAGE = "istio-lab needs root for network namespaces and iptables: run it with sudo"
+ROOT_MESSAGE = "needs root for network namespaces and iptables: run it with sudo"
 
 # (what, table, rule using it, remedy)
 _FEATURES = (
