@@ -32,6 +32,7 @@ class Hop:
     numbered: bool = True  # print the rule number (False for one-rule chains)
     packet: str = ""  # the packet the hop was seen on
     line: str = ""  # the matched rule, in iptables-save form
+    owner: str = ""  # the sending socket's uid/gid, as the kernel reported it (OUTPUT only)
 
     def __str__(self) -> str:
         if self.kind == "chain" and self.rule is not None and self.numbered:
@@ -89,7 +90,9 @@ def leg_hops(events: Sequence, leg: Leg, rule_counts: dict[str, int], rule_lines
         return []
     nat = [e for e in syn if e.table == "nat"]
     entry = next((e.chain for e in syn if e.chain in ("OUTPUT", "PREROUTING")), syn[0].chain)
-    hops = [Hop("hook", entry, packet=_packet(syn[0]))]
+    first = syn[0]
+    owner = f"uid {first.uid} gid {first.gid}" if entry == "OUTPUT" and first.uid is not None else ""
+    hops = [Hop("hook", entry, packet=_packet(first), owner=owner)]
     for e in nat:
         if e.chain in BUILTIN_CHAINS["nat"] or e.kind != "rule":
             continue

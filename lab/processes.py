@@ -277,6 +277,21 @@ def istiod_log(lab: Lab) -> list[dict]:
     return read_jsonl(os.path.join(lab.run_dir, ISTIOD_LOG))
 
 
+def redial_istiod(lab: Lab, timeout: float = 2.0) -> str:
+    """Make istiod drop every xDS stream (SIGUSR1) and return the address pilot-agent's
+    re-dial comes from: the agent's own traffic, not a stand-in for it."""
+    seen = len(istiod_log(lab))
+    os.kill(lab.record.pids["istiod"], signal.SIGUSR1)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        _check(lab, "pilot-agent")
+        connects = [e for e in istiod_log(lab)[seen:] if e["event"] == "connect"]
+        if connects:
+            return connects[0]["peer"]
+        time.sleep(0.002)
+    raise LabError(f"pilot-agent did not re-dial istiod within {timeout}s (log: {log_path(lab, 'pilot-agent')})")
+
+
 def scrapes(lab: Lab) -> list[dict]:
     return read_jsonl(os.path.join(lab.run_dir, SCRAPE_LOG))
 

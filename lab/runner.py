@@ -133,15 +133,23 @@ class Observation:
     access_log: list[dict]
 
 
+def _fire(lab: Lab, scenario: Scenario) -> workloads.Response:
+    if scenario.trigger == "pilot-agent-redial":
+        agent = processes.redial_istiod(lab)
+        return workloads.Response(0, "", agent, f"{scenario.address}:{scenario.port}")
+    fire = workloads.request if scenario.protocol == "http" else workloads.stream
+    src = scenario.source
+    return fire(lab.pod(src.pod).ns, scenario.address, scenario.port, uid=src.uid, gid=src.gid)
+
+
 def observe(lab: Lab, witnesses: Witnesses, scenario: Scenario) -> Observation:
     sidecar = lab.pod("sidecar").ns
     src = scenario.source
     processes.check_alive(lab)
     with witnesses.tracing(scenario):
         before = xtables.packet_counts(sidecar, "nat")
-        fire = workloads.request if scenario.protocol == "http" else workloads.stream
         try:
-            response = fire(lab.pod(src.pod).ns, scenario.address, scenario.port, uid=src.uid, gid=src.gid)
+            response = _fire(lab, scenario)
         except workloads.RequestError:
             processes.check_alive(lab)  # a dead proxy is the better answer than "refused"
             raise

@@ -16,6 +16,7 @@ from .errors import LabError
 
 SCENARIO_DIR = Path(__file__).resolve().parent.parent / "scenarios"
 PROTOCOLS = ("http", "tcp")
+TRIGGERS = ("client", "pilot-agent-redial")
 _LAB_NETWORKS = [ipaddress.ip_network(n) for n in (plan.POD_SUBNET, plan.SERVICE_RANGE, "127.0.0.0/8")]
 
 
@@ -45,6 +46,7 @@ class Scenario:
     address: str  # the destination as dialed
     port: int
     protocol: str  # "http": one GET; "tcp": a stream opened and half-closed (istiod's xDS)
+    trigger: str  # "client": the lab dials as from.uid/gid; "pilot-agent-redial": the real agent re-dials istiod
     destination: str  # label of where the traffic should end
     expected_path: str
     explanation: str
@@ -156,7 +158,10 @@ def parse(data, file: str) -> Scenario:
     article = top.sub("article")
     article.unknown({"path", "claim", "proxies"})
     traffic = top.sub("traffic")
-    traffic.unknown({"from", "to"})
+    traffic.unknown({"from", "to", "trigger"})
+    trigger = traffic.get("trigger", str, required=False, default="client")
+    if trigger not in TRIGGERS:
+        raise traffic.fail("trigger", f"{trigger!r} is not one of {', '.join(TRIGGERS)}")
     src, to = traffic.sub("from"), traffic.sub("to")
     src.unknown({"pod", "process", "uid", "gid", "label"})
     to.unknown({"pod", "service", "address", "port", "protocol", "label"})
@@ -181,11 +186,14 @@ def parse(data, file: str) -> Scenario:
         address=_destination(to),
         port=_port(to, "port"),
         protocol=protocol,
+        trigger=trigger,
         destination=to.get("label", str),
         expected_path=expected.get("path", str),
         explanation=top.get("explanation", str),
         file=file,
     )
+    if trigger == "pilot-agent-redial" and (scenario.address, scenario.port) != (plan.PODS["istiod"], plan.Port.ISTIOD):
+        raise traffic.fail("trigger", f"pilot-agent re-dials istiod only ({plan.PODS['istiod']}:{plan.Port.ISTIOD})")
     if not scenario.article_path and scenario.article_proxies is None:
         raise article.fail("path", "missing (or give article.proxies when the article has no path in words)")
     from . import path as pathlib  # the notation must read back

@@ -42,6 +42,8 @@ def _write(tmp_path, text, name="s.yaml"):
     (('expected: {path: "Local Pod -> OUTPUT -> Remote Pod"}', 'expected: {path: "A -> ?? -> B"}'),
      "expected.path", "cannot read hop"),
     (("label: Remote Pod}", "label: Remote Pod, protocol: udp}"), "traffic.to.protocol", "not one of"),
+    (("traffic:\n", "traffic:\n  trigger: magic\n"), "traffic.trigger", "not one of"),
+    (("traffic:\n", "traffic:\n  trigger: pilot-agent-redial\n"), "traffic.trigger", "re-dials istiod only"),
 ])
 def test_bad_field_is_named(tmp_path, change, field, problem):
     _write(tmp_path, GOOD.replace(*change))

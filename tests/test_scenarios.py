@@ -64,6 +64,14 @@ def test_nat_judges_only_the_syn(results):
     assert not [e for e in sidecar if e.table == "nat" and e.tcp_flags != "S"]
 
 
+def test_the_kernel_names_the_sender_of_each_leg(results):
+    """TRACE reports the socket's uid/gid on locally sent SYNs: who really sent each leg."""
+    owners = [h.owner for h in results["type2-local-to-remote"].measured.hops if h.owner]
+    assert owners == ["uid 1000 gid 1000", "uid 1337 gid 1337"]  # the app, then Envoy
+    agent = [h.owner for h in results["type6-sidecar-to-istiod"].measured.hops if h.owner]
+    assert agent == ["uid 1337 gid 1337"]  # the real pilot-agent's re-dial
+
+
 def test_the_app_sees_envoys_inbound_passthrough_source(results):
     import json
 
