@@ -33,6 +33,7 @@ class RuleLine:
 
     chain: str
     args: tuple[str, ...]
+    lineno: int = field(default=0, compare=False)  # where the dump had it (0: built, not read)
 
     @property
     def spec(self) -> str:
@@ -60,13 +61,25 @@ class TableDump:
 @dataclass
 class Dump:
     tables: dict[str, TableDump] = field(default_factory=dict)
+    family: int = 4  # 4: what iptables-save prints, 6: ip6tables-save
 
     def lines(self) -> list[str]:
         return [line for t in self.tables.values() for line in t.lines()]
 
+    def text(self, header: tuple[str, ...] = ()) -> str:
+        """The dump as iptables-save prints it (counters zero), after `header` comment lines."""
+        out = [f"# {line}" for line in header]
+        for t in self.tables.values():
+            out.append(f"*{t.name}")
+            out += [f":{name} {t.policies.get(name, 'ACCEPT')} [0:0]" for name in BUILTIN_CHAINS[t.name]]
+            out += [f":{name} - [0:0]" for name in t.chains]
+            out += t.lines()
+            out.append("COMMIT")
+        return "\n".join(out) + "\n"
 
-def parse(text: str, source: str = "<rules>") -> Dump:
-    dump = Dump()
+
+def parse(text: str, source: str = "<rules>", family: int = 4) -> Dump:
+    dump = Dump(family=family)
     table: TableDump | None = None
     for lineno, line in enumerate(text.splitlines(), 1):
         stripped = line.strip()
@@ -99,7 +112,7 @@ def parse(text: str, source: str = "<rules>") -> Dump:
             chain = tokens[1]
             if chain not in BUILTIN_CHAINS[table.name] and chain not in table.chains:
                 raise fail(f"chain {chain} is not declared in table {table.name}")
-            table.rules.append(RuleLine(chain, tuple(tokens[2:])))
+            table.rules.append(RuleLine(chain, tuple(tokens[2:]), lineno))
         else:
             raise fail("expected *table, :CHAIN, -A CHAIN or COMMIT")
     if table is not None:

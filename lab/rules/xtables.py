@@ -4,6 +4,11 @@ python-iptables drives legacy xtables (libiptc): a table handle is a snapshot
 taken from the namespace the calling thread is in, so every function here
 enters the pod first and takes a fresh handle.  A table is written with one
 commit, as iptables-restore would.
+
+IPv6 tables go through ip6tables-legacy-restore instead: libxtables registers an
+extension for one family only, the one in use when its library is first loaded, so
+a process that has used REDIRECT for IPv4 cannot build it for IPv6 (and loading it
+again for the other family makes libxtables exit on a duplicate).
 """
 
 from __future__ import annotations
@@ -11,13 +16,15 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import os
+import subprocess
 from dataclasses import dataclass
 from typing import Iterator
 
-from .. import netns
+from .. import interrupts, netns
 from .save import BUILTIN_CHAINS, Dump, RuleLine, TableDump
 
 TABLES = ("raw", "mangle", "nat", "filter", "security")  # legacy xtables creates each on first use
+RESTORE_DEADLINE = 60  # seconds: every wait of the harness has one
 
 
 class RuleError(ValueError):
@@ -63,10 +70,12 @@ def _table(ns: str | None, name: str) -> Iterator[object]:
 
     python-iptables caches one Table object per name and, when building a rule,
     asks every cached table whether the target is a chain; so every table is
-    refreshed here, in this namespace, and none ever autocommits.
+    refreshed here, in this namespace, and none ever autocommits.  The stop
+    signals are held meanwhile: python-iptables frees a handle and then forgets
+    it, and an interrupt in between had it freed twice (SIGBUS in iptc_free).
     """
     iptc = _iptc()
-    with netns.entered(ns) if ns else contextlib.nullcontext():
+    with interrupts.held(), netns.entered(ns) if ns else contextlib.nullcontext():
         for other in TABLES:
             table = iptc.Table(other, autocommit=False)
             table.refresh()
@@ -77,6 +86,8 @@ def _table(ns: str | None, name: str) -> Iterator[object]:
 
 def apply(ns: str | None, dump: Dump) -> None:
     """Replace each table of the dump in `ns` with the dump's content."""
+    if dump.family == 6:
+        return _restore6(ns, dump)
     for table_dump in dump.tables.values():
         with _table(ns, table_dump.name) as table:
             _replace(table, table_dump)
@@ -84,6 +95,20 @@ def apply(ns: str | None, dump: Dump) -> None:
                 table.commit()
             except Exception as e:
                 raise RuleError(f"{table_dump.name}: the kernel refused the table: {e}") from None
+
+
+def _restore6(ns: str | None, dump: Dump) -> None:
+    """ip6tables-legacy-restore, run in `ns`: it replaces exactly the tables the dump holds."""
+    try:
+        with netns.entered(ns) if ns else contextlib.nullcontext():
+            done = subprocess.run(["ip6tables-legacy-restore"], input=dump.text(), capture_output=True, text=True,
+                                  timeout=RESTORE_DEADLINE)
+    except OSError as e:
+        raise RuleError(f"ip6tables-legacy-restore: cannot run it: {e.strerror}") from None
+    except subprocess.TimeoutExpired:
+        raise RuleError(f"ip6tables-legacy-restore: no answer in {RESTORE_DEADLINE}s") from None
+    if done.returncode:
+        raise RuleError(f"ip6tables: the kernel refused the rules: {' '.join(done.stderr.split())}")
 
 
 def touch(ns: str) -> None:
@@ -107,7 +132,8 @@ def _replace(table, dump: TableDump) -> None:
         try:
             rule = to_iptc(rule_line)
         except Exception as e:
-            raise RuleError(f"{dump.name}: {rule_line}: {e}") from None
+            where = f"line {rule_line.lineno}: " if rule_line.lineno else ""
+            raise RuleError(f"{where}{dump.name}: {rule_line}: {e}") from None
         iptc.Chain(table, rule_line.chain).append_rule(rule)
 
 
