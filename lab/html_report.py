@@ -1,0 +1,404 @@
+"""The report as pictures: one HTML page, a Graphviz diagram per scenario.
+
+People read packet paths from pictures, as the article draws them.  Each
+scenario gets the measured path drawn by `dot` (pods and processes as boxes,
+the nat hooks and chains crossed, every matched rule with its number and text,
+numbered arrows labelled with the packet they were seen on) beside the
+article's path with the hops where the two part ways marked.  The SVG is
+inlined and the style sheet embedded, so the page needs nothing but itself.
+
+graphviz is imported only here, and this module only for `run --report`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import html
+import os
+from pathlib import Path
+
+from . import markdown_report, plan
+from . import path as paths
+from .errors import LabError
+from .runner import Result
+
+FONT = "DejaVu Sans"
+MONO = "DejaVu Sans Mono"
+SIDECAR = "sidecar"
+PROXY = "Envoy"
+NETFILTER = "netfilter"
+# Who listens on each port the scenarios dial (the lab's processes, see processes.py).
+LISTENERS = {
+    plan.Port.SIDECAR_APP: "app", plan.Port.REMOTE_APP: "app", plan.Port.ISTIOD: "istiod",
+    plan.Port.ADMIN: PROXY, plan.Port.STATS: PROXY, plan.Port.READY: PROXY, plan.Port.AGENT: "pilot-agent",
+}
+COLOURS = {  # fill by kind of hop; a differing hop gets MARK's outline
+    "endpoint": "#ffffff", "hook": "#dbe9f6", "chain": "#fdf3d0", "proxy": "#dff3e3",
+}
+MARK = "#c62828"
+
+
+def prepare(directory: str) -> Path:
+    """Check what the report needs before any lab is built: dot, and a directory to write."""
+    try:
+        import graphviz
+    except ImportError:
+        raise LabError("--report needs the graphviz Python package (sudo scripts/setup installs it)") from None
+    try:
+        graphviz.version()
+    except graphviz.ExecutableNotFound:
+        raise LabError("--report needs Graphviz's dot (Debian package graphviz; "
+                       "sudo scripts/setup installs it)") from None
+    out = Path(directory)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise LabError(f"--report {directory}: cannot make the directory: {e.strerror}") from None
+    if not os.access(out, os.W_OK):
+        raise LabError(f"--report {directory}: cannot write there")
+    return out
+
+
+def write(directory: Path, results: list[Result], **meta) -> list[Path]:
+    """DIR/index.html and DIR/summary.md; returns their paths."""
+    index, summary = directory / "index.html", directory / "summary.md"
+    index.write_text(page(results, **meta), encoding="utf-8")
+    summary.write_text(markdown_report.render(results, **meta), encoding="utf-8")
+    return [index, summary]
+
+
+# --- the diagrams ------------------------------------------------------------------
+
+
+def _graph(name: str):
+    import graphviz
+
+    return graphviz.Digraph(
+        name=name,
+        graph_attr={"id": name, "rankdir": "TB", "fontname": FONT, "fontsize": "11", "nodesep": "0.25",
+                    "ranksep": "0.3", "bgcolor": "transparent", "labeljust": "l", "newrank": "true"},
+        node_attr={"fontname": FONT, "fontsize": "11", "shape": "box", "style": "rounded,filled",
+                   "fillcolor": COLOURS["endpoint"], "color": "#555555", "margin": "0.12,0.06"},
+        edge_attr={"fontname": MONO, "fontsize": "9", "color": "#333333", "arrowsize": "0.7"},
+    )
+
+
+def _esc(text: str) -> str:
+    return html.escape(text, quote=False)
+
+
+def _label(title: str, *lines: str, mono: str = "") -> str:
+    """An HTML-like Graphviz label: a bold title, plain lines, a rule in monospace.
+
+    One table row per line: rows get the height of their own font, where
+    <BR/>-separated lines of mixed fonts overlap in dot 2.43.
+    """
+    cells = [f"<B>{_esc(title)}</B>"] + [_esc(line) for line in lines if line]
+    if mono:
+        cells.append(f'<FONT FACE="{MONO}" POINT-SIZE="9">{_esc(mono)}</FONT>')
+    rows = "".join(f"<TR><TD>{cell}</TD></TR>" for cell in cells)
+    return f'<<TABLE BORDER="0" CELLBORDER="0" CELLSPACING="0" CELLPADDING="1">{rows}</TABLE>>'
+
+
+def _rule_text(line: str) -> str:
+    """`-A CHAIN spec` -> `spec`: the node already names the chain."""
+    words = line.split(" ", 2)
+    return words[2] if len(words) == 3 and words[0] == "-A" else line
+
+
+def _packet_source(packet: str) -> tuple[str, int] | None:
+    """("10.244.0.10", 34976) from "SYN 10.244.0.10:34976 > 10.96.0.90:9080"."""
+    words = packet.split()
+    return paths.endpoint(words[1]) if len(words) == 4 and words[0] == "SYN" else None
+
+
+def _hook_rule(r: Result, hop: paths.Hop) -> str:
+    """The rule of the built-in nat chain that the hop's SYN matched (the jump into ISTIO_*), if any."""
+    source = _packet_source(hop.packet)
+    for e in r.events:
+        if (e.pod == SIDECAR and e.table == "nat" and e.chain == hop.name and e.kind == "rule"
+                and e.tcp_flags == "S" and (e.src, e.sport) == source):
+            ref = f"{e.chain}#{e.rulenum}"
+            return f"rule {e.rulenum}: {_rule_text(r.rule_lines.get(ref, ''))}".rstrip(": ")
+    return ""
+
+
+def _destination(r: Result) -> tuple[str, str]:
+    """(pod, "ip:port") where the traffic ended, from the witness that saw its SYN reach INPUT."""
+    if r.endpoint:
+        pod, addr = r.endpoint.split(" ", 1)
+        return pod, addr
+    return "", r.legs[-1].server if r.legs else f"{r.scenario.address}:{r.scenario.port}"
+
+
+def _place(r: Result, i: int, hop: paths.Hop) -> tuple[str, str]:
+    """(pod, box inside the pod) a hop belongs in; "" when not known."""
+    last = len(r.measured.hops) - 1
+    if i == 0:
+        return r.scenario.source.pod, r.scenario.source.process
+    if i == last and hop.kind == "endpoint":
+        pod, addr = _destination(r)
+        return pod, LISTENERS.get(paths.endpoint(addr)[1], "") if pod else ""
+    if hop.kind == "proxy":
+        return SIDECAR, PROXY
+    return SIDECAR, NETFILTER  # the path's hooks and chains are the sidecar's nat table
+
+
+def _node(r: Result, i: int, hop: paths.Hop) -> str:
+    if hop.kind == "chain":
+        return _label(f"{hop.name}  rule {hop.rule}", mono=_rule_text(hop.line))
+    if hop.kind == "hook":
+        owner = f"sent by a socket of {hop.owner}" if hop.owner else ""
+        return _label(hop.name, "nat hook", owner, mono=_hook_rule(r, hop))
+    if hop.kind == "proxy":
+        return _label(f"listener {hop.name.split()[1]}", hop.name)
+    if i == 0:
+        return _label(hop.name, f"client {r.legs[0].client}" if r.legs else "")
+    return _label(hop.name, f"listening on {_destination(r)[1]}")
+
+
+def _box_label(pod: str, box: str, r: Result) -> str:
+    if box == NETFILTER:
+        return "netfilter: nat table"
+    src = r.scenario.source
+    if (pod, box) == (src.pod, src.process):
+        return f"{box} (uid {src.uid})"
+    if box == PROXY:
+        return f"{PROXY} (uid {plan.PROXY_UID})"
+    return box
+
+
+def _cluster(parent, name: str, **attrs):
+    """A box (Graphviz cluster) inside parent; parent itself when the place is not known."""
+    return parent.subgraph(name=name, graph_attr=attrs) if name else contextlib.nullcontext(parent)
+
+
+def _arrow(hops: list[paths.Hop], i: int) -> str:
+    """The packet the arrow into hop i was seen on: the hop's own SYN, else the one that reached it."""
+    packet = hops[i].packet if hops[i].packet.startswith("SYN") else hops[i - 1].packet
+    return f"{i}  {packet}" if packet else str(i)
+
+
+def measured_diagram(r: Result):
+    """The measured path: hops in pods and processes, arrows numbered in the order crossed."""
+    sid = r.scenario.id
+    g = _graph(sid)
+    hops = r.measured.hops
+    differing = _differing_measured(r)
+    boxes: dict[str, dict[str, list[int]]] = {}
+    for i, hop in enumerate(hops):
+        pod, box = _place(r, i, hop)
+        boxes.setdefault(pod, {}).setdefault(box, []).append(i)
+
+    def add_node(graph, i: int) -> None:
+        hop = hops[i]
+        extra = {"color": MARK, "penwidth": "2.5", "tooltip": "not on the article's path"} if i in differing else {}
+        graph.node(f"h{i}", _node(r, i, hop), id=f"{sid}-hop{i}", fillcolor=COLOURS[hop.kind],
+                   **{"class": f"hop {hop.kind}" + (" differs" if i in differing else "")}, **extra)
+
+    for pod, by_box in boxes.items():
+        with _cluster(g, pod and f"cluster_{pod}", label=f"pod {pod}  {plan.PODS.get(pod, '')}",
+                      style="rounded", color="#8a8a8a", fontsize="12", fontcolor="#333333") as pg:
+            for box, members in by_box.items():
+                with _cluster(pg, box and f"cluster_{pod}_{box}", label=_box_label(pod, box, r),
+                              style="rounded,filled", fillcolor="#f4f4f4" if box == NETFILTER else "#fbfbfb",
+                              color="#b0b0b0") as bg:
+                    for i in members:
+                        add_node(bg, i)
+    for i in range(1, len(hops)):
+        g.edge(f"h{i - 1}", f"h{i}", label=_arrow(hops, i), id=f"{sid}-arrow{i}")
+    return g
+
+
+def _alignment(r: Result) -> list[tuple[paths.Hop | None, paths.Hop | None]]:
+    if r.failure or not r.scenario.article_path:
+        return []
+    return paths.align(paths.parse(r.scenario.article_path).hops, r.measured.hops)
+
+
+def _differing_measured(r: Result) -> set[int]:
+    """Indices of measured hops the article leaves out or names otherwise."""
+    out, j = set(), 0
+    for claim, kernel in _alignment(r):
+        if kernel is None:
+            continue
+        if claim is None or not paths._same(claim, kernel):
+            out.add(j)
+        j += 1
+    return out
+
+
+def article_diagram(r: Result):
+    """The article's path, its hops marked where the kernel does otherwise."""
+    sid = f"{r.scenario.id}-article"
+    g = _graph(sid)
+    names = []
+    for n, (claim, kernel) in enumerate(_alignment(r)):
+        name = f"a{n}"
+        if claim is None:  # the kernel passes a hop the article leaves out
+            g.node(name, _label(f"+ {kernel}", "the kernel passes this;", "the article leaves it out"),
+                   style="rounded,dashed", color=MARK, fontcolor=MARK, id=f"{sid}-added{n}",
+                   **{"class": "hop added"})
+        elif kernel is None:
+            g.node(name, _label(str(claim), "the kernel never passes this"), fillcolor="#fde0e0", color=MARK,
+                   penwidth="2.5", id=f"{sid}-hop{n}", **{"class": "hop differs"})
+        elif not paths._same(claim, kernel):
+            g.node(name, _label(str(claim), f"the kernel: {kernel}"), fillcolor="#fde0e0", color=MARK,
+                   penwidth="2.5", id=f"{sid}-hop{n}", **{"class": "hop differs"})
+        else:
+            g.node(name, _label(str(claim)), fillcolor=COLOURS[claim.kind], id=f"{sid}-hop{n}",
+                   **{"class": "hop"})
+        names.append(name)
+    for a, b in zip(names, names[1:]):
+        g.edge(a, b)
+    return g
+
+
+def svg(graph) -> str:
+    """dot's SVG without its XML prolog, to inline in HTML."""
+    text = graph.pipe(format="svg", encoding="utf-8")
+    return text[text.index("<svg"):].strip()
+
+
+# --- the page ----------------------------------------------------------------------
+
+STYLE = """
+body { font-family: "DejaVu Sans", Helvetica, Arial, sans-serif; margin: 0 auto; padding: 1.5em 2em;
+       max-width: 1500px; color: #222; background: #fff; line-height: 1.4; }
+h1 { font-size: 1.6em; margin: 0 0 .2em; }
+h2 { font-size: 1.3em; margin: 0; }
+h3 { font-size: 1em; margin: 1.2em 0 .4em; }
+.meta { color: #666; margin: 0 0 1.5em; }
+code, .path { font-family: "DejaVu Sans Mono", monospace; font-size: .85em; }
+table { border-collapse: collapse; margin: .4em 0; }
+th, td { border: 1px solid #ddd; padding: .3em .6em; text-align: left; vertical-align: top; }
+th { background: #f3f3f3; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+.pass { color: #1b5e20; font-weight: bold; }
+.fail { color: #b71c1c; font-weight: bold; }
+.differ { color: #b26a00; }
+section.scenario { border-top: 2px solid #ccc; margin-top: 2em; padding-top: 1em; }
+.title { color: #555; font-weight: normal; }
+.pictures { display: grid; grid-template-columns: minmax(0, 3fr) minmax(0, 1fr); gap: 2em;
+            align-items: start; margin-top: 1em; }
+@media (max-width: 900px) { .pictures { grid-template-columns: minmax(0, 1fr); } }
+figure { margin: 0; }
+figcaption { font-weight: bold; margin-bottom: .4em; }
+figure svg { max-width: 100%; height: auto; }
+.claim { max-width: 26em; font-style: italic; }
+.failure { color: #b71c1c; }
+.legend span { display: inline-block; padding: 0 .5em; margin-right: .6em; border: 1px solid #999;
+               border-radius: 4px; font-size: .85em; }
+.explanation { max-width: 60em; }
+"""
+
+
+def _verdict(r: Result) -> str:
+    return '<span class="pass">pass</span>' if r.verdict == "pass" else '<span class="fail">FAIL</span>'
+
+
+def _agreement(r: Result) -> str:
+    if r.failure:
+        return "-"
+    return "agrees" if r.matches_article else '<span class="differ">differs</span>'
+
+
+def _summary(results: list[Result]) -> str:
+    rows = []
+    for r in results:
+        s = r.scenario
+        rows.append(
+            f'<tr><td><a href="#{_esc(s.id)}">{_esc(s.id)}</a></td><td>{_esc(s.title)}</td>'
+            f'<td>{_verdict(r)}</td><td>{_agreement(r)}</td>'
+            f'<td class="path">{_esc(r.measured_path or r.failure or "")}</td></tr>')
+    return ("<table><thead><tr><th>scenario</th><th>traffic</th><th>verdict</th><th>article</th>"
+            "<th>path the kernel took</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table>")
+
+
+def _counters(r: Result) -> str:
+    refs = list(dict.fromkeys([*r.counter_deltas, *r.trace_rule_events]))
+    if not refs:
+        return "<p>No nat rule counter moved.</p>"
+    rows = "".join(
+        f"<tr><td><code>{_esc(ref)}</code></td><td class='num'>+{r.counter_deltas.get(ref, 0)}</td>"
+        f"<td class='num'>{r.trace_rule_events.get(ref, 0)}</td>"
+        f"<td><code>{_esc(r.rule_lines.get(ref, ''))}</code></td></tr>"
+        for ref in refs)
+    agree = ("The counters agree with TRACE, rule for rule." if r.counters_agree
+             else '<span class="fail">The counters and TRACE disagree.</span>')
+    return ("<table><thead><tr><th>nat rule</th><th>packets</th><th>TRACE events</th><th>rule</th></tr></thead>"
+            f"<tbody>{rows}</tbody></table><p>{agree}</p>")
+
+
+def _article_figure(r: Result) -> str:
+    s = r.scenario
+    if s.article_path and not r.failure:
+        body = svg(article_diagram(r))
+    else:
+        named = ", ".join(s.article_proxies or ()) or "no proxy"
+        body = (f'<p class="claim">The article draws this path only as a picture. '
+                f"Its words: &ldquo;{_esc(s.article_claim)}&rdquo;</p><p>Proxies it names: {_esc(named)}</p>")
+    return f'<figure class="article"><figcaption>The article&rsquo;s path</figcaption>{body}</figure>'
+
+
+def _differences(r: Result) -> str:
+    if r.failure:
+        return ""
+    if r.matches_article:
+        return "<p>The kernel agrees with the article.</p>"
+    items = "".join(f"<li>{_esc(d)}</li>" for d in r.article_differences)
+    return f"<h3>Where the article and the kernel part ways</h3><ul>{items}</ul>"
+
+
+def _section(r: Result) -> str:
+    s = r.scenario
+    parts = [f'<section class="scenario" id="{_esc(s.id)}">',
+             f'<h2>{_esc(s.id)} <span class="title">{_esc(s.title)}</span> {_verdict(r)}</h2>']
+    if r.failure:
+        parts.append(f'<p class="failure">Not measured: {_esc(r.failure)}</p>')
+    parts.append(f'<p>kernel: <span class="path">{_esc(r.measured_path or "-")}</span><br>'
+                 f'article: <span class="path">{_esc(s.article_path or "(a picture only)")}</span></p>')
+    parts.append('<div class="pictures">')
+    if r.measured.hops:
+        parts.append('<figure class="measured"><figcaption>Measured by the kernel</figcaption>'
+                     f"{svg(measured_diagram(r))}</figure>")
+    parts.append(_article_figure(r))
+    parts.append("</div>")
+    parts.append(_differences(r))
+    parts.append("<h3>Rule counters during the scenario</h3>" + _counters(r))
+    parts.append(f'<h3>Why</h3><p class="explanation">{_esc(" ".join(s.explanation.split()))}</p>')
+    parts.append("</section>")
+    return "\n".join(parts)
+
+
+LEGEND = ('<p class="legend">'
+          f'<span style="background:{COLOURS["hook"]}">netfilter hook</span>'
+          f'<span style="background:{COLOURS["chain"]}">matched rule</span>'
+          f'<span style="background:{COLOURS["proxy"]}">proxy listener</span>'
+          f'<span style="border:2px solid {MARK}">not as the article says</span>'
+          "Arrows are numbered in the order the traffic crossed them, each with the SYN it was seen on.</p>")
+
+
+def page(results: list[Result], **meta) -> str:
+    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    facts = [f"lab {meta['lab']}" if "lab" in meta else "", f"rules {meta['profile']}" if "profile" in meta else "",
+             f"kernel {os.uname().release}", when]
+    passed = sum(r.verdict == "pass" for r in results)
+    agree = sum(r.matches_article for r in results)
+    return "\n".join([
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        "<title>istio-lab: which iptables rule each kind of traffic takes</title>",
+        f"<style>{STYLE}</style></head><body>",
+        "<h1>Which iptables rule each kind of traffic takes</h1>",
+        f'<p class="meta">{_esc(" · ".join(f for f in facts if f))}. {passed} of {len(results)} scenarios pass; '
+        f"the kernel agrees with the article on {agree}.</p>",
+        _summary(results),
+        LEGEND,
+        *(_section(r) for r in results),
+        "</body></html>",
+        "",
+    ])
+
