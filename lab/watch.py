@@ -1,0 +1,159 @@
+"""`istio-lab trace`: watch a lab's TRACE events by hand, as the runner's witnesses see them.
+
+TRACE events reach userspace only through a reader bound inside each pod's
+namespace (lab.trace.TraceReader), so no shell tool shows them.  This binds the
+readers, puts a TRACE rule at the head of the chosen pods' raw PREROUTING and
+OUTPUT, prints each event as it arrives, and removes the rules on the way out
+(Ctrl-C, SIGTERM, --count or --seconds).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import signal
+import sys
+import time
+from typing import Callable, Iterator, TextIO
+
+from . import plan, record
+from .errors import LabError
+from .rules import xtables
+from .trace import TraceError, TraceEvent, TraceLost, TraceReader
+
+MAX_PORTS = 15  # the multiport match's limit
+HOOKS = ("PREROUTING", "OUTPUT")
+TABLES = ("raw", "mangle", "nat", "filter", "security")
+
+
+def trace_rule(ports: list[int]) -> tuple[str, ...]:
+    """TCP packets from or to any of `ports` (all TCP without ports)."""
+    if not ports:
+        return ("-p", "tcp", "-j", "TRACE")
+    return ("-p", "tcp", "-m", "multiport", "--ports", ",".join(map(str, ports)), "-j", "TRACE")
+
+
+def check(pods: list[str], ports: list[int], tables: list[str], count: int | None, seconds: float | None) -> None:
+    """Bad options fail before anything in the lab changes."""
+    for pod in pods:
+        if pod not in plan.PODS:
+            raise LabError(f"no pod {pod!r} in a lab (pods: {', '.join(plan.PODS)})")
+    for port in ports:
+        if not 1 <= port <= 65535:
+            raise LabError(f"port {port} is out of range 1-65535")
+    if len(ports) > MAX_PORTS:
+        raise LabError(f"at most {MAX_PORTS} ports (the multiport match's limit), not {len(ports)}")
+    for table in tables:
+        if table not in TABLES:
+            raise LabError(f"no table {table!r} (tables: {', '.join(TABLES)})")
+    if count is not None and count < 1:
+        raise LabError(f"--count must be at least 1, not {count}")
+    if seconds is not None and not seconds > 0:  # not `<= 0`: nan would pass and never end
+        raise LabError(f"--seconds must be positive, not {seconds:g}")
+
+
+class _RuleText:
+    """What a `rule` event's rule says, read once per pod and table (the rules stay put)."""
+
+    def __init__(self):
+        self.cache: dict[tuple[str, str], dict[tuple[str, int], str]] = {}
+
+    def load(self, ns: str, table: str) -> None:
+        self.cache[ns, table] = {(r.chain, r.num): r.line.split(" ", 2)[2] for r in xtables.listing(ns, table)}
+
+    def __call__(self, ns: str, e: TraceEvent) -> str:
+        if e.kind != "rule":
+            return ""
+        if (ns, e.table) not in self.cache:
+            self.load(ns, e.table)
+        return self.cache[ns, e.table].get((e.chain, e.rulenum), "")
+
+
+@contextlib.contextmanager
+def _signals_to_fd() -> Iterator[int]:
+    """SIGINT, SIGTERM and SIGHUP make the yielded descriptor readable instead of raising.
+
+    So a stop lands between events, never inside one: the watch prints what the
+    kernel had delivered, then removes its rules; a second Ctrl-C changes nothing.
+    """
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    old_fd = signal.set_wakeup_fd(w)
+    old = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield r
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        signal.set_wakeup_fd(old_fd)
+        os.close(r)
+        os.close(w)
+
+
+def watch(labid: str, pods: list[str], ports: list[int], tables: list[str], *, syn: bool = False,
+          count: int | None = None, seconds: float | None = None, out: TextIO = sys.stdout,
+          say: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True)) -> int:
+    """Print TRACE events of the lab's `pods` until stopped (options already check()ed);
+    returns how many were printed."""
+    namespaces = {pod: record.ns_name(labid, pod) for pod in dict.fromkeys(pods)}
+    rules = [(hook, trace_rule(ports)) for hook in HOOKS]
+    readers: dict[int, TraceReader] = {}  # by socket descriptor
+    placed: list[str] = []
+    printed = 0
+    rule_text = _RuleText()
+
+    def read(reader: TraceReader, settle: float = 0) -> None:
+        nonlocal printed
+        try:
+            events = reader.drain(settle=settle)
+        except TraceLost as lost:
+            say(f"istio-lab: {lost}")
+            return
+        for e in events:
+            if (syn and e.tcp_flags != "S") or (tables and e.table not in tables):
+                continue
+            if count is not None and printed >= count:
+                return
+            text = rule_text(reader.ns, e)
+            print(f"{e}   [{text}]" if text else str(e), file=out, flush=True)
+            printed += 1
+
+    with _signals_to_fd() as stopped:
+        try:
+            try:
+                for pod, ns in namespaces.items():
+                    xtables.touch(ns)  # a table that does not exist yet reports no event
+                    reader = TraceReader(ns, pod)
+                    readers[reader.sock.fileno()] = reader
+                    rule_text.load(ns, "nat")  # the rules events name most; read before traffic
+                for ns in namespaces.values():
+                    xtables.insert(ns, "raw", rules)
+                    placed.append(ns)
+            except (TraceError, OSError) as e:  # another reader on the pod, or the pod is gone
+                raise LabError(str(e)) from None
+            what = f"tcp port {','.join(map(str, ports))}" if ports else "all tcp"
+            until = f"{count} events" if count else f"{seconds:g} s" if seconds else "Ctrl-C"
+            say(f"istio-lab: tracing {what} in {', '.join(namespaces.values())}; stops after {until}")
+            poller = select.poll()
+            for fd in [*readers, stopped]:
+                poller.register(fd, select.POLLIN)
+            deadline = time.monotonic() + seconds if seconds else None
+            while count is None or printed < count:
+                wait = -1 if deadline is None else max(0.0, deadline - time.monotonic()) * 1000
+                ready = [fd for fd, _ in poller.poll(wait)]
+                if stopped in ready or (deadline is not None and time.monotonic() >= deadline):
+                    for reader in readers.values():  # what the kernel delivered up to the stop
+                        read(reader, settle=0.025)
+                    break
+                for fd in ready:
+                    read(readers[fd])
+        finally:
+            for ns in placed:
+                try:
+                    xtables.delete(ns, "raw", rules)
+                except OSError:  # the lab went down meanwhile: its rules went with it
+                    pass
+            for reader in readers.values():
+                reader.close()
+    return printed
