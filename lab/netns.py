@@ -19,6 +19,8 @@ from typing import Callable, Iterator
 
 from pyroute2 import netns as _netns
 
+from . import interrupts
+
 NETNS_DIR = "/run/netns"
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
@@ -68,12 +70,16 @@ def remove(name: str) -> None:
 
 @contextlib.contextmanager
 def _saved_netns() -> Iterator[None]:
-    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    try:
-        yield
-    finally:
-        _netns.setns(home)
-        os.close(home)
+    """Come back to this thread's namespace after the block.  The stop signals are held
+    meanwhile (every such block is short: a socket made, rules read, one command run): an
+    interrupt between a switch and its way back would leave the thread in a pod."""
+    with interrupts.held():
+        home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+        try:
+            yield
+        finally:
+            _netns.setns(home)
+            os.close(home)
 
 
 @contextlib.contextmanager
@@ -95,17 +101,21 @@ def fs_identity(uid: int, gid: int) -> Iterator[None]:
     xt_owner matches on the credentials a socket's file was opened with
     (f_cred->fsuid/fsgid), so a socket made here is, to `-m owner`, a socket of
     that user.  setfsuid/setfsgid are per thread and never fail loudly, so
-    each change is read back.
+    each change is read back.  The stop signals are held for the block (it
+    makes a socket): an interrupt between the switch and the way back once left
+    the harness as the app's user, and its teardown could not remove the
+    namespaces' names (EACCES).
     """
-    old_gid = _libc.setfsgid(gid)
-    old_uid = _libc.setfsuid(uid)
-    try:
-        if _libc.setfsuid(-1) != uid or _libc.setfsgid(-1) != gid:
-            raise PermissionError(f"cannot take fs identity {uid}:{gid}")
-        yield
-    finally:
-        _libc.setfsuid(old_uid)
-        _libc.setfsgid(old_gid)
+    with interrupts.held():
+        old_gid = _libc.setfsgid(gid)
+        old_uid = _libc.setfsuid(uid)
+        try:
+            if _libc.setfsuid(-1) != uid or _libc.setfsgid(-1) != gid:
+                raise PermissionError(f"cannot take fs identity {uid}:{gid}")
+            yield
+        finally:
+            _libc.setfsuid(old_uid)
+            _libc.setfsgid(old_gid)
 
 
 @contextlib.contextmanager
@@ -141,8 +151,13 @@ def spawn(
     """Fork a child that enters `ns`, drops to uid/gid and calls `run`.
 
     The child's stdout and stderr go to `log_path`; with `die_with_parent` the
-    kernel kills it when this process dies, even by SIGKILL.
+    kernel kills it when this process dies, even by SIGKILL.  Runs with the stop
+    signals held (interrupts.held()) only, and checks: an interrupt raised in an
+    at-fork hook would be lost, and one raised before the caller kept the pid would
+    leave the child unknown.
     """
+    if not interrupts.are_held():
+        raise RuntimeError("netns.spawn must run inside interrupts.held()")
     sys.stdout.flush()
     sys.stderr.flush()
     parent = os.getpid()
@@ -153,7 +168,7 @@ def spawn(
     try:
         os.setsid()
         _libc.prctl(_PR_SET_NAME, name.encode()[:15], 0, 0, 0)
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        for sig in interrupts.SIGNALS:
             signal.signal(sig, signal.SIG_DFL)
         log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         devnull = os.open(os.devnull, os.O_RDONLY)

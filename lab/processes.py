@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from . import netns, plan, workloads
+from . import interrupts, netns, plan, workloads
 from .sidecar import agent, envoy
 from .errors import LabError
 from .world import Lab
@@ -142,10 +142,11 @@ def _own(path: str, uid: int, gid: int) -> None:
 
 
 def _spawn(lab: Lab, specs: list[Spec]) -> None:
-    for s in specs:
-        lab.record.pids[s.name] = netns.spawn(lab.pods[s.pod].ns, s.run, name=s.name, uid=s.uid, gid=s.gid,
-                                              log_path=log_path(lab, s.name),
-                                              die_with_parent=not lab.record.detached)
+    with interrupts.held():  # a Ctrl-C lands after the pids are recorded, so start() can kill them
+        for s in specs:
+            lab.record.pids[s.name] = netns.spawn(lab.pods[s.pod].ns, s.run, name=s.name, uid=s.uid, gid=s.gid,
+                                                  log_path=log_path(lab, s.name),
+                                                  die_with_parent=not lab.record.detached)
     lab.record.save()
 
 
@@ -153,6 +154,7 @@ def _wait(lab: Lab, pending: dict[str, Callable[[], str | None]], deadline: floa
     """Poll each process's check (None when ready, else what is missing) until all pass."""
     pause = 0.001
     while True:
+        interrupts.check()
         missing = {}
         for name, check in pending.items():
             _check(lab, name)

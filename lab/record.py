@@ -2,11 +2,15 @@
 
 A record is written before the first namespace exists and removed after the
 last one is gone, so every `ilab-<labid>-*` namespace is covered by a record
-unless its owner is in the middle of tearing it down.
+unless its owner is in the middle of tearing it down.  Writing a record and reaping
+take turns (a lock file in the state dir): a reaper must never see the directory of
+a lab being born before its record is in it, and take the lab for an orphan.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import re
@@ -16,10 +20,12 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from . import netns
+from .errors import LabError
 
 STATE_DIR = os.environ.get("ISTIO_LAB_STATE_DIR", "/run/istio-iptables-lab")
 NS_PREFIX = "ilab-"
 LABID_RE = re.compile(r"^[a-z0-9]{1,12}$")
+LOCK = ".lock"
 
 
 def ns_name(labid: str, pod: str) -> str:
@@ -54,11 +60,12 @@ class Record:
         return os.path.join(STATE_DIR, self.labid)
 
     def save(self) -> None:
-        os.makedirs(self.dir, mode=0o755, exist_ok=True)
-        tmp = os.path.join(self.dir, "record.json.tmp")
-        with open(tmp, "w") as f:
-            json.dump(asdict(self), f)
-        os.replace(tmp, os.path.join(self.dir, "record.json"))
+        with _turn():
+            os.makedirs(self.dir, mode=0o755, exist_ok=True)
+            tmp = os.path.join(self.dir, "record.json.tmp")
+            with open(tmp, "w") as f:
+                json.dump(asdict(self), f)
+            os.replace(tmp, os.path.join(self.dir, "record.json"))
 
     def owner_alive(self) -> bool:
         return _start_time(self.owner_pid) == self.owner_start and self.owner_start is not None
@@ -75,6 +82,26 @@ class Record:
                 return cls(**json.load(f))
         except (OSError, ValueError, TypeError):
             return None
+
+
+@contextlib.contextmanager
+def _turn(deadline: float = 10.0):
+    """Hold the state dir's lock (released by the kernel if we die); give up after `deadline` s."""
+    os.makedirs(STATE_DIR, mode=0o755, exist_ok=True)
+    fd = os.open(os.path.join(STATE_DIR, LOCK), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        end = time.monotonic() + deadline
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > end:
+                    raise LabError(f"another istio-lab has held {STATE_DIR}/{LOCK} for {deadline:g}s") from None
+                time.sleep(0.005)
+        yield
+    finally:
+        os.close(fd)
 
 
 def known_labids() -> set[str]:
@@ -165,11 +192,12 @@ def _reap(pid: int, block: bool = False) -> bool:
 def reap_orphans() -> list[str]:
     """Destroy every lab whose owner is dead and that was not left up on purpose."""
     reaped = []
-    for labid in sorted(known_labids()):
-        record = Record.load(labid)
-        if record is not None and (record.detached or record.owner_alive()):
-            continue
-        destroy(labid)
-        reaped.append(labid)
+    with _turn():
+        for labid in sorted(known_labids()):
+            record = Record.load(labid)
+            if record is not None and (record.detached or record.owner_alive()):
+                continue
+            destroy(labid)
+            reaped.append(labid)
     return reaped
 

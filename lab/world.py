@@ -13,7 +13,7 @@ import string
 from dataclasses import dataclass
 from typing import Iterator
 
-from . import netns, plan, record
+from . import interrupts, netns, plan, record
 from .errors import LabError
 
 BRIDGE = "br0"
@@ -49,7 +49,7 @@ class Lab:
     """One isolated cluster on this kernel. Use as a context manager: it always tears down."""
 
     def __init__(self, labid: str | None = None, detached: bool = False):
-        self.labid = labid or new_labid()
+        self.labid = new_labid() if labid is None else labid  # "" is a bad id, not "any id"
         if not record.LABID_RE.match(self.labid):
             raise LabError(f"bad lab id {self.labid!r}: use 1-12 lowercase letters and digits")
         self.record = record.Record.new(self.labid, detached)
@@ -76,11 +76,15 @@ class Lab:
         self.record.save()  # before any namespace: a crash from here on is reapable
         self.up = True
         try:
-            netns.create(self.node)
-            with ipr(self.node) as node:
-                bridge = self._build_fabric(node)
-                for pod in self.pods.values():
-                    self._build_pod(node, bridge, pod)
+            # Signals held: pyroute2 runs each request on an asyncio loop, and a Ctrl-C inside
+            # one leaves the loop in pieces that complain as they are collected.  The few
+            # milliseconds of the build are not worth that; the interrupt lands after it.
+            with interrupts.held():
+                netns.create(self.node)
+                with ipr(self.node) as node:
+                    bridge = self._build_fabric(node)
+                    for pod in self.pods.values():
+                        self._build_pod(node, bridge, pod)
         except BaseException:
             self.destroy()
             raise

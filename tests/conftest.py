@@ -11,6 +11,9 @@
   pytest process itself sitting in another network namespace than it started
   in.  Only what appeared during the session counts; what was already there at
   the start is reported as a warning.
+* Under pytest-xdist (``-n 4``) the controller does both: it takes the snapshots
+  before the workers start and after they end, and counts the kernel tests from
+  the reports the workers send it.
 """
 
 from __future__ import annotations
@@ -173,6 +176,13 @@ def _reap_zombies() -> None:
             return
 
 
+_CONFIG: list[pytest.Config] = []  # the session's config, for hooks that are not given it
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    _CONFIG[:] = [config]
+
+
 def pytest_sessionstart(session: pytest.Session) -> None:
     state = _state(session.config)
     if is_root():
@@ -197,15 +207,16 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         pytest.fail(NEEDS_ROOT, pytrace=False)
 
 
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
-    report: pytest.TestReport = yield
-    if item.get_closest_marker("kernel") is None:
-        return report
-    state = _state(item.config)
-    state.kernel_ids.add(item.nodeid)
+# Reports, not items, are counted: under pytest-xdist the tests run in workers and
+# only their reports reach the controller, which prints the summary and judges the
+# session.  A marker's name is among a report's keywords.
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if "kernel" not in report.keywords:
+        return
+    state = _state(_CONFIG[0])
+    state.kernel_ids.add(report.nodeid)
     if report.when == "call":
-        state.kernel_ran.add(item.nodeid)
+        state.kernel_ran.add(report.nodeid)
     if report.skipped and not hasattr(report, "wasxfail"):
         reason = ""
         if isinstance(report.longrepr, tuple) and len(report.longrepr) == 3:
@@ -213,29 +224,27 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
         elif report.longrepr is not None:
             reason = str(report.longrepr)
         reason = reason.removeprefix("Skipped: ")
-        state.kernel_skipped.setdefault(item.nodeid, f"{reason} (at {report.when})")
-        state.kernel_ran.discard(item.nodeid)
-    return report
+        state.kernel_skipped.setdefault(report.nodeid, f"{reason} (at {report.when})")
+        state.kernel_ran.discard(report.nodeid)
 
 
-@pytest.hookimpl(wrapper=True)
-def pytest_make_collect_report(collector: pytest.Collector):
+def pytest_collectreport(report: pytest.CollectReport) -> None:
     """A module skipped while being collected (``pytest.skip(allow_module_level=True)``,
     ``pytest.importorskip``) never yields items, so its kernel tests would
     vanish without a trace; count it as a skipped kernel test if its source
     mentions the kernel marker."""
-    report = yield
-    if report.skipped and isinstance(collector, pytest.Module):
-        try:
-            mentions_kernel = "mark.kernel" in collector.path.read_text(errors="replace")
-        except OSError:
-            mentions_kernel = False
-        if mentions_kernel:
-            reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
-            _state(collector.config).kernel_skipped.setdefault(
-                report.nodeid, f"{str(reason).removeprefix('Skipped: ')} (whole module, at collection)"
-            )
-    return report
+    if not report.skipped or "::" in report.nodeid or not report.nodeid.endswith(".py"):
+        return
+    config = _CONFIG[0]
+    try:
+        mentions_kernel = "mark.kernel" in (config.rootpath / report.nodeid).read_text(errors="replace")
+    except OSError:
+        mentions_kernel = False
+    if mentions_kernel:
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        _state(config).kernel_skipped.setdefault(
+            report.nodeid, f"{str(reason).removeprefix('Skipped: ')} (whole module, at collection)"
+        )
 
 
 def _is_worker_or_collect_only(config: pytest.Config) -> bool:

@@ -173,7 +173,7 @@ def test_proxy_processes_are_1337_without_groups_or_capabilities(lab, name):
     status = proc_status(lab.record.pids[name])
     assert status["Uid"].split() == ["1337"] * 4 and status["Gid"].split() == ["1337"] * 4
     assert status["Groups"].strip() == ""
-    for caps in ("CapInh", "CapPrm", "CapEff", "CapAmb"):
+    for caps in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
         assert status[caps] == NO_CAPS, caps
 
 

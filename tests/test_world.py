@@ -15,6 +15,7 @@ from lab.rules import profiles, xtables
 from lab.world import Lab
 
 from . import hoststate
+from .sandbox import Sandbox
 
 pytestmark = pytest.mark.kernel
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -153,15 +154,26 @@ def test_sigint_and_sigterm_tear_down_at_once(sig):
 
 
 def test_a_sigkilled_owners_lab_is_reaped_by_the_next_command():
-    proc = _spawn_cli("up", "--hold")
-    labid = _wait_for_lab(proc.pid)
-    proc.kill()
-    proc.wait(timeout=10)
-    assert record.lab_namespaces(labid), "the namespaces outlive a SIGKILLed owner"
-    result = subprocess.run([sys.executable, "-m", "lab.cli", "run"], cwd=REPO, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    assert record.lab_namespaces(labid) == []
-    assert f"removed lab {labid} left behind" in result.stderr
+    """In a sandbox, so that no other test's command reaps the lab first."""
+    with Sandbox() as box:
+        proc = box.popen("up", "--hold", "--id", "killed")
+        _until(lambda: (box.record("killed") or {}).get("pids", {}).get("prometheus"))
+        proc.kill()
+        proc.wait(timeout=10)
+        assert box.namespaces(), "the namespaces outlive a SIGKILLed owner"
+        result = box.run("run", "type2-local-to-remote")
+        assert result.returncode == 0, result.stderr
+        assert "removed lab killed left behind" in result.stderr
+        assert box.leftovers() == {}
+
+
+def _until(condition, timeout: float = 10.0):
+    """Poll `condition` until it holds; the timeout only guards against a hang."""
+    end = time.monotonic() + timeout
+    while not (result := condition()):
+        assert time.monotonic() < end, "gave up waiting"
+        time.sleep(0.005)
+    return result
 
 
 def test_up_leaves_a_lab_and_down_removes_it():
@@ -183,11 +195,15 @@ def test_up_leaves_a_lab_and_down_removes_it():
 
 
 def test_down_all_removes_every_lab():
-    for _ in range(2):
-        subprocess.run([sys.executable, "-m", "lab.cli", "up"], cwd=REPO, check=True, capture_output=True)
-    result = subprocess.run([sys.executable, "-m", "lab.cli", "down", "--all"], cwd=REPO, capture_output=True, text=True)
-    assert result.returncode == 0
-    assert [n for n in netns.names() if n.startswith("ilab-")] == []
+    """In a sandbox: there `--all` means these two labs, not those of tests running alongside."""
+    with Sandbox() as box:
+        for _ in range(2):
+            assert box.run("up").returncode == 0
+        assert len(box.namespaces()) == 10
+        result = box.run("down", "--all")
+        assert result.returncode == 0
+        assert result.stdout.count("istio-lab: removed lab ") == 2
+        assert box.leftovers() == {}
 
 
 def test_down_of_an_unknown_lab_is_one_line_and_status_2():
