@@ -3,15 +3,24 @@
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
+
+from . import interrupts
 
 EXIT_FAIL = 1  # a measured path differs from its expectation
 EXIT_USAGE = 2  # bad input or an unusable machine
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments get one line, as every bad input does (argparse would print its usage first).
+    Subcommands' parsers are made with the parent's class, so they answer the same way."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="istio-lab",
         description="Reproduce Istio's sidecar traffic interception on this kernel and show, "
         "packet by packet, which iptables rule each kind of traffic takes.",
@@ -21,6 +30,16 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="build a lab, run scenarios, report the measured paths")
     run.add_argument("ids", nargs="*", metavar="ID", help="scenario ids (default: all)")
     run.add_argument("--json", action="store_true", help="print one JSON document instead of the report")
+    run.add_argument("--report", metavar="DIR", default=None,
+                     help="also write DIR/index.html (a diagram per scenario) and DIR/summary.md")
+    rule_set = run.add_mutually_exclusive_group()
+    rule_set.add_argument("--profile", metavar="NAME", help="the sidecar's rules: a preset (istio-lab profiles; "
+                          "default istio-1.13, the article's)")
+    rule_set.add_argument("--rules", metavar="FILE", help="the sidecar's rules: an iptables-save dump of a real pod")
+    for flag, what in (("--proxy-uid", "uid"), ("--proxy-gid", "gid"), ("--outbound-port", "outbound port"),
+                       ("--inbound-port", "inbound port")):
+        run.add_argument(flag, type=int, metavar="N", help=f"with --rules: the proxy's {what} in the dump "
+                         "(default: read from the dump)")
     lst = sub.add_parser("list", help="list the scenarios")
     explain = sub.add_parser("explain", help="print a scenario's explanation and the rules it names")
     explain.add_argument("id", metavar="ID")
@@ -30,6 +49,7 @@ def _parser() -> argparse.ArgumentParser:
 
     up = sub.add_parser("up", help="build a lab and leave it running, to explore by hand")
     up.add_argument("--id", dest="labid", help="lab id (default: random)")
+    up.add_argument("--profile", metavar="NAME", help="the sidecar's rules: a preset (default istio-1.13)")
     up.add_argument("--hold", action="store_true",
                     help="stay in the foreground and tear the lab down on Ctrl-C or SIGTERM")
     down = sub.add_parser("down", help="remove a lab left up (or every lab with --all)")
@@ -37,32 +57,34 @@ def _parser() -> argparse.ArgumentParser:
     down.add_argument("--all", action="store_true", help="remove every lab on this machine")
     rules = sub.add_parser("rules", help="print a lab's rules numbered, with counters")
     rules.add_argument("labid", nargs="?", metavar="LABID", help="(default: the only lab up)")
+    trace = sub.add_parser("trace", help="print a lab's TRACE events as they happen, until Ctrl-C")
+    trace.add_argument("labid", nargs="?", metavar="LABID", help="(default: the only lab up)")
+    trace.add_argument("--pod", action="append", dest="pods", metavar="POD",
+                       help="a pod to watch; repeat for more (default: sidecar)")
+    trace.add_argument("--port", action="append", dest="ports", type=int, default=[], metavar="PORT",
+                       help="only TCP packets from or to this port; repeat for more (default: all TCP)")
+    trace.add_argument("--table", action="append", dest="tables", default=[], metavar="TABLE",
+                       help="only events of this table, e.g. nat; repeat for more (default: all)")
+    trace.add_argument("--syn", action="store_true",
+                       help="only connection-opening SYNs: the packets the nat table judges")
+    stop = trace.add_mutually_exclusive_group()
+    stop.add_argument("--count", type=int, metavar="N", help="stop after N events")
+    stop.add_argument("--seconds", type=float, metavar="S", help="stop after S seconds")
     sub.add_parser("preflight", help="check that this machine can run the lab")
+    sub.add_parser("profiles", help="list the rule presets: Istio versions and what sets them apart")
     return p
-
-
-def _exit_on_signals() -> None:
-    """SIGINT, SIGTERM and SIGHUP unwind, so every `with Lab()` tears down.
-
-    SIGINT is set explicitly: a shell starts background commands with it
-    ignored, and Python then leaves it ignored.
-    """
-
-    def raise_interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, raise_interrupt)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    _exit_on_signals()
+    interrupts.install()  # SIGINT, SIGTERM, SIGHUP: KeyboardInterrupt, so every `with Lab()` tears down
     from . import commands, preflight
     from .errors import LabError
 
     try:
-        return commands.dispatch(args)
+        code = commands.dispatch(args)
+        interrupts.check()  # one a destructor dropped: the command finished, but it was asked to stop
+        return code
     except preflight.PreflightError as e:
         for line in e.problems:
             print(f"istio-lab: {line}", file=sys.stderr)

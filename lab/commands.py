@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import signal
 import sys
 
-from . import preflight, record
+from . import interrupts, preflight, record
 from .errors import LabError
 from .rules import profiles, xtables
 from .world import Lab
@@ -22,6 +21,8 @@ def dispatch(args: argparse.Namespace) -> int:
         "down": down,
         "rules": rules,
         "preflight": check,
+        "trace": trace,
+        "profiles": list_profiles,
     }[args.command]
     return handler(args)
 
@@ -39,12 +40,26 @@ def _ready_machine() -> None:
         print(f"istio-lab: removed lab {labid} left behind by a process that died", file=sys.stderr)
 
 
-def bring_up(lab: Lab, profile: str = profiles.DEFAULT) -> None:
-    """The sidecar's rules, then the processes (rules first, as Istio's init container)."""
+def bring_up(lab: Lab, profile: str = profiles.DEFAULT, rules=None) -> None:
+    """The sidecar's rules (a preset, or a pod's own dump), then the processes (rules first,
+    as Istio's init container)."""
     from . import processes
 
-    xtables.apply(lab.pod("sidecar").ns, profiles.load(profile))
+    for dump in [rules] if rules is not None else profiles.dumps(profile):
+        xtables.apply(lab.pod("sidecar").ns, dump)
     processes.start(lab)
+
+
+def _rule_set(args):
+    """--profile or --rules, checked before any lab: (profile whose expectations apply, foreign dump)."""
+    if not args.rules:
+        profile = args.profile or profiles.DEFAULT
+        profiles.preset(profile)  # an unknown name is one line, before any lab
+        return profile, None
+    from .rules import foreign
+
+    pod = foreign.load(args.rules, args.proxy_uid, args.proxy_gid, args.outbound_port, args.inbound_port)
+    return pod.preset, pod
 
 
 def check(args) -> int:
@@ -57,17 +72,47 @@ def run(args) -> int:
     from . import report, runner, scenario
 
     chosen = scenario.select(scenario.load_all(args.scenarios), args.ids)  # bad files fail before any lab
+    profile, pod = _rule_set(args)
+    report_dir = _report_dir(args.report)
     _ready_machine()
     console = _console()
     status = console.status("building the lab") if not args.json else contextlib.nullcontext()
     with status, Lab() as lab:
-        bring_up(lab)
-        results = runner.run(lab, chosen)
+        try:
+            bring_up(lab, profile, pod.dump if pod else None)
+        except xtables.RuleError as e:
+            raise LabError(f"{args.rules or profile}: {e}") from None
+        results = runner.run(lab, chosen, profile)
+    meta = {"lab": lab.labid, "profile": profile}
+    if pod:
+        meta |= {"rules": pod.file, "notes": pod.notes}
     if args.json:
-        print(report.to_json(results, lab=lab.labid, profile=profiles.DEFAULT))
+        print(report.to_json(results, **meta))
     else:
+        if pod:
+            same = f"the rules of preset {profile}" if profile else "a rule set of its own: no expectation known"
+            console.print(f"Rules from {pod.file}: {same}", markup=False)
+            for note in pod.notes:
+                console.print(f"  {note}", markup=False)
+        elif profile != profiles.DEFAULT:
+            console.print(f"Rules: {profile}, {profiles.summary(profile)}", markup=False)
         report.render(console, results)
+    if report_dir is not None:
+        from . import html_report
+
+        written = html_report.write(report_dir, results, lab=lab.labid, profile=profile or args.rules)
+        print(f"istio-lab: report written to {' and '.join(map(str, written))}",
+              file=sys.stderr if args.json else sys.stdout)
     return 0 if all(r.verdict == "pass" for r in results) else 1
+
+
+def _report_dir(directory: str | None):
+    """--report DIR: graphviz and a writable DIR are checked before any lab (graphviz loads only then)."""
+    if directory is None:
+        return None
+    from . import html_report
+
+    return html_report.prepare(directory)
 
 
 def explain(args) -> int:
@@ -99,6 +144,15 @@ def explain_rules(measured, dump) -> str:
     return "\n".join(out) + "\n"
 
 
+def list_profiles(args) -> int:
+    console = _console()
+    for name in profiles.names():
+        p = profiles.preset(name)
+        default = "  (default)" if name == profiles.DEFAULT else ""
+        console.print(f"{name:<18} {p.versions:<12} {p.summary}{default}", markup=False, highlight=False)
+    return 0
+
+
 def list_scenarios(args) -> int:
     from . import scenario
 
@@ -110,24 +164,26 @@ def list_scenarios(args) -> int:
 
 
 def up(args) -> int:
+    profile = profiles.preset(args.profile or profiles.DEFAULT).name
     _ready_machine()
     lab = Lab(args.labid, detached=not args.hold)
     try:
         lab.create()
-        bring_up(lab)
+        bring_up(lab, profile)
         console = _console()
         _show(console, lab)
         if args.hold:
             console.print(f"Lab [bold]{lab.labid}[/] is up; Ctrl-C tears it down.")
-            signal.pause()
+            interrupts.wait()
     except BaseException:
         lab.destroy()
         raise
     console.print(f"\nLab [bold]{lab.labid}[/] is up. Enter a pod, e.g.:")
     console.print(f"  ip netns exec {lab.pod('sidecar').ns} bash")
-    console.print(f"  ip netns exec {lab.pod('sidecar').ns} iptables-legacy -t nat -L -v --line-numbers")
+    console.print(f"  ip netns exec {lab.pod('sidecar').ns} iptables-legacy -t nat -L -n -v --line-numbers")
     console.print(f"  ip netns exec {lab.pod('sidecar').ns} curl -s http://10.244.0.20:9080/")
-    console.print(f"Rules and counters: istio-lab rules {lab.labid}   Remove it: istio-lab down {lab.labid}")
+    console.print(f"Rules and counters: istio-lab rules {lab.labid}   TRACE events: istio-lab trace {lab.labid}")
+    console.print(f"A guided tour: docs/manual-lab.md   Remove it: istio-lab down {lab.labid}")
     return 0
 
 
@@ -159,12 +215,23 @@ def down(args) -> int:
     return 0
 
 
+def trace(args) -> int:
+    from . import watch
+
+    pods = args.pods or ["sidecar"]
+    watch.check(pods, args.ports, args.tables, args.count, args.seconds)
+    preflight.check_root()
+    watch.watch(_one_lab(args.labid), pods, args.ports, args.tables, syn=args.syn, count=args.count,
+                seconds=args.seconds)
+    return 0
+
+
 def rules(args) -> int:
     preflight.check_root()
     labid = _one_lab(args.labid)
     ns = record.ns_name(labid, "sidecar")
     console = _console()
-    for table in ("raw", "nat"):
+    for table in ("raw", "mangle", "nat"):
         listing = xtables.listing(ns, table)
         if not listing and table != "nat":
             continue

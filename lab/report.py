@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from .rules import profiles
 from .runner import Result
 
 
@@ -15,8 +16,9 @@ def as_dict(r: Result) -> dict:
         "type": s.type,
         "variant_of": s.variant_of,
         "verdict": r.verdict,
+        "profile": r.profile,
         "measured_path": r.measured_path,
-        "expected_path": s.expected_path,
+        "expected_path": r.expected_path,
         "article_path": s.article_path,
         "article_claim": s.article_claim,
         "matches_article": r.matches_article,
@@ -29,7 +31,26 @@ def as_dict(r: Result) -> dict:
         "legs": [{"client": leg.client, "server": leg.server, "proxy": leg.proxy} for leg in r.legs],
         "hops": [h.as_dict() for h in r.measured.hops],
         "failure": r.failure,
+        **({"default_path": s.expected_path, "differs_from_default": default_differences(r)}
+           if r.profile is None else {}),
     }
+
+
+def default_differences(r: Result) -> list[str]:
+    """For a pod's own rules (no expectation known): where its path leaves the default profile's."""
+    from . import path
+
+    if r.profile is not None or r.failure or r.measured_path == str(path.parse(r.scenario.expected_path)):
+        return []
+    out = []
+    for want, got in path.align(path.parse(r.scenario.expected_path).hops, r.measured.hops):
+        if want is None:
+            out.append(f"these rules add {got}")
+        elif got is None:
+            out.append(f"{profiles.DEFAULT} passes {want}, these rules do not")
+        elif str(want) != str(got):
+            out.append(f"{profiles.DEFAULT} passes {want}, these rules {got}")
+    return out
 
 
 def to_json(results: list[Result], **meta) -> str:
@@ -45,7 +66,7 @@ def _why_failed(r: Result) -> list[str]:
         return [r.failure]
     out = []
     if not r.path_as_expected:
-        out.append(f"expected {r.scenario.expected_path}")
+        out.append(f"expected ({r.profile}) {r.expected_path}")
     if not r.counters_agree:
         out.append(f"rule counters {r.counter_deltas} differ from TRACE rule events {r.trace_rule_events}")
     return out
@@ -60,6 +81,11 @@ def render(console, results: list[Result]) -> None:
         console.rule(f"[bold]{escape(s.id)}[/]  {escape(s.title)}", align="left")
         console.print(f"  kernel : {escape(r.measured_path or '(not measured)')}")
         console.print(f"  article: {escape(s.article_path or '(a picture only) ' + s.article_claim)}")
+        if r.profile is None and not r.failure:
+            differences = default_differences(r)
+            console.print(f"  {profiles.DEFAULT}: " + ("[yellow]differs[/]" if differences else "the same path"))
+            for d in differences:
+                console.print(f"    {escape(d)}")
         if r.matches_article:
             console.print("  [green]the kernel agrees with the article[/]")
         for d in r.article_differences:

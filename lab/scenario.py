@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from .errors import LabError
 SCENARIO_DIR = Path(__file__).resolve().parent.parent / "scenarios"
 PROTOCOLS = ("http", "tcp")
 TRIGGERS = ("client", "pilot-agent-redial")
+ID_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")  # ids are typed on command lines and shown in reports
 _LAB_NETWORKS = [ipaddress.ip_network(n) for n in (plan.POD_SUBNET, plan.SERVICE_RANGE, "127.0.0.0/8")]
 
 
@@ -48,9 +50,14 @@ class Scenario:
     protocol: str  # "http": one GET; "tcp": a stream opened and half-closed (istiod's xDS)
     trigger: str  # "client": the lab dials as from.uid/gid; "pilot-agent-redial": the real agent re-dials istiod
     destination: str  # label of where the traffic should end
-    expected_path: str
+    expected_path: str  # under the default profile (the article's Istio)
     explanation: str
     file: str
+    expected_by_profile: tuple[tuple[str, str], ...] = ()  # (profile, path) where a profile's path differs
+
+    def expected_for(self, profile: str) -> str:
+        """The path measured under `profile`: its own where recorded, else the default's."""
+        return dict(self.expected_by_profile).get(profile, self.expected_path)
 
     @property
     def endpoint_pod(self) -> str:
@@ -81,7 +88,9 @@ class _Fields:
             raise ScenarioError(f"{file}: {where or 'top level'}: expected a mapping, got {type(data).__name__}")
         self.data, self.file, self.where = data, file, where
 
-    def _name(self, key: str) -> str:
+    def _name(self, key) -> str:
+        if not (isinstance(key, str) and re.fullmatch(r"[\w.-]+", key)):
+            key = repr(key)  # a key from the file may be a number, null, "" or hold a newline
         return f"{self.where}.{key}" if self.where else key
 
     def fail(self, key: str, problem: str) -> ScenarioError:
@@ -103,7 +112,7 @@ class _Fields:
         return _Fields(self.get(key, dict), self.file, self._name(key))
 
     def unknown(self, allowed: set[str]) -> None:
-        extra = sorted(set(self.data) - allowed)
+        extra = sorted(set(self.data) - allowed, key=str)  # YAML keys may be numbers, null, ...
         if extra:
             raise self.fail(extra[0], f"unknown field (allowed: {', '.join(sorted(allowed))})")
 
@@ -119,6 +128,13 @@ def _id(f: _Fields, key: str, required: bool = True) -> int:
     value = f.get(key, int, required, 0)
     if not 0 <= value <= 65535:
         raise f.fail(key, f"{value} is not a uid/gid the lab uses (0-65535)")
+    return value
+
+
+def _scenario_id(top: _Fields) -> str:
+    value = top.get("id", str)
+    if not ID_RE.match(value):
+        raise top.fail("id", f"{value!r} is not a scenario id (up to 64 lowercase letters, digits, '.', '_', '-')")
     return value
 
 
@@ -152,6 +168,20 @@ def _destination(to: _Fields) -> str:
     return address
 
 
+def _expected_by_profile(expected: _Fields) -> tuple[tuple[str, str], ...]:
+    """expected.profiles: {profile name: path}, for the profiles whose measured path differs."""
+    from .rules import profiles
+
+    given = expected.get("profiles", dict, required=False, default={})
+    known = profiles.names()
+    for name, text in given.items():
+        if name not in known:
+            raise expected.fail("profiles", f"unknown profile {name!r} (profiles: {', '.join(known)})")
+        if not isinstance(text, str) or not text.strip():
+            raise expected.fail(f"profiles.{name}", "expected a path in the article's notation")
+    return tuple(given.items())
+
+
 def parse(data, file: str) -> Scenario:
     top = _Fields(data, file)
     top.unknown({"id", "title", "type", "variant_of", "article", "traffic", "expected", "explanation"})
@@ -169,13 +199,16 @@ def parse(data, file: str) -> Scenario:
     if protocol not in PROTOCOLS:
         raise to.fail("protocol", f"{protocol!r} is not one of {', '.join(PROTOCOLS)}")
     expected = top.sub("expected")
-    expected.unknown({"path"})
+    expected.unknown({"path", "profiles"})
+    by_profile = _expected_by_profile(expected)
     proxies = article.get("proxies", list, required=False)
+    if proxies is not None and not all(isinstance(p, str) for p in proxies):
+        raise article.fail("proxies", f"expected a list of proxy names, got {proxies!r}")
     scenario_type = top.get("type", int)
     if not 1 <= scenario_type <= 6:
         raise top.fail("type", f"the article has traffic types 1-6, not {scenario_type}")
     scenario = Scenario(
-        id=top.get("id", str),
+        id=_scenario_id(top),
         title=top.get("title", str),
         type=scenario_type,
         variant_of=top.get("variant_of", str, required=False),
@@ -191,6 +224,7 @@ def parse(data, file: str) -> Scenario:
         expected_path=expected.get("path", str),
         explanation=top.get("explanation", str),
         file=file,
+        expected_by_profile=by_profile,
     )
     if trigger == "pilot-agent-redial" and (scenario.address, scenario.port) != (plan.PODS["istiod"], plan.Port.ISTIOD):
         raise traffic.fail("trigger", f"pilot-agent re-dials istiod only ({plan.PODS['istiod']}:{plan.Port.ISTIOD})")
@@ -198,7 +232,9 @@ def parse(data, file: str) -> Scenario:
         raise article.fail("path", "missing (or give article.proxies when the article has no path in words)")
     from . import path as pathlib  # the notation must read back
 
-    for key, text in (("article.path", scenario.article_path), ("expected.path", scenario.expected_path)):
+    texts = [("article.path", scenario.article_path), ("expected.path", scenario.expected_path)]
+    texts += [(f"expected.profiles.{name}", text) for name, text in by_profile]
+    for key, text in texts:
         if text:
             try:
                 pathlib.parse(text)
@@ -211,14 +247,23 @@ def load_file(file: str) -> Scenario:
     import yaml
 
     try:
-        with open(file) as f:
-            data = yaml.load(f, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+        with open(file, "rb") as f:
+            raw = f.read()
     except OSError as e:
         raise ScenarioError(f"{file}: cannot read: {e.strerror}") from None
-    except yaml.YAMLError as e:
+    try:
+        text = raw.decode()
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise ScenarioError(f"{file}: line {line}: not UTF-8 text ({e.reason})") from None
+    try:
+        data = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    except yaml.YAMLError as e:  # the message must stay one line: a ReaderError's str() has two
         mark = getattr(e, "problem_mark", None)
-        where = f"line {mark.line + 1}" if mark else "?"
-        raise ScenarioError(f"{file}: {where}: bad YAML: {getattr(e, 'problem', e)}") from None
+        at = mark.index if mark else getattr(e, "position", None)
+        where = f"line {text[:at].count(chr(10)) + 1}" if at is not None else "?"
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ScenarioError(f"{file}: {where}: bad YAML: {' '.join(str(problem).split())}") from None
     return parse(data, file)
 
 
@@ -227,6 +272,8 @@ def load_all(directory: Path | str | None = None) -> list[Scenario]:
     if not os.path.isdir(directory):
         raise ScenarioError(f"{directory}: no such scenario directory")
     files = sorted(str(p) for p in Path(directory).glob("*.yaml"))
+    if not files:  # a lab built to run nothing would only hide a mistyped directory
+        raise ScenarioError(f"{directory}: no scenario files (*.yaml)")
     scenarios = [load_file(f) for f in files]
     seen: dict[str, str] = {}
     for s in scenarios:

@@ -104,6 +104,12 @@ def _run_inner_session(
     return result
 
 
+# A root inner session runs alone: in its own network, PID and mount namespaces, with
+# an empty /run/netns.  Its conftest snapshots "the host" at start and end, and must not
+# see the labs of the tests running alongside it (pytest -n) come and go.
+ALONE = ["unshare", "--net", "--pid", "--fork", "--mount-proc", "sh", "-ec",
+         'mkdir -p /run/netns; mount -t tmpfs ilab-inner /run/netns; exec "$@"', "sh"]
+
 INNER_KERNEL_TEST = """
     import pytest
 
@@ -132,7 +138,7 @@ def test_kernel_tests_fail_without_root_in_require_mode(tmp_path: Path) -> None:
 
 @pytest.mark.kernel
 def test_require_mode_confirms_kernel_tests_ran(tmp_path: Path) -> None:
-    result = _run_inner_session(tmp_path, INNER_KERNEL_TEST, require=True)
+    result = _run_inner_session(tmp_path, INNER_KERNEL_TEST, require=True, prefix=ALONE)
     assert result.returncode == 0
     assert "istio-lab: 1 kernel test ran, none skipped (ISTIO_LAB_REQUIRE_KERNEL=1)" in result.stdout
 
@@ -151,7 +157,7 @@ def test_require_mode_fails_on_a_skipped_kernel_test(tmp_path: Path, require: bo
         def test_fine():
             pass
     """
-    result = _run_inner_session(tmp_path, source, require=require)
+    result = _run_inner_session(tmp_path, source, require=require, prefix=ALONE)
     if not require:
         assert result.returncode == 0
         return
@@ -163,9 +169,8 @@ def test_require_mode_fails_on_a_skipped_kernel_test(tmp_path: Path, require: bo
 @pytest.mark.kernel
 def test_leftovers_fail_the_session(tmp_path: Path) -> None:
     """A session that leaves a netns, a uid-1337 process and an ISTIO chain
-    behind fails and names them.  The inner session runs in its own network
-    and PID namespaces, so its "host" iptables and its uid-1337 process vanish
-    with it; only the /run/netns entry needs removing here."""
+    behind fails and names them.  The inner session runs ALONE, so its "host"
+    iptables, its /run/netns and its uid-1337 process vanish with it."""
     for tool in ("unshare", "ip", "setpriv", "iptables-legacy"):
         if shutil.which(tool) is None:
             pytest.fail(f"{tool} not found")
@@ -179,14 +184,7 @@ def test_leftovers_fail_the_session(tmp_path: Path) -> None:
                               "sleep", "600"], start_new_session=True)
             subprocess.run(["iptables-legacy", "-t", "nat", "-N", "ISTIO_LEAK"], check=True)
     """
-    try:
-        result = _run_inner_session(
-            tmp_path, source, require=True,
-            prefix=["unshare", "--net", "--pid", "--fork", "--mount-proc"],
-        )
-    finally:
-        if (Path("/run/netns") / name).exists():
-            subprocess.run(["ip", "netns", "del", name], check=False)
+    result = _run_inner_session(tmp_path, source, require=True, prefix=ALONE)
     assert result.returncode == 1
     out = result.stdout
     assert "1 passed" in out
