@@ -190,10 +190,18 @@ def _reap(pid: int, block: bool = False) -> bool:
 
 
 def reap_orphans() -> list[str]:
-    """Destroy every lab whose owner is dead and that was not left up on purpose."""
+    """Destroy every lab whose owner is dead and that was not left up on purpose.
+
+    Only what a record says an istio-lab made: `ilab-` namespaces with no record directory
+    are someone else's (a test's, made by hand), and were once reaped from under them.
+    A directory with no readable record is a record its writer died writing: the lock
+    rules out one being written now.
+    """
     reaped = []
     with _turn():
         for labid in sorted(known_labids()):
+            if not os.path.isdir(os.path.join(STATE_DIR, labid)):
+                continue
             record = Record.load(labid)
             if record is not None and (record.detached or record.owner_alive()):
                 continue

@@ -158,6 +158,18 @@ def test_sigkill_at_each_stage_then_the_next_command_reaps_everything(tmp_path, 
         assert [pid for pid in recorded if not _gone(pid)] == []
 
 
+def test_namespaces_no_istio_lab_recorded_are_not_reaped():
+    """`ilab-` namespaces with no record are someone else's (tests/test_trace.py makes such):
+    the next command's reaping leaves them, `down` removes them when asked."""
+    with Sandbox() as box:
+        subprocess.run(box.argv("ip", "netns", "add", "ilab-foreign-x"), check=True, timeout=GUARD)
+        after = box.run(*NEXT)
+        assert after.returncode == 0, after.stderr
+        assert "removed lab" not in after.stderr and box.namespaces() == ["ilab-foreign-x"]
+        assert box.run("down", "foreign").returncode == 0
+        assert box.leftovers() == {}
+
+
 SIGNALS = [(stage, sig) for stage in STAGES for sig in (signal.SIGINT, signal.SIGTERM)] + [("mid-scenario", signal.SIGHUP)]
 
 

@@ -133,10 +133,11 @@ def test_a_port_handed_out_again_joins_no_earlier_leg():
     with Lab() as lab:
         commands.bring_up(lab)
         sidecar = lab.pod("sidecar").ns
-        workloads.request(sidecar, "10.96.0.90", 9080, uid=1000, gid=1000, src_port=port)  # logged by 15001
         with netns.entered(sidecar), open("/proc/sys/net/ipv4/ip_local_port_range", "w") as f:
             f.write(f"{port} {port}")  # the pod's own sysctl: every new connection gets this port
+        earlier = workloads.request(sidecar, "10.96.0.90", 9080, uid=1000, gid=1000)  # through 15001: logged
         [r] = runner.run(lab, [s])
+    assert earlier.local == f"10.244.0.10:{port}"
     assert r.response["local"] == f"10.244.0.10:{port}"
     assert r.verdict == "pass", r.measured_path
 
