@@ -98,6 +98,15 @@ class Envoy:
         self.config = config
         self.stats = Stats([plan.Port.OUTBOUND, plan.Port.INBOUND, plan.Port.STATS, plan.Port.READY])
         self.log_fd = os.open(config.access_log, os.O_WRONLY | os.O_APPEND)
+        # The event loop holds tasks weakly, and a half-closed socket is no longer watched
+        # by it: a connection's tasks must be held here, or the garbage collector can drop
+        # them mid-proxy ("Task was destroyed but it is pending!").
+        self.live: set[asyncio.Task] = set()
+
+    def hold(self, task: asyncio.Task) -> asyncio.Task:
+        self.live.add(task)
+        task.add_done_callback(self.live.discard)
+        return task
 
     async def serve(self) -> None:
         P = plan.Port
@@ -152,6 +161,7 @@ class Envoy:
         return self.config.endpoints.get(dst, Endpoint(*dst, PASSTHROUGH)), None
 
     async def proxy(self, listener: int, down_r: asyncio.StreamReader, down_w: asyncio.StreamWriter) -> None:
+        self.hold(asyncio.current_task())
         t0 = time.monotonic()
         name = f"0.0.0.0_{listener}"
         entry = {"listener": listener,
@@ -217,8 +227,8 @@ class Envoy:
                 before_eof()
             dst.write_eof()
 
-        upstream = asyncio.create_task(copy(down_r, up_w, "bytes_from_downstream", "upstream_cx_tx_bytes_total"))
-        downstream = asyncio.create_task(copy(up_r, down_w, "bytes_to_downstream", "upstream_cx_rx_bytes_total", log))
+        upstream = self.hold(asyncio.create_task(copy(down_r, up_w, "bytes_from_downstream", "upstream_cx_tx_bytes_total")))
+        downstream = self.hold(asyncio.create_task(copy(up_r, down_w, "bytes_to_downstream", "upstream_cx_rx_bytes_total", log)))
         finished, pending = await asyncio.wait({upstream, downstream}, return_when=asyncio.FIRST_EXCEPTION)
         failed = next((t for t in finished if t.exception()), None)
         if failed is not None:
