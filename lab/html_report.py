@@ -223,7 +223,7 @@ def _differing_measured(r: Result) -> set[int]:
     for claim, kernel in _alignment(r):
         if kernel is None:
             continue
-        if claim is None or not paths._same(claim, kernel):
+        if claim is None or not paths.same(claim, kernel):
             out.add(j)
         j += 1
     return out
@@ -243,7 +243,7 @@ def article_diagram(r: Result):
         elif kernel is None:
             g.node(name, _label(str(claim), "the kernel never passes this"), fillcolor="#fde0e0", color=MARK,
                    penwidth="2.5", id=f"{sid}-hop{n}", **{"class": "hop differs"})
-        elif not paths._same(claim, kernel):
+        elif not paths.same(claim, kernel):
             g.node(name, _label(str(claim), f"the kernel: {kernel}"), fillcolor="#fde0e0", color=MARK,
                    penwidth="2.5", id=f"{sid}-hop{n}", **{"class": "hop differs"})
         else:

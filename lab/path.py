@@ -163,7 +163,8 @@ def notes(text: str) -> list[str]:
     return [f"the article writes {typo}, read as {meant}" for typo, meant in _TYPOS.items() if typo in text]
 
 
-def _same(claim: Hop, measured: Hop) -> bool:
+def same(claim: Hop, measured: Hop) -> bool:
+    """One hop of the article's path and one of the kernel's say the same thing."""
     if claim.kind != measured.kind:
         return False
     if claim.kind == "endpoint":
@@ -179,11 +180,11 @@ def align(claim: Sequence[Hop], measured: Sequence[Hop]) -> list[tuple[Hop | Non
     best = [[0] * (m + 1) for _ in range(n + 1)]
     for i in range(n - 1, -1, -1):
         for j in range(m - 1, -1, -1):
-            best[i][j] = (best[i + 1][j + 1] + 1 if _same(claim[i], measured[j])
+            best[i][j] = (best[i + 1][j + 1] + 1 if same(claim[i], measured[j])
                           else max(best[i + 1][j], best[i][j + 1]))
     pairs, i, j = [], 0, 0
     while i < n or j < m:
-        if i < n and j < m and _same(claim[i], measured[j]):
+        if i < n and j < m and same(claim[i], measured[j]):
             pairs.append((claim[i], measured[j]))
             i, j = i + 1, j + 1
         elif j < m and (i == n or best[i][j + 1] >= best[i + 1][j]):
@@ -243,7 +244,7 @@ def differences(claim: Path, measured: Path) -> list[str]:
             position += 1
         if side:
             run = (side, [c or k])
-        elif not _same(c, k):
+        elif not same(c, k):
             out.append(f"hop {position}: the article has {c}, the kernel {k}")
     flush()
     return out

@@ -151,7 +151,6 @@ def _fire(lab: Lab, scenario: Scenario) -> workloads.Response:
 
 def observe(lab: Lab, witnesses: Witnesses, scenario: Scenario) -> Observation:
     sidecar = lab.pod("sidecar").ns
-    src = scenario.source
     interrupts.check()
     processes.check_alive(lab)
     with witnesses.tracing(scenario):

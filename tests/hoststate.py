@@ -1,17 +1,20 @@
 """A snapshot of everything of the host namespace the lab must never change."""
 
 import glob
+import re
 import shutil
 import subprocess
 
 VOLATILE_SYSCTLS = {"nf_conntrack_count"}
+COUNTERS = re.compile(r" \[\d+:\d+\]$")
 
 
 def _cmd(*argv: str) -> str:
     if shutil.which(argv[0]) is None:
         return f"{argv[0]}: not installed"
     out = subprocess.run(argv, capture_output=True, text=True).stdout
-    return "\n".join(l for l in out.splitlines() if not l.startswith("#"))  # save headers carry a timestamp
+    lines = [l for l in out.splitlines() if not l.startswith("#")]  # save headers carry a timestamp
+    return "\n".join(COUNTERS.sub("", l) for l in lines)  # the host's own traffic moves its counters
 
 
 def _sysctls() -> dict[str, str]:

@@ -1,6 +1,5 @@
 """The lab core on the real kernel: namespaces, wiring, rules, teardown, the host untouched."""
 
-import json
 import os
 import signal
 import subprocess
