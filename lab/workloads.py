@@ -74,10 +74,7 @@ def run_istiod(config: IstiodConfig) -> None:
         event("connect", writer)
         streams.add(writer)
         try:
-            while await reader.read(65536):
-                pass
-        except OSError:
-            pass
+            await httpio.until_closed(reader)
         finally:
             if writer in streams:
                 streams.discard(writer)

@@ -59,14 +59,9 @@ class Agent:
             delay = base
             say(f"istiod stream up {httpio.addr(writer.get_extra_info('sockname'))} -> "
                 f"{httpio.addr(writer.get_extra_info('peername'))}")
-            try:
-                while await reader.read(65536):
-                    pass
-            except OSError:
-                pass
-            finally:
-                writer.close()
-                self.xds_connected = 0
+            await httpio.until_closed(reader)
+            writer.close()
+            self.xds_connected = 0
             say(f"istiod stream dropped; re-dial in {delay:.2f}s")
             await asyncio.sleep(delay)
 

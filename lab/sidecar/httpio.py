@@ -79,6 +79,15 @@ def server(route: Route) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter
     return serve
 
 
+async def until_closed(reader: asyncio.StreamReader) -> None:
+    """Read and drop whatever the peer sends until it closes (an idle xDS stream)."""
+    try:
+        while await reader.read(65536):
+            pass
+    except OSError:
+        pass
+
+
 async def get(host: str, port: int, path: str, timeout: float = 1.0) -> tuple[int, str]:
     """GET http://host:port/path from this process (its uid, its namespace)."""
 
