@@ -42,12 +42,15 @@ def _ready_machine() -> None:
 
 def bring_up(lab: Lab, profile: str = profiles.DEFAULT, rules=None) -> None:
     """The sidecar's rules (a preset, or a pod's own dump), then the processes (rules first,
-    as Istio's init container)."""
+    as Istio's init container).  Rules that capture DNS get pilot-agent's DNS proxy, as
+    ISTIO_META_DNS_CAPTURE turns on both."""
     from . import processes
+    from .rules import features
 
-    for dump in [rules] if rules is not None else profiles.dumps(profile):
+    dumps = [rules] if rules is not None else profiles.dumps(profile)
+    for dump in dumps:
         xtables.apply(lab.pod("sidecar").ns, dump)
-    processes.start(lab)
+    processes.start(lab, dns_proxy=features.DNS_CAPTURE in features.of(dumps))
 
 
 def _rule_set(args):
@@ -73,6 +76,11 @@ def run(args) -> int:
 
     chosen = scenario.select(scenario.load_all(args.scenarios), args.ids)  # bad files fail before any lab
     profile, pod = _rule_set(args)
+    if not args.ids:  # a scenario about a feature the rules lack runs only when named
+        from .rules import features
+
+        have = features.of([pod.dump] if pod else profiles.dumps(profile))
+        chosen = [s for s in chosen if s.feature is None or s.feature in have]
     report_dir = _report_dir(args.report)
     _ready_machine()
     console = _console()

@@ -128,6 +128,22 @@ def scratch() -> Iterator[None]:
         yield
 
 
+def set_sysctls(name: str, values: dict[str, str]) -> None:
+    """Write per-namespace sysctls (paths under /proc/sys/) inside namespace `name`.
+
+    /proc/sys/net answers for the namespace of the thread that opens the file, so each
+    write lands in `name` only; each is read back, and the host's value is never opened
+    from outside that block.
+    """
+    with entered(name):
+        for key, value in values.items():
+            with open(f"/proc/sys/{key}", "w") as f:
+                f.write(value)
+            with open(f"/proc/sys/{key}") as f:
+                if f.read().strip() != value:
+                    raise OSError(f"{name}: sysctl {key} did not take {value!r}")
+
+
 def drop_privileges(uid: int, gid: int) -> None:
     """Become uid/gid with no supplementary groups and no capabilities."""
     last_cap = int(open(_CAP_LAST_CAP_PATH).read())

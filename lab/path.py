@@ -4,7 +4,11 @@ A redirected client connection becomes several TCP legs: the client's, then
 one per proxy that re-dials.  The sidecar's access log chains them (each
 line's downstream peer is a leg's client, its upstream local address the next
 leg's client).  Each leg's first packet, the SYN, is the only one the nat
-table judges, so the nat events of the SYNs are the hops.
+table judges, so the nat events of the SYNs are the hops.  A UDP flow's first
+datagram plays the SYN's part; pilot-agent's DNS proxy logs its queries as
+Envoy logs connections, and a query it answers itself ends the path there.
+Rules of the raw table (DNS capture's conntrack zones) are hops too, marked
+with their table where they share a chain name with nat: `ISTIO_OUTPUT_DNS RULE 5 (raw)`.
 
 Notation, as the article writes it:
     Local Pod -> OUTPUT -> ISTIO_OUTPUT RULE 9 -> ISTIO_REDIRECT -> Envoy 15001 (Outbound) -> ...
@@ -22,6 +26,8 @@ from .rules.save import BUILTIN_CHAINS
 
 HOOKS = ("PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING")
 PROXIES = {15001: "Outbound", 15006: "Inbound"}
+AGENT_PROXIES = {15053: "DNS"}  # pilot-agent's listeners that traffic is redirected to
+HOP_TABLES = ("raw", "nat")  # the tables whose user-chain rules are hops
 
 
 @dataclass(frozen=True)
@@ -33,11 +39,13 @@ class Hop:
     packet: str = ""  # the packet the hop was seen on
     line: str = ""  # the matched rule, in iptables-save form
     owner: str = ""  # the sending socket's uid/gid, as the kernel reported it (OUTPUT only)
+    table: str = ""  # a chain's table when it is not nat (raw): raw and nat share chain names
 
     def __str__(self) -> str:
+        text = self.name
         if self.kind == "chain" and self.rule is not None and self.numbered:
-            return f"{self.name} RULE {self.rule}"
-        return self.name
+            text = f"{self.name} RULE {self.rule}"
+        return f"{text} ({self.table})" if self.table else text
 
     def as_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if v not in ("", None) and k != "numbered"}
@@ -57,8 +65,23 @@ def endpoint(addr: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def ref(table: str, chain: str, rulenum: int) -> str:
+    """A rule's name in counters and rule lines: `CHAIN#N` in nat, `table:CHAIN#N` elsewhere."""
+    return f"{chain}#{rulenum}" if table == "nat" else f"{table}:{chain}#{rulenum}"
+
+
+def proxy_name(port: int) -> str:
+    if port in AGENT_PROXIES:
+        return f"pilot-agent {port} ({AGENT_PROXIES[port]})"
+    return f"Envoy {port} ({PROXIES.get(port, 'Listener')})"
+
+
 def chain_legs(client: str, server: str, access_log: Iterable[dict]) -> list[Leg]:
-    """Follow the access log from the client's connection through every proxy."""
+    """Follow the access log from the client's connection through every proxy.
+
+    A line with no original destination (a UDP query: no SO_ORIGINAL_DST) keeps the one
+    the client dialed; a line with no upstream (a query the proxy answered) ends the chain.
+    """
     by_downstream = {line["downstream_peer"]: line for line in access_log}
     legs = []
     seen = set()
@@ -68,19 +91,35 @@ def chain_legs(client: str, server: str, access_log: Iterable[dict]) -> list[Leg
         if line is None:
             legs.append(Leg(client, server))
             break
-        legs.append(Leg(client, line["original_dst"], line["listener"]))
+        legs.append(Leg(client, line["original_dst"] or server, line["listener"]))
+        if line["upstream_local"] is None:
+            break
         client, server = line["upstream_local"], line["upstream_peer"]
     return legs
 
 
 def syn_events(events: Sequence, leg: Leg) -> list:
-    """The events of the leg's SYN, in the order the kernel emitted them."""
+    """The events of the leg's first packet, in the order the kernel emitted them: its SYN,
+    or a UDP flow's first datagram.  A later datagram of the flow passes the same rules
+    again (all but nat's), so of each rule only the first event is kept."""
     host, port = endpoint(leg.client)
-    return [e for e in events if e.src == host and e.sport == port and e.tcp_flags == "S"]
+    out, seen = [], set()
+    for e in events:
+        if e.src != host or e.sport != port:
+            continue
+        if e.proto == "udp":
+            key = (e.pod, e.table, e.chain, e.kind, e.rulenum)
+            if key in seen:
+                continue
+            seen.add(key)
+        elif e.tcp_flags != "S":
+            continue
+        out.append(e)
+    return out
 
 
 def _packet(e) -> str:
-    return f"SYN {e.src}:{e.sport} > {e.dst}:{e.dport}"
+    return f"{'UDP' if e.proto == 'udp' else 'SYN'} {e.src}:{e.sport} > {e.dst}:{e.dport}"
 
 
 def leg_hops(events: Sequence, leg: Leg, rule_counts: dict[str, int], rule_lines: dict[str, str]) -> list[Hop]:
@@ -88,18 +127,19 @@ def leg_hops(events: Sequence, leg: Leg, rule_counts: dict[str, int], rule_lines
     syn = syn_events(events, leg)
     if not syn:
         return []
-    nat = [e for e in syn if e.table == "nat"]
     entry = next((e.chain for e in syn if e.chain in ("OUTPUT", "PREROUTING")), syn[0].chain)
     first = syn[0]
     owner = f"uid {first.uid} gid {first.gid}" if entry == "OUTPUT" and first.uid is not None else ""
     hops = [Hop("hook", entry, packet=_packet(first), owner=owner)]
-    for e in nat:
-        if e.chain in BUILTIN_CHAINS["nat"] or e.kind != "rule":
+    for e in syn:
+        if e.table not in HOP_TABLES or e.chain in BUILTIN_CHAINS[e.table] or e.kind != "rule":
             continue
-        ref = f"{e.chain}#{e.rulenum}"
-        hops.append(Hop("chain", e.chain, e.rulenum, rule_counts.get(e.chain, 2) > 1, _packet(e), rule_lines.get(ref, "")))
+        table = "" if e.table == "nat" else e.table
+        counted = rule_counts.get(f"{table}:{e.chain}" if table else e.chain, 2)
+        hops.append(Hop("chain", e.chain, e.rulenum, counted > 1, _packet(e),
+                        rule_lines.get(ref(e.table, e.chain, e.rulenum), ""), table=table))
     if leg.proxy is not None:
-        hops.append(Hop("proxy", f"Envoy {leg.proxy} ({PROXIES.get(leg.proxy, 'Listener')})", packet=_packet(syn[0])))
+        hops.append(Hop("proxy", proxy_name(leg.proxy), packet=_packet(syn[0])))
     else:
         chains = {e.chain for e in syn}
         exit_hook = "POSTROUTING" if entry == "OUTPUT" else "INPUT"
@@ -122,10 +162,13 @@ class Path:
 
 def build(source: str, destination: str, legs: list[Leg], events: Sequence,
           rule_counts: dict[str, int], rule_lines: dict[str, str]) -> Path:
+    """The path; when the last leg ends at a proxy that answered itself (a DNS name in
+    pilot-agent's table), that proxy is where the path ends."""
     hops = [Hop("endpoint", source)]
     for leg in legs:
         hops += leg_hops(events, leg, rule_counts, rule_lines)
-    hops.append(Hop("endpoint", destination, packet=legs[-1].server if legs else ""))
+    if not (legs and legs[-1].proxy is not None and hops[-1].kind == "proxy"):
+        hops.append(Hop("endpoint", destination, packet=legs[-1].server if legs else ""))
     return Path(hops)
 
 
@@ -133,7 +176,8 @@ def build(source: str, destination: str, legs: list[Leg], events: Sequence,
 
 _TYPOS = {"RREROUTING": "PREROUTING"}  # the article's spelling slips, read as meant
 _PROXY_RE = re.compile(r"^envoy\s*(\d+)\s*\((outbound|inbound)[^)]*\)$", re.I)
-_CHAIN_RE = re.compile(r"^([A-Za-z_]+)(?:\s+RULE\s+(\d+))?(?:\s*\(.*\))?$", re.I)
+_AGENT_RE = re.compile(r"^pilot-agent\s+(\d+)\s*\((dns)\)$", re.I)
+_CHAIN_RE = re.compile(r"^([A-Za-z_]+)(?:\s+RULE\s+(\d+))?(?:\s*\((.*)\))?$", re.I)
 
 
 def parse(text: str) -> Path:
@@ -142,6 +186,10 @@ def parse(text: str) -> Path:
     tokens = [t for t in tokens if t]
     hops = []
     for i, token in enumerate(tokens):
+        agent = _AGENT_RE.match(token)
+        if agent and i == len(tokens) - 1:  # a proxy that answered ends the path
+            hops.append(Hop("proxy", proxy_name(int(agent.group(1)))))
+            continue
         if i in (0, len(tokens) - 1):
             hops.append(Hop("endpoint", token))
             continue
@@ -149,10 +197,14 @@ def parse(text: str) -> Path:
         chain = _CHAIN_RE.match(token)
         if proxy:
             hops.append(Hop("proxy", f"Envoy {proxy.group(1)} ({proxy.group(2).capitalize()})"))
+        elif agent:
+            hops.append(Hop("proxy", proxy_name(int(agent.group(1)))))
         elif chain:
             name = _TYPOS.get(chain.group(1).upper(), chain.group(1).upper())
             rule = int(chain.group(2)) if chain.group(2) else None
-            hops.append(Hop("hook", name) if name in HOOKS else Hop("chain", name, rule))
+            table = (chain.group(3) or "").lower()
+            table = table if table in HOP_TABLES and table != "nat" else ""  # other notes: the article's asides
+            hops.append(Hop("hook", name) if name in HOOKS else Hop("chain", name, rule, table=table))
         else:
             raise ValueError(f"cannot read hop {token!r}")
     return Path(hops)
@@ -169,7 +221,7 @@ def same(claim: Hop, measured: Hop) -> bool:
         return False
     if claim.kind == "endpoint":
         return claim.name.lower() == measured.name.lower()
-    if claim.name != measured.name:
+    if claim.name != measured.name or claim.table != measured.table:
         return False
     return claim.rule is None or claim.rule == measured.rule  # the article may leave a rule unnamed
 

@@ -5,7 +5,8 @@ is read from /proc, never probed with a connection: a probe would itself be traf
 counters, TRACE events, access-log lines) in a lab whose witnesses must see only the
 scenario.  A process is ready when the sockets it owns (/proc/PID/fd) include a LISTEN
 socket on each of its addresses and an ESTABLISHED one to each peer it must dial, as
-/proc/PID/net/tcp (its own namespace's table) shows.  They start in three waves: the
+/proc/PID/net/tcp (its own namespace's table) shows, and a bound UDP socket on each of its
+datagram addresses (/proc/PID/net/udp).  They start in three waves: the
 listeners; then pilot-agent, whose first dial to istiod and first /ready poll then succeed;
 then the scraper, whose first round is its readiness.  After start() returns, no process
 opens a connection until the harness asks for one.
@@ -23,14 +24,17 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from . import interrupts, netns, plan, workloads
-from .sidecar import agent, envoy
+from . import dns, interrupts, netns, plan, workloads
+from .sidecar import agent, dnsproxy, envoy
 from .errors import LabError
 from .world import Lab
 
 ACCESS_LOG = "envoy-access.jsonl"
 ISTIOD_LOG = "istiod.jsonl"
 SCRAPE_LOG = "prometheus-scrapes.jsonl"
+DNS_PROXY_LOG = "pilot-agent-dns.jsonl"
+KUBE_DNS_LOG = "kube-dns.jsonl"
+KUBE_DNS_UID = KUBE_DNS_GID = 65532  # CoreDNS's image runs as nonroot
 ISTIOD_UID = ISTIOD_GID = 1337  # istiod's own Deployment runs as 1337 too
 PROMETHEUS_UID = PROMETHEUS_GID = 65534  # nobody, as the Prometheus image runs
 TCP_LISTEN, TCP_ESTABLISHED = "0A", "01"
@@ -47,6 +51,7 @@ class Spec:
     run: Callable[[], None]
     listens: tuple[tuple[str, int], ...] = ()
     dials: tuple[tuple[str, int], ...] = ()  # peers it holds an established connection to
+    datagrams: tuple[tuple[str, int], ...] = ()  # UDP addresses it is bound to
 
 
 class ProcessDied(LabError):
@@ -68,16 +73,21 @@ def _scrape_targets(lab: Lab) -> tuple[tuple[str, int, str], ...]:
     return ((ip, plan.Port.STATS, "/stats/prometheus"), (ip, plan.Port.AGENT, "/stats/prometheus"))
 
 
-def _servers(lab: Lab) -> list[Spec]:
+def _servers(lab: Lab, dns_proxy: bool) -> list[Spec]:
     P, run_dir = plan.Port, lab.run_dir
     envoy_config = envoy.Config(os.path.join(run_dir, ACCESS_LOG), envoy.endpoints_from())
-    agent_config = agent.Config(istiod=(lab.pods["istiod"].ip, P.ISTIOD))
+    dns_config = dnsproxy.Config(os.path.join(run_dir, DNS_PROXY_LOG), dns.service_names()) if dns_proxy else None
+    agent_config = agent.Config(istiod=(lab.pods["istiod"].ip, P.ISTIOD), dns=dns_config)
+    dns_listens = (dns_config.listen,) if dns_config else ()
+    kube_dns = tuple((ip, P.DNS) for ip in (*plan.HELD_VIPS["kube-dns"], lab.pods["kube-dns"].ip))
+    kube_dns_config = workloads.KubeDnsConfig(os.path.join(run_dir, KUBE_DNS_LOG), udp=kube_dns,
+                                              tcp=(("0.0.0.0", P.DNS),))
     any_ = "0.0.0.0"
     return [
         Spec("envoy", "sidecar", plan.PROXY_UID, plan.PROXY_GID, functools.partial(envoy.run, envoy_config),
              listens=((any_, P.OUTBOUND), (any_, P.INBOUND), ("127.0.0.1", P.ADMIN), (any_, P.STATS), (any_, P.READY))),
         Spec("pilot-agent", "sidecar", plan.PROXY_UID, plan.PROXY_GID, functools.partial(agent.run, agent_config),
-             listens=((any_, P.AGENT),), dials=(agent_config.istiod,)),
+             listens=((any_, P.AGENT), *dns_listens), dials=(agent_config.istiod,), datagrams=dns_listens),
         Spec("app-sidecar", "sidecar", plan.APP_UID, plan.APP_GID,
              functools.partial(workloads.run_app, workloads.AppConfig("sidecar", P.SIDECAR_APP)),
              listens=((any_, P.SIDECAR_APP),)),
@@ -87,6 +97,8 @@ def _servers(lab: Lab) -> list[Spec]:
         Spec("istiod", "istiod", ISTIOD_UID, ISTIOD_GID,
              functools.partial(workloads.run_istiod, workloads.IstiodConfig(os.path.join(run_dir, ISTIOD_LOG))),
              listens=((any_, P.ISTIOD),)),
+        Spec("kube-dns", "kube-dns", KUBE_DNS_UID, KUBE_DNS_GID, functools.partial(workloads.run_kube_dns, kube_dns_config),
+             listens=kube_dns_config.tcp, datagrams=kube_dns_config.udp),
     ]
 
 
@@ -96,8 +108,10 @@ def _scraper(lab: Lab) -> Spec:
                 functools.partial(workloads.run_scraper, config))
 
 
-def start(lab: Lab, timeout: float = 3.0) -> None:
+def start(lab: Lab, timeout: float = 3.0, dns_proxy: bool = False) -> None:
     """Spawn every process, record their pids, and return once all are ready.
+
+    `dns_proxy`: pilot-agent runs its DNS proxy, as when the pod's rules capture DNS.
 
     All or nothing: on any failure the processes this call spawned are killed by pid and
     reaped before the error (LabError, or ProcessDied naming the one that died) goes up.
@@ -108,19 +122,21 @@ def start(lab: Lab, timeout: float = 3.0) -> None:
     if lab.record.pids:
         raise LabError(f"lab {lab.labid} already runs {', '.join(lab.record.pids)}")
     try:
-        _start(lab, time.monotonic() + timeout)
+        _start(lab, time.monotonic() + timeout, dns_proxy)
     except BaseException:
         for name in lab.record.pids:
             _kill(lab, name)
         raise
 
 
-def _start(lab: Lab, deadline: float) -> None:
+def _start(lab: Lab, deadline: float, dns_proxy: bool) -> None:
     _own(os.path.join(lab.run_dir, ACCESS_LOG), plan.PROXY_UID, plan.PROXY_GID)
     _own(os.path.join(lab.run_dir, ISTIOD_LOG), ISTIOD_UID, ISTIOD_GID)
     _own(os.path.join(lab.run_dir, SCRAPE_LOG), PROMETHEUS_UID, PROMETHEUS_GID)
+    _own(os.path.join(lab.run_dir, DNS_PROXY_LOG), plan.PROXY_UID, plan.PROXY_GID)
+    _own(os.path.join(lab.run_dir, KUBE_DNS_LOG), KUBE_DNS_UID, KUBE_DNS_GID)
 
-    specs = _servers(lab)
+    specs = _servers(lab, dns_proxy)
     listeners, dialers = [s for s in specs if not s.dials], [s for s in specs if s.dials]
     for wave in (listeners, dialers):  # dialers once their peers listen: first dial and poll succeed
         _spawn(lab, wave)
@@ -230,13 +246,17 @@ def _sockets_missing(pid: int, spec: Spec) -> str | None:
                 owned.add(link[8:-1])
         with open(f"/proc/{pid}/net/tcp") as f:
             rows = [line.split() for line in f.readlines()[1:]]
+        with open(f"/proc/{pid}/net/udp") as f:
+            udp_rows = [line.split() for line in f.readlines()[1:]]
     except OSError as e:
         return f"cannot read its sockets: {e}"
     mine = [(_hexaddr(r[1]), _hexaddr(r[2]), r[3]) for r in rows if r[9] in owned]
     listening = {local for local, _, state in mine if state == TCP_LISTEN}
     connected = {remote for _, remote, state in mine if state == TCP_ESTABLISHED}
+    bound = {_hexaddr(r[1]) for r in udp_rows if r[9] in owned}
     missing = [f"listening on {a}:{p}" for a, p in spec.listens if (a, p) not in listening]
     missing += [f"connected to {a}:{p}" for a, p in spec.dials if (a, p) not in connected]
+    missing += [f"bound to udp {a}:{p}" for a, p in spec.datagrams if (a, p) not in bound]
     return "not " + ", not ".join(missing) if missing else None
 
 
@@ -273,6 +293,15 @@ def read_jsonl(path: str) -> list[dict]:
 
 def access_log(lab: Lab) -> list[dict]:
     return read_jsonl(os.path.join(lab.run_dir, ACCESS_LOG))
+
+
+def dns_proxy_log(lab: Lab) -> list[dict]:
+    """pilot-agent's DNS proxy, one line per query (empty when DNS capture is off)."""
+    return read_jsonl(os.path.join(lab.run_dir, DNS_PROXY_LOG))
+
+
+def kube_dns_log(lab: Lab) -> list[dict]:
+    return read_jsonl(os.path.join(lab.run_dir, KUBE_DNS_LOG))
 
 
 def istiod_log(lab: Lab) -> list[dict]:

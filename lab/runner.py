@@ -1,7 +1,8 @@
 """Fire each scenario's traffic in a lab and judge it by three witnesses.
 
-The witnesses: TRACE events from every pod, the sidecar's nat rule counters,
-and Envoy's access log.  The path comes from the first and third; the second
+The witnesses: TRACE events from every pod, the sidecar's nat rule counters (and those of
+its raw table's own chains, DNS capture's conntrack zones), and the proxies' logs (Envoy's
+access log, pilot-agent's DNS log).  The path comes from the first and third; the second
 must agree with the first, rule for rule, or the result says so.
 """
 
@@ -14,6 +15,7 @@ from . import path as paths
 from . import interrupts, processes, workloads
 from .errors import LabError
 from .rules import profiles, xtables
+from .rules.save import BUILTIN_CHAINS
 from .scenario import Scenario
 from .trace import TraceError, TraceEvent, TraceReader
 from .world import Lab
@@ -25,8 +27,8 @@ class Result:
     measured: paths.Path = field(default_factory=paths.Path)
     legs: list[paths.Leg] = field(default_factory=list)
     rule_hits: list[str] = field(default_factory=list)
-    counter_deltas: dict[str, int] = field(default_factory=dict)  # nat rule -> packets during the scenario
-    trace_rule_events: dict[str, int] = field(default_factory=dict)  # nat rule -> TRACE `rule` events
+    counter_deltas: dict[str, int] = field(default_factory=dict)  # rule (path.ref) -> packets during the scenario
+    trace_rule_events: dict[str, int] = field(default_factory=dict)  # rule (path.ref) -> TRACE `rule` events
     rule_lines: dict[str, str] = field(default_factory=dict)
     endpoint: str = ""  # "pod ip:port" where the last leg's SYN reached INPUT
     response: dict | None = None
@@ -49,7 +51,7 @@ class Result:
     @property
     def article_differences(self) -> list[str]:
         s = self.scenario
-        if self.failure:
+        if self.failure or not s.has_article_claim:
             return []
         if s.article_path:
             return paths.differences(paths.parse(s.article_path), self.measured)
@@ -60,7 +62,10 @@ class Result:
         return []
 
     @property
-    def matches_article(self) -> bool:
+    def matches_article(self) -> bool | None:
+        """None when the article says nothing about the traffic (a DNS query, say)."""
+        if not self.scenario.has_article_claim:
+            return None
         return self.failure is None and not self.article_differences
 
     @property
@@ -74,8 +79,20 @@ class Result:
         return "pass" if self.path_as_expected and self.counters_agree and self.endpoint else "fail"
 
 
-def _trace_rule(ports: tuple[int, ...]) -> tuple[str, ...]:
-    return ("-p", "tcp", "-m", "multiport", "--ports", ",".join(map(str, ports)), "-j", "TRACE")
+def _trace_rule(ports: tuple[int, ...], protocol: str = "tcp") -> tuple[str, ...]:
+    return ("-p", protocol, "-m", "multiport", "--ports", ",".join(map(str, ports)), "-j", "TRACE")
+
+
+# The raw table's own chains (DNS capture's conntrack zones) are witnessed as nat's are;
+# its built-in chains hold the TRACE rules themselves.
+def _own_chains(table: str, counts: dict[str, int]) -> dict[str, int]:
+    if table == "nat":
+        return counts
+    return {f"{table}:{ref}": n for ref, n in counts.items() if ref.split("#")[0] not in BUILTIN_CHAINS[table]}
+
+
+def _counters(ns: str) -> dict[str, int]:
+    return {**xtables.packet_counts(ns, "nat"), **_own_chains("raw", xtables.packet_counts(ns, "raw"))}
 
 
 class Witnesses:
@@ -84,7 +101,10 @@ class Witnesses:
     def __init__(self, lab: Lab):
         self.lab = lab
         self.readers: list[TraceReader] = []
-        self.rule_lines = {r.ref: r.line for r in xtables.listing(lab.pod("sidecar").ns, "nat")}
+        sidecar = lab.pod("sidecar").ns
+        self.rule_lines = {paths.ref(table, r.chain, r.num): r.line for table in ("nat", "raw")
+                           for r in xtables.listing(sidecar, table)
+                           if table == "nat" or r.chain not in BUILTIN_CHAINS[table]}
         try:
             for pod in lab.pods.values():
                 xtables.touch(pod.ns)
@@ -102,8 +122,10 @@ class Witnesses:
     def tracing(self, scenario: Scenario):
         """TRACE rules at the head of raw PREROUTING and OUTPUT in the pods the scenario
         crosses, for its ports only; removed after."""
-        rule = _trace_rule(scenario.traced_ports)
-        rules = [("PREROUTING", rule), ("OUTPUT", rule)]
+        traced = [_trace_rule(scenario.traced_ports)]
+        if scenario.traced_udp_ports:
+            traced.append(_trace_rule(scenario.traced_udp_ports, "udp"))
+        rules = [(chain, rule) for rule in traced for chain in ("PREROUTING", "OUTPUT")]
         placed = []
         try:
             for pod in scenario.traced_pods:
@@ -134,18 +156,21 @@ class Observation:
     response_status: int
     response_body: str
     events: dict[str, list[TraceEvent]]  # pod -> TRACE events
-    counters_before: dict[str, int]  # nat rule "CHAIN#N" -> packets
+    counters_before: dict[str, int]  # rule "CHAIN#N" (nat) or "raw:CHAIN#N" -> packets
     counters_after: dict[str, int]
-    rule_lines: dict[str, str]  # nat rule "CHAIN#N" -> its line, as applied
-    access_log: list[dict]
+    rule_lines: dict[str, str]  # rule, named as in the counters -> its line, as applied
+    access_log: list[dict]  # Envoy's access log, then pilot-agent's DNS log
 
 
 def _fire(lab: Lab, scenario: Scenario) -> workloads.Response:
     if scenario.trigger == "pilot-agent-redial":
         agent = processes.redial_istiod(lab)
         return workloads.Response(0, "", agent, f"{scenario.address}:{scenario.port}")
-    fire = workloads.request if scenario.protocol == "http" else workloads.stream
     src = scenario.source
+    if scenario.protocol == "dns":
+        return workloads.dns_query(lab.pod(src.pod).ns, scenario.address, scenario.port, scenario.query,
+                                   transport=scenario.transport, uid=src.uid, gid=src.gid)
+    fire = workloads.request if scenario.protocol == "http" else workloads.stream
     return fire(lab.pod(src.pod).ns, scenario.address, scenario.port, uid=src.uid, gid=src.gid)
 
 
@@ -154,20 +179,20 @@ def observe(lab: Lab, witnesses: Witnesses, scenario: Scenario) -> Observation:
     interrupts.check()
     processes.check_alive(lab)
     with witnesses.tracing(scenario):
-        before = xtables.packet_counts(sidecar, "nat")
+        before = _counters(sidecar)
         # This scenario's lines only: legs are joined by address, and a port the kernel hands
         # out again (another scenario's connection, earlier) would join a stale leg.
-        logged = len(processes.access_log(lab))
+        logged, asked = len(processes.access_log(lab)), len(processes.dns_proxy_log(lab))
         try:
             response = _fire(lab, scenario)
         except workloads.RequestError:
             processes.check_alive(lab)  # a dead proxy is the better answer than "refused"
             raise
         events = witnesses.events()
-        after = xtables.packet_counts(sidecar, "nat")
+        after = _counters(sidecar)
     processes.check_alive(lab)
     return Observation(response.local, response.status, response.body, events, before, after,
-                       witnesses.rule_lines, processes.access_log(lab)[logged:])
+                       witnesses.rule_lines, processes.access_log(lab)[logged:] + processes.dns_proxy_log(lab)[asked:])
 
 
 def judge(scenario: Scenario, seen: Observation, profile: str | None = profiles.DEFAULT) -> Result:
@@ -180,8 +205,8 @@ def judge(scenario: Scenario, seen: Observation, profile: str | None = profiles.
     result.counter_deltas = {ref: n - before.get(ref, 0) for ref, n in after.items() if n != before.get(ref, 0)}
     sidecar_events = seen.events["sidecar"]
     for e in sidecar_events:
-        if e.table == "nat" and e.kind == "rule":
-            ref = f"{e.chain}#{e.rulenum}"
+        if e.kind == "rule" and (e.table == "nat" or e.table == "raw" and e.chain not in BUILTIN_CHAINS["raw"]):
+            ref = paths.ref(e.table, e.chain, e.rulenum)
             result.trace_rule_events[ref] = result.trace_rule_events.get(ref, 0) + 1
     result.legs = paths.chain_legs(seen.response_local, f"{scenario.address}:{scenario.port}", seen.access_log)
     rule_counts: dict[str, int] = {}

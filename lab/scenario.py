@@ -12,11 +12,13 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import plan
+from . import dns, plan
 from .errors import LabError
+from .rules import features
 
 SCENARIO_DIR = Path(__file__).resolve().parent.parent / "scenarios"
-PROTOCOLS = ("http", "tcp")
+PROTOCOLS = ("http", "tcp", "dns")
+TRANSPORTS = ("udp", "tcp")  # how a DNS query travels
 TRIGGERS = ("client", "pilot-agent-redial")
 ID_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")  # ids are typed on command lines and shown in reports
 _LAB_NETWORKS = [ipaddress.ip_network(n) for n in (plan.POD_SUBNET, plan.SERVICE_RANGE, "127.0.0.0/8")]
@@ -39,7 +41,7 @@ class Endpoint:
 class Scenario:
     id: str
     title: str
-    type: int  # the article's traffic type, 1-6
+    type: int | None  # the article's traffic type, 1-6; None for traffic the article does not cover
     variant_of: str | None
     article_path: str  # verbatim; "" when the article shows the path only as a picture
     article_claim: str  # the article's sentence about this traffic, verbatim
@@ -47,13 +49,21 @@ class Scenario:
     source: Endpoint
     address: str  # the destination as dialed
     port: int
-    protocol: str  # "http": one GET; "tcp": a stream opened and half-closed (istiod's xDS)
+    protocol: str  # "http": one GET; "tcp": a stream opened and half-closed (istiod's xDS); "dns": one query
     trigger: str  # "client": the lab dials as from.uid/gid; "pilot-agent-redial": the real agent re-dials istiod
     destination: str  # label of where the traffic should end
     expected_path: str  # under the default profile (the article's Istio)
     explanation: str
     file: str
     expected_by_profile: tuple[tuple[str, str], ...] = ()  # (profile, path) where a profile's path differs
+    article_note: str = ""  # why the article makes no claim about this traffic (then claim, path are "")
+    query: str = ""  # the name a DNS scenario asks for
+    transport: str = ""  # "udp" | "tcp" for a DNS query
+    feature: str | None = None  # the rule feature it is about: `run` picks it only when the rules have it
+
+    @property
+    def has_article_claim(self) -> bool:
+        return not self.article_note
 
     def expected_for(self, profile: str) -> str:
         """The path measured under `profile`: its own where recorded, else the default's."""
@@ -77,7 +87,14 @@ class Scenario:
         """The ports whose packets the scenario traces: its own and the proxies'."""
         ports = {self.port, plan.Port.OUTBOUND, plan.Port.INBOUND}
         ports |= {s.target_port for s in plan.SERVICES if (s.vip, s.port) == (self.address, self.port)}
+        if self.protocol == "dns":
+            ports.add(plan.Port.DNS_PROXY)
         return tuple(sorted(ports))
+
+    @property
+    def traced_udp_ports(self) -> tuple[int, ...]:
+        """A UDP query's ports: the resolver's and the DNS proxy's (none for TCP traffic)."""
+        return (self.port, plan.Port.DNS_PROXY) if self.transport == "udp" else ()
 
 
 class _Fields:
@@ -182,30 +199,55 @@ def _expected_by_profile(expected: _Fields) -> tuple[tuple[str, str], ...]:
     return tuple(given.items())
 
 
+def _dns_query(traffic: _Fields, to: _Fields, protocol: str) -> tuple[str, str]:
+    """(transport, name) of a DNS scenario; both empty for other traffic."""
+    if protocol != "dns":
+        for f, key in ((to, "transport"), (traffic, "query")):
+            if key in f.data:
+                raise f.fail(key, "only a DNS scenario (protocol: dns) asks a name")
+        return "", ""
+    transport = to.get("transport", str)
+    if transport not in TRANSPORTS:
+        raise to.fail("transport", f"{transport!r} is not one of {', '.join(TRANSPORTS)}")
+    name = traffic.get("query", str)
+    try:
+        dns.query(name, id=0)
+    except (dns.DnsFormatError, UnicodeError):
+        raise traffic.fail("query", f"{name!r} is not a DNS name") from None
+    return transport, name
+
+
 def parse(data, file: str) -> Scenario:
     top = _Fields(data, file)
-    top.unknown({"id", "title", "type", "variant_of", "article", "traffic", "expected", "explanation"})
+    top.unknown({"id", "title", "type", "variant_of", "article", "traffic", "expected", "explanation", "feature"})
     article = top.sub("article")
-    article.unknown({"path", "claim", "proxies"})
+    article.unknown({"path", "claim", "proxies", "note"})
+    note = article.get("note", str, required=False, default="")
+    if note and set(article.data) != {"note"}:
+        raise article.fail("note", "says the article makes no claim: give it alone, without path, claim or proxies")
     traffic = top.sub("traffic")
-    traffic.unknown({"from", "to", "trigger"})
+    traffic.unknown({"from", "to", "trigger", "query"})
     trigger = traffic.get("trigger", str, required=False, default="client")
     if trigger not in TRIGGERS:
         raise traffic.fail("trigger", f"{trigger!r} is not one of {', '.join(TRIGGERS)}")
     src, to = traffic.sub("from"), traffic.sub("to")
     src.unknown({"pod", "process", "uid", "gid", "label"})
-    to.unknown({"pod", "service", "address", "port", "protocol", "label"})
+    to.unknown({"pod", "service", "address", "port", "protocol", "transport", "label"})
     protocol = to.get("protocol", str, required=False, default="http")
     if protocol not in PROTOCOLS:
         raise to.fail("protocol", f"{protocol!r} is not one of {', '.join(PROTOCOLS)}")
+    transport, query = _dns_query(traffic, to, protocol)
+    feature = top.get("feature", str, required=False)
+    if feature is not None and feature not in features.FEATURES:
+        raise top.fail("feature", f"{feature!r} is not one of {', '.join(features.FEATURES)}")
     expected = top.sub("expected")
     expected.unknown({"path", "profiles"})
     by_profile = _expected_by_profile(expected)
     proxies = article.get("proxies", list, required=False)
     if proxies is not None and not all(isinstance(p, str) for p in proxies):
         raise article.fail("proxies", f"expected a list of proxy names, got {proxies!r}")
-    scenario_type = top.get("type", int)
-    if not 1 <= scenario_type <= 6:
+    scenario_type = top.get("type", int, required=not note)
+    if scenario_type is not None and not 1 <= scenario_type <= 6:
         raise top.fail("type", f"the article has traffic types 1-6, not {scenario_type}")
     scenario = Scenario(
         id=_scenario_id(top),
@@ -213,7 +255,7 @@ def parse(data, file: str) -> Scenario:
         type=scenario_type,
         variant_of=top.get("variant_of", str, required=False),
         article_path=article.get("path", str, required=False, default=""),
-        article_claim=article.get("claim", str),
+        article_claim=article.get("claim", str, required=not note, default=""),
         article_proxies=tuple(proxies) if proxies is not None else None,
         source=Endpoint(_pod(src, "pod"), src.get("label", str), src.get("process", str), _id(src, "uid"), _id(src, "gid")),
         address=_destination(to),
@@ -225,10 +267,14 @@ def parse(data, file: str) -> Scenario:
         explanation=top.get("explanation", str),
         file=file,
         expected_by_profile=by_profile,
+        article_note=note,
+        query=query,
+        transport=transport,
+        feature=feature,
     )
     if trigger == "pilot-agent-redial" and (scenario.address, scenario.port) != (plan.PODS["istiod"], plan.Port.ISTIOD):
         raise traffic.fail("trigger", f"pilot-agent re-dials istiod only ({plan.PODS['istiod']}:{plan.Port.ISTIOD})")
-    if not scenario.article_path and scenario.article_proxies is None:
+    if not scenario.article_path and scenario.article_proxies is None and not note:
         raise article.fail("path", "missing (or give article.proxies when the article has no path in words)")
     from . import path as pathlib  # the notation must read back
 

@@ -16,7 +16,7 @@ import socket
 import time
 from dataclasses import dataclass
 
-from . import netns, plan
+from . import dns, netns, plan
 from .sidecar import httpio
 from .errors import LabError
 
@@ -93,6 +93,30 @@ def run_istiod(config: IstiodConfig) -> None:
         await server.serve_forever()
 
     asyncio.run(main())
+
+
+# -- kube-dns ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class KubeDnsConfig:
+    log: str  # JSON lines, one per query: {"protocol", "peer", "local", "name", "rcode", "answers", "time"}
+    udp: tuple[tuple[str, int], ...]  # each address it answers from (the resolver's, its pod IP)
+    tcp: tuple[tuple[str, int], ...]
+    ttl: int = 5  # CoreDNS's kubernetes plugin default
+
+
+def run_kube_dns(config: KubeDnsConfig) -> None:
+    """The cluster's DNS server: Services and pod names (dns.cluster_resolver), NXDOMAIN otherwise."""
+    fd = os.open(config.log, os.O_WRONLY | os.O_APPEND)
+    resolve = dns.cluster_resolver()
+
+    async def handle(req: dns.Request) -> bytes:
+        reply = dns.answer(req.data, resolve, config.ttl)
+        _append(fd, {"protocol": req.protocol, "peer": httpio.addr(req.peer), "local": httpio.addr(req.local),
+                     **dns.describe(reply), "time": time.time()})
+        return reply
+
+    asyncio.run(dns.serve(handle, config.udp, config.tcp))
 
 
 # -- Prometheus -------------------------------------------------------------------------
@@ -208,3 +232,42 @@ def request(ns: str, dst_ip: str, port: int, *, uid: int, gid: int, path: str = 
     """GET http://dst_ip:port/path from pod namespace `ns` as uid/gid; the socket is closed after."""
     with connect(ns, dst_ip, port, uid=uid, gid=gid, src_port=src_port, timeout=timeout) as sock:
         return get(sock, path)
+
+
+def dns_query(ns: str, dst_ip: str, port: int, name: str, *, transport: str, uid: int, gid: int,
+              timeout: float = 2.0) -> Response:
+    """Ask `name`'s A record of dst_ip:port over UDP (one datagram) or TCP (length-prefixed), as
+    a resolver library does, from pod namespace `ns` as uid/gid.
+
+    The UDP socket is connected, as glibc's is: the kernel then takes only an answer from
+    dst_ip:port, so an answer reaches the app only if conntrack gave it back the address it
+    asked.  status is the answer's RCODE; body {"name", "rcode", "answers"} as JSON.
+    """
+    kind = socket.SOCK_DGRAM if transport == "udp" else socket.SOCK_STREAM
+    where = f"DNS {name} over {transport} to {dst_ip}:{port} from {ns} as {uid}:{gid}"
+    with netns.entered(ns), netns.fs_identity(uid, gid):
+        sock = socket.socket(socket.AF_INET, kind)
+    query = dns.query(name, id=int.from_bytes(os.urandom(2), "big"))
+    with sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect((dst_ip, port))
+            local, peer = httpio.addr(sock.getsockname()), httpio.addr(sock.getpeername())
+            if transport == "udp":
+                sock.send(query)
+                reply = sock.recv(65535)
+            else:
+                sock.sendall(dns.frame(query))
+                sock.shutdown(socket.SHUT_WR)
+                chunks = []
+                while chunk := sock.recv(65536):
+                    chunks.append(chunk)
+                reply = dns.unframe(b"".join(chunks))
+            answer = dns.parse(reply)
+        except socket.timeout:
+            raise RequestError(f"{where}: no answer within {timeout}s") from None
+        except (OSError, dns.DnsFormatError) as e:
+            raise RequestError(f"{where}: {getattr(e, 'strerror', None) or e}") from None
+    if not answer.response or answer.id != dns.parse(query).id:
+        raise RequestError(f"{where}: the answer is not a response to the query")
+    return Response(answer.rcode, json.dumps(dns.describe(reply)), local, peer)

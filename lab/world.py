@@ -85,6 +85,7 @@ class Lab:
                     bridge = self._build_fabric(node)
                     for pod in self.pods.values():
                         self._build_pod(node, bridge, pod)
+                    self._route_held_vips(node, bridge)
         except BaseException:
             self.destroy()
             raise
@@ -107,8 +108,23 @@ class Lab:
             eth0 = inside.link_lookup(ifname="eth0")[0]
             inside.addr("add", index=eth0, address=pod.ip, prefixlen=plan.POD_PREFIX)
             inside.link("set", index=eth0, state="up")
+            for vip in plan.HELD_VIPS.get(pod.name, ()):
+                inside.addr("add", index=eth0, address=vip, prefixlen=32)
             inside.route("add", dst="default", gateway=plan.GATEWAY)
             inside.route("add", dst=plan.SERVICE_RANGE, gateway=plan.GATEWAY)
+        if pod.name in plan.POD_SYSCTLS:
+            netns.set_sysctls(pod.ns, plan.POD_SYSCTLS[pod.name])
+
+    def _route_held_vips(self, node, bridge: int) -> None:
+        """The node forwards a held VIP to its pod, as kube-proxy would send it there.  No ICMP
+        redirects: they would teach the pods a shortcut and change later packets' next hop."""
+        if not plan.HELD_VIPS:
+            return
+        for pod, vips in plan.HELD_VIPS.items():
+            for vip in vips:
+                node.route("add", dst=f"{vip}/32", gateway=self.pods[pod].ip, oif=bridge)
+        netns.set_sysctls(self.node, {"net/ipv4/ip_forward": "1", "net/ipv4/conf/all/send_redirects": "0",
+                                      f"net/ipv4/conf/{BRIDGE}/send_redirects": "0"})
 
     def destroy(self) -> None:
         if self.up:

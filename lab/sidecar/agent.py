@@ -9,6 +9,8 @@
   - on each GET /stats/prometheus on 15020, fetches Envoy's 127.0.0.1:15000/stats/prometheus
     and the app's 127.0.0.1:8080/metrics (localhost, like the real agent: the pod IP over lo
     would be redirected to 15006 for uid 1337) and serves them merged with its own counters.
+  - with DNS capture on, the DNS proxy on 127.0.0.1:15053 (dnsproxy.py), started first, as
+    the real agent starts it before Envoy is up.
 Nothing runs periodically once started.
 """
 
@@ -18,7 +20,7 @@ import asyncio
 from dataclasses import dataclass
 
 from .. import plan
-from . import httpio
+from . import dnsproxy, httpio
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,7 @@ class Config:
     listen: tuple[str, int] = ("0.0.0.0", plan.Port.AGENT)
     backoff: tuple[float, float] = (0.05, 2.0)  # first re-dial delay, cap
     ready_timeout: float = 10.0
+    dns: dnsproxy.Config | None = None  # the DNS proxy, when the pod's rules capture DNS
 
 
 def say(*words) -> None:
@@ -103,11 +106,12 @@ class Agent:
         return 200, envoy + app + "\n".join(own) + "\n", httpio.PROMETHEUS
 
     async def main(self) -> None:
+        dns = [asyncio.create_task(dnsproxy.DnsProxy(self.config.dns).serve())] if self.config.dns else []
         stream = asyncio.create_task(self.hold_istiod())
         await self.wait_envoy_ready()
         server = await asyncio.start_server(httpio.server(self.status), *self.config.listen, backlog=128)
         say(f"envoy ready; serving {httpio.addr(self.config.listen)}")
-        await asyncio.gather(stream, server.serve_forever())
+        await asyncio.gather(stream, server.serve_forever(), *dns)
 
 
 def run(config: Config) -> None:

@@ -55,7 +55,7 @@ class Config:
 
 def endpoints_from(services=plan.SERVICES, pods=plan.PODS) -> dict[tuple[str, int], Endpoint]:
     return {(s.vip, s.port): Endpoint(pods[s.pod], s.target_port,
-                                      f"outbound|{s.port}||{s.name}.default.svc.cluster.local")
+                                      f"outbound|{s.port}||{s.fqdn}")
             for s in services}
 
 
