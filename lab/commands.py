@@ -167,7 +167,7 @@ def list_scenarios(args) -> int:
     console = _console()
     for s in scenario.load_all(args.scenarios):
         variant = f"  (variant of {s.variant_of})" if s.variant_of else ""
-        console.print(f"{s.id:<28} type {s.type}  {s.title}{variant}", markup=False, highlight=False)
+        console.print(f"{s.id:<28} type {s.type or '-'}  {s.title}{variant}", markup=False, highlight=False)
     return 0
 
 

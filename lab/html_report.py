@@ -27,11 +27,13 @@ FONT = "DejaVu Sans"
 MONO = "DejaVu Sans Mono"
 SIDECAR = "sidecar"
 PROXY = "Envoy"
+AGENT = "pilot-agent"
 NETFILTER = "netfilter"
 # Who listens on each port the scenarios dial (the lab's processes, see processes.py).
 LISTENERS = {
     plan.Port.SIDECAR_APP: "app", plan.Port.REMOTE_APP: "app", plan.Port.ISTIOD: "istiod",
-    plan.Port.ADMIN: PROXY, plan.Port.STATS: PROXY, plan.Port.READY: PROXY, plan.Port.AGENT: "pilot-agent",
+    plan.Port.ADMIN: PROXY, plan.Port.STATS: PROXY, plan.Port.READY: PROXY, plan.Port.AGENT: AGENT,
+    plan.Port.DNS: "kube-dns", plan.Port.DNS_PROXY: AGENT,
 }
 COLOURS = {  # fill by kind of hop; a differing hop gets MARK's outline
     "endpoint": "#ffffff", "hook": "#dbe9f6", "chain": "#fdf3d0", "proxy": "#dff3e3",
@@ -110,7 +112,7 @@ def _rule_text(line: str) -> str:
 def _packet_source(packet: str) -> tuple[str, int] | None:
     """("10.244.0.10", 34976) from "SYN 10.244.0.10:34976 > 10.96.0.90:9080"."""
     words = packet.split()
-    return paths.endpoint(words[1]) if len(words) == 4 and words[0] == "SYN" else None
+    return paths.endpoint(words[1]) if len(words) == 4 and words[0] in ("SYN", "UDP") else None
 
 
 def _hook_rule(r: Result, hop: paths.Hop) -> str:
@@ -118,7 +120,7 @@ def _hook_rule(r: Result, hop: paths.Hop) -> str:
     source = _packet_source(hop.packet)
     for e in r.events:
         if (e.pod == SIDECAR and e.table == "nat" and e.chain == hop.name and e.kind == "rule"
-                and e.tcp_flags == "S" and (e.src, e.sport) == source):
+                and (e.tcp_flags == "S" or e.proto == "udp") and (e.src, e.sport) == source):
             ref = f"{e.chain}#{e.rulenum}"
             return f"rule {e.rulenum}: {_rule_text(r.rule_lines.get(ref, ''))}".rstrip(": ")
     return ""
@@ -141,7 +143,7 @@ def _place(r: Result, i: int, hop: paths.Hop) -> tuple[str, str]:
         pod, addr = _destination(r)
         return pod, LISTENERS.get(paths.endpoint(addr)[1], "") if pod else ""
     if hop.kind == "proxy":
-        return SIDECAR, PROXY
+        return SIDECAR, AGENT if hop.name.startswith(AGENT) else PROXY
     return SIDECAR, NETFILTER  # the path's hooks and chains are the sidecar's nat table
 
 
@@ -160,12 +162,13 @@ def _node(r: Result, i: int, hop: paths.Hop) -> str:
 
 def _box_label(pod: str, box: str, r: Result) -> str:
     if box == NETFILTER:
-        return "netfilter: nat table"
+        raw = any(h.table == "raw" for h in r.measured.hops)
+        return "netfilter: raw and nat tables" if raw else "netfilter: nat table"
     src = r.scenario.source
     if (pod, box) == (src.pod, src.process):
         return f"{box} (uid {src.uid})"
-    if box == PROXY:
-        return f"{PROXY} (uid {plan.PROXY_UID})"
+    if box in (PROXY, AGENT):
+        return f"{box} (uid {plan.PROXY_UID})"
     return box
 
 
@@ -176,7 +179,7 @@ def _cluster(parent, name: str, **attrs):
 
 def _arrow(hops: list[paths.Hop], i: int) -> str:
     """The packet the arrow into hop i was seen on: the hop's own SYN, else the one that reached it."""
-    packet = hops[i].packet if hops[i].packet.startswith("SYN") else hops[i - 1].packet
+    packet = hops[i].packet if hops[i].packet.startswith(("SYN", "UDP")) else hops[i - 1].packet
     return f"{i}  {packet}" if packet else str(i)
 
 
@@ -301,6 +304,8 @@ def _verdict(r: Result) -> str:
 def _agreement(r: Result) -> str:
     if r.failure:
         return "-"
+    if r.matches_article is None:
+        return "no claim"
     return "agrees" if r.matches_article else '<span class="differ">differs</span>'
 
 
@@ -319,7 +324,7 @@ def _summary(results: list[Result]) -> str:
 def _counters(r: Result) -> str:
     refs = list(dict.fromkeys([*r.counter_deltas, *r.trace_rule_events]))
     if not refs:
-        return "<p>No nat rule counter moved.</p>"
+        return "<p>No rule counter moved.</p>"
     rows = "".join(
         f"<tr><td><code>{_esc(ref)}</code></td><td class='num'>+{r.counter_deltas.get(ref, 0)}</td>"
         f"<td class='num'>{r.trace_rule_events.get(ref, 0)}</td>"
@@ -327,13 +332,15 @@ def _counters(r: Result) -> str:
         for ref in refs)
     agree = ("The counters agree with TRACE, rule for rule." if r.counters_agree
              else '<span class="fail">The counters and TRACE disagree.</span>')
-    return ("<table><thead><tr><th>nat rule</th><th>packets</th><th>TRACE events</th><th>rule</th></tr></thead>"
+    return ("<table><thead><tr><th>rule</th><th>packets</th><th>TRACE events</th><th>rule</th></tr></thead>"
             f"<tbody>{rows}</tbody></table><p>{agree}</p>")
 
 
 def _article_figure(r: Result) -> str:
     s = r.scenario
-    if s.article_path and not r.failure:
+    if s.article_note:
+        body = f'<p class="claim">The article makes no claim here: {_esc(s.article_note)}</p>'
+    elif s.article_path and not r.failure:
         body = svg(article_diagram(r))
     else:
         named = ", ".join(s.article_proxies or ()) or "no proxy"
@@ -344,6 +351,8 @@ def _article_figure(r: Result) -> str:
 
 def _differences(r: Result) -> str:
     if r.failure:
+        return ""
+    if r.matches_article is None:
         return ""
     if r.matches_article:
         return "<p>The kernel agrees with the article.</p>"
@@ -358,7 +367,7 @@ def _section(r: Result) -> str:
     if r.failure:
         parts.append(f'<p class="failure">Not measured: {_esc(r.failure)}</p>')
     parts.append(f'<p>kernel: <span class="path">{_esc(r.measured_path or "-")}</span><br>'
-                 f'article: <span class="path">{_esc(s.article_path or "(a picture only)")}</span></p>')
+                 f'article: <span class="path">{_esc(s.article_path or ("(no claim)" if s.article_note else "(a picture only)"))}</span></p>')
     parts.append('<div class="pictures">')
     if r.measured.hops:
         parts.append('<figure class="measured"><figcaption>Measured by the kernel</figcaption>'
@@ -385,7 +394,7 @@ def page(results: list[Result], **meta) -> str:
     facts = [f"lab {meta['lab']}" if "lab" in meta else "", f"rules {meta['profile']}" if "profile" in meta else "",
              f"kernel {os.uname().release}", when]
     passed = sum(r.verdict == "pass" for r in results)
-    agree = sum(r.matches_article for r in results)
+    agree = sum(r.matches_article is True for r in results)
     return "\n".join([
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',

@@ -16,6 +16,8 @@ def _verdict(r: Result) -> str:
 def _article(r: Result) -> str:
     if r.failure:
         return "-"
+    if r.matches_article is None:
+        return "no claim"
     return "agrees" if r.matches_article else "differs"
 
 
@@ -31,7 +33,9 @@ def _scenario(r: Result) -> list[str]:
     if r.failure:
         out += [f"**Not measured**: {r.failure}", ""]
     out += [f"- kernel: `{r.measured_path or '-'}`",
-            f"- article: `{s.article_path}`" if s.article_path else f"- article (a picture only): {s.article_claim}"]
+            f"- article: `{s.article_path}`" if s.article_path
+            else f"- article (no claim): {s.article_note}" if s.article_note
+            else f"- article (a picture only): {s.article_claim}"]
     out += [f"- differs: {d}" for d in r.article_differences]
     out += [f"- {_counters(r)}", f"- verdict: {_verdict(r)}", ""]
     return out
@@ -40,7 +44,7 @@ def _scenario(r: Result) -> list[str]:
 def render(results: list[Result], **meta) -> str:
     facts = " · ".join(f"{k} {meta[k]}" for k in ("lab", "profile") if k in meta)
     passed = sum(r.verdict == "pass" for r in results)
-    agree = sum(r.matches_article for r in results)
+    agree = sum(r.matches_article is True for r in results)
     out = ["## Which iptables rule each kind of traffic takes", "",
            f"{passed} of {len(results)} scenarios pass; the kernel agrees with the article on {agree}."
            + (f" ({facts})" if facts else ""), "",

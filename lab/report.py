@@ -21,6 +21,7 @@ def as_dict(r: Result) -> dict:
         "expected_path": r.expected_path,
         "article_path": s.article_path,
         "article_claim": s.article_claim,
+        **({"article_note": s.article_note} if s.article_note else {}),
         "matches_article": r.matches_article,
         "differences": r.article_differences,
         "rule_hits": r.rule_hits,
@@ -80,7 +81,7 @@ def render(console, results: list[Result]) -> None:
         s = r.scenario
         console.rule(f"[bold]{escape(s.id)}[/]  {escape(s.title)}", align="left")
         console.print(f"  kernel : {escape(r.measured_path or '(not measured)')}")
-        console.print(f"  article: {escape(s.article_path or '(a picture only) ' + s.article_claim)}")
+        console.print(f"  article: {escape(_article(s))}")
         if r.profile is None and not r.failure:
             differences = default_differences(r)
             console.print(f"  {profiles.DEFAULT}: " + ("[yellow]differs[/]" if differences else "the same path"))
@@ -90,11 +91,18 @@ def render(console, results: list[Result]) -> None:
             console.print("  [green]the kernel agrees with the article[/]")
         for d in r.article_differences:
             console.print(f"  [yellow]differs[/]: {escape(d)}")
-        if r.counter_deltas:
+        nat = {ref: n for ref, n in r.counter_deltas.items() if ":" not in ref}
+        if nat:
             console.print("  nat rules whose counters moved:")
-            order = list(dict.fromkeys(r.rule_hits)) + sorted(set(r.counter_deltas) - set(r.rule_hits))
-            for ref in (ref for ref in order if ref in r.counter_deltas):
-                console.print(f"    {ref:<20} +{r.counter_deltas[ref]:<3} {escape(r.rule_lines.get(ref, ''))}")
+            order = list(dict.fromkeys(r.rule_hits)) + sorted(set(nat) - set(r.rule_hits))
+            for ref in (ref for ref in order if ref in nat):
+                console.print(f"    {ref:<20} +{nat[ref]:<3} {escape(r.rule_lines.get(ref, ''))}")
+        others = sorted(set(r.counter_deltas) - set(nat))
+        if others:  # the raw table's conntrack zones: the query's packets and the answers'
+            console.print("  raw rules whose counters moved (queries and answers):")
+            for ref in others:
+                console.print(f"    {ref.split(':', 1)[1]:<20} +{r.counter_deltas[ref]:<3} "
+                              f"{escape(r.rule_lines.get(ref, ''))}")
         agree = "agree" if r.counters_agree else "[red]DISAGREE[/]"
         console.print(f"  counters vs TRACE: {agree};  reached: {escape(r.endpoint or '-')};  verdict: {_verdict(r)}")
         for why in _why_failed(r):
@@ -105,12 +113,24 @@ def render(console, results: list[Result]) -> None:
     for r in results:
         table.add_row(
             r.scenario.id,
-            _short(r.scenario.article_path) or "(picture) " + ", ".join(r.scenario.article_proxies or ()),
+            _article_short(r.scenario),
             _short(r.measured_path) or "-",
-            "agree" if r.matches_article else "[yellow]differ[/]",
+            {True: "agree", False: "[yellow]differ[/]", None: "no claim"}[r.matches_article],
             _verdict(r),
         )
     console.print(table)
+
+
+def _article(s) -> str:
+    if s.article_note:
+        return f"(no claim) {s.article_note}"
+    return s.article_path or "(a picture only) " + s.article_claim
+
+
+def _article_short(s) -> str:
+    if s.article_note:
+        return "(no claim)"
+    return _short(s.article_path) or "(picture) " + ", ".join(s.article_proxies or ())
 
 
 def _short(text: str) -> str:
@@ -127,5 +147,6 @@ def _short(text: str) -> str:
         if hop.kind == "proxy":
             parts.append(hop.name.split()[1])
         elif hop.kind == "chain" and not hop.name.endswith("REDIRECT"):
-            parts.append(f"{hop.name} {hop.rule}" if hop.rule else hop.name)
+            text = f"{hop.name} {hop.rule}" if hop.rule else hop.name
+            parts.append(f"{text} ({hop.table})" if hop.table else text)
     return escape(" › ".join(parts))

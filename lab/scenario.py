@@ -320,7 +320,7 @@ def load_all(directory: Path | str | None = None) -> list[Scenario]:
     files = sorted(str(p) for p in Path(directory).glob("*.yaml"))
     if not files:  # a lab built to run nothing would only hide a mistyped directory
         raise ScenarioError(f"{directory}: no scenario files (*.yaml)")
-    scenarios = [load_file(f) for f in files]
+    scenarios = sorted((load_file(f) for f in files), key=lambda s: s.type is None)  # the article's types first
     seen: dict[str, str] = {}
     for s in scenarios:
         if s.id in seen:
