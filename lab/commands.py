@@ -79,8 +79,7 @@ def run(args) -> int:
     if not args.ids:  # a scenario about a feature the rules lack runs only when named
         from .rules import features
 
-        have = features.of([pod.dump] if pod else profiles.dumps(profile))
-        chosen = [s for s in chosen if s.feature is None or s.feature in have]
+        chosen = scenario.for_features(chosen, features.of([pod.dump] if pod else profiles.dumps(profile)))
     report_dir = _report_dir(args.report)
     _ready_machine()
     console = _console()

@@ -332,6 +332,12 @@ def load_all(directory: Path | str | None = None) -> list[Scenario]:
     return scenarios
 
 
+def for_features(scenarios: list[Scenario], have: frozenset[str]) -> list[Scenario]:
+    """What `istio-lab run` picks for rules with features `have`: every scenario but those about
+    a feature the rules lack (DNS queries when DNS is not captured).  Named, one runs anyway."""
+    return [s for s in scenarios if s.feature is None or s.feature in have]
+
+
 def select(scenarios: list[Scenario], ids: list[str]) -> list[Scenario]:
     if not ids:
         return scenarios

@@ -235,7 +235,7 @@ def request(ns: str, dst_ip: str, port: int, *, uid: int, gid: int, path: str = 
 
 
 def dns_query(ns: str, dst_ip: str, port: int, name: str, *, transport: str, uid: int, gid: int,
-              timeout: float = 2.0) -> Response:
+              src_port: int | None = None, timeout: float = 2.0) -> Response:
     """Ask `name`'s A record of dst_ip:port over UDP (one datagram) or TCP (length-prefixed), as
     a resolver library does, from pod namespace `ns` as uid/gid.
 
@@ -251,6 +251,8 @@ def dns_query(ns: str, dst_ip: str, port: int, name: str, *, transport: str, uid
     with sock:
         sock.settimeout(timeout)
         try:
+            if src_port is not None:
+                sock.bind(("0.0.0.0", src_port))
             sock.connect((dst_ip, port))
             local, peer = httpio.addr(sock.getsockname()), httpio.addr(sock.getpeername())
             if transport == "udp":

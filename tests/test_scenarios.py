@@ -18,6 +18,11 @@ AGREES_WITH_ARTICLE = {
     "type5-app-localhost": False,
     "type6-sidecar-to-istiod": False,  # uid 1337 returns at rule 4, never reaches Envoy
     "type6-app-to-istiod": False,  # the article's shape, plus the ISTIO_REDIRECT hop it leaves out
+    # DNS: the article makes no claim.  Named under the default rules they run, uncaptured.
+    "dns-udp": None,
+    "dns-udp-forwarded": None,
+    "dns-tcp": None,
+    "dns-tcp-forwarded": None,
 }
 
 

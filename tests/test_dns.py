@@ -1,0 +1,274 @@
+"""DNS capture for real: the wire format, the scenarios' schema, and the kernel's paths.
+
+Offline: the DNS messages kube-dns, pilot-agent and the client exchange; how a DNS scenario
+is written and picked; how raw-table and agent hops read back.  On the kernel: each DNS
+scenario under istio-1.25-dns (path, raw zone counters, who answered), the same queries
+under the default rules (no capture), and what the conntrack zones are for.
+"""
+
+import asyncio
+import json
+import struct
+
+import pytest
+
+from lab import commands, dns, path, plan, processes, runner, scenario, workloads
+from lab.rules import features, profiles, save, xtables
+from lab.sidecar import dnsproxy
+from lab.world import Lab
+
+DNS = "istio-1.25-dns"
+SCENARIOS = scenario.load_all()
+DNS_SCENARIOS = [s for s in SCENARIOS if s.protocol == "dns"]
+SERVICE = "remote.default.svc.cluster.local"
+POD_NAME = "10-244-0-20.default.pod.cluster.local"
+
+
+# --- the wire -----------------------------------------------------------------------------
+
+def test_a_query_reads_back():
+    q = dns.parse(dns.query("Remote.Default.svc.cluster.local.", id=4660))
+    assert (q.id, q.name, q.qtype, q.response) == (4660, SERVICE, dns.TYPE_A, False)
+
+
+def test_a_known_name_gets_its_a_record():
+    answer = dns.parse(dns.answer(dns.query(SERVICE, id=7), dns.Resolver(dns.service_names()), ttl=30))
+    assert (answer.id, answer.response, answer.rcode_name, answer.addresses) == (7, True, "NOERROR", ("10.96.0.90",))
+
+
+def test_an_unknown_name_is_nxdomain_and_another_type_gets_no_records():
+    resolve = dns.Resolver(dns.service_names())
+    assert dns.parse(dns.answer(dns.query("nowhere.example", id=1), resolve, 30)).rcode_name == "NXDOMAIN"
+    aaaa = dns.parse(dns.answer(dns.query(SERVICE, id=2, qtype=28), resolve, 30))
+    assert (aaaa.rcode_name, aaaa.addresses) == ("NOERROR", ())
+
+
+def test_a_message_that_cannot_be_read_gets_formerr_with_its_id():
+    reply = dns.answer(b"\x12\x34\x00", dns.Resolver({}), 30)
+    assert struct.unpack_from("!H", reply)[0] == 0x1234
+    assert dns.describe(reply) == {"name": None, "rcode": "FORMERR", "answers": []}
+    with pytest.raises(dns.DnsFormatError):
+        dns.parse(b"\x00" * 5)
+
+
+def test_compressed_names_are_followed():
+    # the answer's name is a pointer to the question's (0xc00c), as every server writes it
+    answer = dns.answer(dns.query(SERVICE, id=3), dns.Resolver(dns.service_names()), 30)
+    assert b"\xc0\x0c" in answer and dns.parse(answer).addresses == ("10.96.0.90",)
+
+
+def test_tcp_messages_carry_their_length():
+    message = dns.query(SERVICE, id=9)
+    assert dns.unframe(dns.frame(message) + b"more") == message
+    with pytest.raises(dns.DnsFormatError):
+        dns.unframe(dns.frame(message)[:-1])
+
+
+def test_kube_dns_knows_services_and_pod_names_the_agent_does_not():
+    cluster, mesh = dns.cluster_resolver(), dns.Resolver(dns.service_names())
+    assert cluster("kube-dns.kube-system.svc.cluster.local") == mesh("kube-dns.kube-system.svc.cluster.local") \
+        == plan.RESOLVER
+    assert cluster(POD_NAME) == "10.244.0.20" and mesh(POD_NAME) is None
+    assert cluster("10-244-0-999.default.pod.cluster.local") is None
+
+
+def test_the_agent_answers_a_name_in_its_table_itself_and_logs_it(tmp_path):
+    log = tmp_path / "dns.jsonl"
+    log.touch()
+    proxy = dnsproxy.DnsProxy(dnsproxy.Config(str(log), dns.service_names()))
+    request = dns.Request(dns.query(SERVICE, id=5), "udp", ("10.244.0.10", 40000), ("127.0.0.1", 15053))
+    reply = asyncio.run(proxy.handle(request))
+    assert dns.parse(reply).addresses == ("10.96.0.90",)
+    [line] = [json.loads(x) for x in log.read_text().splitlines()]
+    assert line["answered_by"] == "name table" and line["upstream_local"] is None
+    assert line["original_dst"] is None  # UDP has no SO_ORIGINAL_DST
+    assert path.chain_legs("10.244.0.10:40000", "10.96.0.10:53", [line]) == \
+        [path.Leg("10.244.0.10:40000", "10.96.0.10:53", 15053)]
+
+
+# --- the notation -------------------------------------------------------------------------
+
+def test_raw_hops_and_the_agent_read_back_as_written():
+    for s in DNS_SCENARIOS:
+        text = s.expected_for(DNS)
+        assert str(path.parse(text)) == text
+    hops = path.parse("Local Pod -> OUTPUT -> ISTIO_OUTPUT_DNS RULE 5 (raw) -> ISTIO_OUTPUT_DNS RULE 2"
+                      " -> pilot-agent 15053 (DNS)").hops
+    assert (hops[2].table, hops[3].table) == ("raw", "")
+    assert not path.same(hops[2], path.Hop("chain", "ISTIO_OUTPUT_DNS", 5))  # raw is not nat
+    assert hops[-1].kind == "proxy"  # the agent answered: the path ends there
+    aside = path.parse("A -> ISTIO_INBOUND (traffic destined for ports 15002, 15090 will go to INPUT) -> B").hops[1]
+    assert aside.table == ""  # the article's asides are not tables
+
+
+def test_a_udp_legs_later_datagrams_are_not_hops_again():
+    from lab.trace import TraceEvent
+
+    def event(table, chain, rulenum):
+        return TraceEvent("sidecar", table, chain, "rule", rulenum, None, "eth0", "10.244.0.10", "10.96.0.10",
+                          "udp", 40000, 53, None, 1000, 1000, None, "")
+
+    first = [event("raw", "ISTIO_OUTPUT_DNS", 5), event("nat", "ISTIO_OUTPUT", 8)]
+    again = [event("raw", "ISTIO_OUTPUT_DNS", 5)]  # a retry: raw again, nat never
+    assert path.syn_events(first + again, path.Leg("10.244.0.10:40000", "10.96.0.10:53")) == first
+
+
+# --- the schema and the choice of scenarios ----------------------------------------------
+
+GOOD = {"id": "q", "title": "q", "feature": "dns-capture", "article": {"note": "no word on DNS"},
+        "traffic": {"from": {"pod": "sidecar", "process": "app", "label": "Local Pod", "uid": 1000, "gid": 1000},
+                    "to": {"service": "kube-dns", "port": 53, "protocol": "dns", "transport": "udp",
+                           "label": "kube-dns"},
+                    "query": SERVICE},
+        "expected": {"path": "Local Pod -> OUTPUT -> POSTROUTING -> kube-dns"}, "explanation": "x"}
+
+
+def _with(change):
+    data = json.loads(json.dumps(GOOD))
+    change(data)
+    return data
+
+
+def test_a_dns_scenario_parses():
+    s = scenario.parse(GOOD, "q.yaml")
+    assert (s.protocol, s.transport, s.query, s.feature, s.type) == ("dns", "udp", SERVICE, "dns-capture", None)
+    assert not s.has_article_claim and s.article_claim == "" and s.traced_udp_ports == (53, 15053)
+    assert plan.Port.DNS_PROXY in s.traced_ports and s.endpoint_pod == "kube-dns"
+
+
+@pytest.mark.parametrize("change, field, problem", [
+    (lambda d: d["traffic"]["to"].pop("transport"), "traffic.to.transport", "missing"),
+    (lambda d: d["traffic"]["to"].update(transport="sctp"), "traffic.to.transport", "not one of"),
+    (lambda d: d["traffic"].pop("query"), "traffic.query", "missing"),
+    (lambda d: d["traffic"].update(query="a..b"), "traffic.query", "not a DNS name"),
+    (lambda d: d["traffic"]["to"].update(protocol="http"), "traffic.to.transport", "only a DNS scenario"),
+    (lambda d: d.update(feature="teleport"), "feature", "not one of"),
+    (lambda d: d["article"].update(claim="c"), "article.note", "give it alone"),
+    (lambda d: d.update(article={"path": "A -> B"}, type=2), "article.claim", "missing"),
+])
+def test_a_bad_dns_scenario_names_its_field(change, field, problem):
+    with pytest.raises(scenario.ScenarioError) as e:
+        scenario.parse(_with(change), "q.yaml")
+    assert str(e.value).startswith(f"q.yaml: {field}: ") and problem in str(e.value)
+
+
+def test_run_picks_dns_scenarios_only_for_rules_that_capture_dns():
+    assert features.of(profiles.dumps(DNS)) == {features.DNS_CAPTURE}
+    assert all(features.of(profiles.dumps(name)) == set() for name in profiles.names() if name != DNS)
+    default = scenario.for_features(SCENARIOS, features.of(profiles.dumps(profiles.DEFAULT)))
+    captured = scenario.for_features(SCENARIOS, features.of(profiles.dumps(DNS)))
+    assert {s.id for s in captured} - {s.id for s in default} == {s.id for s in DNS_SCENARIOS}
+    assert [s.type for s in captured][-len(DNS_SCENARIOS):] == [None] * len(DNS_SCENARIOS)  # after the article's
+
+
+def test_the_repository_has_answered_and_forwarded_queries_over_both_transports():
+    kinds = {(s.transport, s.query == SERVICE) for s in DNS_SCENARIOS}
+    assert kinds == {("udp", True), ("udp", False), ("tcp", True), ("tcp", False)}
+    for s in DNS_SCENARIOS:  # measured with and without capture, and they differ
+        assert s.feature == features.DNS_CAPTURE and s.expected_for(DNS) != s.expected_path
+
+
+# --- on the kernel ------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def captured():
+    with Lab() as lab:
+        commands.bring_up(lab, DNS)
+        results = {r.scenario.id: r for r in runner.run(lab, DNS_SCENARIOS, DNS)}
+        yield results, processes.dns_proxy_log(lab), processes.kube_dns_log(lab)
+
+
+def _raw(r: runner.Result) -> dict[str, int]:
+    return {ref.split(":", 1)[1]: n for ref, n in r.counter_deltas.items() if ref.startswith("raw:")}
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("s", DNS_SCENARIOS, ids=[s.id for s in DNS_SCENARIOS])
+def test_dns_scenario_under_capture(captured, s):
+    results, _, _ = captured
+    r = results[s.id]
+    assert r.failure is None, r.failure
+    assert r.measured_path == s.expected_for(DNS)
+    assert r.counters_agree, (r.counter_deltas, r.trace_rule_events)
+    assert r.verdict == "pass"
+    assert json.loads(r.response["body"])["answers"] == [dns.cluster_resolver()(s.query)]
+    assert r.legs[0].proxy == plan.Port.DNS_PROXY
+    assert r.matches_article is None  # the article makes no claim about DNS
+
+
+@pytest.mark.kernel
+def test_the_zone_rules_counted_the_queries_and_the_answers(captured):
+    results, _, _ = captured
+    # the app's query (zone 2), the agent's answer from 15053 (zone 2; its gid twin, a no-op),
+    # and that answer looping back over lo past ISTIO_INBOUND (a no-op: it has its conntrack)
+    assert _raw(results["dns-udp"]) == {"ISTIO_OUTPUT_DNS#5": 1, "ISTIO_OUTPUT_DNS#2": 1,
+                                        "ISTIO_OUTPUT_DNS#4": 1, "ISTIO_INBOUND#1": 1}
+    forwarded = _raw(results["dns-udp-forwarded"])
+    assert forwarded["ISTIO_OUTPUT_DNS#1"] == 1  # the agent's query upstream: zone 1
+    assert forwarded["ISTIO_INBOUND#1"] == 2  # kube-dns's answer (zone 1), and the agent's to the app
+    assert _raw(results["dns-tcp"]) == {} and _raw(results["dns-tcp-forwarded"]) == {}  # zones are for UDP
+    agent_leg = results["dns-udp-forwarded"].measured.hops[7:10]
+    assert [h.line.rsplit(" ", 1)[1] for h in agent_leg] == ["1", "1", "2"]  # zone 1 twice, then zone 2
+    assert results["dns-udp-forwarded"].measured.hops[6].owner == "uid 1337 gid 1337"  # the agent sent it
+
+
+@pytest.mark.kernel
+def test_the_agent_answered_or_forwarded_as_it_logged(captured):
+    results, agent, kube = captured
+    by_client = {line["downstream_peer"]: line for line in agent}
+    asked_kube = {line["peer"] for line in kube}
+    for sid, r in results.items():
+        line = by_client[r.response["local"]]
+        assert line["protocol"] == r.scenario.transport and line["name"] == r.scenario.query
+        if r.scenario.query == SERVICE:
+            assert line["answered_by"] == "name table" and line["upstream_local"] is None
+        else:
+            assert line["answered_by"] == "upstream" and line["upstream_peer"] == f"{plan.RESOLVER}:53"
+            assert line["upstream_local"] in asked_kube and r.legs[1].client == line["upstream_local"]
+        assert line["original_dst"] == (f"{plan.RESOLVER}:53" if r.scenario.transport == "tcp" else None)
+    assert len(kube) == 2  # only the forwarded names reached kube-dns
+
+
+@pytest.mark.kernel
+def test_without_capture_the_same_queries_go_to_kube_dns(captured):
+    """The path changes between versions: the default rules (1.13) send UDP DNS past every Istio
+    rule and TCP DNS through Envoy; istio-1.25-dns sends both to pilot-agent's 15053."""
+    results, _, _ = captured
+    with Lab() as lab:
+        commands.bring_up(lab)
+        default = {r.scenario.id: r for r in runner.run(lab, DNS_SCENARIOS)}
+        kube = processes.kube_dns_log(lab)
+        assert processes.dns_proxy_log(lab) == []  # no capture, no DNS proxy
+    for s in DNS_SCENARIOS:
+        r = default[s.id]
+        assert r.verdict == "pass" and r.measured_path == s.expected_path, r.failure or r.measured_path
+        assert "pilot-agent" not in r.measured_path and r.endpoint.startswith("kube-dns ")
+        assert r.measured_path != results[s.id].measured_path
+    assert default["dns-udp"].measured_path == "Local Pod -> OUTPUT -> POSTROUTING -> kube-dns"
+    assert "Envoy 15001 (Outbound)" in default["dns-tcp"].measured_path
+    assert len(kube) == len(DNS_SCENARIOS)
+
+
+@pytest.mark.kernel
+def test_the_zones_keep_an_app_query_from_riding_the_agents_flow():
+    """istio/istio#33469: an app's UDP query from the source port the agent's upstream query
+    just used.  With the zones it is a new flow (zone 2) and is redirected to the agent; with
+    the raw rules gone it matches the agent's conntrack entry, the nat table never sees it,
+    and it goes straight to kube-dns."""
+    def who_answers(lab) -> tuple[str, int]:
+        ns = lab.pod("sidecar").ns
+        workloads.dns_query(ns, plan.RESOLVER, 53, POD_NAME, transport="udp", uid=plan.APP_UID, gid=plan.APP_GID)
+        agent_port = int(processes.dns_proxy_log(lab)[-1]["upstream_local"].rsplit(":", 1)[1])
+        asked, before = len(processes.dns_proxy_log(lab)), xtables.packet_counts(ns, "nat")["ISTIO_OUTPUT#8"]
+        workloads.dns_query(ns, plan.RESOLVER, 53, SERVICE, transport="udp", uid=plan.APP_UID, gid=plan.APP_GID,
+                            src_port=agent_port)
+        captured = xtables.packet_counts(ns, "nat")["ISTIO_OUTPUT#8"] - before
+        return ("pilot-agent" if len(processes.dns_proxy_log(lab)) > asked else "kube-dns"), captured
+
+    with Lab() as lab:
+        commands.bring_up(lab, DNS)
+        with_zones = who_answers(lab)
+        xtables.apply(lab.pod("sidecar").ns, save.parse("*raw\nCOMMIT\n"))  # the zone rules gone
+        without_zones = who_answers(lab)
+    assert with_zones == ("pilot-agent", 1)
+    assert without_zones == ("kube-dns", 0)
