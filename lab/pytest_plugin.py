@@ -26,7 +26,8 @@ import pytest
 
 MARKER = "istio_profile"
 DEFAULT_PROFILE = "istio-1.13"  # lab.rules.profiles.DEFAULT, without importing it here
-LABELS = {"sidecar": "Local Pod", "remote": "Remote Pod", "istiod": "Istiod", "prometheus": "Prometheus"}
+LABELS = {"sidecar": "Local Pod", "remote": "Remote Pod", "istiod": "Istiod", "prometheus": "Prometheus",
+          "kube-dns": "kube-dns"}
 
 
 def pytest_configure(config: pytest.Config) -> None:
