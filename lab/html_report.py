@@ -149,7 +149,8 @@ def _place(r: Result, i: int, hop: paths.Hop) -> tuple[str, str]:
 
 def _node(r: Result, i: int, hop: paths.Hop) -> str:
     if hop.kind == "chain":
-        return _label(f"{hop.name}  rule {hop.rule}", mono=_rule_text(hop.line))
+        table = f"  ({hop.table} table)" if hop.table else ""
+        return _label(f"{hop.name}  rule {hop.rule}{table}", mono=_rule_text(hop.line))
     if hop.kind == "hook":
         owner = f"sent by a socket of {hop.owner}" if hop.owner else ""
         return _label(hop.name, "nat hook", owner, mono=_hook_rule(r, hop))

@@ -272,3 +272,30 @@ def test_the_zones_keep_an_app_query_from_riding_the_agents_flow():
         without_zones = who_answers(lab)
     assert with_zones == ("pilot-agent", 1)
     assert without_zones == ("kube-dns", 0)
+
+
+@pytest.mark.kernel
+def test_kube_dns_holds_the_resolver_address_and_the_node_forwards_to_it():
+    import subprocess
+
+    host_forwarding = open("/proc/sys/net/ipv4/ip_forward").read()
+    with Lab() as lab:
+        def ip(ns, *argv):
+            return subprocess.run(["ip", "-n", ns, *argv], capture_output=True, text=True, check=True).stdout
+
+        assert f"inet {plan.RESOLVER}/32" in ip(lab.pod("kube-dns").ns, "-o", "addr", "show", "dev", "eth0")
+        assert f"{plan.RESOLVER} via {plan.PODS['kube-dns']} dev br0" in ip(lab.node, "route")
+    assert open("/proc/sys/net/ipv4/ip_forward").read() == host_forwarding  # the host's own is untouched
+
+
+@pytest.mark.kernel
+def test_the_html_report_draws_the_dns_paths(captured):
+    from lab import html_report
+
+    from .test_report_html import assert_diagram_draws, parse_page
+
+    results, _, _ = captured
+    ordered = [results[s.id] for s in DNS_SCENARIOS]
+    tree = parse_page(html_report.page(ordered, profile=DNS))
+    for r in ordered:
+        assert_diagram_draws(tree, r.scenario.id, [h.as_dict() for h in r.measured.hops])

@@ -20,14 +20,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lab import commands, processes, runner, scenario
+from lab import commands, plan, processes, runner, scenario
 from lab.world import Lab
 
 from .sandbox import GUARD, Sandbox
 
 pytestmark = pytest.mark.kernel
 SIDECAR = "sidecar"
-NAMESPACES = 5  # node + sidecar, remote, istiod, prometheus
+NAMESPACES = 1 + len(plan.PODS)  # node + sidecar, remote, istiod, prometheus, kube-dns
 NEXT = ("run", "type2-local-to-remote")  # "the next command": any command that builds a lab reaps first
 # Interrupted: 130, or killed by SIGINT (a shell shows both as 130).  CPython exits by SIGINT
 # when a KeyboardInterrupt once escaped code it ran from a string (dataclasses and namedtuple

@@ -207,7 +207,7 @@ def test_every_command_in_the_guide_runs() -> None:
 # --------------------------------------------------------------- bad options
 @pytest.mark.parametrize("args, message", [
     (["--port", "0"], "istio-lab: port 0 is out of range 1-65535\n"),
-    (["--pod", "nope"], "istio-lab: no pod 'nope' in a lab (pods: sidecar, remote, istiod, prometheus)\n"),
+    (["--pod", "nope"], "istio-lab: no pod 'nope' in a lab (pods: sidecar, remote, istiod, prometheus, kube-dns)\n"),
     (["--table", "bogus"], "istio-lab: no table 'bogus' (tables: raw, mangle, nat, filter, security)\n"),
     (["--count", "0"], "istio-lab: --count must be at least 1, not 0\n"),
     (["--port"] + " --port ".join(map(str, range(1, 17))).split(),

@@ -25,12 +25,15 @@ from .test_faults import catch, the_lab, trace_rule
 
 LAB = Path(__file__).resolve().parent.parent / "lab"
 NO_CAPS = "0000000000000000"
-IDENTITIES = {  # process -> uid/gid: the proxies and istiod 1337, the apps 1000, Prometheus nobody
+IDENTITIES = {  # process -> uid/gid: the proxies and istiod 1337, the apps 1000, Prometheus nobody,
+    # kube-dns CoreDNS's nonroot
     "envoy": plan.PROXY_UID, "pilot-agent": plan.PROXY_UID, "istiod": processes.ISTIOD_UID,
     "app-sidecar": plan.APP_UID, "app-remote": plan.APP_UID, "prometheus": processes.PROMETHEUS_UID,
+    "kube-dns": processes.KUBE_DNS_UID,
 }
 LAB_PORTS = {plan.Port.OUTBOUND, plan.Port.INBOUND, plan.Port.ADMIN, plan.Port.STATS, plan.Port.AGENT,
-             plan.Port.READY, plan.Port.ISTIOD, plan.Port.SIDECAR_APP, plan.Port.REMOTE_APP}
+             plan.Port.READY, plan.Port.ISTIOD, plan.Port.SIDECAR_APP, plan.Port.REMOTE_APP,
+             plan.Port.DNS, plan.Port.DNS_PROXY}
 
 
 def _status(pid: int) -> dict[str, str]:

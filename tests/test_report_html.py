@@ -59,7 +59,7 @@ def assert_diagram_draws(tree, sid: str, hops: list[dict]) -> None:
         if i:
             arrow = edges.get(f"{sid}-arrow{i}")
             assert arrow is not None, f"{sid}: no arrow into hop {i}"
-            seen_on = hop.get("packet", "") if hop.get("packet", "").startswith("SYN") else hops[i - 1]["packet"]
+            seen_on = hop.get("packet", "") if hop.get("packet", "").startswith(("SYN", "UDP")) else hops[i - 1]["packet"]
             assert arrow.startswith(f"{i} ") and seen_on in arrow, (sid, i, arrow)
     assert f"{sid}-hop{len(hops)}" not in nodes, f"{sid}: more boxes than hops"
 
