@@ -134,10 +134,10 @@ def leg_hops(events: Sequence, leg: Leg, rule_counts: dict[str, int], rule_lines
     for e in syn:
         if e.table not in HOP_TABLES or e.chain in BUILTIN_CHAINS[e.table] or e.kind != "rule":
             continue
-        table = "" if e.table == "nat" else e.table
-        counted = rule_counts.get(f"{table}:{e.chain}" if table else e.chain, 2)
-        hops.append(Hop("chain", e.chain, e.rulenum, counted > 1, _packet(e),
-                        rule_lines.get(ref(e.table, e.chain, e.rulenum), ""), table=table))
+        name = ref(e.table, e.chain, e.rulenum)
+        numbered = rule_counts.get(name.rsplit("#", 1)[0], 2) > 1
+        hops.append(Hop("chain", e.chain, e.rulenum, numbered, _packet(e), rule_lines.get(name, ""),
+                        table="" if e.table == "nat" else e.table))
     if leg.proxy is not None:
         hops.append(Hop("proxy", proxy_name(leg.proxy), packet=_packet(syn[0])))
     else:

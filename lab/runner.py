@@ -83,16 +83,20 @@ def _trace_rule(ports: tuple[int, ...], protocol: str = "tcp") -> tuple[str, ...
     return ("-p", protocol, "-m", "multiport", "--ports", ",".join(map(str, ports)), "-j", "TRACE")
 
 
-# The raw table's own chains (DNS capture's conntrack zones) are witnessed as nat's are;
-# its built-in chains hold the TRACE rules themselves.
-def _own_chains(table: str, counts: dict[str, int]) -> dict[str, int]:
-    if table == "nat":
-        return counts
-    return {f"{table}:{ref}": n for ref, n in counts.items() if ref.split("#")[0] not in BUILTIN_CHAINS[table]}
+def _witnessed(table: str, chain: str) -> bool:
+    """The rules whose counters must equal TRACE's events: all of nat's, and the raw table's own
+    chains (DNS capture's conntrack zones); raw's built-in chains hold the TRACE rules themselves."""
+    return table == "nat" or table == "raw" and chain not in BUILTIN_CHAINS["raw"]
 
 
 def _counters(ns: str) -> dict[str, int]:
-    return {**xtables.packet_counts(ns, "nat"), **_own_chains("raw", xtables.packet_counts(ns, "raw"))}
+    out = {}
+    for table in paths.HOP_TABLES:
+        for key, packets in xtables.packet_counts(ns, table).items():
+            chain, num = key.rsplit("#", 1)
+            if _witnessed(table, chain):
+                out[paths.ref(table, chain, int(num))] = packets
+    return out
 
 
 class Witnesses:
@@ -102,9 +106,8 @@ class Witnesses:
         self.lab = lab
         self.readers: list[TraceReader] = []
         sidecar = lab.pod("sidecar").ns
-        self.rule_lines = {paths.ref(table, r.chain, r.num): r.line for table in ("nat", "raw")
-                           for r in xtables.listing(sidecar, table)
-                           if table == "nat" or r.chain not in BUILTIN_CHAINS[table]}
+        self.rule_lines = {paths.ref(table, r.chain, r.num): r.line for table in paths.HOP_TABLES
+                           for r in xtables.listing(sidecar, table) if _witnessed(table, r.chain)}
         try:
             for pod in lab.pods.values():
                 xtables.touch(pod.ns)
@@ -205,7 +208,7 @@ def judge(scenario: Scenario, seen: Observation, profile: str | None = profiles.
     result.counter_deltas = {ref: n - before.get(ref, 0) for ref, n in after.items() if n != before.get(ref, 0)}
     sidecar_events = seen.events["sidecar"]
     for e in sidecar_events:
-        if e.kind == "rule" and (e.table == "nat" or e.table == "raw" and e.chain not in BUILTIN_CHAINS["raw"]):
+        if e.kind == "rule" and _witnessed(e.table, e.chain):
             ref = paths.ref(e.table, e.chain, e.rulenum)
             result.trace_rule_events[ref] = result.trace_rule_events.get(ref, 0) + 1
     result.legs = paths.chain_legs(seen.response_local, f"{scenario.address}:{scenario.port}", seen.access_log)
