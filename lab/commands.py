@@ -125,27 +125,43 @@ def _report_dir(directory: str | None):
 def explain(args) -> int:
     from . import path, scenario
 
+    from .report import article_text
+
     s = scenario.select(scenario.load_all(args.scenarios), [args.id])[0]
+    profile = _explained_profile(s)
     console = _console()
     console.print(f"{s.id}: {s.title}", style="bold", markup=False)
-    console.print(f"kernel : {s.expected_path}", markup=False)
-    console.print(f"article: {s.article_path or '(a picture only) ' + s.article_claim}", markup=False)
+    under = "" if profile == profiles.DEFAULT else f" ({profile})"
+    console.print(f"kernel{under} : {s.expected_for(profile)}", markup=False)
+    console.print(f"article: {article_text(s)}", markup=False)
     console.print()
     console.print(s.explanation.rstrip(), markup=False)
     console.print()
-    console.print(explain_rules(path.parse(s.expected_path), profiles.load()), markup=False, end="")
+    console.print(explain_rules(path.parse(s.expected_for(profile)), profiles.load(profile), profile),
+                  markup=False, end="")
     return 0
 
 
-def explain_rules(measured, dump) -> str:
+def _explained_profile(s) -> str:
+    """The default, or for a scenario about a feature the default lacks (DNS capture), the
+    first preset that has it: the rules its explanation is about."""
+    from .rules import features
+
+    if s.feature is None:
+        return profiles.DEFAULT
+    return next(name for name in profiles.names() if s.feature in features.of(profiles.dumps(name)))
+
+
+def explain_rules(measured, dump, profile: str = profiles.DEFAULT) -> str:
     """The rules of every chain the path passes, numbered as applied; '>' marks those that matched."""
-    nat = dump.tables["nat"]
-    matched = {(h.name, h.rule) for h in measured.hops if h.kind == "chain"}
+    hops = [h for h in measured.hops if h.kind == "chain"]
+    matched = {(h.table or "nat", h.name, h.rule) for h in hops}
     out = []
-    for chain in dict.fromkeys(h.name for h in measured.hops if h.kind == "chain"):
-        out.append(f"{chain} (nat table, {profiles.summary()})")
-        for num, rule in enumerate(nat.chain_rules(chain), 1):
-            mark = ">" if (chain, num) in matched or len(nat.chain_rules(chain)) == 1 else " "
+    for table, chain in dict.fromkeys((h.table or "nat", h.name) for h in hops):
+        rules = dump.tables[table].chain_rules(chain)
+        out.append(f"{chain} ({table} table, {profiles.summary(profile)})")
+        for num, rule in enumerate(rules, 1):
+            mark = ">" if (table, chain, num) in matched or len(rules) == 1 else " "
             out.append(f" {mark} {num:>2}  {rule.spec}")
         out.append("")
     return "\n".join(out) + "\n"

@@ -81,7 +81,7 @@ def render(console, results: list[Result]) -> None:
         s = r.scenario
         console.rule(f"[bold]{escape(s.id)}[/]  {escape(s.title)}", align="left")
         console.print(f"  kernel : {escape(r.measured_path or '(not measured)')}")
-        console.print(f"  article: {escape(_article(s))}")
+        console.print(f"  article: {escape(article_text(s))}")
         if r.profile is None and not r.failure:
             differences = default_differences(r)
             console.print(f"  {profiles.DEFAULT}: " + ("[yellow]differs[/]" if differences else "the same path"))
@@ -121,7 +121,7 @@ def render(console, results: list[Result]) -> None:
     console.print(table)
 
 
-def _article(s) -> str:
+def article_text(s) -> str:
     if s.article_note:
         return f"(no claim) {s.article_note}"
     return s.article_path or "(a picture only) " + s.article_claim

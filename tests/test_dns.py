@@ -113,6 +113,16 @@ def test_a_udp_legs_later_datagrams_are_not_hops_again():
     assert path.syn_events(first + again, path.Leg("10.244.0.10:40000", "10.96.0.10:53")) == first
 
 
+def test_explain_shows_a_dns_scenario_under_dns_capture_with_its_raw_rules():
+    s = next(s for s in DNS_SCENARIOS if s.id == "dns-udp")
+    assert commands._explained_profile(s) == DNS
+    text = commands.explain_rules(path.parse(s.expected_for(DNS)), profiles.load(DNS), DNS)
+    raw = text[text.index("ISTIO_OUTPUT_DNS (raw table"):]
+    assert " >  5  -d 10.96.0.10/32 -p udp -m udp --dport 53 -j CT --zone 2" in raw.split("\n\n")[0]
+    assert " >  2  -d 10.96.0.10/32 -p udp -m udp --dport 53 -j REDIRECT --to-ports 15053" in \
+        text[text.index("ISTIO_OUTPUT_DNS (nat table"):]
+
+
 # --- the schema and the choice of scenarios ----------------------------------------------
 
 GOOD = {"id": "q", "title": "q", "feature": "dns-capture", "article": {"note": "no word on DNS"},
