@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Iterable, Sequence
 
 from .rules.save import BUILTIN_CHAINS
+from .sidecar.httpio import addr
 
 HOOKS = ("PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING")
 PROXIES = {15001: "Outbound", 15006: "Inbound"}
@@ -53,7 +54,10 @@ class Leg:
 
 
 def endpoint(addr: str) -> tuple[str, int]:
+    """"10.244.0.10:8080" or "[fd00:10:244::10]:8080" -> (host, port), as httpio.addr writes them."""
     host, port = addr.rsplit(":", 1)
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
     return host, int(port)
 
 
@@ -80,7 +84,7 @@ def syn_events(events: Sequence, leg: Leg) -> list:
 
 
 def _packet(e) -> str:
-    return f"SYN {e.src}:{e.sport} > {e.dst}:{e.dport}"
+    return f"SYN {addr((e.src, e.sport))} > {addr((e.dst, e.dport))}"
 
 
 def leg_hops(events: Sequence, leg: Leg, rule_counts: dict[str, int], rule_lines: dict[str, str]) -> list[Hop]:
