@@ -5,7 +5,7 @@ is read from /proc, never probed with a connection: a probe would itself be traf
 counters, TRACE events, access-log lines) in a lab whose witnesses must see only the
 scenario.  A process is ready when the sockets it owns (/proc/PID/fd) include a LISTEN
 socket on each of its addresses and an ESTABLISHED one to each peer it must dial, as
-/proc/PID/net/tcp (its own namespace's table) shows.  They start in three waves: the
+/proc/PID/net/tcp and tcp6 (its own namespace's tables) show.  They start in three waves: the
 listeners; then pilot-agent, whose first dial to istiod and first /ready poll then succeed;
 then the scraper, whose first round is its readiness.  After start() returns, no process
 opens a connection until the harness asks for one.
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from . import interrupts, netns, plan, workloads
-from .sidecar import agent, envoy
+from .sidecar import agent, envoy, httpio
 from .errors import LabError
 from .world import Lab
 
@@ -70,23 +70,30 @@ def _scrape_targets(lab: Lab) -> tuple[tuple[str, int, str], ...]:
 
 def _servers(lab: Lab) -> list[Spec]:
     P, run_dir = plan.Port, lab.run_dir
-    envoy_config = envoy.Config(os.path.join(run_dir, ACCESS_LOG), envoy.endpoints_from())
-    agent_config = agent.Config(istiod=(lab.pods["istiod"].ip, P.ISTIOD))
-    any_ = "0.0.0.0"
+    families = (4, 6) if lab.ipv6 else (4,)
+    envoy_config = envoy.Config(os.path.join(run_dir, ACCESS_LOG), envoy.endpoints_from(), families=families)
+    istiod = lab.pods["istiod"]
+    agent_config = agent.Config(istiods=tuple((ip, P.ISTIOD) for ip in (istiod.ip, istiod.ip6) if ip))
+
+    def anywhere(*ports: int) -> tuple[tuple[str, int], ...]:
+        return tuple((plan.WILDCARD[f], port) for port in ports for f in families)
+
     return [
         Spec("envoy", "sidecar", plan.PROXY_UID, plan.PROXY_GID, functools.partial(envoy.run, envoy_config),
-             listens=((any_, P.OUTBOUND), (any_, P.INBOUND), ("127.0.0.1", P.ADMIN), (any_, P.STATS), (any_, P.READY))),
+             listens=anywhere(P.OUTBOUND, P.INBOUND, P.STATS, P.READY)
+             + tuple((plan.LOCALHOST[f], P.ADMIN) for f in families)),
         Spec("pilot-agent", "sidecar", plan.PROXY_UID, plan.PROXY_GID, functools.partial(agent.run, agent_config),
-             listens=((any_, P.AGENT),), dials=(agent_config.istiod,)),
+             listens=(("0.0.0.0", P.AGENT),), dials=agent_config.istiods),
         Spec("app-sidecar", "sidecar", plan.APP_UID, plan.APP_GID,
-             functools.partial(workloads.run_app, workloads.AppConfig("sidecar", P.SIDECAR_APP)),
-             listens=((any_, P.SIDECAR_APP),)),
+             functools.partial(workloads.run_app, workloads.AppConfig("sidecar", P.SIDECAR_APP, families)),
+             listens=anywhere(P.SIDECAR_APP)),
         Spec("app-remote", "remote", plan.APP_UID, plan.APP_GID,
-             functools.partial(workloads.run_app, workloads.AppConfig("remote", P.REMOTE_APP)),
-             listens=((any_, P.REMOTE_APP),)),
+             functools.partial(workloads.run_app, workloads.AppConfig("remote", P.REMOTE_APP, families)),
+             listens=anywhere(P.REMOTE_APP)),
         Spec("istiod", "istiod", ISTIOD_UID, ISTIOD_GID,
-             functools.partial(workloads.run_istiod, workloads.IstiodConfig(os.path.join(run_dir, ISTIOD_LOG))),
-             listens=((any_, P.ISTIOD),)),
+             functools.partial(workloads.run_istiod,
+                               workloads.IstiodConfig(os.path.join(run_dir, ISTIOD_LOG), families=families)),
+             listens=anywhere(P.ISTIOD)),
     ]
 
 
@@ -228,15 +235,17 @@ def _sockets_missing(pid: int, spec: Spec) -> str | None:
             link = os.readlink(f"/proc/{pid}/fd/{fd}")
             if link.startswith("socket:["):
                 owned.add(link[8:-1])
-        with open(f"/proc/{pid}/net/tcp") as f:
-            rows = [line.split() for line in f.readlines()[1:]]
+        rows = []
+        for table in ("tcp", "tcp6"):
+            with open(f"/proc/{pid}/net/{table}") as f:
+                rows += [line.split() for line in f.readlines()[1:]]
     except OSError as e:
         return f"cannot read its sockets: {e}"
     mine = [(_hexaddr(r[1]), _hexaddr(r[2]), r[3]) for r in rows if r[9] in owned]
     listening = {local for local, _, state in mine if state == TCP_LISTEN}
     connected = {remote for _, remote, state in mine if state == TCP_ESTABLISHED}
-    missing = [f"listening on {a}:{p}" for a, p in spec.listens if (a, p) not in listening]
-    missing += [f"connected to {a}:{p}" for a, p in spec.dials if (a, p) not in connected]
+    missing = [f"listening on {httpio.addr(a)}" for a in spec.listens if a not in listening]
+    missing += [f"connected to {httpio.addr(a)}" for a in spec.dials if a not in connected]
     return "not " + ", not ".join(missing) if missing else None
 
 
@@ -246,9 +255,12 @@ def _scrapes_missing(lab: Lab, want: int) -> str | None:
 
 
 def _hexaddr(text: str) -> tuple[str, int]:
-    """/proc/net/tcp's "0A00F40A:1F90" (address in host byte order) -> ("10.244.0.10", 8080)."""
+    """/proc/net/tcp's "0A00F40A:1F90" (address in host byte order) -> ("10.244.0.10", 8080);
+    tcp6's address is four such 32-bit words -> ("fd00:10:244::10", 8080)."""
     ip, port = text.split(":")
-    return socket.inet_ntoa(struct.pack("=I", int(ip, 16))), int(port, 16)
+    words = b"".join(struct.pack("=I", int(ip[i:i + 8], 16)) for i in range(0, len(ip), 8))
+    host = socket.inet_ntoa(words) if len(words) == 4 else socket.inet_ntop(socket.AF_INET6, words)
+    return host, int(port, 16)
 
 
 def tail(path: str, lines: int = 20) -> str:
@@ -279,11 +291,11 @@ def istiod_log(lab: Lab) -> list[dict]:
     return read_jsonl(os.path.join(lab.run_dir, ISTIOD_LOG))
 
 
-def redial_istiod(lab: Lab, timeout: float = 2.0) -> str:
-    """Make istiod drop every xDS stream (SIGUSR1) and return the address pilot-agent's
-    re-dial comes from: the agent's own traffic, not a stand-in for it."""
+def redial_istiod(lab: Lab, timeout: float = 2.0, family: int = 4) -> str:
+    """Make istiod drop the family's xDS stream (SIGUSR1 IPv4, SIGUSR2 IPv6) and return the
+    address pilot-agent's re-dial comes from: the agent's own traffic, not a stand-in for it."""
     seen = len(istiod_log(lab))
-    os.kill(lab.record.pids["istiod"], signal.SIGUSR1)
+    os.kill(lab.record.pids["istiod"], workloads.DROP_SIGNALS[family])
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         _check(lab, "pilot-agent")

@@ -8,6 +8,10 @@ One asyncio process, uid/gid 1337 in the sidecar pod:
                   passthrough does since Istio 1.10, so ISTIO_OUTPUT rule 1 lets it out.
   15000 admin     127.0.0.1 only: /ready, /stats, /stats/prometheus
   15090 stats     /stats/prometheus    15021 readiness: /healthz/ready
+In a dual-stack pod every port also listens on IPv6 (:: or ::1, a socket of its own beside
+the IPv4 one, as Istio's listeners take an additional address); an IPv6 connection's
+original destination comes from IP6T_SO_ORIGINAL_DST, a Service's IPv6 VIP goes to the
+endpoint's IPv6 address, and the inbound passthrough binds ::6 (InboundPassthroughClusterIpv6).
 Real Envoy serves 15090 and 15021 by proxying to its admin port and to pilot-agent over
 localhost; the stub answers them itself, so a scrape makes no extra localhost connection.
 
@@ -34,9 +38,12 @@ from .. import plan
 from . import httpio
 
 SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h, level SOL_IP
+IP6T_SO_ORIGINAL_DST = 80  # linux/netfilter_ipv6/ip6_tables.h, level SOL_IPV6
+SOL_IPV6 = getattr(socket, "SOL_IPV6", 41)
 BACKLOG = 1024
 PASSTHROUGH = "PassthroughCluster"
 INBOUND_PASSTHROUGH = "InboundPassthroughClusterIpv4"
+INBOUND_PASSTHROUGH6 = "InboundPassthroughClusterIpv6"
 
 
 @dataclass(frozen=True)
@@ -51,16 +58,25 @@ class Config:
     access_log: str  # pre-created by the harness, writable by uid 1337
     endpoints: dict[tuple[str, int], Endpoint]  # Service VIP:port -> endpoint, as EDS gives it
     connect_timeout: float = 2.0
+    families: tuple[int, ...] = (4,)  # (4, 6) in a dual-stack pod
 
 
-def endpoints_from(services=plan.SERVICES, pods=plan.PODS) -> dict[tuple[str, int], Endpoint]:
-    return {(s.vip, s.port): Endpoint(pods[s.pod], s.target_port,
-                                      f"outbound|{s.port}||{s.name}.default.svc.cluster.local")
-            for s in services}
+def endpoints_from(services=plan.SERVICES, pods=plan.PODS, pods6=plan.PODS6) -> dict[tuple[str, int], Endpoint]:
+    """Each VIP:port, of either family, to its endpoint pod's address of the same family."""
+    out = {}
+    for s in services:
+        cluster = f"outbound|{s.port}||{s.name}.default.svc.cluster.local"
+        out[s.vip, s.port] = Endpoint(pods[s.pod], s.target_port, cluster)
+        out[s.vip6, s.port] = Endpoint(pods6[s.pod], s.target_port, cluster)
+    return out
 
 
 def original_dst(sock) -> tuple[str, int]:
-    """Where the client meant to go before REDIRECT rewrote it (struct sockaddr_in)."""
+    """Where the client meant to go before REDIRECT rewrote it (struct sockaddr_in, or
+    struct sockaddr_in6 for an IPv6 connection: family, port, flowinfo, address, scope)."""
+    if sock.family == socket.AF_INET6:
+        raw = sock.getsockopt(SOL_IPV6, IP6T_SO_ORIGINAL_DST, 28)
+        return socket.inet_ntop(socket.AF_INET6, raw[8:24]), int.from_bytes(raw[2:4], "big")
     raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
     return socket.inet_ntoa(raw[4:8]), int.from_bytes(raw[2:4], "big")
 
@@ -110,12 +126,14 @@ class Envoy:
 
     async def serve(self) -> None:
         P = plan.Port
+        anywhere = [plan.WILDCARD[f] for f in self.config.families]  # one socket per family (asyncio sets IPV6_V6ONLY)
+        localhost = [plan.LOCALHOST[f] for f in self.config.families]
         servers = [
-            await asyncio.start_server(lambda r, w: self.proxy(P.OUTBOUND, r, w), "0.0.0.0", P.OUTBOUND, backlog=BACKLOG),
-            await asyncio.start_server(lambda r, w: self.proxy(P.INBOUND, r, w), "0.0.0.0", P.INBOUND, backlog=BACKLOG),
-            await asyncio.start_server(httpio.server(self.admin), "127.0.0.1", P.ADMIN, backlog=BACKLOG),
-            await asyncio.start_server(self.counted(P.STATS, self.stats_port), "0.0.0.0", P.STATS, backlog=BACKLOG),
-            await asyncio.start_server(self.counted(P.READY, self.ready_port), "0.0.0.0", P.READY, backlog=BACKLOG),
+            await asyncio.start_server(lambda r, w: self.proxy(P.OUTBOUND, r, w), anywhere, P.OUTBOUND, backlog=BACKLOG),
+            await asyncio.start_server(lambda r, w: self.proxy(P.INBOUND, r, w), anywhere, P.INBOUND, backlog=BACKLOG),
+            await asyncio.start_server(httpio.server(self.admin), localhost, P.ADMIN, backlog=BACKLOG),
+            await asyncio.start_server(self.counted(P.STATS, self.stats_port), anywhere, P.STATS, backlog=BACKLOG),
+            await asyncio.start_server(self.counted(P.READY, self.ready_port), anywhere, P.READY, backlog=BACKLOG),
         ]
         await asyncio.gather(*(s.serve_forever() for s in servers))
 
@@ -156,6 +174,8 @@ class Envoy:
 
     def route(self, listener: int, dst: tuple[str, int]) -> tuple[Endpoint, tuple[str, int] | None]:
         """Upstream endpoint and source address for a connection's original destination."""
+        if listener == plan.Port.INBOUND and ":" in dst[0]:
+            return Endpoint(*dst, INBOUND_PASSTHROUGH6), (plan.INBOUND_PASSTHROUGH_SOURCE6, 0)
         if listener == plan.Port.INBOUND:
             return Endpoint(*dst, INBOUND_PASSTHROUGH), (plan.INBOUND_PASSTHROUGH_SOURCE, 0)
         return self.config.endpoints.get(dst, Endpoint(*dst, PASSTHROUGH)), None
