@@ -77,7 +77,7 @@ def run(args) -> int:
     _ready_machine()
     console = _console()
     status = console.status("building the lab") if not args.json else contextlib.nullcontext()
-    with status, Lab() as lab:
+    with status, Lab(ipv6=pod is None and profiles.dual_stack(profile)) as lab:
         try:
             bring_up(lab, profile, pod.dump if pod else None)
         except xtables.RuleError as e:
@@ -166,7 +166,7 @@ def list_scenarios(args) -> int:
 def up(args) -> int:
     profile = profiles.preset(args.profile or profiles.DEFAULT).name
     _ready_machine()
-    lab = Lab(args.labid, detached=not args.hold)
+    lab = Lab(args.labid, detached=not args.hold, ipv6=profiles.dual_stack(profile))
     try:
         lab.create()
         bring_up(lab, profile)

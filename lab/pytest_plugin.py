@@ -79,7 +79,7 @@ class _Labs:
             unknown = str(e)
         if unknown:
             pytest.fail(f"@pytest.mark.{MARKER}: {unknown}", pytrace=False)
-        lab = Lab().create()
+        lab = Lab(ipv6=profiles.dual_stack(profile)).create()
         try:
             commands.bring_up(lab, profile)
             return lab, runner.Witnesses(lab)

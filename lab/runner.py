@@ -11,10 +11,11 @@ import contextlib
 from dataclasses import dataclass, field
 
 from . import path as paths
-from . import interrupts, processes, workloads
+from . import dualstack, interrupts, processes, workloads
 from .errors import LabError
 from .rules import profiles, xtables
 from .scenario import Scenario
+from .sidecar.httpio import addr
 from .trace import TraceError, TraceEvent, TraceReader
 from .world import Lab
 
@@ -79,15 +80,23 @@ def _trace_rule(ports: tuple[int, ...]) -> tuple[str, ...]:
 
 
 class Witnesses:
-    """TRACE readers on every pod for the lab's life, TRACE rules per scenario."""
+    """TRACE readers on every pod for the lab's life, TRACE rules per scenario.
+
+    In a dual-stack lab the same for ip6tables: IPv6 tables made to exist in every pod,
+    the sidecar's IPv6 nat rules read, and an IPv6 scenario's TRACE rules in ip6tables raw.
+    """
 
     def __init__(self, lab: Lab):
         self.lab = lab
         self.readers: list[TraceReader] = []
-        self.rule_lines = {r.ref: r.line for r in xtables.listing(lab.pod("sidecar").ns, "nat")}
+        self.families = (4, 6) if lab.ipv6 else (4,)
+        sidecar = lab.pod("sidecar").ns
+        self.rule_lines_by_family = {f: xtables.rule_lines(sidecar, "nat", f) for f in self.families}
+        self.rule_lines = self.rule_lines_by_family[4]
         try:
             for pod in lab.pods.values():
-                xtables.touch(pod.ns)
+                for family in self.families:
+                    xtables.touch(pod.ns, family)
                 self.readers.append(TraceReader(pod.ns, pod.name))
         except BaseException:
             self.close()
@@ -101,21 +110,21 @@ class Witnesses:
     @contextlib.contextmanager
     def tracing(self, scenario: Scenario):
         """TRACE rules at the head of raw PREROUTING and OUTPUT in the pods the scenario
-        crosses, for its ports only; removed after."""
+        crosses, for its ports only (in ip6tables for an IPv6 scenario); removed after."""
         rule = _trace_rule(scenario.traced_ports)
         rules = [("PREROUTING", rule), ("OUTPUT", rule)]
         placed = []
         try:
             for pod in scenario.traced_pods:
                 ns = self.lab.pod(pod).ns
-                xtables.insert(ns, "raw", rules)
+                xtables.insert(ns, "raw", rules, scenario.family)
                 placed.append(ns)
             for reader in self.readers:
                 reader.drain(settle=0)  # whatever came before belongs to no scenario
             yield
         finally:
             for ns in placed:
-                xtables.delete(ns, "raw", rules)
+                xtables.delete(ns, "raw", rules, scenario.family)
 
     def events(self) -> dict[str, list[TraceEvent]]:
         """Everything queued now.  No settle window is needed: every leg's SYN has been
@@ -142,8 +151,8 @@ class Observation:
 
 def _fire(lab: Lab, scenario: Scenario) -> workloads.Response:
     if scenario.trigger == "pilot-agent-redial":
-        agent = processes.redial_istiod(lab)
-        return workloads.Response(0, "", agent, f"{scenario.address}:{scenario.port}")
+        agent = processes.redial_istiod(lab, family=scenario.family)
+        return workloads.Response(0, "", agent, addr((scenario.address, scenario.port)))
     fire = workloads.request if scenario.protocol == "http" else workloads.stream
     src = scenario.source
     return fire(lab.pod(src.pod).ns, scenario.address, scenario.port, uid=src.uid, gid=src.gid)
@@ -154,7 +163,7 @@ def observe(lab: Lab, witnesses: Witnesses, scenario: Scenario) -> Observation:
     interrupts.check()
     processes.check_alive(lab)
     with witnesses.tracing(scenario):
-        before = xtables.packet_counts(sidecar, "nat")
+        before = xtables.packet_counts(sidecar, "nat", scenario.family)
         # This scenario's lines only: legs are joined by address, and a port the kernel hands
         # out again (another scenario's connection, earlier) would join a stale leg.
         logged = len(processes.access_log(lab))
@@ -164,10 +173,10 @@ def observe(lab: Lab, witnesses: Witnesses, scenario: Scenario) -> Observation:
             processes.check_alive(lab)  # a dead proxy is the better answer than "refused"
             raise
         events = witnesses.events()
-        after = xtables.packet_counts(sidecar, "nat")
+        after = xtables.packet_counts(sidecar, "nat", scenario.family)
     processes.check_alive(lab)
     return Observation(response.local, response.status, response.body, events, before, after,
-                       witnesses.rule_lines, processes.access_log(lab)[logged:])
+                       witnesses.rule_lines_by_family[scenario.family], processes.access_log(lab)[logged:])
 
 
 def judge(scenario: Scenario, seen: Observation, profile: str | None = profiles.DEFAULT) -> Result:
@@ -183,7 +192,7 @@ def judge(scenario: Scenario, seen: Observation, profile: str | None = profiles.
         if e.table == "nat" and e.kind == "rule":
             ref = f"{e.chain}#{e.rulenum}"
             result.trace_rule_events[ref] = result.trace_rule_events.get(ref, 0) + 1
-    result.legs = paths.chain_legs(seen.response_local, f"{scenario.address}:{scenario.port}", seen.access_log)
+    result.legs = paths.chain_legs(seen.response_local, addr((scenario.address, scenario.port)), seen.access_log)
     rule_counts: dict[str, int] = {}
     for ref in after:
         chain = ref.split("#")[0]
@@ -208,12 +217,15 @@ def run_one(lab: Lab, witnesses: Witnesses, scenario: Scenario, profile: str | N
 def _endpoint(events: list[TraceEvent], leg: paths.Leg) -> str:
     for e in paths.syn_events(events, leg):
         if e.chain == "INPUT":
-            return f"{e.pod} {e.dst}:{e.dport}"
+            return f"{e.pod} {addr((e.dst, e.dport))}"
     return ""
 
 
 def run(lab: Lab, scenarios: list[Scenario], profile: str | None = profiles.DEFAULT) -> list[Result]:
-    """Every scenario, judged against `profile`'s expectations (None: a foreign rule set)."""
+    """Every scenario, judged against `profile`'s expectations (None: a foreign rule set);
+    in a dual-stack lab each is followed by its IPv6 twin."""
+    if lab.ipv6:
+        scenarios = dualstack.both_families(scenarios)
     witnesses = Witnesses(lab)
     try:
         return [run_one(lab, witnesses, s, profile) for s in scenarios]
