@@ -146,7 +146,9 @@ class Lab:
 
     def describe(self) -> list[tuple[str, str, str]]:
         """(pod, namespace, address) rows, node first."""
-        six = lambda ip: f", {ip}/{plan.POD_PREFIX6}" if self.ipv6 else ""  # noqa: E731
-        rows = [("node", self.node, f"{plan.GATEWAY}/{plan.POD_PREFIX}{six(plan.GATEWAY6)} on {BRIDGE}")]
-        rows += [(p.name, p.ns, f"{p.ip}/{plan.POD_PREFIX}{six(p.ip6)} on eth0") for p in self.pods.values()]
+        rows = [("node", self.node, f"{self._cidrs(plan.GATEWAY, plan.GATEWAY6)} on {BRIDGE}")]
+        rows += [(p.name, p.ns, f"{self._cidrs(p.ip, p.ip6)} on eth0") for p in self.pods.values()]
         return rows
+
+    def _cidrs(self, ip: str, ip6: str) -> str:
+        return f"{ip}/{plan.POD_PREFIX}, {ip6}/{plan.POD_PREFIX6}" if self.ipv6 else f"{ip}/{plan.POD_PREFIX}"

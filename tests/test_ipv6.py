@@ -104,6 +104,14 @@ def test_envoy_sends_an_ipv6_vip_to_the_endpoints_ipv6_address():
     assert proxy.route(plan.Port.INBOUND, ("10.244.0.10", 8080))[1] == ("127.0.0.6", 0)
 
 
+def test_a_plugin_request_to_an_ipv6_address_is_traced_as_ipv6():
+    from lab.pytest_plugin import scenario_for
+
+    request = scenario_for("sidecar", "fd00:10:96::90", 9080, uid=1000, gid=1000, protocol="http", expect="")
+    assert (request.family, request.destination, request.traced_pods) == (6, "Remote Pod", ("sidecar", "remote"))
+    assert scenario_for("sidecar", "10.96.0.90", 9080, uid=1000, gid=1000, protocol="http", expect="").family == 4
+
+
 # ---------------------------------------------------------------- the kernel
 
 def _addresses(ns: str) -> dict[str, list[tuple[str, int]]]:
