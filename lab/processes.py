@@ -236,7 +236,8 @@ def _sockets_missing(pid: int, spec: Spec) -> str | None:
             if link.startswith("socket:["):
                 owned.add(link[8:-1])
         rows = []
-        for table in ("tcp", "tcp6"):
+        ipv6 = any(":" in host for host, _ in spec.listens + spec.dials)
+        for table in ("tcp", "tcp6") if ipv6 else ("tcp",):
             with open(f"/proc/{pid}/net/{table}") as f:
                 rows += [line.split() for line in f.readlines()[1:]]
     except OSError as e:
