@@ -41,13 +41,19 @@ def _ready_machine() -> None:
 
 
 def bring_up(lab: Lab, profile: str = profiles.DEFAULT, rules=None) -> None:
-    """The sidecar's rules (a preset, or a pod's own dump), then the processes (rules first,
-    as Istio's init container)."""
-    from . import processes
+    """The sidecar's rules (a preset, or a pod's own dump) and the policy routing TPROXY needs,
+    then the processes (rules first, as Istio's init container)."""
+    from . import processes, world
+    from .rules import routing
 
-    for dump in [rules] if rules is not None else profiles.dumps(profile):
-        xtables.apply(lab.pod("sidecar").ns, dump)
-    processes.start(lab)
+    dumps = [rules] if rules is not None else profiles.dumps(profile)
+    sidecar = lab.pod("sidecar").ns
+    for dump in dumps:
+        xtables.apply(sidecar, dump)
+    with interrupts.held(), world.ipr(sidecar) as ipr:
+        for dump in dumps:
+            routing.apply(ipr, dump)
+    processes.start(lab, routing.inbound_mode(dumps))
 
 
 def _rule_set(args):
