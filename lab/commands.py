@@ -59,6 +59,11 @@ def bring_up(lab: Lab, profile: str = profiles.DEFAULT, rules=None) -> None:
 def _rule_set(args):
     """--profile or --rules, checked before any lab: (profile whose expectations apply, foreign dump)."""
     if not args.rules:
+        given = [flag for flag, value in (("--proxy-uid", args.proxy_uid), ("--proxy-gid", args.proxy_gid),
+                                          ("--outbound-port", args.outbound_port), ("--inbound-port", args.inbound_port))
+                 if value is not None]
+        if given:  # a preset's rules are known: the flag would be silently ignored
+            raise LabError(f"{given[0]} describes a dump given with --rules; a preset needs none")
         profile = args.profile or profiles.DEFAULT
         profiles.preset(profile)  # an unknown name is one line, before any lab
         return profile, None
