@@ -41,18 +41,29 @@ def _ready_machine() -> None:
 
 
 def bring_up(lab: Lab, profile: str = profiles.DEFAULT, rules=None) -> None:
-    """The sidecar's rules (a preset, or a pod's own dump), then the processes (rules first,
-    as Istio's init container)."""
-    from . import processes
+    """The sidecar's rules (a preset, or a pod's own dump) and the policy routing TPROXY needs,
+    then the processes (rules first, as Istio's init container)."""
+    from . import processes, world
+    from .rules import routing
 
-    for dump in [rules] if rules is not None else profiles.dumps(profile):
-        xtables.apply(lab.pod("sidecar").ns, dump)
-    processes.start(lab)
+    dumps = [rules] if rules is not None else profiles.dumps(profile)
+    sidecar = lab.pod("sidecar").ns
+    for dump in dumps:
+        xtables.apply(sidecar, dump)
+    with interrupts.held(), world.ipr(sidecar) as ipr:
+        for dump in dumps:
+            routing.apply(ipr, dump)
+    processes.start(lab, routing.inbound_mode(dumps))
 
 
 def _rule_set(args):
     """--profile or --rules, checked before any lab: (profile whose expectations apply, foreign dump)."""
     if not args.rules:
+        given = [flag for flag, value in (("--proxy-uid", args.proxy_uid), ("--proxy-gid", args.proxy_gid),
+                                          ("--outbound-port", args.outbound_port), ("--inbound-port", args.inbound_port))
+                 if value is not None]
+        if given:  # a preset's rules are known: the flag would be silently ignored
+            raise LabError(f"{given[0]} describes a dump given with --rules; a preset needs none")
         profile = args.profile or profiles.DEFAULT
         profiles.preset(profile)  # an unknown name is one line, before any lab
         return profile, None
@@ -119,26 +130,32 @@ def explain(args) -> int:
     from . import path, scenario
 
     s = scenario.select(scenario.load_all(args.scenarios), [args.id])[0]
+    profile = profiles.preset(args.profile or profiles.DEFAULT).name
     console = _console()
     console.print(f"{s.id}: {s.title}", style="bold", markup=False)
-    console.print(f"kernel : {s.expected_path}", markup=False)
+    under = "" if profile == profiles.DEFAULT else f" ({profile})"
+    console.print(f"kernel{under}: {s.expected_for(profile)}", markup=False)
     console.print(f"article: {s.article_path or '(a picture only) ' + s.article_claim}", markup=False)
     console.print()
     console.print(s.explanation.rstrip(), markup=False)
+    if profile != profiles.DEFAULT:
+        console.print(f"(The explanation is written for {profiles.DEFAULT}, the article's rules; "
+                      f"docs/profiles.md tells what {profile} changes.)", markup=False)
     console.print()
-    console.print(explain_rules(path.parse(s.expected_path), profiles.load()), markup=False, end="")
+    console.print(explain_rules(path.parse(s.expected_for(profile)), profiles.load(profile), profile),
+                  markup=False, end="")
     return 0
 
 
-def explain_rules(measured, dump) -> str:
+def explain_rules(measured, dump, profile: str = profiles.DEFAULT) -> str:
     """The rules of every chain the path passes, numbered as applied; '>' marks those that matched."""
-    nat = dump.tables["nat"]
-    matched = {(h.name, h.rule) for h in measured.hops if h.kind == "chain"}
-    out = []
-    for chain in dict.fromkeys(h.name for h in measured.hops if h.kind == "chain"):
-        out.append(f"{chain} (nat table, {profiles.summary()})")
-        for num, rule in enumerate(nat.chain_rules(chain), 1):
-            mark = ">" if (chain, num) in matched or len(nat.chain_rules(chain)) == 1 else " "
+    matched = {(h.table, h.name, h.rule) for h in measured.hops if h.kind == "chain"}
+    out = [f"The rules it passes: {profiles.summary(profile)}", ""]
+    for table, chain in dict.fromkeys((h.table, h.name) for h in measured.hops if h.kind == "chain"):
+        rules = dump.tables[table].chain_rules(chain)
+        out.append(f"{chain} ({table} table)")
+        for num, rule in enumerate(rules, 1):
+            mark = ">" if (table, chain, num) in matched or len(rules) == 1 else " "
             out.append(f" {mark} {num:>2}  {rule.spec}")
         out.append("")
     return "\n".join(out) + "\n"

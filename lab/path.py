@@ -9,7 +9,11 @@ table judges, so the nat events of the SYNs are the hops.
 Notation, as the article writes it:
     Local Pod -> OUTPUT -> ISTIO_OUTPUT RULE 9 -> ISTIO_REDIRECT -> Envoy 15001 (Outbound) -> ...
 A rule number is printed for chains with more than one rule; a chain of one
-rule (ISTIO_REDIRECT) needs none.
+rule (ISTIO_REDIRECT) needs none.  The article's chains are all nat; a hop in
+another table says so, `ISTIO_INBOUND RULE 8 (mangle)` (TPROXY mode), and so does a
+rule of a built-in chain that is not a jump (`OUTPUT RULE 3 (mangle)`, a MARK).  When
+such hops follow a packet through lo back in, the path shows it: `POSTROUTING ->
+PREROUTING -> ...`.
 """
 
 from __future__ import annotations
@@ -18,11 +22,17 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Iterable, Sequence
 
-from .rules.save import BUILTIN_CHAINS
 from .sidecar.httpio import addr
 
 HOOKS = ("PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING")
 PROXIES = {15001: "Outbound", 15006: "Inbound"}
+SHOWN_TABLES = ("mangle", "nat")  # tables whose rules make hops (raw holds the TRACE rules)
+TABLES = ("raw", "mangle", "nat", "filter", "security")
+
+
+def rule_ref(table: str, chain: str, num: int) -> str:
+    """How a rule is named in counters and rule lines: "ISTIO_OUTPUT#9", "mangle:ISTIO_INBOUND#8"."""
+    return f"{chain}#{num}" if table == "nat" else f"{table}:{chain}#{num}"
 
 
 @dataclass(frozen=True)
@@ -34,11 +44,15 @@ class Hop:
     packet: str = ""  # the packet the hop was seen on
     line: str = ""  # the matched rule, in iptables-save form
     owner: str = ""  # the sending socket's uid/gid, as the kernel reported it (OUTPUT only)
+    table: str = "nat"  # chains only
 
     def __str__(self) -> str:
+        text = self.name
         if self.kind == "chain" and self.rule is not None and self.numbered:
-            return f"{self.name} RULE {self.rule}"
-        return self.name
+            text = f"{self.name} RULE {self.rule}"
+        if self.kind == "chain" and self.table != "nat":
+            text += f" ({self.table})"
+        return text
 
     def as_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if v not in ("", None) and k != "numbered"}
@@ -87,28 +101,59 @@ def _packet(e) -> str:
     return f"SYN {addr((e.src, e.sport))} > {addr((e.dst, e.dport))}"
 
 
+def _target(line: str) -> str:
+    """The `-j` target of a rule line, "" if it has none."""
+    words = line.split()
+    return words[words.index("-j") + 1] if "-j" in words[:-1] else ""
+
+
+def _chain_hops(events: Sequence, rule_counts: dict[str, int], rule_lines: dict[str, str]) -> list[Hop]:
+    """A hop per rule that matched in a shown table, but a built-in chain's jump: the
+    chain jumped to is the next hop, and says more."""
+    hops = []
+    for e in events:
+        if e.kind != "rule" or e.table not in SHOWN_TABLES:
+            continue
+        ref = rule_ref(e.table, e.chain, e.rulenum)
+        line = rule_lines.get(ref, "")
+        if e.chain in HOOKS and _target(line) not in _BUILTIN_TARGETS:
+            continue  # -A OUTPUT -j ISTIO_OUTPUT: a jump (or a line we do not know)
+        key = ref.rsplit("#", 1)[0]
+        hops.append(Hop("chain", e.chain, e.rulenum, rule_counts.get(key, 2) > 1, _packet(e), line, table=e.table))
+    return hops
+
+
+# Targets that end or mark, not jumps to a chain of the dump (iptables' built-in and extension targets).
+_BUILTIN_TARGETS = {"ACCEPT", "DROP", "RETURN", "REJECT", "REDIRECT", "DNAT", "SNAT", "MASQUERADE",
+                    "TPROXY", "MARK", "CONNMARK", "CT", "TRACE", "LOG", "NFLOG"}
+
+
 def leg_hops(events: Sequence, leg: Leg, rule_counts: dict[str, int], rule_lines: dict[str, str]) -> list[Hop]:
-    """Hops of one leg from its SYN's events in the pod that holds the rules."""
+    """Hops of one leg from its SYN's events in the pod that holds the rules.
+
+    A SYN sent over lo comes back in through PREROUTING in the same pod; its hops there
+    (mangle's, in TPROXY mode) follow `POSTROUTING -> PREROUTING`.
+    """
     syn = syn_events(events, leg)
     if not syn:
         return []
-    nat = [e for e in syn if e.table == "nat"]
     entry = next((e.chain for e in syn if e.chain in ("OUTPUT", "PREROUTING")), syn[0].chain)
     first = syn[0]
     owner = f"uid {first.uid} gid {first.gid}" if entry == "OUTPUT" and first.uid is not None else ""
     hops = [Hop("hook", entry, packet=_packet(first), owner=owner)]
-    for e in nat:
-        if e.chain in BUILTIN_CHAINS["nat"] or e.kind != "rule":
-            continue
-        ref = f"{e.chain}#{e.rulenum}"
-        hops.append(Hop("chain", e.chain, e.rulenum, rule_counts.get(e.chain, 2) > 1, _packet(e), rule_lines.get(ref, "")))
+    sent = [i for i, e in enumerate(syn) if e.chain == "POSTROUTING"] if entry == "OUTPUT" else []
+    out, back = (syn[:sent[0]], syn[sent[-1] + 1:]) if sent else (syn, [])
+    hops += _chain_hops(out, rule_counts, rule_lines)
+    back_hops = _chain_hops(back, rule_counts, rule_lines)
+    if back_hops:
+        hops += [Hop("hook", "POSTROUTING", packet=_packet(syn[sent[0]])),
+                 Hop("hook", "PREROUTING", packet=_packet(back[0]))] + back_hops
     if leg.proxy is not None:
         hops.append(Hop("proxy", f"Envoy {leg.proxy} ({PROXIES.get(leg.proxy, 'Listener')})", packet=_packet(syn[0])))
     else:
-        chains = {e.chain for e in syn}
-        exit_hook = "POSTROUTING" if entry == "OUTPUT" else "INPUT"
-        if exit_hook in chains:
-            last = next(e for e in reversed(syn) if e.chain == exit_hook)
+        exit_hook = "INPUT" if entry == "PREROUTING" or back_hops else "POSTROUTING"
+        last = next((e for e in reversed(syn) if e.chain == exit_hook), None)
+        if last is not None:
             hops.append(Hop("hook", exit_hook, packet=_packet(last)))
     return hops
 
@@ -137,7 +182,7 @@ def build(source: str, destination: str, legs: list[Leg], events: Sequence,
 
 _TYPOS = {"RREROUTING": "PREROUTING"}  # the article's spelling slips, read as meant
 _PROXY_RE = re.compile(r"^envoy\s*(\d+)\s*\((outbound|inbound)[^)]*\)$", re.I)
-_CHAIN_RE = re.compile(r"^([A-Za-z_]+)(?:\s+RULE\s+(\d+))?(?:\s*\(.*\))?$", re.I)
+_CHAIN_RE = re.compile(r"^([A-Za-z_]+)(?:\s+RULE\s+(\d+))?(?:\s*\((.*)\))?$", re.I)
 
 
 def parse(text: str) -> Path:
@@ -156,7 +201,11 @@ def parse(text: str) -> Path:
         elif chain:
             name = _TYPOS.get(chain.group(1).upper(), chain.group(1).upper())
             rule = int(chain.group(2)) if chain.group(2) else None
-            hops.append(Hop("hook", name) if name in HOOKS else Hop("chain", name, rule))
+            table = chain.group(3) if chain.group(3) in TABLES else "nat"  # else the article's aside
+            if name in HOOKS and rule is None:
+                hops.append(Hop("hook", name))
+            else:
+                hops.append(Hop("chain", name, rule, table=table))
         else:
             raise ValueError(f"cannot read hop {token!r}")
     return Path(hops)
@@ -173,7 +222,7 @@ def same(claim: Hop, measured: Hop) -> bool:
         return False
     if claim.kind == "endpoint":
         return claim.name.lower() == measured.name.lower()
-    if claim.name != measured.name:
+    if claim.name != measured.name or claim.table != measured.table:
         return False
     return claim.rule is None or claim.rule == measured.rule  # the article may leave a rule unnamed
 

@@ -20,8 +20,27 @@ PODS = {
     "prometheus": "10.244.0.40",
 }
 
-PROXY_UID = PROXY_GID = 1337  # Envoy and pilot-agent
+PROXY_UID = PROXY_GID = 1337  # the uid/gid the rules exempt (istio-iptables -u/-g)
 APP_UID = APP_GID = 1000
+
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who a process runs as: the container securityContext's runAsUser/runAsGroup and added capabilities."""
+
+    uid: int
+    gid: int
+    capabilities: tuple[str, ...] = ()
+
+
+# The istio-proxy container (Envoy and pilot-agent), by inbound interception mode, as Istio's
+# injection template sets it: TPROXY needs NET_ADMIN for IP_TRANSPARENT and SO_MARK, and
+# the template then runs the container as uid 0, gid 1337 (its iptables still say -u 1337).
+SIDECAR_IDENTITY = {
+    "REDIRECT": Identity(PROXY_UID, PROXY_GID),
+    "TPROXY": Identity(0, PROXY_GID, ("NET_ADMIN",)),
+}
 
 INBOUND_PASSTHROUGH_SOURCE = "127.0.0.6"  # Envoy binds it for inbound, since Istio 1.10
 

@@ -47,6 +47,7 @@ class Spec:
     run: Callable[[], None]
     listens: tuple[tuple[str, int], ...] = ()
     dials: tuple[tuple[str, int], ...] = ()  # peers it holds an established connection to
+    capabilities: tuple[str, ...] = ()  # all others are dropped
 
 
 class ProcessDied(LabError):
@@ -68,10 +69,22 @@ def _scrape_targets(lab: Lab) -> tuple[tuple[str, int, str], ...]:
     return ((ip, plan.Port.STATS, "/stats/prometheus"), (ip, plan.Port.AGENT, "/stats/prometheus"))
 
 
+SIDECAR_PROCESSES = ("envoy", "pilot-agent")  # the istio-proxy container's
+
+
+def identity(lab: Lab, name: str) -> plan.Identity | None:
+    """Who the lab runs process `name` as, if it runs one of the sidecar's (their identity
+    depends on the inbound mode); None for any other name."""
+    return plan.SIDECAR_IDENTITY[lab.record.inbound_mode] if name in SIDECAR_PROCESSES else None
+
+
 def _servers(lab: Lab) -> list[Spec]:
     P, run_dir = plan.Port, lab.run_dir
+    mode = lab.record.inbound_mode
+    proxy = plan.SIDECAR_IDENTITY[mode]
     families = (4, 6) if lab.ipv6 else (4,)
-    envoy_config = envoy.Config(os.path.join(run_dir, ACCESS_LOG), envoy.endpoints_from(), families=families)
+    envoy_config = envoy.Config(os.path.join(run_dir, ACCESS_LOG), envoy.endpoints_from(), inbound_mode=mode,
+                                families=families)
     istiod = lab.pods["istiod"]
     agent_config = agent.Config(istiods=tuple((ip, P.ISTIOD) for ip in (istiod.ip, istiod.ip6) if ip))
 
@@ -79,11 +92,12 @@ def _servers(lab: Lab) -> list[Spec]:
         return tuple((plan.WILDCARD[f], port) for port in ports for f in families)
 
     return [
-        Spec("envoy", "sidecar", plan.PROXY_UID, plan.PROXY_GID, functools.partial(envoy.run, envoy_config),
+        Spec("envoy", "sidecar", proxy.uid, proxy.gid, functools.partial(envoy.run, envoy_config),
              listens=anywhere(P.OUTBOUND, P.INBOUND, P.STATS, P.READY)
-             + tuple((plan.LOCALHOST[f], P.ADMIN) for f in families)),
-        Spec("pilot-agent", "sidecar", plan.PROXY_UID, plan.PROXY_GID, functools.partial(agent.run, agent_config),
-             listens=(("0.0.0.0", P.AGENT),), dials=agent_config.istiods),
+             + tuple((plan.LOCALHOST[f], P.ADMIN) for f in families),
+             capabilities=proxy.capabilities),
+        Spec("pilot-agent", "sidecar", proxy.uid, proxy.gid, functools.partial(agent.run, agent_config),
+             listens=(("0.0.0.0", P.AGENT),), dials=agent_config.istiods, capabilities=proxy.capabilities),
         Spec("app-sidecar", "sidecar", plan.APP_UID, plan.APP_GID,
              functools.partial(workloads.run_app, workloads.AppConfig("sidecar", P.SIDECAR_APP, families)),
              listens=anywhere(P.SIDECAR_APP)),
@@ -103,8 +117,11 @@ def _scraper(lab: Lab) -> Spec:
                 functools.partial(workloads.run_scraper, config))
 
 
-def start(lab: Lab, timeout: float = 3.0) -> None:
+def start(lab: Lab, inbound_mode: str = "REDIRECT", timeout: float = 3.0) -> None:
     """Spawn every process, record their pids, and return once all are ready.
+
+    `inbound_mode` is the sidecar rules' (routing.inbound_mode): Envoy's inbound listener
+    and the sidecar's identity follow it, as Istio's injection does.
 
     All or nothing: on any failure the processes this call spawned are killed by pid and
     reaped before the error (LabError, or ProcessDied naming the one that died) goes up.
@@ -114,6 +131,7 @@ def start(lab: Lab, timeout: float = 3.0) -> None:
         raise LabError(f"lab {lab.labid} is not up: create it before starting processes")
     if lab.record.pids:
         raise LabError(f"lab {lab.labid} already runs {', '.join(lab.record.pids)}")
+    lab.record.inbound_mode = inbound_mode
     try:
         _start(lab, time.monotonic() + timeout)
     except BaseException:
@@ -123,7 +141,8 @@ def start(lab: Lab, timeout: float = 3.0) -> None:
 
 
 def _start(lab: Lab, deadline: float) -> None:
-    _own(os.path.join(lab.run_dir, ACCESS_LOG), plan.PROXY_UID, plan.PROXY_GID)
+    proxy = plan.SIDECAR_IDENTITY[lab.record.inbound_mode]
+    _own(os.path.join(lab.run_dir, ACCESS_LOG), proxy.uid, proxy.gid)
     _own(os.path.join(lab.run_dir, ISTIOD_LOG), ISTIOD_UID, ISTIOD_GID)
     _own(os.path.join(lab.run_dir, SCRAPE_LOG), PROMETHEUS_UID, PROMETHEUS_GID)
 
@@ -153,7 +172,8 @@ def _spawn(lab: Lab, specs: list[Spec]) -> None:
         for s in specs:
             lab.record.pids[s.name] = netns.spawn(lab.pods[s.pod].ns, s.run, name=s.name, uid=s.uid, gid=s.gid,
                                                   log_path=log_path(lab, s.name),
-                                                  die_with_parent=not lab.record.detached)
+                                                  die_with_parent=not lab.record.detached,
+                                                  capabilities=s.capabilities)
     lab.record.save()
 
 

@@ -91,7 +91,9 @@ class Witnesses:
         self.readers: list[TraceReader] = []
         self.families = (4, 6) if lab.ipv6 else (4,)
         sidecar = lab.pod("sidecar").ns
-        self.rule_lines_by_family = {f: xtables.rule_lines(sidecar, "nat", f) for f in self.families}
+        self.rule_lines_by_family = {f: {paths.rule_ref(table, r.chain, r.num): r.line
+                                         for table in paths.SHOWN_TABLES for r in xtables.listing(sidecar, table, f)}
+                                     for f in self.families}
         self.rule_lines = self.rule_lines_by_family[4]
         try:
             for pod in lab.pods.values():
@@ -145,7 +147,7 @@ class Observation:
     events: dict[str, list[TraceEvent]]  # pod -> TRACE events
     counters_before: dict[str, int]  # nat rule "CHAIN#N" -> packets
     counters_after: dict[str, int]
-    rule_lines: dict[str, str]  # nat rule "CHAIN#N" -> its line, as applied
+    rule_lines: dict[str, str]  # rule "CHAIN#N" (nat) or "mangle:CHAIN#N" -> its line, as applied
     access_log: list[dict]
 
 
@@ -155,7 +157,11 @@ def _fire(lab: Lab, scenario: Scenario) -> workloads.Response:
         return workloads.Response(0, "", agent, addr((scenario.address, scenario.port)))
     fire = workloads.request if scenario.protocol == "http" else workloads.stream
     src = scenario.source
-    return fire(lab.pod(src.pod).ns, scenario.address, scenario.port, uid=src.uid, gid=src.gid)
+    # The sidecar's own processes run as the inbound mode has them (uid 0 in TPROXY mode);
+    # a scenario's uid/gid are those of the default sidecar.
+    sidecar = processes.identity(lab, src.process) if src.pod == "sidecar" else None
+    uid, gid = (sidecar.uid, sidecar.gid) if sidecar else (src.uid, src.gid)
+    return fire(lab.pod(src.pod).ns, scenario.address, scenario.port, uid=uid, gid=gid)
 
 
 def observe(lab: Lab, witnesses: Witnesses, scenario: Scenario) -> Observation:
@@ -194,8 +200,8 @@ def judge(scenario: Scenario, seen: Observation, profile: str | None = profiles.
             result.trace_rule_events[ref] = result.trace_rule_events.get(ref, 0) + 1
     result.legs = paths.chain_legs(seen.response_local, addr((scenario.address, scenario.port)), seen.access_log)
     rule_counts: dict[str, int] = {}
-    for ref in after:
-        chain = ref.split("#")[0]
+    for ref in result.rule_lines:
+        chain = ref.rsplit("#", 1)[0]
         rule_counts[chain] = rule_counts.get(chain, 0) + 1
     result.measured = paths.build(scenario.source.label, scenario.destination, result.legs, sidecar_events,
                                   rule_counts, result.rule_lines)

@@ -99,9 +99,10 @@ def test_envoy_sends_an_ipv6_vip_to_the_endpoints_ipv6_address():
     assert endpoints["10.96.0.90", 9080].ip == "10.244.0.20"
     proxy = envoy.Envoy.__new__(envoy.Envoy)  # route() reads only the config
     proxy.config = envoy.Config("/dev/null", endpoints)
-    assert proxy.route(plan.Port.INBOUND, ("fd00:10:244::10", 8080)) == (
+    client = ("fd00:10:244::20", 40000)
+    assert proxy.route(plan.Port.INBOUND, ("fd00:10:244::10", 8080), client) == (
         envoy.Endpoint("fd00:10:244::10", 8080, "InboundPassthroughClusterIpv6"), ("::6", 0))
-    assert proxy.route(plan.Port.INBOUND, ("10.244.0.10", 8080))[1] == ("127.0.0.6", 0)
+    assert proxy.route(plan.Port.INBOUND, ("10.244.0.10", 8080), ("10.244.0.20", 40000))[1] == ("127.0.0.6", 0)
 
 
 def test_a_plugin_request_to_an_ipv6_address_is_traced_as_ipv6():

@@ -273,14 +273,42 @@ def to_save(chain: str, rule) -> str:
     return " ".join(parts)
 
 
-def listing(ns: str, table_name: str) -> list[NumberedRule]:
+def listing(ns: str, table_name: str, family: int = 4) -> list[NumberedRule]:
     """Every rule of a table in `ns`, numbered per chain, with its counters."""
+    if family == 6:
+        return _listing6(ns, table_name)
     out = []
     with _table(ns, table_name) as table:
         for chain in table.chains:
             for num, rule in enumerate(chain.rules, 1):
                 packets, nbytes = rule.get_counters()
                 out.append(NumberedRule(table_name, chain.name, num, to_save(chain.name, rule), packets, nbytes))
+    return out
+
+
+def _listing6(ns: str, table_name: str) -> list[NumberedRule]:
+    """listing() for ip6tables, read with `ip6tables-legacy-save -c`: decoding IPv6 rules in
+    this process would need their extensions (REDIRECT) loaded for IPv6, which libxtables
+    refuses once IPv4 has them."""
+    try:
+        with netns.entered(ns):
+            done = subprocess.run(["ip6tables-legacy-save", "-c", "-t", table_name], capture_output=True, text=True,
+                                  timeout=RESTORE_DEADLINE)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise RuleError(f"ip6tables-legacy-save: {e}") from None
+    if done.returncode:
+        raise RuleError(f"ip6tables-legacy-save: {' '.join(done.stderr.split())}")
+    counters, lines = [], []
+    for line in done.stdout.splitlines():  # "[packets:bytes] -A CHAIN ...": counters first
+        if line.startswith("[") and "] -A " in line:
+            packets_bytes, line = line[1:].split("] ", 1)
+            counters.append(tuple(map(int, packets_bytes.split(":"))))
+        lines.append(line)
+    table = parse("\n".join(lines), "ip6tables-legacy-save", 6).tables.get(table_name)
+    out, numbers = [], Counter()
+    for rule, (packets, nbytes) in zip(table.rules if table else (), counters):
+        numbers[rule.chain] += 1
+        out.append(NumberedRule(table_name, rule.chain, numbers[rule.chain], str(rule), packets, nbytes))
     return out
 
 
@@ -317,28 +345,6 @@ def delete(ns: str, table_name: str, rules: list[tuple[str, tuple[str, ...]]], f
         for chain, args in rules:
             iptc.Chain(table, chain).delete_rule(to_iptc(RuleLine(chain, args), family))
         table.commit()
-
-
-def rule_lines(ns: str, table_name: str, family: int = 4) -> dict[str, str]:
-    """Each rule's line as applied, by `CHAIN#N`.  IPv6 rules are read with
-    ip6tables-legacy-save: decoding them in this process would need their extensions
-    (REDIRECT) loaded for IPv6, which libxtables refuses once IPv4 has them."""
-    if family == 4:
-        return {r.ref: r.line for r in listing(ns, table_name)}
-    try:
-        with netns.entered(ns):
-            done = subprocess.run(["ip6tables-legacy-save", "-t", table_name], capture_output=True, text=True,
-                                  timeout=RESTORE_DEADLINE)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        raise RuleError(f"ip6tables-legacy-save: {e}") from None
-    if done.returncode:
-        raise RuleError(f"ip6tables-legacy-save: {' '.join(done.stderr.split())}")
-    table = parse(done.stdout, "ip6tables-legacy-save", 6).tables.get(table_name)
-    out, numbers = {}, Counter()
-    for rule in table.rules if table else ():
-        numbers[rule.chain] += 1
-        out[f"{rule.chain}#{numbers[rule.chain]}"] = str(rule)
-    return out
 
 
 def packet_counts(ns: str, table_name: str, family: int = 4) -> dict[str, int]:
