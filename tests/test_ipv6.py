@@ -249,4 +249,8 @@ def test_ipv6_scenarios_match_the_ip6tables_rules_with_6_and_1(dual_stack_lab):
     assert "! -d ::1/128 -o lo" in v6.rule_lines["ISTIO_OUTPUT#2"]
     assert v4.rule_lines["ISTIO_OUTPUT#1"] == "-A ISTIO_OUTPUT -s 127.0.0.6/32 -o lo -j RETURN"
     assert {e.src for e in v6.events if e.table == "nat"} <= {plan.PODS6["sidecar"], "::6"}
+    # ip6tables counters two ways: python-iptables' Table6 entries and ip6tables-legacy-save -c
+    sidecar = dual_stack_lab.pod("sidecar").ns
+    saved = {r.ref: r.packets for r in xtables.listing(sidecar, "nat", 6)}
+    assert saved == xtables.packet_counts(sidecar, "nat", 6) and saved["ISTIO_OUTPUT#1"] > 0
     assert profiles.dual_stack(PROFILE) and not profiles.dual_stack(profiles.DEFAULT)
