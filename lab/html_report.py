@@ -197,8 +197,9 @@ def measured_diagram(r: Result):
         graph.node(f"h{i}", _node(r, i, hop), id=f"{sid}-hop{i}", fillcolor=COLOURS[hop.kind],
                    **{"class": f"hop {hop.kind}" + (" differs" if i in differing else "")}, **extra)
 
+    addresses = plan.PODS6 if r.scenario.family == 6 else plan.PODS  # the family the scenario ran over
     for pod, by_box in boxes.items():
-        with _cluster(g, pod and f"cluster_{pod}", label=f"pod {pod}  {plan.PODS.get(pod, '')}",
+        with _cluster(g, pod and f"cluster_{pod}", label=f"pod {pod}  {addresses.get(pod, '')}",
                       style="rounded", color="#8a8a8a", fontsize="12", fontcolor="#333333") as pg:
             for box, members in by_box.items():
                 with _cluster(pg, box and f"cluster_{pod}_{box}", label=_box_label(pod, box, r),

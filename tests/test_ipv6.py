@@ -223,9 +223,9 @@ def test_envoy_inbound_passthrough_binds_6_for_ipv6(dual_stack_lab):
 
 
 @pytest.mark.kernel
-def test_run_with_the_ipv6_profile_takes_the_recorded_paths_over_ipv6():
-    done = subprocess.run([sys.executable, "-m", "lab.cli", "run", "--json", "--profile", PROFILE], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+def test_run_with_the_ipv6_profile_takes_the_recorded_paths_over_ipv6(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "lab.cli", "run", "--json", "--profile", PROFILE,
+                           "--report", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=120)
     report = json.loads(done.stdout)
     by_id = {s["id"]: s for s in report["scenarios"]}
     assert done.returncode == 0, [(i, s["failure"] or s["measured_path"]) for i, s in by_id.items() if s["verdict"] != "pass"]
@@ -237,6 +237,8 @@ def test_run_with_the_ipv6_profile_takes_the_recorded_paths_over_ipv6():
         assert six["endpoint"].split()[1].startswith("[fd00:10:244::") or "[::1]:" in six["endpoint"]
         assert all(":" in leg["client"].rsplit(":", 1)[0] for leg in six["legs"])
         assert six["rule_hits"] == by_id[s.id]["rule_hits"]
+    page = (tmp_path / "index.html").read_text()
+    assert 'id="type1-remote-to-local@ipv6"' in page and "pod sidecar &#160;fd00:10:244::10" in page
 
 
 @pytest.mark.kernel
