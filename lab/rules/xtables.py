@@ -8,11 +8,12 @@ commit, as iptables-restore would.
 IPv6 tables go through ip6tables-legacy-restore instead: libxtables registers an
 extension for one family only, the one in use when its library is first loaded, so
 a process that has used REDIRECT for IPv4 cannot build it for IPv6 (and loading it
-again for the other family makes libxtables exit on a duplicate).  What the harness
-itself does to IPv6 tables does work through python-iptables' Table6 in the same
-process (measured: a multiport TRACE rule builds for either family after the other, in
-either order; REDIRECT for IPv6 after IPv4 fails with "can't find target REDIRECT"):
-inserting and deleting TRACE rules, and reading counters, which decodes no extension.
+again for the other family makes libxtables exit on a duplicate).  The harness's own
+IPv6 work does go through python-iptables' Table6, in the same process: TRACE rules
+(measured: a multiport TRACE rule builds for either family after the other, in either
+order, while REDIRECT for IPv6 after IPv4 fails with "can't find target REDIRECT") and
+counters (read from the entries, no extension decoded).  IPv6 rules are listed with
+ip6tables-legacy-save, since decoding them would need REDIRECT.
 """
 
 from __future__ import annotations
