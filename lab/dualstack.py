@@ -3,8 +3,9 @@
 A scenario file names pods, Services and 127.0.0.1; the address plan gives each its IPv6
 twin (10.244.0.10 -> fd00:10:244::10, 10.96.0.80 -> fd00:10:96::80, 127.0.0.1 -> ::1), so
 one file describes the traffic for both families.  The twin's id is the scenario's with
-"@ipv6"; its expected path is the one recorded for the profile over IPv6
-(Scenario.expected_for), which is the IPv4 path unless the kernel was measured to differ.
+"@ipv6"; its expected path is the scenario's under the same profile: over IPv6 the kernel
+was measured to take the IPv4 path rule for rule (only the rules' addresses differ), and
+a run where it does not fails.
 """
 
 from __future__ import annotations
