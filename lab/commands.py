@@ -41,21 +41,30 @@ def _ready_machine() -> None:
 
 
 def bring_up(lab: Lab, profile: str = profiles.DEFAULT, rules=None) -> None:
-    """The sidecar's rules (a preset, or a pod's own dump), then the processes (rules first,
-    as Istio's init container).  Rules that capture DNS get pilot-agent's DNS proxy, as
-    ISTIO_META_DNS_CAPTURE turns on both."""
-    from . import processes
-    from .rules import features
+    """The sidecar's rules (a preset, or a pod's own dump) and the policy routing TPROXY needs,
+    then the processes (rules first, as Istio's init container).  Rules that capture DNS get
+    pilot-agent's DNS proxy, as ISTIO_META_DNS_CAPTURE turns on both."""
+    from . import processes, world
+    from .rules import features, routing
 
     dumps = [rules] if rules is not None else profiles.dumps(profile)
+    sidecar = lab.pod("sidecar").ns
     for dump in dumps:
-        xtables.apply(lab.pod("sidecar").ns, dump)
-    processes.start(lab, dns_proxy=features.DNS_CAPTURE in features.of(dumps))
+        xtables.apply(sidecar, dump)
+    with interrupts.held(), world.ipr(sidecar) as ipr:
+        for dump in dumps:
+            routing.apply(ipr, dump)
+    processes.start(lab, routing.inbound_mode(dumps), dns_proxy=features.DNS_CAPTURE in features.of(dumps))
 
 
 def _rule_set(args):
     """--profile or --rules, checked before any lab: (profile whose expectations apply, foreign dump)."""
     if not args.rules:
+        given = [flag for flag, value in (("--proxy-uid", args.proxy_uid), ("--proxy-gid", args.proxy_gid),
+                                          ("--outbound-port", args.outbound_port), ("--inbound-port", args.inbound_port))
+                 if value is not None]
+        if given:  # a preset's rules are known: the flag would be silently ignored
+            raise LabError(f"{given[0]} describes a dump given with --rules; a preset needs none")
         profile = args.profile or profiles.DEFAULT
         profiles.preset(profile)  # an unknown name is one line, before any lab
         return profile, None
@@ -84,7 +93,7 @@ def run(args) -> int:
     _ready_machine()
     console = _console()
     status = console.status("building the lab") if not args.json else contextlib.nullcontext()
-    with status, Lab() as lab:
+    with status, Lab(ipv6=pod is None and profiles.dual_stack(profile)) as lab:
         try:
             bring_up(lab, profile, pod.dump if pod else None)
         except xtables.RuleError as e:
@@ -128,14 +137,19 @@ def explain(args) -> int:
     from .report import article_text
 
     s = scenario.select(scenario.load_all(args.scenarios), [args.id])[0]
-    profile = _explained_profile(s)
+    written_for = _explained_profile(s)
+    profile = profiles.preset(args.profile or written_for).name
     console = _console()
     console.print(f"{s.id}: {s.title}", style="bold", markup=False)
     under = "" if profile == profiles.DEFAULT else f" ({profile})"
-    console.print(f"kernel{under} : {s.expected_for(profile)}", markup=False)
+    console.print(f"kernel{under}: {s.expected_for(profile)}", markup=False)
     console.print(f"article: {article_text(s)}", markup=False)
     console.print()
     console.print(s.explanation.rstrip(), markup=False)
+    if profile != written_for:
+        whose = ", the article's rules" if written_for == profiles.DEFAULT else ""
+        console.print(f"(The explanation is written for {written_for}{whose}; "
+                      f"docs/profiles.md tells what {profile} changes.)", markup=False)
     console.print()
     console.print(explain_rules(path.parse(s.expected_for(profile)), profiles.load(profile), profile),
                   markup=False, end="")
@@ -143,8 +157,8 @@ def explain(args) -> int:
 
 
 def _explained_profile(s) -> str:
-    """The default, or for a scenario about a feature the default lacks (DNS capture), the
-    first preset that has it: the rules its explanation is about."""
+    """The rules a scenario's explanation is written for: the default, or for a scenario about
+    a feature the default lacks (DNS capture), the first preset that has it."""
     from .rules import features
 
     if s.feature is None:
@@ -154,12 +168,11 @@ def _explained_profile(s) -> str:
 
 def explain_rules(measured, dump, profile: str = profiles.DEFAULT) -> str:
     """The rules of every chain the path passes, numbered as applied; '>' marks those that matched."""
-    hops = [h for h in measured.hops if h.kind == "chain"]
-    matched = {(h.table or "nat", h.name, h.rule) for h in hops}
-    out = []
-    for table, chain in dict.fromkeys((h.table or "nat", h.name) for h in hops):
+    matched = {(h.table, h.name, h.rule) for h in measured.hops if h.kind == "chain"}
+    out = [f"The rules it passes: {profiles.summary(profile)}", ""]
+    for table, chain in dict.fromkeys((h.table, h.name) for h in measured.hops if h.kind == "chain"):
         rules = dump.tables[table].chain_rules(chain)
-        out.append(f"{chain} ({table} table, {profiles.summary(profile)})")
+        out.append(f"{chain} ({table} table)")
         for num, rule in enumerate(rules, 1):
             mark = ">" if (table, chain, num) in matched or len(rules) == 1 else " "
             out.append(f" {mark} {num:>2}  {rule.spec}")
@@ -182,14 +195,14 @@ def list_scenarios(args) -> int:
     console = _console()
     for s in scenario.load_all(args.scenarios):
         variant = f"  (variant of {s.variant_of})" if s.variant_of else ""
-        console.print(f"{s.id:<28} type {s.type or '-'}  {s.title}{variant}", markup=False, highlight=False)
+        console.print(f"{s.id:<28} type {s.type}  {s.title}{variant}", markup=False, highlight=False)
     return 0
 
 
 def up(args) -> int:
     profile = profiles.preset(args.profile or profiles.DEFAULT).name
     _ready_machine()
-    lab = Lab(args.labid, detached=not args.hold)
+    lab = Lab(args.labid, detached=not args.hold, ipv6=profiles.dual_stack(profile))
     try:
         lab.create()
         bring_up(lab, profile)

@@ -149,7 +149,7 @@ def _place(r: Result, i: int, hop: paths.Hop) -> tuple[str, str]:
 
 def _node(r: Result, i: int, hop: paths.Hop) -> str:
     if hop.kind == "chain":
-        table = f"  ({hop.table} table)" if hop.table else ""
+        table = f"  ({hop.table} table)" if hop.table != "nat" else ""
         return _label(f"{hop.name}  rule {hop.rule}{table}", mono=_rule_text(hop.line))
     if hop.kind == "hook":
         owner = f"sent by a socket of {hop.owner}" if hop.owner else ""
@@ -163,8 +163,8 @@ def _node(r: Result, i: int, hop: paths.Hop) -> str:
 
 def _box_label(pod: str, box: str, r: Result) -> str:
     if box == NETFILTER:
-        raw = any(h.table == "raw" for h in r.measured.hops)
-        return "netfilter: raw and nat tables" if raw else "netfilter: nat table"
+        tables = sorted({h.table for h in r.measured.hops if h.kind == "chain"} | {"nat"}, key=paths.TABLES.index)
+        return f"netfilter: {' and '.join(tables)} table{'s' if len(tables) > 1 else ''}"
     src = r.scenario.source
     if (pod, box) == (src.pod, src.process):
         return f"{box} (uid {src.uid})"
@@ -201,8 +201,9 @@ def measured_diagram(r: Result):
         graph.node(f"h{i}", _node(r, i, hop), id=f"{sid}-hop{i}", fillcolor=COLOURS[hop.kind],
                    **{"class": f"hop {hop.kind}" + (" differs" if i in differing else "")}, **extra)
 
+    addresses = plan.PODS6 if r.scenario.family == 6 else plan.PODS  # the family the scenario ran over
     for pod, by_box in boxes.items():
-        with _cluster(g, pod and f"cluster_{pod}", label=f"pod {pod}  {plan.PODS.get(pod, '')}",
+        with _cluster(g, pod and f"cluster_{pod}", label=f"pod {pod}  {addresses.get(pod, '')}",
                       style="rounded", color="#8a8a8a", fontsize="12", fontcolor="#333333") as pg:
             for box, members in by_box.items():
                 with _cluster(pg, box and f"cluster_{pod}_{box}", label=_box_label(pod, box, r),

@@ -26,7 +26,10 @@ NETNS_DIR = "/run/netns"
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _PR_SET_PDEATHSIG = 1
 _PR_SET_NAME = 15
+_PR_SET_KEEPCAPS = 8
 _PR_CAPBSET_DROP = 24
+_CAPABILITY_VERSION_3 = 0x20080522  # linux/capability.h: two 32-bit words per set
+CAPABILITIES = {"NET_ADMIN": 12, "NET_RAW": 13}  # the ones a sidecar may keep, by name
 _CLONE_NEWNET = 0x40000000
 _CAP_LAST_CAP_PATH = "/proc/sys/kernel/cap_last_cap"
 
@@ -144,14 +147,35 @@ def set_sysctls(name: str, values: dict[str, str]) -> None:
                     raise OSError(f"{name}: sysctl {key} did not take {value!r}")
 
 
-def drop_privileges(uid: int, gid: int) -> None:
-    """Become uid/gid with no supplementary groups and no capabilities."""
+def drop_privileges(uid: int, gid: int, keep: tuple[str, ...] = ()) -> None:
+    """Become uid/gid with no supplementary groups and only the capabilities in `keep`.
+
+    As a container's securityContext does (`capabilities: {drop: [ALL], add: keep}`):
+    uid 0 stays uid 0 but holds nothing else, so it reads and writes only what root
+    owns, and xt_owner sees uid 0.
+    """
+    kept = [CAPABILITIES[name] for name in keep]
     last_cap = int(open(_CAP_LAST_CAP_PATH).read())
     for cap in range(last_cap + 1):
-        _libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0)
+        if cap not in kept:
+            _libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0)
     os.setgroups([])
     os.setresgid(gid, gid, gid)
-    os.setresuid(uid, uid, uid)  # all uids non-zero: the kernel clears every capability set
+    if kept:
+        _libc.prctl(_PR_SET_KEEPCAPS, 1, 0, 0, 0)  # a change to non-zero uids would clear them
+    os.setresuid(uid, uid, uid)  # all uids non-zero and nothing kept: every capability set is cleared
+    if kept or uid == 0:
+        _set_capabilities(kept)
+
+
+def _set_capabilities(caps: list[int]) -> None:
+    """capset(2): effective and permitted = caps, inheritable empty."""
+    mask = sum(1 << c for c in caps)
+    header = (ctypes.c_uint32 * 2)(_CAPABILITY_VERSION_3, 0)
+    data = (ctypes.c_uint32 * 6)(mask & 0xFFFFFFFF, mask & 0xFFFFFFFF, 0, mask >> 32, mask >> 32, 0)
+    if _libc.capset(header, data) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"capset: {os.strerror(err)}")
 
 
 def spawn(
@@ -163,8 +187,9 @@ def spawn(
     gid: int,
     log_path: str,
     die_with_parent: bool = True,
+    capabilities: tuple[str, ...] = (),
 ) -> int:
-    """Fork a child that enters `ns`, drops to uid/gid and calls `run`.
+    """Fork a child that enters `ns`, drops to uid/gid (keeping only `capabilities`) and calls `run`.
 
     The child's stdout and stderr go to `log_path`; with `die_with_parent` the
     kernel kills it when this process dies, even by SIGKILL.  Runs with the stop
@@ -197,7 +222,7 @@ def spawn(
         target = os.open(path(ns), os.O_RDONLY)
         _netns.setns(target)
         os.close(target)
-        drop_privileges(uid, gid)
+        drop_privileges(uid, gid, capabilities)
         if die_with_parent:  # after the uid change: changing credentials clears the death signal
             _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
             if os.getppid() != parent:  # the parent died before the signal was armed

@@ -4,16 +4,21 @@ A redirected client connection becomes several TCP legs: the client's, then
 one per proxy that re-dials.  The sidecar's access log chains them (each
 line's downstream peer is a leg's client, its upstream local address the next
 leg's client).  Each leg's first packet, the SYN, is the only one the nat
-table judges, so the nat events of the SYNs are the hops.  A UDP flow's first
-datagram plays the SYN's part; pilot-agent's DNS proxy logs its queries as
-Envoy logs connections, and a query it answers itself ends the path there.
-Rules of the raw table (DNS capture's conntrack zones) are hops too, marked
-with their table where they share a chain name with nat: `ISTIO_OUTPUT_DNS RULE 5 (raw)`.
+table judges, so the nat events of the SYNs are the hops.
 
 Notation, as the article writes it:
     Local Pod -> OUTPUT -> ISTIO_OUTPUT RULE 9 -> ISTIO_REDIRECT -> Envoy 15001 (Outbound) -> ...
 A rule number is printed for chains with more than one rule; a chain of one
-rule (ISTIO_REDIRECT) needs none.
+rule (ISTIO_REDIRECT) needs none.  The article's chains are all nat; a hop in
+another table says so, `ISTIO_INBOUND RULE 8 (mangle)` (TPROXY mode), and so does a
+rule of a built-in chain that is not a jump (`OUTPUT RULE 3 (mangle)`, a MARK).  When
+such hops follow a packet through lo back in, the path shows it: `POSTROUTING ->
+PREROUTING -> ...`.
+
+DNS capture: a UDP flow's first datagram plays the SYN's part (the nat table judges only
+that one); the raw table's own chains (the conntrack zones) make hops,
+`ISTIO_OUTPUT_DNS RULE 5 (raw)`; pilot-agent's DNS proxy logs its queries as Envoy logs
+connections, and a query it answers itself ends the path at `pilot-agent 15053 (DNS)`.
 """
 
 from __future__ import annotations
@@ -22,12 +27,20 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Iterable, Sequence
 
-from .rules.save import BUILTIN_CHAINS
+from .sidecar.httpio import addr
 
 HOOKS = ("PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING")
 PROXIES = {15001: "Outbound", 15006: "Inbound"}
 AGENT_PROXIES = {15053: "DNS"}  # pilot-agent's listeners that traffic is redirected to
-HOP_TABLES = ("raw", "nat")  # the tables whose user-chain rules are hops
+# Tables whose rules make hops.  raw's built-in chains hold the TRACE rules and never do;
+# its own chains (DNS capture's conntrack zones) do.
+SHOWN_TABLES = ("raw", "mangle", "nat")
+TABLES = ("raw", "mangle", "nat", "filter", "security")
+
+
+def rule_ref(table: str, chain: str, num: int) -> str:
+    """How a rule is named in counters and rule lines: "ISTIO_OUTPUT#9", "mangle:ISTIO_INBOUND#8"."""
+    return f"{chain}#{num}" if table == "nat" else f"{table}:{chain}#{num}"
 
 
 @dataclass(frozen=True)
@@ -39,13 +52,15 @@ class Hop:
     packet: str = ""  # the packet the hop was seen on
     line: str = ""  # the matched rule, in iptables-save form
     owner: str = ""  # the sending socket's uid/gid, as the kernel reported it (OUTPUT only)
-    table: str = ""  # a chain's table when it is not nat (raw): raw and nat share chain names
+    table: str = "nat"  # chains only
 
     def __str__(self) -> str:
         text = self.name
         if self.kind == "chain" and self.rule is not None and self.numbered:
             text = f"{self.name} RULE {self.rule}"
-        return f"{text} ({self.table})" if self.table else text
+        if self.kind == "chain" and self.table != "nat":
+            text += f" ({self.table})"
+        return text
 
     def as_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if v not in ("", None) and k != "numbered"}
@@ -61,13 +76,11 @@ class Leg:
 
 
 def endpoint(addr: str) -> tuple[str, int]:
+    """"10.244.0.10:8080" or "[fd00:10:244::10]:8080" -> (host, port), as httpio.addr writes them."""
     host, port = addr.rsplit(":", 1)
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
     return host, int(port)
-
-
-def ref(table: str, chain: str, rulenum: int) -> str:
-    """A rule's name in counters and rule lines: `CHAIN#N` in nat, `table:CHAIN#N` elsewhere."""
-    return f"{chain}#{rulenum}" if table == "nat" else f"{table}:{chain}#{rulenum}"
 
 
 def proxy_name(port: int) -> str:
@@ -119,11 +132,42 @@ def syn_events(events: Sequence, leg: Leg) -> list:
 
 
 def _packet(e) -> str:
-    return f"{'UDP' if e.proto == 'udp' else 'SYN'} {e.src}:{e.sport} > {e.dst}:{e.dport}"
+    return f"{'UDP' if e.proto == 'udp' else 'SYN'} {addr((e.src, e.sport))} > {addr((e.dst, e.dport))}"
+
+
+def _target(line: str) -> str:
+    """The `-j` target of a rule line, "" if it has none."""
+    words = line.split()
+    return words[words.index("-j") + 1] if "-j" in words[:-1] else ""
+
+
+def _chain_hops(events: Sequence, rule_counts: dict[str, int], rule_lines: dict[str, str]) -> list[Hop]:
+    """A hop per rule that matched in a shown table, but a built-in chain's jump: the
+    chain jumped to is the next hop, and says more."""
+    hops = []
+    for e in events:
+        if e.kind != "rule" or e.table not in SHOWN_TABLES:
+            continue
+        ref = rule_ref(e.table, e.chain, e.rulenum)
+        line = rule_lines.get(ref, "")
+        if e.chain in HOOKS and (e.table == "raw" or _target(line) not in _BUILTIN_TARGETS):
+            continue  # -A OUTPUT -j ISTIO_OUTPUT: a jump (or a line we do not know); raw's TRACE rules
+        key = ref.rsplit("#", 1)[0]
+        hops.append(Hop("chain", e.chain, e.rulenum, rule_counts.get(key, 2) > 1, _packet(e), line, table=e.table))
+    return hops
+
+
+# Targets that end or mark, not jumps to a chain of the dump (iptables' built-in and extension targets).
+_BUILTIN_TARGETS = {"ACCEPT", "DROP", "RETURN", "REJECT", "REDIRECT", "DNAT", "SNAT", "MASQUERADE",
+                    "TPROXY", "MARK", "CONNMARK", "CT", "TRACE", "LOG", "NFLOG"}
 
 
 def leg_hops(events: Sequence, leg: Leg, rule_counts: dict[str, int], rule_lines: dict[str, str]) -> list[Hop]:
-    """Hops of one leg from its SYN's events in the pod that holds the rules."""
+    """Hops of one leg from its SYN's events in the pod that holds the rules.
+
+    A SYN sent over lo comes back in through PREROUTING in the same pod; its hops there
+    (mangle's, in TPROXY mode) follow `POSTROUTING -> PREROUTING`.
+    """
     syn = syn_events(events, leg)
     if not syn:
         return []
@@ -131,20 +175,19 @@ def leg_hops(events: Sequence, leg: Leg, rule_counts: dict[str, int], rule_lines
     first = syn[0]
     owner = f"uid {first.uid} gid {first.gid}" if entry == "OUTPUT" and first.uid is not None else ""
     hops = [Hop("hook", entry, packet=_packet(first), owner=owner)]
-    for e in syn:
-        if e.table not in HOP_TABLES or e.chain in BUILTIN_CHAINS[e.table] or e.kind != "rule":
-            continue
-        name = ref(e.table, e.chain, e.rulenum)
-        numbered = rule_counts.get(name.rsplit("#", 1)[0], 2) > 1
-        hops.append(Hop("chain", e.chain, e.rulenum, numbered, _packet(e), rule_lines.get(name, ""),
-                        table="" if e.table == "nat" else e.table))
+    sent = [i for i, e in enumerate(syn) if e.chain == "POSTROUTING"] if entry == "OUTPUT" else []
+    out, back = (syn[:sent[0]], syn[sent[-1] + 1:]) if sent else (syn, [])
+    hops += _chain_hops(out, rule_counts, rule_lines)
+    back_hops = _chain_hops(back, rule_counts, rule_lines)
+    if back_hops:
+        hops += [Hop("hook", "POSTROUTING", packet=_packet(syn[sent[0]])),
+                 Hop("hook", "PREROUTING", packet=_packet(back[0]))] + back_hops
     if leg.proxy is not None:
         hops.append(Hop("proxy", proxy_name(leg.proxy), packet=_packet(syn[0])))
     else:
-        chains = {e.chain for e in syn}
-        exit_hook = "POSTROUTING" if entry == "OUTPUT" else "INPUT"
-        if exit_hook in chains:
-            last = next(e for e in reversed(syn) if e.chain == exit_hook)
+        exit_hook = "INPUT" if entry == "PREROUTING" or back_hops else "POSTROUTING"
+        last = next((e for e in reversed(syn) if e.chain == exit_hook), None)
+        if last is not None:
             hops.append(Hop("hook", exit_hook, packet=_packet(last)))
     return hops
 
@@ -202,9 +245,11 @@ def parse(text: str) -> Path:
         elif chain:
             name = _TYPOS.get(chain.group(1).upper(), chain.group(1).upper())
             rule = int(chain.group(2)) if chain.group(2) else None
-            table = (chain.group(3) or "").lower()
-            table = table if table in HOP_TABLES and table != "nat" else ""  # other notes: the article's asides
-            hops.append(Hop("hook", name) if name in HOOKS else Hop("chain", name, rule, table=table))
+            table = chain.group(3) if chain.group(3) in TABLES else "nat"  # else the article's aside
+            if name in HOOKS and rule is None:
+                hops.append(Hop("hook", name))
+            else:
+                hops.append(Hop("chain", name, rule, table=table))
         else:
             raise ValueError(f"cannot read hop {token!r}")
     return Path(hops)

@@ -21,10 +21,46 @@ PODS = {
     "kube-dns": "10.244.0.50",  # the cluster's DNS server (CoreDNS's role), at the resolver address
 }
 
-PROXY_UID = PROXY_GID = 1337  # Envoy and pilot-agent
+PROXY_UID = PROXY_GID = 1337  # the uid/gid the rules exempt (istio-iptables -u/-g)
 APP_UID = APP_GID = 1000
 
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who a process runs as: the container securityContext's runAsUser/runAsGroup and added capabilities."""
+
+    uid: int
+    gid: int
+    capabilities: tuple[str, ...] = ()
+
+
+# The istio-proxy container (Envoy and pilot-agent), by inbound interception mode, as Istio's
+# injection template sets it: TPROXY needs NET_ADMIN for IP_TRANSPARENT and SO_MARK, and
+# the template then runs the container as uid 0, gid 1337 (its iptables still say -u 1337).
+SIDECAR_IDENTITY = {
+    "REDIRECT": Identity(PROXY_UID, PROXY_GID),
+    "TPROXY": Identity(0, PROXY_GID, ("NET_ADMIN",)),
+}
+
 INBOUND_PASSTHROUGH_SOURCE = "127.0.0.6"  # Envoy binds it for inbound, since Istio 1.10
+
+# IPv6, for dual-stack labs: a ULA plan mirroring the IPv4 one, address for address
+# (10.244.0.10 -> fd00:10:244::10), so a scenario's IPv4 addresses have IPv6 twins.
+POD_PREFIX6 = 64
+GATEWAY6 = "fd00:10:244::1"
+POD_SUBNET6 = "fd00:10:244::/64"
+SERVICE_RANGE6 = "fd00:10:96::/112"
+PODS6 = {
+    "sidecar": "fd00:10:244::10",
+    "remote": "fd00:10:244::20",
+    "istiod": "fd00:10:244::30",
+    "prometheus": "fd00:10:244::40",
+    "kube-dns": "fd00:10:244::50",
+}
+INBOUND_PASSTHROUGH_SOURCE6 = "::6"  # Istio's InboundPassthroughBindIpv6, on the sidecar's lo as ::6/128
+LOCALHOST = {4: "127.0.0.1", 6: "::1"}
+WILDCARD = {4: "0.0.0.0", 6: "::"}  # what a listener binds for any address of a family
 
 
 class Port:
@@ -50,6 +86,7 @@ class Service:
     port: int
     pod: str
     target_port: int
+    vip6: str  # the Service's IPv6 ClusterIP in a dual-stack lab
     namespace: str = "default"
 
     @property
@@ -61,10 +98,10 @@ CLUSTER_DOMAIN = "cluster.local"
 RESOLVER = "10.96.0.10"  # kube-dns's ClusterIP: every pod's resolv.conf nameserver
 
 SERVICES = (
-    Service("app", "10.96.0.80", 8080, "sidecar", Port.SIDECAR_APP),
-    Service("remote", "10.96.0.90", 9080, "remote", Port.REMOTE_APP),
-    Service("istiod", "10.96.0.12", 15012, "istiod", Port.ISTIOD),
-    Service("kube-dns", RESOLVER, Port.DNS, "kube-dns", Port.DNS, namespace="kube-system"),
+    Service("app", "10.96.0.80", 8080, "sidecar", Port.SIDECAR_APP, "fd00:10:96::80"),
+    Service("remote", "10.96.0.90", 9080, "remote", Port.REMOTE_APP, "fd00:10:96::90"),
+    Service("istiod", "10.96.0.12", 15012, "istiod", Port.ISTIOD, "fd00:10:96::12"),
+    Service("kube-dns", RESOLVER, Port.DNS, "kube-dns", Port.DNS, "fd00:10:96::a", namespace="kube-system"),
 )
 
 # VIPs the node routes to a pod that holds the address itself.  The lab has no kube-proxy:
@@ -76,3 +113,27 @@ HELD_VIPS = {"kube-dns": (RESOLVER,)}
 # Per-namespace sysctls a pod is given, as a pod's securityContext.sysctls would set them:
 # kube-dns binds port 53 as a user with no capabilities (CoreDNS adds NET_BIND_SERVICE).
 POD_SYSCTLS = {"kube-dns": {"net/ipv4/ip_unprivileged_port_start": "53"}}
+
+
+def service_at(address: str, port: int) -> Service | None:
+    """The Service whose VIP (either family) and port these are."""
+    return next((s for s in SERVICES if address in (s.vip, s.vip6) and s.port == port), None)
+
+
+def pod_at(address: str) -> str | None:
+    """The pod holding this address (either family)."""
+    return next((pod for pods in (PODS, PODS6) for pod, ip in pods.items() if ip == address), None)
+
+
+def ipv6_twin(address: str) -> str:
+    """The IPv6 address that plays an IPv4 one's part: a pod's, a VIP's, or localhost's.
+
+    Only these have twins: IPv6 has one loopback address (::1), not a /8.
+    """
+    twins = {PODS[pod]: PODS6[pod] for pod in PODS}
+    twins |= {s.vip: s.vip6 for s in SERVICES}
+    twins |= {LOCALHOST[4]: LOCALHOST[6], INBOUND_PASSTHROUGH_SOURCE: INBOUND_PASSTHROUGH_SOURCE6}
+    try:
+        return twins[address]
+    except KeyError:
+        raise ValueError(f"{address} has no IPv6 twin in the lab's plan") from None

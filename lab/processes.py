@@ -5,8 +5,8 @@ is read from /proc, never probed with a connection: a probe would itself be traf
 counters, TRACE events, access-log lines) in a lab whose witnesses must see only the
 scenario.  A process is ready when the sockets it owns (/proc/PID/fd) include a LISTEN
 socket on each of its addresses and an ESTABLISHED one to each peer it must dial, as
-/proc/PID/net/tcp (its own namespace's table) shows, and a bound UDP socket on each of its
-datagram addresses (/proc/PID/net/udp).  They start in three waves: the
+/proc/PID/net/tcp and tcp6 (its own namespace's tables) show, and a bound UDP socket on each
+of its datagram addresses (/proc/PID/net/udp).  They start in three waves: the
 listeners; then pilot-agent, whose first dial to istiod and first /ready poll then succeed;
 then the scraper, whose first round is its readiness.  After start() returns, no process
 opens a connection until the harness asks for one.
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from . import dns, interrupts, netns, plan, workloads
-from .sidecar import agent, dnsproxy, envoy
+from .sidecar import agent, dnsproxy, envoy, httpio
 from .errors import LabError
 from .world import Lab
 
@@ -52,6 +52,7 @@ class Spec:
     listens: tuple[tuple[str, int], ...] = ()
     dials: tuple[tuple[str, int], ...] = ()  # peers it holds an established connection to
     datagrams: tuple[tuple[str, int], ...] = ()  # UDP addresses it is bound to
+    capabilities: tuple[str, ...] = ()  # all others are dropped
 
 
 class ProcessDied(LabError):
@@ -73,33 +74,59 @@ def _scrape_targets(lab: Lab) -> tuple[tuple[str, int, str], ...]:
     return ((ip, plan.Port.STATS, "/stats/prometheus"), (ip, plan.Port.AGENT, "/stats/prometheus"))
 
 
+SIDECAR_PROCESSES = ("envoy", "pilot-agent")  # the istio-proxy container's
+
+
+def identity(lab: Lab, name: str) -> plan.Identity | None:
+    """Who the lab runs process `name` as, if it runs one of the sidecar's (their identity
+    depends on the inbound mode); None for any other name."""
+    return plan.SIDECAR_IDENTITY[lab.record.inbound_mode] if name in SIDECAR_PROCESSES else None
+
+
 def _servers(lab: Lab, dns_proxy: bool) -> list[Spec]:
     P, run_dir = plan.Port, lab.run_dir
-    envoy_config = envoy.Config(os.path.join(run_dir, ACCESS_LOG), envoy.endpoints_from())
+    mode = lab.record.inbound_mode
+    proxy = plan.SIDECAR_IDENTITY[mode]
+    families = (4, 6) if lab.ipv6 else (4,)
+    envoy_config = envoy.Config(os.path.join(run_dir, ACCESS_LOG), envoy.endpoints_from(), inbound_mode=mode,
+                                families=families)
+    istiod = lab.pods["istiod"]
     dns_config = dnsproxy.Config(os.path.join(run_dir, DNS_PROXY_LOG), dns.service_names()) if dns_proxy else None
-    agent_config = agent.Config(istiod=(lab.pods["istiod"].ip, P.ISTIOD), dns=dns_config)
     dns_listens = (dns_config.listen,) if dns_config else ()
-    kube_dns = tuple((ip, P.DNS) for ip in (*plan.HELD_VIPS["kube-dns"], lab.pods["kube-dns"].ip))
-    kube_dns_config = workloads.KubeDnsConfig(os.path.join(run_dir, KUBE_DNS_LOG), udp=kube_dns,
-                                              tcp=(("0.0.0.0", P.DNS),))
-    any_ = "0.0.0.0"
+    agent_config = agent.Config(istiods=tuple((ip, P.ISTIOD) for ip in (istiod.ip, istiod.ip6) if ip), dns=dns_config)
+    kube_dns = _kube_dns_config(lab)
+
+    def anywhere(*ports: int) -> tuple[tuple[str, int], ...]:
+        return tuple((plan.WILDCARD[f], port) for port in ports for f in families)
+
     return [
-        Spec("envoy", "sidecar", plan.PROXY_UID, plan.PROXY_GID, functools.partial(envoy.run, envoy_config),
-             listens=((any_, P.OUTBOUND), (any_, P.INBOUND), ("127.0.0.1", P.ADMIN), (any_, P.STATS), (any_, P.READY))),
-        Spec("pilot-agent", "sidecar", plan.PROXY_UID, plan.PROXY_GID, functools.partial(agent.run, agent_config),
-             listens=((any_, P.AGENT), *dns_listens), dials=(agent_config.istiod,), datagrams=dns_listens),
+        Spec("envoy", "sidecar", proxy.uid, proxy.gid, functools.partial(envoy.run, envoy_config),
+             listens=anywhere(P.OUTBOUND, P.INBOUND, P.STATS, P.READY)
+             + tuple((plan.LOCALHOST[f], P.ADMIN) for f in families),
+             capabilities=proxy.capabilities),
+        Spec("pilot-agent", "sidecar", proxy.uid, proxy.gid, functools.partial(agent.run, agent_config),
+             listens=(("0.0.0.0", P.AGENT), *dns_listens), dials=agent_config.istiods, datagrams=dns_listens,
+             capabilities=proxy.capabilities),
         Spec("app-sidecar", "sidecar", plan.APP_UID, plan.APP_GID,
-             functools.partial(workloads.run_app, workloads.AppConfig("sidecar", P.SIDECAR_APP)),
-             listens=((any_, P.SIDECAR_APP),)),
+             functools.partial(workloads.run_app, workloads.AppConfig("sidecar", P.SIDECAR_APP, families)),
+             listens=anywhere(P.SIDECAR_APP)),
         Spec("app-remote", "remote", plan.APP_UID, plan.APP_GID,
-             functools.partial(workloads.run_app, workloads.AppConfig("remote", P.REMOTE_APP)),
-             listens=((any_, P.REMOTE_APP),)),
+             functools.partial(workloads.run_app, workloads.AppConfig("remote", P.REMOTE_APP, families)),
+             listens=anywhere(P.REMOTE_APP)),
         Spec("istiod", "istiod", ISTIOD_UID, ISTIOD_GID,
-             functools.partial(workloads.run_istiod, workloads.IstiodConfig(os.path.join(run_dir, ISTIOD_LOG))),
-             listens=((any_, P.ISTIOD),)),
-        Spec("kube-dns", "kube-dns", KUBE_DNS_UID, KUBE_DNS_GID, functools.partial(workloads.run_kube_dns, kube_dns_config),
-             listens=kube_dns_config.tcp, datagrams=kube_dns_config.udp),
+             functools.partial(workloads.run_istiod,
+                               workloads.IstiodConfig(os.path.join(run_dir, ISTIOD_LOG), families=families)),
+             listens=anywhere(P.ISTIOD)),
+        Spec("kube-dns", "kube-dns", KUBE_DNS_UID, KUBE_DNS_GID,
+             functools.partial(workloads.run_kube_dns, kube_dns), listens=kube_dns.tcp, datagrams=kube_dns.udp),
     ]
+
+
+def _kube_dns_config(lab: Lab) -> workloads.KubeDnsConfig:
+    """UDP on each address it answers from (the resolver's, its pod IP); TCP on any."""
+    udp = tuple((ip, plan.Port.DNS) for ip in (*plan.HELD_VIPS["kube-dns"], lab.pods["kube-dns"].ip))
+    return workloads.KubeDnsConfig(os.path.join(lab.run_dir, KUBE_DNS_LOG), udp=udp,
+                                   tcp=((plan.WILDCARD[4], plan.Port.DNS),))
 
 
 def _scraper(lab: Lab) -> Spec:
@@ -108,10 +135,12 @@ def _scraper(lab: Lab) -> Spec:
                 functools.partial(workloads.run_scraper, config))
 
 
-def start(lab: Lab, timeout: float = 3.0, dns_proxy: bool = False) -> None:
+def start(lab: Lab, inbound_mode: str = "REDIRECT", timeout: float = 3.0, dns_proxy: bool = False) -> None:
     """Spawn every process, record their pids, and return once all are ready.
 
-    `dns_proxy`: pilot-agent runs its DNS proxy, as when the pod's rules capture DNS.
+    `inbound_mode` is the sidecar rules' (routing.inbound_mode): Envoy's inbound listener
+    and the sidecar's identity follow it, as Istio's injection does.  `dns_proxy`: pilot-agent
+    runs its DNS proxy, as when the pod's rules capture DNS.
 
     All or nothing: on any failure the processes this call spawned are killed by pid and
     reaped before the error (LabError, or ProcessDied naming the one that died) goes up.
@@ -121,6 +150,7 @@ def start(lab: Lab, timeout: float = 3.0, dns_proxy: bool = False) -> None:
         raise LabError(f"lab {lab.labid} is not up: create it before starting processes")
     if lab.record.pids:
         raise LabError(f"lab {lab.labid} already runs {', '.join(lab.record.pids)}")
+    lab.record.inbound_mode = inbound_mode
     try:
         _start(lab, time.monotonic() + timeout, dns_proxy)
     except BaseException:
@@ -130,10 +160,11 @@ def start(lab: Lab, timeout: float = 3.0, dns_proxy: bool = False) -> None:
 
 
 def _start(lab: Lab, deadline: float, dns_proxy: bool) -> None:
-    _own(os.path.join(lab.run_dir, ACCESS_LOG), plan.PROXY_UID, plan.PROXY_GID)
+    proxy = plan.SIDECAR_IDENTITY[lab.record.inbound_mode]
+    _own(os.path.join(lab.run_dir, ACCESS_LOG), proxy.uid, proxy.gid)
     _own(os.path.join(lab.run_dir, ISTIOD_LOG), ISTIOD_UID, ISTIOD_GID)
     _own(os.path.join(lab.run_dir, SCRAPE_LOG), PROMETHEUS_UID, PROMETHEUS_GID)
-    _own(os.path.join(lab.run_dir, DNS_PROXY_LOG), plan.PROXY_UID, plan.PROXY_GID)
+    _own(os.path.join(lab.run_dir, DNS_PROXY_LOG), proxy.uid, proxy.gid)
     _own(os.path.join(lab.run_dir, KUBE_DNS_LOG), KUBE_DNS_UID, KUBE_DNS_GID)
 
     specs = _servers(lab, dns_proxy)
@@ -162,7 +193,8 @@ def _spawn(lab: Lab, specs: list[Spec]) -> None:
         for s in specs:
             lab.record.pids[s.name] = netns.spawn(lab.pods[s.pod].ns, s.run, name=s.name, uid=s.uid, gid=s.gid,
                                                   log_path=log_path(lab, s.name),
-                                                  die_with_parent=not lab.record.detached)
+                                                  die_with_parent=not lab.record.detached,
+                                                  capabilities=s.capabilities)
     lab.record.save()
 
 
@@ -244,8 +276,11 @@ def _sockets_missing(pid: int, spec: Spec) -> str | None:
             link = os.readlink(f"/proc/{pid}/fd/{fd}")
             if link.startswith("socket:["):
                 owned.add(link[8:-1])
-        with open(f"/proc/{pid}/net/tcp") as f:
-            rows = [line.split() for line in f.readlines()[1:]]
+        rows = []
+        ipv6 = any(":" in host for host, _ in spec.listens + spec.dials)
+        for table in ("tcp", "tcp6") if ipv6 else ("tcp",):
+            with open(f"/proc/{pid}/net/{table}") as f:
+                rows += [line.split() for line in f.readlines()[1:]]
         with open(f"/proc/{pid}/net/udp") as f:
             udp_rows = [line.split() for line in f.readlines()[1:]]
     except OSError as e:
@@ -254,9 +289,9 @@ def _sockets_missing(pid: int, spec: Spec) -> str | None:
     listening = {local for local, _, state in mine if state == TCP_LISTEN}
     connected = {remote for _, remote, state in mine if state == TCP_ESTABLISHED}
     bound = {_hexaddr(r[1]) for r in udp_rows if r[9] in owned}
-    missing = [f"listening on {a}:{p}" for a, p in spec.listens if (a, p) not in listening]
-    missing += [f"connected to {a}:{p}" for a, p in spec.dials if (a, p) not in connected]
-    missing += [f"bound to udp {a}:{p}" for a, p in spec.datagrams if (a, p) not in bound]
+    missing = [f"listening on {httpio.addr(a)}" for a in spec.listens if a not in listening]
+    missing += [f"connected to {httpio.addr(a)}" for a in spec.dials if a not in connected]
+    missing += [f"bound to udp {httpio.addr(a)}" for a in spec.datagrams if a not in bound]
     return "not " + ", not ".join(missing) if missing else None
 
 
@@ -266,9 +301,12 @@ def _scrapes_missing(lab: Lab, want: int) -> str | None:
 
 
 def _hexaddr(text: str) -> tuple[str, int]:
-    """/proc/net/tcp's "0A00F40A:1F90" (address in host byte order) -> ("10.244.0.10", 8080)."""
+    """/proc/net/tcp's "0A00F40A:1F90" (address in host byte order) -> ("10.244.0.10", 8080);
+    tcp6's address is four such 32-bit words -> ("fd00:10:244::10", 8080)."""
     ip, port = text.split(":")
-    return socket.inet_ntoa(struct.pack("=I", int(ip, 16))), int(port, 16)
+    words = b"".join(struct.pack("=I", int(ip[i:i + 8], 16)) for i in range(0, len(ip), 8))
+    host = socket.inet_ntoa(words) if len(words) == 4 else socket.inet_ntop(socket.AF_INET6, words)
+    return host, int(port, 16)
 
 
 def tail(path: str, lines: int = 20) -> str:
@@ -308,11 +346,11 @@ def istiod_log(lab: Lab) -> list[dict]:
     return read_jsonl(os.path.join(lab.run_dir, ISTIOD_LOG))
 
 
-def redial_istiod(lab: Lab, timeout: float = 2.0) -> str:
-    """Make istiod drop every xDS stream (SIGUSR1) and return the address pilot-agent's
-    re-dial comes from: the agent's own traffic, not a stand-in for it."""
+def redial_istiod(lab: Lab, timeout: float = 2.0, family: int = 4) -> str:
+    """Make istiod drop the family's xDS stream (SIGUSR1 IPv4, SIGUSR2 IPv6) and return the
+    address pilot-agent's re-dial comes from: the agent's own traffic, not a stand-in for it."""
     seen = len(istiod_log(lab))
-    os.kill(lab.record.pids["istiod"], signal.SIGUSR1)
+    os.kill(lab.record.pids["istiod"], workloads.DROP_SIGNALS[family])
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         _check(lab, "pilot-agent")

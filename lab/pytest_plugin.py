@@ -80,7 +80,7 @@ class _Labs:
             unknown = str(e)
         if unknown:
             pytest.fail(f"@pytest.mark.{MARKER}: {unknown}", pytrace=False)
-        lab = Lab().create()
+        lab = Lab(ipv6=profiles.dual_stack(profile)).create()
         try:
             commands.bring_up(lab, profile)
             return lab, runner.Witnesses(lab)
@@ -133,13 +133,14 @@ def scenario_for(source: str, address: str, port: int, *, uid: int, gid: int, pr
         raise LabError(f"protocol {protocol!r} is not one of {', '.join(PROTOCOLS)}")
     if expect:
         paths.parse(expect)  # a path the notation cannot read fails here, not as a wrong verdict
-    to = next((s.pod for s in plan.SERVICES if (s.vip, s.port) == (address, port)), None)
-    to = to or next((pod for pod, ip in plan.PODS.items() if ip == address), source)
+    service = plan.service_at(address, port)
+    to = service.pod if service else plan.pod_at(address) or source
     return Scenario(
         id="traced-request", title=f"{source} as {uid}:{gid} -> {address}:{port}", type=0, variant_of=None,
         article_path="", article_claim="", article_proxies=None,
         source=Endpoint(source, LABELS[source], "", uid, gid), address=address, port=port, protocol=protocol,
         trigger="client", destination=LABELS[to], expected_path=expect, explanation="", file="traced_request",
+        family=6 if ":" in address else 4,  # an IPv6 address: traced in ip6tables (a dual-stack profile's lab)
     )
 
 

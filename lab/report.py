@@ -136,7 +136,8 @@ def _article_short(s) -> str:
 def _short(text: str) -> str:
     """The rules and proxies a path passes, e.g. `ISTIO_OUTPUT 9 › 15001 › ISTIO_OUTPUT 4`.
 
-    The REDIRECT chains are left out: the proxy port after them says the same.
+    The REDIRECT chains are left out: the proxy port after them says the same.  A hop of
+    another table than nat keeps its table: `ISTIO_INBOUND 8 (mangle)`.
     """
     from rich.markup import escape
 
@@ -147,6 +148,6 @@ def _short(text: str) -> str:
         if hop.kind == "proxy":
             parts.append(hop.name.split()[1])
         elif hop.kind == "chain" and not hop.name.endswith("REDIRECT"):
-            text = f"{hop.name} {hop.rule}" if hop.rule else hop.name
-            parts.append(f"{text} ({hop.table})" if hop.table else text)
+            name = f"{hop.name} {hop.rule}" if hop.rule else hop.name
+            parts.append(name if hop.table == "nat" else f"{name} ({hop.table})")
     return escape(" › ".join(parts))

@@ -12,11 +12,12 @@ import contextlib
 from dataclasses import dataclass, field
 
 from . import path as paths
-from . import interrupts, processes, workloads
+from . import dualstack, interrupts, processes, workloads
 from .errors import LabError
 from .rules import profiles, xtables
 from .rules.save import BUILTIN_CHAINS
 from .scenario import Scenario
+from .sidecar.httpio import addr
 from .trace import TraceError, TraceEvent, TraceReader
 from .world import Lab
 
@@ -89,28 +90,36 @@ def _witnessed(table: str, chain: str) -> bool:
     return table == "nat" or table == "raw" and chain not in BUILTIN_CHAINS["raw"]
 
 
-def _counters(ns: str) -> dict[str, int]:
+def _counters(ns: str, family: int) -> dict[str, int]:
     out = {}
-    for table in paths.HOP_TABLES:
-        for key, packets in xtables.packet_counts(ns, table).items():
+    for table in ("raw", "nat"):
+        for key, packets in xtables.packet_counts(ns, table, family).items():
             chain, num = key.rsplit("#", 1)
             if _witnessed(table, chain):
-                out[paths.ref(table, chain, int(num))] = packets
+                out[paths.rule_ref(table, chain, int(num))] = packets
     return out
 
 
 class Witnesses:
-    """TRACE readers on every pod for the lab's life, TRACE rules per scenario."""
+    """TRACE readers on every pod for the lab's life, TRACE rules per scenario.
+
+    In a dual-stack lab the same for ip6tables: IPv6 tables made to exist in every pod,
+    the sidecar's IPv6 nat rules read, and an IPv6 scenario's TRACE rules in ip6tables raw.
+    """
 
     def __init__(self, lab: Lab):
         self.lab = lab
         self.readers: list[TraceReader] = []
+        self.families = (4, 6) if lab.ipv6 else (4,)
         sidecar = lab.pod("sidecar").ns
-        self.rule_lines = {paths.ref(table, r.chain, r.num): r.line for table in paths.HOP_TABLES
-                           for r in xtables.listing(sidecar, table) if _witnessed(table, r.chain)}
+        self.rule_lines_by_family = {f: {paths.rule_ref(table, r.chain, r.num): r.line
+                                         for table in paths.SHOWN_TABLES for r in xtables.listing(sidecar, table, f)}
+                                     for f in self.families}
+        self.rule_lines = self.rule_lines_by_family[4]
         try:
             for pod in lab.pods.values():
-                xtables.touch(pod.ns)
+                for family in self.families:
+                    xtables.touch(pod.ns, family)
                 self.readers.append(TraceReader(pod.ns, pod.name))
         except BaseException:
             self.close()
@@ -124,7 +133,7 @@ class Witnesses:
     @contextlib.contextmanager
     def tracing(self, scenario: Scenario):
         """TRACE rules at the head of raw PREROUTING and OUTPUT in the pods the scenario
-        crosses, for its ports only; removed after."""
+        crosses, for its ports only (in ip6tables for an IPv6 scenario); removed after."""
         traced = [_trace_rule(scenario.traced_ports)]
         if scenario.traced_udp_ports:
             traced.append(_trace_rule(scenario.traced_udp_ports, "udp"))
@@ -133,14 +142,14 @@ class Witnesses:
         try:
             for pod in scenario.traced_pods:
                 ns = self.lab.pod(pod).ns
-                xtables.insert(ns, "raw", rules)
+                xtables.insert(ns, "raw", rules, scenario.family)
                 placed.append(ns)
             for reader in self.readers:
                 reader.drain(settle=0)  # whatever came before belongs to no scenario
             yield
         finally:
             for ns in placed:
-                xtables.delete(ns, "raw", rules)
+                xtables.delete(ns, "raw", rules, scenario.family)
 
     def events(self) -> dict[str, list[TraceEvent]]:
         """Everything queued now.  No settle window is needed: every leg's SYN has been
@@ -161,20 +170,24 @@ class Observation:
     events: dict[str, list[TraceEvent]]  # pod -> TRACE events
     counters_before: dict[str, int]  # rule "CHAIN#N" (nat) or "raw:CHAIN#N" -> packets
     counters_after: dict[str, int]
-    rule_lines: dict[str, str]  # rule, named as in the counters -> its line, as applied
+    rule_lines: dict[str, str]  # rule, named as in the counters (paths.rule_ref) -> its line, as applied
     access_log: list[dict]  # Envoy's access log, then pilot-agent's DNS log
 
 
 def _fire(lab: Lab, scenario: Scenario) -> workloads.Response:
     if scenario.trigger == "pilot-agent-redial":
-        agent = processes.redial_istiod(lab)
-        return workloads.Response(0, "", agent, f"{scenario.address}:{scenario.port}")
+        agent = processes.redial_istiod(lab, family=scenario.family)
+        return workloads.Response(0, "", agent, addr((scenario.address, scenario.port)))
     src = scenario.source
     if scenario.protocol == "dns":
         return workloads.dns_query(lab.pod(src.pod).ns, scenario.address, scenario.port, scenario.query,
                                    transport=scenario.transport, uid=src.uid, gid=src.gid)
     fire = workloads.request if scenario.protocol == "http" else workloads.stream
-    return fire(lab.pod(src.pod).ns, scenario.address, scenario.port, uid=src.uid, gid=src.gid)
+    # The sidecar's own processes run as the inbound mode has them (uid 0 in TPROXY mode);
+    # a scenario's uid/gid are those of the default sidecar.
+    sidecar = processes.identity(lab, src.process) if src.pod == "sidecar" else None
+    uid, gid = (sidecar.uid, sidecar.gid) if sidecar else (src.uid, src.gid)
+    return fire(lab.pod(src.pod).ns, scenario.address, scenario.port, uid=uid, gid=gid)
 
 
 def observe(lab: Lab, witnesses: Witnesses, scenario: Scenario) -> Observation:
@@ -182,7 +195,7 @@ def observe(lab: Lab, witnesses: Witnesses, scenario: Scenario) -> Observation:
     interrupts.check()
     processes.check_alive(lab)
     with witnesses.tracing(scenario):
-        before = _counters(sidecar)
+        before = _counters(sidecar, scenario.family)
         # This scenario's lines only: legs are joined by address, and a port the kernel hands
         # out again (another scenario's connection, earlier) would join a stale leg.
         logged, asked = len(processes.access_log(lab)), len(processes.dns_proxy_log(lab))
@@ -192,10 +205,11 @@ def observe(lab: Lab, witnesses: Witnesses, scenario: Scenario) -> Observation:
             processes.check_alive(lab)  # a dead proxy is the better answer than "refused"
             raise
         events = witnesses.events()
-        after = _counters(sidecar)
+        after = _counters(sidecar, scenario.family)
     processes.check_alive(lab)
     return Observation(response.local, response.status, response.body, events, before, after,
-                       witnesses.rule_lines, processes.access_log(lab)[logged:] + processes.dns_proxy_log(lab)[asked:])
+                       witnesses.rule_lines_by_family[scenario.family],
+                       processes.access_log(lab)[logged:] + processes.dns_proxy_log(lab)[asked:])
 
 
 def judge(scenario: Scenario, seen: Observation, profile: str | None = profiles.DEFAULT) -> Result:
@@ -209,12 +223,12 @@ def judge(scenario: Scenario, seen: Observation, profile: str | None = profiles.
     sidecar_events = seen.events["sidecar"]
     for e in sidecar_events:
         if e.kind == "rule" and _witnessed(e.table, e.chain):
-            ref = paths.ref(e.table, e.chain, e.rulenum)
+            ref = paths.rule_ref(e.table, e.chain, e.rulenum)
             result.trace_rule_events[ref] = result.trace_rule_events.get(ref, 0) + 1
-    result.legs = paths.chain_legs(seen.response_local, f"{scenario.address}:{scenario.port}", seen.access_log)
+    result.legs = paths.chain_legs(seen.response_local, addr((scenario.address, scenario.port)), seen.access_log)
     rule_counts: dict[str, int] = {}
-    for ref in after:
-        chain = ref.split("#")[0]
+    for ref in result.rule_lines:
+        chain = ref.rsplit("#", 1)[0]
         rule_counts[chain] = rule_counts.get(chain, 0) + 1
     result.measured = paths.build(scenario.source.label, scenario.destination, result.legs, sidecar_events,
                                   rule_counts, result.rule_lines)
@@ -236,12 +250,15 @@ def run_one(lab: Lab, witnesses: Witnesses, scenario: Scenario, profile: str | N
 def _endpoint(events: list[TraceEvent], leg: paths.Leg) -> str:
     for e in paths.syn_events(events, leg):
         if e.chain == "INPUT":
-            return f"{e.pod} {e.dst}:{e.dport}"
+            return f"{e.pod} {addr((e.dst, e.dport))}"
     return ""
 
 
 def run(lab: Lab, scenarios: list[Scenario], profile: str | None = profiles.DEFAULT) -> list[Result]:
-    """Every scenario, judged against `profile`'s expectations (None: a foreign rule set)."""
+    """Every scenario, judged against `profile`'s expectations (None: a foreign rule set);
+    in a dual-stack lab each is followed by its IPv6 twin."""
+    if lab.ipv6:
+        scenarios = dualstack.both_families(scenarios)
     witnesses = Witnesses(lab)
     try:
         return [run_one(lab, witnesses, s, profile) for s in scenarios]

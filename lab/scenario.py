@@ -56,6 +56,7 @@ class Scenario:
     explanation: str
     file: str
     expected_by_profile: tuple[tuple[str, str], ...] = ()  # (profile, path) where a profile's path differs
+    family: int = 4  # 6: the scenario's IPv6 twin (lab.dualstack), addresses mapped to the IPv6 plan
     article_note: str = ""  # why the article makes no claim about this traffic (then claim, path are "")
     query: str = ""  # the name a DNS scenario asks for
     transport: str = ""  # "udp" | "tcp" for a DNS query
@@ -72,10 +73,8 @@ class Scenario:
     @property
     def endpoint_pod(self) -> str:
         """The pod the traffic should end in: a VIP's endpoint, a pod IP's pod, or the source for loopback."""
-        for s in plan.SERVICES:
-            if (s.vip, s.port) == (self.address, self.port):
-                return s.pod
-        return next((pod for pod, ip in plan.PODS.items() if ip == self.address), self.source.pod)
+        service = plan.service_at(self.address, self.port)
+        return service.pod if service else plan.pod_at(self.address) or self.source.pod
 
     @property
     def traced_pods(self) -> tuple[str, ...]:
@@ -86,7 +85,8 @@ class Scenario:
     def traced_ports(self) -> tuple[int, ...]:
         """The ports whose packets the scenario traces: its own and the proxies'."""
         ports = {self.port, plan.Port.OUTBOUND, plan.Port.INBOUND}
-        ports |= {s.target_port for s in plan.SERVICES if (s.vip, s.port) == (self.address, self.port)}
+        service = plan.service_at(self.address, self.port)
+        ports |= {service.target_port} if service else set()
         if self.protocol == "dns":
             ports.add(plan.Port.DNS_PROXY)
         return tuple(sorted(ports))

@@ -3,8 +3,9 @@
 The raw table's TRACE target marks a packet; every later rule that matches it,
 in any table, is reported to the logger bound for its family *in the packet's
 namespace* as `TRACE: table:chain:kind:rulenum `.  We bind nfnetlink_log for
-AF_INET inside the pod's namespace and read group 0 from a netlink socket made
-there, so each pod gets its own stream, with no global sysctl and no dmesg.
+AF_INET and AF_INET6 inside the pod's namespace and read group 0 from a netlink
+socket made there, so each pod gets its own stream (both families, one sequence),
+with no global sysctl and no dmesg.
 
 Packet headers are decoded here with `struct`, not scapy: importing scapy
 costs about a second and ~60 MB (measured here), more than a whole lab run may
@@ -27,6 +28,7 @@ from pyroute2.netlink import NETLINK_NETFILTER, NLM_F_ACK, NLM_F_REQUEST, NLMSG_
 from pyroute2.netlink.nfnetlink import NFNL_SUBSYS_ULOG
 
 from lab import netns
+from lab.sidecar import httpio
 
 # linux/netfilter/nfnetlink_log.h
 NFULNL_MSG_PACKET = 0
@@ -35,7 +37,8 @@ NFULNL_CFG_CMD_BIND = 1
 NFULNL_CFG_CMD_UNBIND = 2
 NFULNL_CFG_CMD_PF_BIND = 3
 NFULNL_CFG_CMD_PF_UNBIND = 4
-_COMMANDS = {1: "BIND group 0", 2: "UNBIND group 0", 3: "PF_BIND AF_INET", 4: "PF_UNBIND AF_INET"}
+_COMMANDS = {1: "BIND group 0", 2: "UNBIND group 0", 3: "PF_BIND", 4: "PF_UNBIND"}
+_FAMILIES = {socket.AF_INET: "AF_INET", socket.AF_INET6: "AF_INET6"}
 NFULNL_COPY_PACKET = 0x02
 NFULA_IFINDEX_INDEV = 4
 NFULA_IFINDEX_OUTDEV = 5
@@ -55,11 +58,12 @@ NFULNL_CFG_F_SEQ = 0x0001
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 NLA_TYPE_MASK = 0x3FFF  # strip NLA_F_NESTED / NLA_F_NET_BYTEORDER
 GROUP = 0  # TRACE (via nf_log_trace) always logs to nfnetlink_log group 0
-COPY_RANGE = 128  # IPv4 header (<= 60) + TCP header (<= 60)
+COPY_RANGE = 128  # IPv4 header (<= 60) or IPv6's fixed one (40), + TCP header (<= 60)
 RCVBUF = 8 << 20
 TRACE_PREFIX = "TRACE: "
 KINDS = ("rule", "return", "policy")
-PROTOS = {socket.IPPROTO_TCP: "tcp", socket.IPPROTO_UDP: "udp", socket.IPPROTO_ICMP: "icmp"}
+PROTOS = {socket.IPPROTO_TCP: "tcp", socket.IPPROTO_UDP: "udp", socket.IPPROTO_ICMP: "icmp",
+          socket.IPPROTO_ICMPV6: "icmpv6"}
 TCP_FLAGS = "FSRPAUEC"  # bit 0 (FIN) .. bit 7 (CWR): scapy's order, "SA" = SYN+ACK
 
 
@@ -87,6 +91,10 @@ def _config_message(nlseq: int, family: int, cmd: int, mode: tuple[int, int] | N
         body += _nla(NFULA_CFG_FLAGS, struct.pack(">H", flags))
     mtype = NFNL_SUBSYS_ULOG << 8 | NFULNL_MSG_CONFIG
     return struct.pack("=IHHII", 16 + len(body), mtype, NLM_F_REQUEST | NLM_F_ACK, nlseq, 0) + body
+
+
+def _command(family: int, cmd: int) -> str:
+    return f"{_COMMANDS[cmd]} {_FAMILIES[family]}" if family in _FAMILIES else _COMMANDS[cmd]
 
 
 def _attrs(data: bytes) -> dict[int, bytes]:
@@ -147,7 +155,7 @@ class TraceEvent:
             parts.append(f"out={self.outdev}")
         src, dst = self.src, self.dst
         if self.sport is not None:
-            src, dst = f"{src}:{self.sport}", f"{dst}:{self.dport}"
+            src, dst = httpio.addr((src, self.sport)), httpio.addr((dst, self.dport))
         parts.append(f"{src} > {dst}")
         if self.tcp_flags is not None:
             parts.append(self.tcp_flags or ".")
@@ -178,16 +186,28 @@ def parse_prefix(prefix: str) -> tuple[str, str, str, int] | None:
 
 
 def parse_packet(payload: bytes) -> tuple[str, str, str | int, int | None, int | None, str | None]:
-    """(src, dst, proto, sport, dport, tcp_flags) from the start of an IPv4 packet."""
+    """(src, dst, proto, sport, dport, tcp_flags) from the start of an IPv4 or IPv6 packet."""
+    if len(payload) >= 40 and payload[0] >> 4 == 6:
+        return _transport(*_ipv6_header(payload))
     if len(payload) < 20 or payload[0] >> 4 != 4:
-        raise ValueError("not an IPv4 packet")
+        raise ValueError("not an IPv4 or IPv6 packet")
     ihl = (payload[0] & 0x0F) * 4
     frag_offset = struct.unpack_from("!H", payload, 6)[0] & 0x1FFF
-    number = payload[9]
-    proto = PROTOS.get(number, number)
     src, dst = socket.inet_ntoa(payload[12:16]), socket.inet_ntoa(payload[16:20])
+    return _transport(src, dst, payload[9], payload[ihl:] if not frag_offset else b"")  # later fragments: no ports
+
+
+def _ipv6_header(payload: bytes) -> tuple[str, str, int, bytes]:
+    """The fixed header only: the transport header is read when it follows it directly (the
+    lab's TCP and UDP); behind extension headers the protocol shows as the first one's
+    number, with no ports."""
+    src, dst = (socket.inet_ntop(socket.AF_INET6, payload[i:i + 16]) for i in (8, 24))
+    return src, dst, payload[6], payload[40:]
+
+
+def _transport(src: str, dst: str, number: int, l4: bytes):
+    proto = PROTOS.get(number, number)
     sport = dport = flags = None
-    l4 = payload[ihl:] if not frag_offset else b""  # later fragments carry no ports
     if proto in ("tcp", "udp") and len(l4) >= 4:
         sport, dport = struct.unpack_from("!HH", l4)
     if proto == "tcp":
@@ -276,7 +296,7 @@ class TraceReader:
     through lo keeps its trace mark, so PREROUTING/INPUT events follow the
     OUTPUT ones; a veth clears the mark, so each pod traces its own inbound
     packets with its own raw PREROUTING rule.  close() leaves nfnetlink_log
-    bound for AF_INET in the namespace; with no group-0 reader, events are dropped.
+    bound for AF_INET and AF_INET6 in the namespace; with no group-0 reader, events are dropped.
     """
 
     def __init__(self, ns: str | None, pod: str | None = None, *, rcvbuf: int = RCVBUF,
@@ -295,8 +315,9 @@ class TraceReader:
             self.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, rcvbuf)
             self.sock.bind((0, 0))
             self.sock.settimeout(1.0)
-            self._config(socket.AF_INET, NFULNL_CFG_CMD_PF_UNBIND)
-            self._config(socket.AF_INET, NFULNL_CFG_CMD_PF_BIND)
+            for family in _FAMILIES:  # the pod's own logger for each family
+                self._config(family, NFULNL_CFG_CMD_PF_UNBIND)
+                self._config(family, NFULNL_CFG_CMD_PF_BIND)
             # One message, so the instance is born with its settings.  TRACE events are
             # sent at once anyway; qthresh=1 does the same for NFLOG rules logging to
             # group 0, which would otherwise wait up to 1 s (or 100 events) in the kernel.
@@ -315,7 +336,7 @@ class TraceReader:
             try:
                 buf = self.sock.recv(65536)
             except TimeoutError:
-                raise TraceError(f"{self.ns}: nfnetlink_log did not answer {_COMMANDS[cmd]}") from None
+                raise TraceError(f"{self.ns}: nfnetlink_log did not answer {_command(family, cmd)}") from None
             messages = split_messages(buf)
             if any(mtype != NLMSG_ERROR for mtype, _ in messages):
                 self._pending.append(buf)  # events queued ahead of the ACK: drain() reads them
@@ -327,7 +348,7 @@ class TraceReader:
                     hint = ""
                     if cmd == NFULNL_CFG_CMD_BIND and code in (errno.EPERM, errno.EBUSY):
                         hint = ": another socket already reads group 0 here (one TraceReader per namespace)"
-                    raise TraceError(f"{self.ns}: nfnetlink_log {_COMMANDS[cmd]} failed with "
+                    raise TraceError(f"{self.ns}: nfnetlink_log {_command(family, cmd)} failed with "
                                      f"{errno.errorcode.get(code, code)} ({os.strerror(code)}){hint}")
 
     def _read_queued(self) -> list[TraceEvent]:

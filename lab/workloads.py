@@ -21,6 +21,11 @@ from .sidecar import httpio
 from .errors import LabError
 
 
+
+def family_of(ip: str) -> int:
+    return socket.AF_INET6 if ":" in ip else socket.AF_INET
+
+
 def _append(fd: int, record: dict) -> None:
     os.write(fd, (json.dumps(record) + "\n").encode())  # one write on O_APPEND: whole lines
 
@@ -31,6 +36,7 @@ def _append(fd: int, record: dict) -> None:
 class AppConfig:
     pod: str
     port: int
+    families: tuple[int, ...] = (4,)  # (4, 6): listen on IPv6 too
 
 
 def run_app(config: AppConfig) -> None:
@@ -47,7 +53,8 @@ def run_app(config: AppConfig) -> None:
         return 200, json.dumps(body) + "\n", httpio.JSON
 
     async def main() -> None:
-        server = await asyncio.start_server(httpio.server(route), "0.0.0.0", config.port, backlog=1024)
+        server = await asyncio.start_server(httpio.server(route), [plan.WILDCARD[f] for f in config.families], config.port,
+                                            backlog=1024)
         await server.serve_forever()
 
     asyncio.run(main())
@@ -59,10 +66,15 @@ def run_app(config: AppConfig) -> None:
 class IstiodConfig:
     log: str  # JSON lines: {"event": "connect"|"disconnect"|"drop", "peer", "local", "time"}
     port: int = plan.Port.ISTIOD
+    families: tuple[int, ...] = (4,)
+
+
+DROP_SIGNALS = {4: signal.SIGUSR1, 6: signal.SIGUSR2}  # istiod drops that family's streams
 
 
 def run_istiod(config: IstiodConfig) -> None:
-    """Accept and hold xDS streams, send nothing; SIGUSR1 closes every stream (to test re-dial)."""
+    """Accept and hold xDS streams, send nothing; SIGUSR1 closes every IPv4 stream, SIGUSR2
+    every IPv6 one (to test re-dial, one family at a time)."""
     fd = os.open(config.log, os.O_WRONLY | os.O_APPEND)
     streams: set[asyncio.StreamWriter] = set()
 
@@ -81,15 +93,18 @@ def run_istiod(config: IstiodConfig) -> None:
                 event("disconnect", writer)
             writer.close()
 
-    def drop_all() -> None:
+    def drop_all(family: int) -> None:
         for writer in list(streams):
-            streams.discard(writer)
-            event("drop", writer)
-            writer.close()
+            if writer.get_extra_info("socket").family == family:
+                streams.discard(writer)
+                event("drop", writer)
+                writer.close()
 
     async def main() -> None:
-        asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, drop_all)
-        server = await asyncio.start_server(hold, "0.0.0.0", config.port, backlog=128)
+        loop = asyncio.get_running_loop()
+        for family, signum in DROP_SIGNALS.items():
+            loop.add_signal_handler(signum, drop_all, socket.AF_INET6 if family == 6 else socket.AF_INET)
+        server = await asyncio.start_server(hold, [plan.WILDCARD[f] for f in config.families], config.port, backlog=128)
         await server.serve_forever()
 
     asyncio.run(main())
@@ -171,14 +186,15 @@ class Response:
 def connect(ns: str, dst_ip: str, port: int, *, uid: int, gid: int,
             src_port: int | None = None, timeout: float = 2.0) -> socket.socket:
     """A TCP connection from pod namespace `ns`, owned (for xt_owner) by uid/gid."""
-    where = f"{dst_ip}:{port} from {ns} as {uid}:{gid}"
+    where = f"{httpio.addr((dst_ip, port))} from {ns} as {uid}:{gid}"
+    family = family_of(dst_ip)
     with netns.entered(ns), netns.fs_identity(uid, gid):
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock = socket.socket(family, socket.SOCK_STREAM)
     sock.settimeout(timeout)
     try:
         if src_port is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(("0.0.0.0", src_port))
+            sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", src_port))
         sock.connect((dst_ip, port))
     except socket.timeout:
         sock.close()

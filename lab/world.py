@@ -2,12 +2,19 @@
 
     ilab-<labid>-node:   br0 10.244.0.1/24  <- veth ->  ilab-<labid>-<pod>: eth0
 Every link, address and route lives in the lab's own namespaces.
+
+A dual-stack lab (ipv6=True) adds the IPv6 plan beside the IPv4 one: fd00:10:244::1/64 on
+the bridge, each pod's fd00:10:244::N/64, IPv6 default and Service routes, and ::6/128 on
+the sidecar pod's lo, as istio-iptables adds it.  The addresses are added with IFA_F_NODAD:
+duplicate address detection would hold them tentative (unusable) for about a second, and
+no other host shares the lab's bridge.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import secrets
 import string
 from dataclasses import dataclass
@@ -18,6 +25,7 @@ from .errors import LabError
 
 BRIDGE = "br0"
 LO_INDEX = 1  # lo is always the first link of a new namespace
+IFA_F_NODAD = 0x02  # linux/if_addr.h: usable at once, no duplicate address detection
 
 
 @dataclass(frozen=True)
@@ -25,6 +33,7 @@ class Pod:
     name: str
     ns: str
     ip: str
+    ip6: str | None = None  # in a dual-stack lab
 
 
 @contextlib.contextmanager
@@ -48,13 +57,15 @@ def new_labid() -> str:
 class Lab:
     """One isolated cluster on this kernel. Use as a context manager: it always tears down."""
 
-    def __init__(self, labid: str | None = None, detached: bool = False):
+    def __init__(self, labid: str | None = None, detached: bool = False, ipv6: bool = False):
         self.labid = new_labid() if labid is None else labid  # "" is a bad id, not "any id"
         if not record.LABID_RE.match(self.labid):
             raise LabError(f"bad lab id {self.labid!r}: use 1-12 lowercase letters and digits")
         self.record = record.Record.new(self.labid, detached)
         self.node = record.ns_name(self.labid, "node")
-        self.pods = {name: Pod(name, record.ns_name(self.labid, name), ip) for name, ip in plan.PODS.items()}
+        self.ipv6 = ipv6
+        self.pods = {name: Pod(name, record.ns_name(self.labid, name), ip, plan.PODS6[name] if ipv6 else None)
+                     for name, ip in plan.PODS.items()}
         self.up = False
 
     @property
@@ -96,6 +107,8 @@ class Lab:
         node.link("add", ifname=BRIDGE, kind="bridge")
         bridge = node.link_lookup(ifname=BRIDGE)[0]
         node.addr("add", index=bridge, address=plan.GATEWAY, prefixlen=plan.POD_PREFIX)
+        if self.ipv6:
+            node.addr("add", index=bridge, address=plan.GATEWAY6, prefixlen=plan.POD_PREFIX6, flags=IFA_F_NODAD)
         node.link("set", index=bridge, state="up")
         return bridge
 
@@ -112,8 +125,18 @@ class Lab:
                 inside.addr("add", index=eth0, address=vip, prefixlen=32)
             inside.route("add", dst="default", gateway=plan.GATEWAY)
             inside.route("add", dst=plan.SERVICE_RANGE, gateway=plan.GATEWAY)
+            if pod.ip6:
+                self._ipv6_pod(inside, eth0, pod)
         if pod.name in plan.POD_SYSCTLS:
             netns.set_sysctls(pod.ns, plan.POD_SYSCTLS[pod.name])
+
+    @staticmethod
+    def _ipv6_pod(inside, eth0: int, pod: Pod) -> None:
+        inside.addr("add", index=eth0, address=pod.ip6, prefixlen=plan.POD_PREFIX6, flags=IFA_F_NODAD)
+        for dst in ("::/0", plan.SERVICE_RANGE6):
+            inside.route("add", dst=dst, gateway=plan.GATEWAY6, family=socket.AF_INET6)
+        if pod.name == "sidecar":  # IPv6 lo holds ::1/128 only; Envoy's inbound passthrough binds ::6
+            inside.addr("add", index=LO_INDEX, address=plan.INBOUND_PASSTHROUGH_SOURCE6, prefixlen=128)
 
     def _route_held_vips(self, node, bridge: int) -> None:
         """The node forwards a held VIP to its pod, as kube-proxy would send it there.  No ICMP
@@ -139,6 +162,9 @@ class Lab:
 
     def describe(self) -> list[tuple[str, str, str]]:
         """(pod, namespace, address) rows, node first."""
-        rows = [("node", self.node, f"{plan.GATEWAY}/{plan.POD_PREFIX} on {BRIDGE}")]
-        rows += [(p.name, p.ns, f"{p.ip}/{plan.POD_PREFIX} on eth0") for p in self.pods.values()]
+        rows = [("node", self.node, f"{self._cidrs(plan.GATEWAY, plan.GATEWAY6)} on {BRIDGE}")]
+        rows += [(p.name, p.ns, f"{self._cidrs(p.ip, p.ip6)} on eth0") for p in self.pods.values()]
         return rows
+
+    def _cidrs(self, ip: str, ip6: str) -> str:
+        return f"{ip}/{plan.POD_PREFIX}, {ip6}/{plan.POD_PREFIX6}" if self.ipv6 else f"{ip}/{plan.POD_PREFIX}"

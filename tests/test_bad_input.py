@@ -56,6 +56,8 @@ CLI_CASES = [
     (["run", "--profile", "nope"], "no rule profile 'nope'"),
     (["run", "--profile", "../../etc/passwd"], "no rule profile '../../etc/passwd'"),
     (["up", "--profile", "$(id)"], "no rule profile '$(id)'"),
+    (["run", "--proxy-uid", "4000"], "--proxy-uid describes a dump given with --rules; a preset needs none"),
+    (["run", "--profile", "istio-1.25", "--inbound-port", "15006"], "--inbound-port describes a dump given with --rules"),
     (["run", "--rules", "/nonexistent"], "/nonexistent: cannot read: No such file or directory"),
     (["run", "--rules", "/etc"], "/etc: cannot read: Is a directory"),
     (["run", "--scenarios", "/nonexistent"], "/nonexistent: no such scenario directory"),

@@ -12,7 +12,7 @@ from lab.rules import builder, foreign, profiles, save, xtables
 from lab.world import Lab
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-REDIRECT_IPV4 = [n for n in profiles.names() if n != "istio-1.25-tproxy"]  # TPROXY needs more than rules
+EVERY_PRESET = profiles.names()
 
 
 def _write(tmp_path, text: str, name: str = "pod.rules") -> str:
@@ -118,8 +118,8 @@ def _run(*argv) -> tuple[int, dict, str]:
 
 
 @pytest.mark.kernel
-def test_rules_runs_on_the_saved_dump_of_every_redirect_preset(tmp_path):
-    for name, file in _saved_dumps(tmp_path, REDIRECT_IPV4).items():
+def test_rules_runs_on_the_saved_dump_of_every_preset(tmp_path):
+    for name, file in _saved_dumps(tmp_path, EVERY_PRESET).items():
         code, report, stderr = _run("--rules", file)
         failed = [(s["id"], s["failure"] or s["measured_path"], s["counters"], s["trace_rule_events"])
                   for s in report.get("scenarios", []) if s["verdict"] != "pass"]

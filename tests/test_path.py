@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from lab import path, runner, scenario
+from lab.trace import TraceEvent
 
 from .record_observations import OUT, from_json
 
@@ -97,6 +98,42 @@ def test_an_unnumbered_article_hop_matches_any_rule():
 def test_chain_legs_stops_on_a_loop_in_the_log():
     log = [{"downstream_peer": "a:1", "original_dst": "b:2", "listener": 15001, "upstream_local": "a:1", "upstream_peer": "b:2"}]
     assert path.chain_legs("a:1", "b:2", log) == [path.Leg("a:1", "b:2", 15001)]
+
+
+def test_hops_of_other_tables_and_builtin_rules_read_back():
+    text = ("Remote Pod -> PREROUTING -> ISTIO_INBOUND RULE 8 (mangle) -> ISTIO_TPROXY (mangle) -> Envoy 15006 (Inbound)"
+            " -> OUTPUT -> OUTPUT RULE 1 (mangle) -> ISTIO_OUTPUT RULE 3 -> POSTROUTING -> PREROUTING"
+            " -> ISTIO_INBOUND RULE 1 (mangle) -> INPUT -> Local Pod")
+    hops = path.parse(text).hops
+    assert str(path.parse(text)) == text
+    assert [(h.kind, h.table) for h in hops if h.name == "ISTIO_INBOUND"] == [("chain", "mangle")] * 2
+    assert (hops[6].kind, hops[6].name, hops[6].rule) == ("chain", "OUTPUT", 1)
+    # the same chain name in nat is another hop
+    assert path.differences(path.parse("A -> ISTIO_INBOUND RULE 1 -> B"),
+                            path.parse("A -> ISTIO_INBOUND RULE 1 (mangle) -> B")) != []
+
+
+def _event(table, chain, rulenum, kind="rule", src="10.244.0.10", sport=40000):
+    return TraceEvent("sidecar", table, chain, kind, rulenum, None, None, src, "10.244.0.10", "tcp", sport, 8080,
+                      "S", None, None, None, "")
+
+
+def test_a_leg_back_in_through_lo_shows_its_second_pass():
+    """A SYN sent over lo meets mangle again on the way in: those hops follow POSTROUTING -> PREROUTING;
+    a built-in chain's jump is no hop, its MARK is."""
+    lines = {"mangle:OUTPUT#3": "-A OUTPUT ! -d 127.0.0.1/32 -o lo -p tcp -m owner --gid-owner 1337 -j MARK --set-xmark 0x53a/0xffffffff",
+             "mangle:PREROUTING#1": "-A PREROUTING -p tcp -j ISTIO_INBOUND",
+             "OUTPUT#1": "-A OUTPUT -j ISTIO_OUTPUT"}
+    counts = {"mangle:OUTPUT": 4, "mangle:PREROUTING": 2, "mangle:ISTIO_INBOUND": 8, "mangle:ISTIO_TPROXY": 1,
+              "OUTPUT": 1, "ISTIO_OUTPUT": 9}
+    events = [_event("raw", "OUTPUT", 1), _event("mangle", "OUTPUT", 3), _event("mangle", "OUTPUT", 5, "policy"),
+              _event("nat", "OUTPUT", 1), _event("nat", "ISTIO_OUTPUT", 3), _event("nat", "POSTROUTING", 1, "policy"),
+              _event("mangle", "PREROUTING", 1), _event("mangle", "ISTIO_INBOUND", 8),
+              _event("mangle", "ISTIO_TPROXY", 1)]
+    hops = path.leg_hops(events, path.Leg("10.244.0.10:40000", "10.244.0.10:8080", 15006), counts, lines)
+    assert " -> ".join(map(str, hops)) == (
+        "OUTPUT -> OUTPUT RULE 3 (mangle) -> ISTIO_OUTPUT RULE 3 -> POSTROUTING -> PREROUTING"
+        " -> ISTIO_INBOUND RULE 8 (mangle) -> ISTIO_TPROXY (mangle) -> Envoy 15006 (Inbound)")
 
 
 @pytest.mark.parametrize("s", SCENARIOS.values(), ids=SCENARIOS)

@@ -111,3 +111,16 @@ def test_list_and_explain(tmp_path):
     assert explained.returncode == 0
     assert " >  4  -m owner --uid-owner 1337 -j RETURN" in explained.stdout
     assert "    8  -d 127.0.0.1/32 -j RETURN" in explained.stdout
+
+
+def test_explain_under_a_profile_numbers_each_table_it_passes():
+    explained = _cli("explain", "type4-local-to-local", "--profile", "istio-1.25-tproxy")
+    assert explained.returncode == 0, explained.stderr
+    out = explained.stdout
+    assert "kernel (istio-1.25-tproxy): Local Pod -> OUTPUT -> ISTIO_OUTPUT RULE 9" in out
+    mangle = out.split("ISTIO_INBOUND (mangle table)\n", 1)[1].split("\n\n", 1)[0].splitlines()
+    assert mangle[2] == " >  3  -i lo -p tcp -m mark ! --mark 0x53a -j RETURN"
+    assert mangle[7] == " >  8  -p tcp -j ISTIO_TPROXY"
+    assert " >  3  ! -d 127.0.0.1/32 -o lo -p tcp -m owner --gid-owner 1337 -j MARK" in out  # mangle OUTPUT: 1338
+    unknown = _cli("explain", "type4-local-to-local", "--profile", "nope")
+    assert unknown.returncode == 2 and "no rule profile 'nope'" in unknown.stderr

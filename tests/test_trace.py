@@ -217,9 +217,35 @@ def test_parse_packet_options_fragments_and_others():
     assert trace.parse_packet(ipv4(1, bytes(8)))[2:] == ("icmp", None, None, None)
     assert trace.parse_packet(ipv4(47, bytes(8)))[2] == 47
     with pytest.raises(ValueError):
-        trace.parse_packet(b"\x60" + bytes(39))  # IPv6
+        trace.parse_packet(b"\x60" + bytes(38))  # IPv6, shorter than its fixed header
     with pytest.raises(ValueError):
         trace.parse_packet(b"")
+
+
+def ipv6(next_header: int, l4: bytes, src: str = "fd00:10:244::10", dst: str = "fd00:10:96::80") -> bytes:
+    return (struct.pack("!IHBB", 6 << 28, len(l4), next_header, 64)
+            + socket.inet_pton(socket.AF_INET6, src) + socket.inet_pton(socket.AF_INET6, dst) + l4)
+
+
+@pytest.mark.parametrize("flags, text", [(0x02, "S"), (0x12, "SA"), (0x11, "FA"), (0x04, "R")])
+def test_parse_packet_ipv6_tcp(flags, text):
+    tcp = struct.pack("!HHIIBBHHH", 41234, 8080, 1, 0, 0x50, flags, 0, 0, 0)
+    assert trace.parse_packet(ipv6(6, tcp)) == ("fd00:10:244::10", "fd00:10:96::80", "tcp", 41234, 8080, text)
+
+
+def test_parse_packet_ipv6_udp_icmpv6_loopback_and_extension_headers():
+    udp = struct.pack("!HHHH", 53, 5353, 8, 0)
+    assert trace.parse_packet(ipv6(17, udp, "::1", "::6")) == ("::1", "::6", "udp", 53, 5353, None)
+    assert trace.parse_packet(ipv6(58, bytes(8)))[2:] == ("icmpv6", None, None, None)
+    # only the fixed header is read: behind a hop-by-hop header (0) there are no ports
+    assert trace.parse_packet(ipv6(0, bytes(8) + udp))[2:] == (0, None, None, None)
+    assert trace.parse_packet(ipv6(6, b""))[3:] == (None, None, "")  # headers cut short: no ports, no flags
+
+
+def test_event_str_brackets_ipv6_addresses():
+    event = TraceEvent("sidecar", "nat", "ISTIO_OUTPUT", "rule", 1, None, "lo", "::6", "fd00:10:244::10", "tcp",
+                       40000, 8080, "S", 1337, 1337, 0, "TRACE: nat:ISTIO_OUTPUT:rule:1 ")
+    assert str(event) == "sidecar nat:ISTIO_OUTPUT:rule:1 out=lo [::6]:40000 > [fd00:10:244::10]:8080 S uid=1337 gid=1337"
 
 
 def test_split_messages_rejects_truncation():

@@ -67,6 +67,11 @@ def load(name: str = DEFAULT, family: int = 4) -> save.Dump:
     return builder.build(p.istio, p.options, family)
 
 
+def dual_stack(name: str = DEFAULT) -> bool:
+    """The preset's pod has IPv6 as well: Istio installs ip6tables rules only then."""
+    return preset(name).options.ipv6
+
+
 def dumps(name: str = DEFAULT) -> list[save.Dump]:
     """Every non-empty dump of the preset: IPv4, then IPv6 when it has any."""
     return [d for d in (load(name, 4), load(name, 6)) if d.tables]

@@ -8,7 +8,12 @@ commit, as iptables-restore would.
 IPv6 tables go through ip6tables-legacy-restore instead: libxtables registers an
 extension for one family only, the one in use when its library is first loaded, so
 a process that has used REDIRECT for IPv4 cannot build it for IPv6 (and loading it
-again for the other family makes libxtables exit on a duplicate).
+again for the other family makes libxtables exit on a duplicate).  The harness's own
+IPv6 work does go through python-iptables' Table6, in the same process: TRACE rules
+(measured: a multiport TRACE rule builds for either family after the other, in either
+order, while REDIRECT for IPv6 after IPv4 fails with "can't find target REDIRECT") and
+counters (read from the entries, no extension decoded).  IPv6 rules are listed with
+ip6tables-legacy-save, since decoding them would need REDIRECT.
 """
 
 from __future__ import annotations
@@ -19,11 +24,12 @@ import os
 import socket
 import sys
 import subprocess
+from collections import Counter
 from dataclasses import dataclass
 from typing import Iterator
 
 from .. import interrupts, netns
-from .save import BUILTIN_CHAINS, Dump, RuleLine, TableDump
+from .save import BUILTIN_CHAINS, Dump, RuleLine, TableDump, parse
 
 TABLES = ("raw", "mangle", "nat", "filter", "security")  # legacy xtables creates each on first use
 RESTORE_DEADLINE = 60  # seconds: every wait of the harness has one
@@ -66,8 +72,14 @@ def _iptc():
     return iptc
 
 
+def _classes(family: int):
+    """python-iptables' (Table, Rule) for a family: 4 iptables, 6 ip6tables."""
+    iptc = _iptc()
+    return (iptc.Table6, iptc.Rule6) if family == 6 else (iptc.Table, iptc.Rule)
+
+
 @contextlib.contextmanager
-def _table(ns: str | None, name: str) -> Iterator[object]:
+def _table(ns: str | None, name: str, family: int = 4) -> Iterator[object]:
     """A table handle of `ns` (None: the namespace this thread is in).
 
     python-iptables caches one Table object per name and, when building a rule,
@@ -76,13 +88,13 @@ def _table(ns: str | None, name: str) -> Iterator[object]:
     signals are held meanwhile: python-iptables frees a handle and then forgets
     it, and an interrupt in between had it freed twice (SIGBUS in iptc_free).
     """
-    iptc = _iptc()
+    cls = _classes(family)[0]
     with interrupts.held(), netns.entered(ns) if ns else contextlib.nullcontext():
         for other in TABLES:
-            table = iptc.Table(other, autocommit=False)
+            table = cls(other, autocommit=False)
             table.refresh()
-        table = iptc.Table(name)
-        iptc.Table.existing_table_names.update(dict.fromkeys(TABLES, True))
+        table = cls(name)
+        cls.existing_table_names.update(dict.fromkeys(TABLES, True))
         yield table
 
 
@@ -113,9 +125,9 @@ def _restore6(ns: str | None, dump: Dump) -> None:
         raise RuleError(f"ip6tables: the kernel refused the rules: {' '.join(done.stderr.split())}")
 
 
-def touch(ns: str) -> None:
+def touch(ns: str, family: int = 4) -> None:
     """Make every table exist in `ns`: only a table that exists reports TRACE events."""
-    with _table(ns, "raw"):
+    with _table(ns, "raw", family):
         pass
 
 
@@ -180,10 +192,9 @@ def _shape(args: tuple[str, ...]) -> tuple[tuple[str, ...], list[tuple[str, str]
     return tuple(shape), addresses
 
 
-def to_iptc(line: RuleLine):
-    """Build a python-iptables Rule from the arguments of a save line."""
-    iptc = _iptc()
-    rule = iptc.Rule()
+def to_iptc(line: RuleLine, family: int = 4):
+    """Build a python-iptables Rule (Rule6 for family 6) from the arguments of a save line."""
+    rule = _classes(family)[1]()
     args = list(line.args)
     module = None  # the match or target that takes --options
     negate = False
@@ -263,14 +274,42 @@ def to_save(chain: str, rule) -> str:
     return " ".join(parts)
 
 
-def listing(ns: str, table_name: str) -> list[NumberedRule]:
+def listing(ns: str, table_name: str, family: int = 4) -> list[NumberedRule]:
     """Every rule of a table in `ns`, numbered per chain, with its counters."""
+    if family == 6:
+        return _listing6(ns, table_name)
     out = []
     with _table(ns, table_name) as table:
         for chain in table.chains:
             for num, rule in enumerate(chain.rules, 1):
                 packets, nbytes = rule.get_counters()
                 out.append(NumberedRule(table_name, chain.name, num, to_save(chain.name, rule), packets, nbytes))
+    return out
+
+
+def _listing6(ns: str, table_name: str) -> list[NumberedRule]:
+    """listing() for ip6tables, read with `ip6tables-legacy-save -c`: decoding IPv6 rules in
+    this process would need their extensions (REDIRECT) loaded for IPv6, which libxtables
+    refuses once IPv4 has them."""
+    try:
+        with netns.entered(ns):
+            done = subprocess.run(["ip6tables-legacy-save", "-c", "-t", table_name], capture_output=True, text=True,
+                                  timeout=RESTORE_DEADLINE)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise RuleError(f"ip6tables-legacy-save: {e}") from None
+    if done.returncode:
+        raise RuleError(f"ip6tables-legacy-save: {' '.join(done.stderr.split())}")
+    counters, lines = [], []
+    for line in done.stdout.splitlines():  # "[packets:bytes] -A CHAIN ...": counters first
+        if line.startswith("[") and "] -A " in line:
+            packets_bytes, line = line[1:].split("] ", 1)
+            counters.append(tuple(map(int, packets_bytes.split(":"))))
+        lines.append(line)
+    table = parse("\n".join(lines), "ip6tables-legacy-save", 6).tables.get(table_name)
+    out, numbers = [], Counter()
+    for rule, (packets, nbytes) in zip(table.rules if table else (), counters):
+        numbers[rule.chain] += 1
+        out.append(NumberedRule(table_name, rule.chain, numbers[rule.chain], str(rule), packets, nbytes))
     return out
 
 
@@ -292,31 +331,31 @@ def zero(ns: str, table_name: str) -> None:
         table.commit()
 
 
-def insert(ns: str, table_name: str, rules: list[tuple[str, tuple[str, ...]]]) -> None:
+def insert(ns: str, table_name: str, rules: list[tuple[str, tuple[str, ...]]], family: int = 4) -> None:
     """Put rules at the head of their chains (where a TRACE rule must be), in one commit."""
     iptc = _iptc()
-    with _table(ns, table_name) as table:
+    with _table(ns, table_name, family) as table:
         for chain, args in rules:
-            iptc.Chain(table, chain).insert_rule(to_iptc(RuleLine(chain, args)))
+            iptc.Chain(table, chain).insert_rule(to_iptc(RuleLine(chain, args), family))
         table.commit()
 
 
-def delete(ns: str, table_name: str, rules: list[tuple[str, tuple[str, ...]]]) -> None:
+def delete(ns: str, table_name: str, rules: list[tuple[str, tuple[str, ...]]], family: int = 4) -> None:
     iptc = _iptc()
-    with _table(ns, table_name) as table:
+    with _table(ns, table_name, family) as table:
         for chain, args in rules:
-            iptc.Chain(table, chain).delete_rule(to_iptc(RuleLine(chain, args)))
+            iptc.Chain(table, chain).delete_rule(to_iptc(RuleLine(chain, args), family))
         table.commit()
 
 
-def packet_counts(ns: str, table_name: str) -> dict[str, int]:
+def packet_counts(ns: str, table_name: str, family: int = 4) -> dict[str, int]:
     """Each rule's packet counter, as `CHAIN#N`: what a scenario reads before and after.
 
     Reads the entries' counters directly rather than decoding every rule (listing()),
     which costs ten times as much.
     """
     out = {}
-    with _table(ns, table_name) as table:
+    with _table(ns, table_name, family) as table:
         for chain in table.chains:
             entry, num = table.first_rule(chain.name), 1
             while entry:

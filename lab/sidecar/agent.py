@@ -3,7 +3,9 @@
   - a long-lived TCP stream to istiod, re-dialed with bounded backoff when it drops.  The lab
     has no kube-proxy, so it dials istiod's pod IP (10.244.0.30:15012), not the Service VIP;
     as uid 1337 its SYN leaves by ISTIO_OUTPUT rule 4 (owner 1337: RETURN), never through Envoy.
-    Nothing is sent on it: no heartbeats, so pods stay quiet for TRACE.
+    Nothing is sent on it: no heartbeats, so pods stay quiet for TRACE.  In a dual-stack lab
+    it holds a second stream, to istiod's IPv6 address, so each family's re-dial can be
+    traced (the real agent holds one, over whichever family istiod's name resolves to).
   - at start-up, polls Envoy's admin http://127.0.0.1:15000/ready until LIVE, then opens
     15020; so once 15020 listens, start-up traffic is over.
   - on each GET /stats/prometheus on 15020, fetches Envoy's 127.0.0.1:15000/stats/prometheus
@@ -25,7 +27,7 @@ from . import dnsproxy, httpio
 
 @dataclass(frozen=True)
 class Config:
-    istiod: tuple[str, int] = (plan.PODS["istiod"], plan.Port.ISTIOD)
+    istiods: tuple[tuple[str, int], ...] = ((plan.PODS["istiod"], plan.Port.ISTIOD),)  # one stream each
     envoy_admin: tuple[str, int] = ("127.0.0.1", plan.Port.ADMIN)
     app_metrics: tuple[str, int, str] = ("127.0.0.1", plan.Port.SIDECAR_APP, "/metrics")
     listen: tuple[str, int] = ("0.0.0.0", plan.Port.AGENT)
@@ -45,26 +47,26 @@ class Agent:
         self.xds_connected = 0
         self.scrape_failures = {"envoy": 0, "app": 0}
 
-    async def hold_istiod(self) -> None:
+    async def hold_istiod(self, istiod: tuple[str, int]) -> None:
         """Keep one connection to istiod open; re-dial after base..cap backoff when it drops."""
         base, cap = self.config.backoff
         delay = base
         while True:
             try:
-                reader, writer = await asyncio.open_connection(*self.config.istiod)
+                reader, writer = await asyncio.open_connection(*istiod)
             except OSError as e:
-                say(f"istiod {httpio.addr(self.config.istiod)}: {e}; re-dial in {delay:.2f}s")
+                say(f"istiod {httpio.addr(istiod)}: {e}; re-dial in {delay:.2f}s")
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, cap)
                 continue
             self.xds_connects += 1
-            self.xds_connected = 1
+            self.xds_connected += 1
             delay = base
             say(f"istiod stream up {httpio.addr(writer.get_extra_info('sockname'))} -> "
                 f"{httpio.addr(writer.get_extra_info('peername'))}")
             await httpio.until_closed(reader)
             writer.close()
-            self.xds_connected = 0
+            self.xds_connected -= 1
             say(f"istiod stream dropped; re-dial in {delay:.2f}s")
             await asyncio.sleep(delay)
 
@@ -107,11 +109,11 @@ class Agent:
 
     async def main(self) -> None:
         dns = [asyncio.create_task(dnsproxy.DnsProxy(self.config.dns).serve())] if self.config.dns else []
-        stream = asyncio.create_task(self.hold_istiod())
+        streams = [asyncio.create_task(self.hold_istiod(istiod)) for istiod in self.config.istiods]
         await self.wait_envoy_ready()
         server = await asyncio.start_server(httpio.server(self.status), *self.config.listen, backlog=128)
         say(f"envoy ready; serving {httpio.addr(self.config.listen)}")
-        await asyncio.gather(stream, server.serve_forever(), *dns)
+        await asyncio.gather(*streams, server.serve_forever(), *dns)
 
 
 def run(config: Config) -> None:

@@ -6,8 +6,16 @@ One asyncio process, uid/gid 1337 in the sidecar pod:
                   (PassthroughCluster); the upstream socket is Envoy's own, unbound.
   15006 inbound   connects to the original destination from 127.0.0.6, as Envoy's inbound
                   passthrough does since Istio 1.10, so ISTIO_OUTPUT rule 1 lets it out.
+                  In TPROXY mode both listeners are transparent (IP_TRANSPARENT), and the
+                  inbound side keeps the client's address instead (Istio's original_src
+                  listener filter): it binds the client's IP and marks the socket 1337, so
+                  the app's replies are routed back to Envoy by the fwmark rule.
   15000 admin     127.0.0.1 only: /ready, /stats, /stats/prometheus
   15090 stats     /stats/prometheus    15021 readiness: /healthz/ready
+In a dual-stack pod every port also listens on IPv6 (:: or ::1, a socket of its own beside
+the IPv4 one, as Istio's listeners take an additional address); an IPv6 connection's
+original destination comes from IP6T_SO_ORIGINAL_DST, a Service's IPv6 VIP goes to the
+endpoint's IPv6 address, and the inbound passthrough binds ::6 (InboundPassthroughClusterIpv6).
 Real Envoy serves 15090 and 15021 by proxying to its admin port and to pilot-agent over
 localhost; the stub answers them itself, so a scrape makes no extra localhost connection.
 
@@ -34,9 +42,16 @@ from .. import plan
 from . import httpio
 
 SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h, level SOL_IP
+IP6T_SO_ORIGINAL_DST = 80  # linux/netfilter_ipv6/ip6_tables.h, level SOL_IPV6
+SOL_IPV6 = getattr(socket, "SOL_IPV6", 41)
+IP_TRANSPARENT = 19  # linux/in.h: bind non-local addresses, accept TPROXY'd connections
+IPV6_TRANSPARENT = 75  # linux/in6.h: the same for IPv6
+TRANSPARENT = {socket.AF_INET: (socket.SOL_IP, IP_TRANSPARENT), socket.AF_INET6: (SOL_IPV6, IPV6_TRANSPARENT)}
+ORIGINAL_SRC_MARK = 1337  # Istio's original_src filter: mark = 1337
 BACKLOG = 1024
 PASSTHROUGH = "PassthroughCluster"
 INBOUND_PASSTHROUGH = "InboundPassthroughClusterIpv4"
+INBOUND_PASSTHROUGH6 = "InboundPassthroughClusterIpv6"
 
 
 @dataclass(frozen=True)
@@ -51,16 +66,30 @@ class Config:
     access_log: str  # pre-created by the harness, writable by uid 1337
     endpoints: dict[tuple[str, int], Endpoint]  # Service VIP:port -> endpoint, as EDS gives it
     connect_timeout: float = 2.0
+    inbound_mode: str = "REDIRECT"  # or "TPROXY": transparent listeners, the client's source kept
+    families: tuple[int, ...] = (4,)  # (4, 6) in a dual-stack pod
+
+    @property
+    def transparent(self) -> bool:
+        return self.inbound_mode == "TPROXY"
 
 
-def endpoints_from(services=plan.SERVICES, pods=plan.PODS) -> dict[tuple[str, int], Endpoint]:
-    return {(s.vip, s.port): Endpoint(pods[s.pod], s.target_port,
-                                      f"outbound|{s.port}||{s.fqdn}")
-            for s in services}
+def endpoints_from(services=plan.SERVICES, pods=plan.PODS, pods6=plan.PODS6) -> dict[tuple[str, int], Endpoint]:
+    """Each VIP:port, of either family, to its endpoint pod's address of the same family."""
+    out = {}
+    for s in services:
+        cluster = f"outbound|{s.port}||{s.fqdn}"
+        out[s.vip, s.port] = Endpoint(pods[s.pod], s.target_port, cluster)
+        out[s.vip6, s.port] = Endpoint(pods6[s.pod], s.target_port, cluster)
+    return out
 
 
 def original_dst(sock) -> tuple[str, int]:
-    """Where the client meant to go before REDIRECT rewrote it (struct sockaddr_in)."""
+    """Where the client meant to go before REDIRECT rewrote it (struct sockaddr_in, or
+    struct sockaddr_in6 for an IPv6 connection: family, port, flowinfo, address, scope)."""
+    if sock.family == socket.AF_INET6:
+        raw = sock.getsockopt(SOL_IPV6, IP6T_SO_ORIGINAL_DST, 28)
+        return socket.inet_ntop(socket.AF_INET6, raw[8:24]), int.from_bytes(raw[2:4], "big")
     raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
     return socket.inet_ntoa(raw[4:8]), int.from_bytes(raw[2:4], "big")
 
@@ -110,14 +139,35 @@ class Envoy:
 
     async def serve(self) -> None:
         P = plan.Port
+        anywhere = [plan.WILDCARD[f] for f in self.config.families]  # one socket per family (asyncio sets IPV6_V6ONLY)
+        localhost = [plan.LOCALHOST[f] for f in self.config.families]
         servers = [
-            await asyncio.start_server(lambda r, w: self.proxy(P.OUTBOUND, r, w), "0.0.0.0", P.OUTBOUND, backlog=BACKLOG),
-            await asyncio.start_server(lambda r, w: self.proxy(P.INBOUND, r, w), "0.0.0.0", P.INBOUND, backlog=BACKLOG),
-            await asyncio.start_server(httpio.server(self.admin), "127.0.0.1", P.ADMIN, backlog=BACKLOG),
-            await asyncio.start_server(self.counted(P.STATS, self.stats_port), "0.0.0.0", P.STATS, backlog=BACKLOG),
-            await asyncio.start_server(self.counted(P.READY, self.ready_port), "0.0.0.0", P.READY, backlog=BACKLOG),
+            *[await asyncio.start_server(lambda r, w, port=port: self.proxy(port, r, w), sock=self.listener(port, family))
+              for port in (P.OUTBOUND, P.INBOUND) for family in self.config.families],
+            await asyncio.start_server(httpio.server(self.admin), localhost, P.ADMIN, backlog=BACKLOG),
+            await asyncio.start_server(self.counted(P.STATS, self.stats_port), anywhere, P.STATS, backlog=BACKLOG),
+            await asyncio.start_server(self.counted(P.READY, self.ready_port), anywhere, P.READY, backlog=BACKLOG),
         ]
         await asyncio.gather(*(s.serve_forever() for s in servers))
+
+    def listener(self, port: int, family: int = 4) -> socket.socket:
+        """A proxy's listening socket on 0.0.0.0 (or :: for family 6, IPv6 only), transparent
+        in TPROXY mode (as Istio sets `transparent: true` on both virtual listeners)."""
+        af, host = (socket.AF_INET6, "::") if family == 6 else (socket.AF_INET, "0.0.0.0")
+        sock = socket.socket(af, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if af == socket.AF_INET6:
+            sock.setsockopt(SOL_IPV6, socket.IPV6_V6ONLY, 1)  # the IPv4 socket takes IPv4
+        if self.config.transparent:
+            sock.setsockopt(*TRANSPARENT[af], 1)
+        try:
+            sock.bind((host, port))
+        except OSError as e:  # the port in the message, as asyncio's own servers say it
+            sock.close()
+            raise OSError(e.errno, f"error while attempting to bind on address ({host!r}, {port}): "
+                                   f"{e.strerror.lower()}") from None
+        sock.listen(BACKLOG)
+        return sock
 
     # -- the HTTP ports -----------------------------------------------------------------
 
@@ -154,11 +204,30 @@ class Envoy:
 
     # -- the proxies --------------------------------------------------------------------
 
-    def route(self, listener: int, dst: tuple[str, int]) -> tuple[Endpoint, tuple[str, int] | None]:
+    def route(self, listener: int, dst: tuple[str, int], client: tuple[str, int]) -> tuple[Endpoint, tuple[str, int] | None]:
         """Upstream endpoint and source address for a connection's original destination."""
         if listener == plan.Port.INBOUND:
-            return Endpoint(*dst, INBOUND_PASSTHROUGH), (plan.INBOUND_PASSTHROUGH_SOURCE, 0)
+            six = ":" in dst[0]
+            passthrough = plan.INBOUND_PASSTHROUGH_SOURCE6 if six else plan.INBOUND_PASSTHROUGH_SOURCE
+            source = client[0] if self.config.transparent else passthrough
+            return Endpoint(*dst, INBOUND_PASSTHROUGH6 if six else INBOUND_PASSTHROUGH), (source, 0)
         return self.config.endpoints.get(dst, Endpoint(*dst, PASSTHROUGH)), None
+
+    def upstream_socket(self, listener: int, source: tuple[str, int] | None,
+                        af: int = socket.AF_INET) -> socket.socket:
+        """The upstream socket, bound to `source` if given; original_src's options in TPROXY mode."""
+        sock = socket.socket(af, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            if listener == plan.Port.INBOUND and self.config.transparent:
+                sock.setsockopt(*TRANSPARENT[af], 1)  # the client's address is not ours
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, ORIGINAL_SRC_MARK)
+            if source is not None:
+                sock.bind(source)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
 
     async def proxy(self, listener: int, down_r: asyncio.StreamReader, down_w: asyncio.StreamWriter) -> None:
         self.hold(asyncio.current_task())
@@ -190,17 +259,16 @@ class Envoy:
             entry["original_dst"] = httpio.addr(dst)
             if dst[1] == listener:  # Istio's virtual{Outbound,Inbound}-blackhole: never loop into ourselves
                 raise ProxyError("blackhole: connection addressed to the proxy port itself")
-            endpoint, source = self.route(listener, dst)
+            endpoint, source = self.route(listener, dst, down_w.get_extra_info("peername"))
             entry["upstream_cluster"] = endpoint.cluster
             self.stats.add("cluster", endpoint.cluster, "upstream_cx_total")
             try:
-                up_r, up_w = await asyncio.wait_for(
-                    asyncio.open_connection(endpoint.ip, endpoint.port, local_addr=source),
-                    self.config.connect_timeout)
+                up_r, up_w = await asyncio.wait_for(self.connect(listener, endpoint, source),
+                                                    self.config.connect_timeout)
             except (OSError, asyncio.TimeoutError) as e:
                 self.stats.add("cluster", endpoint.cluster, "upstream_cx_connect_fail")
                 why = os.strerror(e.errno) if getattr(e, "errno", None) else "timeout"
-                raise ProxyError(f"upstream connect to {endpoint.ip}:{endpoint.port} failed: {why}") from None
+                raise ProxyError(f"upstream connect to {httpio.addr((endpoint.ip, endpoint.port))} failed: {why}") from None
             entry["upstream_local"] = httpio.addr(up_w.get_extra_info("sockname"))
             entry["upstream_peer"] = httpio.addr(up_w.get_extra_info("peername"))
             await self.pump(entry, endpoint.cluster, down_r, down_w, up_r, up_w, log)
@@ -212,6 +280,15 @@ class Envoy:
             if up_w is not None:
                 up_w.close()
             down_w.close()
+
+    async def connect(self, listener: int, endpoint: Endpoint, source: tuple[str, int] | None):
+        sock = self.upstream_socket(listener, source, socket.AF_INET6 if ":" in endpoint.ip else socket.AF_INET)
+        try:
+            await asyncio.get_running_loop().sock_connect(sock, (endpoint.ip, endpoint.port))
+        except BaseException:
+            sock.close()
+            raise
+        return await asyncio.open_connection(sock=sock)
 
     async def pump(self, entry: dict, cluster: str, down_r, down_w, up_r, up_w, log) -> None:
         """Copy both ways, forwarding half-closes; `log` runs before the upstream's EOF is passed on."""

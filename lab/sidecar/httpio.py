@@ -18,9 +18,13 @@ REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 503: "Service
 
 
 def addr(sockaddr) -> str | None:
-    """("10.244.0.10", 8080) -> "10.244.0.10:8080" (the form every log uses); None for a socket
-    that was reset before asyncio could ask its address."""
-    return f"{sockaddr[0]}:{sockaddr[1]}" if sockaddr else None
+    """("10.244.0.10", 8080) -> "10.244.0.10:8080" (the form every log uses), an IPv6 address in
+    brackets as in a URL ("[fd00:10:244::10]:8080"); None for a socket that was reset before
+    asyncio could ask its address."""
+    if not sockaddr:
+        return None
+    host = sockaddr[0]
+    return f"[{host}]:{sockaddr[1]}" if ":" in host else f"{host}:{sockaddr[1]}"
 
 
 def request_bytes(host: str, port: int, path: str) -> bytes:

@@ -1,0 +1,28 @@
+"""Scenarios over IPv6: each scenario run again with its addresses' IPv6 twins.
+
+A scenario file names pods, Services and 127.0.0.1; the address plan gives each its IPv6
+twin (10.244.0.10 -> fd00:10:244::10, 10.96.0.80 -> fd00:10:96::80, 127.0.0.1 -> ::1), so
+one file describes the traffic for both families.  The twin's id is the scenario's with
+"@ipv6"; its expected path is the scenario's under the same profile: over IPv6 the kernel
+was measured to take the IPv4 path rule for rule (only the rules' addresses differ), and
+a run where it does not fails.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from . import plan
+from .scenario import Scenario
+
+SUFFIX = "@ipv6"
+
+
+def over_ipv6(scenario: Scenario) -> Scenario:
+    return dataclasses.replace(scenario, id=scenario.id + SUFFIX, address=plan.ipv6_twin(scenario.address), family=6)
+
+
+def both_families(scenarios: list[Scenario]) -> list[Scenario]:
+    """Each scenario, then its IPv6 twin: the order a dual-stack run reports them in.  A DNS
+    query has none: the lab's resolver, like the DNS capture rules, is IPv4 only (10.96.0.10)."""
+    return [twin for s in scenarios for twin in ((s,) if s.protocol == "dns" else (s, over_ipv6(s)))]

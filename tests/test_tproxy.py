@@ -1,0 +1,94 @@
+"""TPROXY inbound mode on the real kernel: policy routing, a transparent Envoy, the client's address kept."""
+
+import json
+import socket
+
+import pytest
+
+from lab import commands, netns, plan, runner, scenario, world
+from lab.rules import profiles, routing
+from lab.world import Lab
+
+from .test_sidecar import proc_status
+
+TPROXY = "istio-1.25-tproxy"
+SCENARIOS = scenario.load_all()
+NET_ADMIN = 1 << netns.CAPABILITIES["NET_ADMIN"]
+
+
+def test_the_mark_and_mode_come_from_the_rules():
+    assert routing.tproxy_mark(profiles.load(TPROXY)) == 1337
+    assert routing.tproxy_mark(profiles.load(profiles.DEFAULT)) is None
+    assert routing.inbound_mode(profiles.dumps(TPROXY)) == "TPROXY"
+    assert routing.inbound_mode(profiles.dumps(profiles.DEFAULT)) == "REDIRECT"
+
+
+def test_every_scenario_has_a_measured_tproxy_path():
+    assert [s.id for s in SCENARIOS if TPROXY not in dict(s.expected_by_profile)] == []
+
+
+@pytest.fixture(scope="module")
+def tproxy_lab():
+    with Lab() as lab:
+        commands.bring_up(lab, TPROXY)
+        results = {r.scenario.id: r for r in runner.run(lab, SCENARIOS, TPROXY)}
+        yield lab, results
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("s", SCENARIOS, ids=[s.id for s in SCENARIOS])
+def test_scenario_under_tproxy(tproxy_lab, s):
+    r = tproxy_lab[1][s.id]
+    assert r.failure is None
+    assert r.measured_path == s.expected_for(TPROXY)
+    assert r.counters_agree, (r.counter_deltas, r.trace_rule_events)
+    assert r.verdict == "pass"
+
+
+def _policy_routing(ns: str) -> tuple[list, list]:
+    with world.ipr(ns) as ipr:
+        rules = [(r.get_attr("FRA_FWMARK"), r.get_attr("FRA_TABLE")) for r in ipr.get_rules(family=socket.AF_INET)
+                 if r.get_attr("FRA_FWMARK")]
+        routes = [(r["type"], r["dst_len"], r.get_attr("RTA_OIF")) for r in ipr.route("dump", table=routing.ROUTE_TABLE)]
+    return rules, routes
+
+
+@pytest.mark.kernel
+def test_the_fwmark_rule_and_local_route_are_in_the_sidecar_pod_only(tproxy_lab):
+    lab, _ = tproxy_lab
+    rtn_local = 2
+    assert _policy_routing(lab.pod("sidecar").ns) == ([(1337, 133)], [(rtn_local, 0, 1)])
+    assert _policy_routing(lab.pod("remote").ns) == ([], [])
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("name", ["envoy", "pilot-agent"])
+def test_the_sidecar_runs_as_uid_0_gid_1337_with_net_admin_only(tproxy_lab, name):
+    """Istio's injection template for TPROXY: runAsUser 0, runAsGroup 1337, capabilities drop ALL, add NET_ADMIN."""
+    status = proc_status(tproxy_lab[0].record.pids[name])
+    assert status["Uid"].split() == ["0"] * 4 and status["Gid"].split() == ["1337"] * 4
+    assert status["Groups"].split() == []
+    for caps in ("CapEff", "CapPrm", "CapBnd"):
+        assert int(status[caps], 16) == NET_ADMIN, caps
+    assert int(status["CapInh"], 16) == 0
+
+
+@pytest.mark.kernel
+def test_the_app_sees_the_clients_own_address(tproxy_lab):
+    """original_src: Envoy's inbound side dials the app from the remote pod's address (REDIRECT
+    mode dials from 127.0.0.6), and the reply finds its way back by the mark and table 133."""
+    _, results = tproxy_lab
+    body = json.loads(results["type1-remote-to-local"].response["body"])
+    assert body["peer"].split(":")[0] == plan.PODS["remote"]
+    inbound = results["type1-remote-to-local"].legs[-1]
+    assert inbound.client.split(":")[0] == plan.PODS["remote"] and inbound.server == f"{plan.PODS['sidecar']}:8080"
+
+
+@pytest.mark.kernel
+def test_envoy_reaches_its_own_app_through_the_1338_mark_and_tproxy(tproxy_lab):
+    """Type 4: uid 0 is not the -u 1337 the nat rules exempt, so rule 3 returns Envoy's dial to
+    the pod IP; mangle OUTPUT marks it 1338 (gid 1337), and back in, ISTIO_INBOUND lets that
+    mark through to TPROXY and Envoy's inbound listener."""
+    path = tproxy_lab[1]["type4-local-to-local"].measured_path
+    assert ("Envoy 15001 (Outbound) -> OUTPUT -> OUTPUT RULE 3 (mangle) -> ISTIO_OUTPUT RULE 3 -> POSTROUTING"
+            " -> PREROUTING -> ISTIO_INBOUND RULE 8 (mangle) -> ISTIO_TPROXY (mangle) -> Envoy 15006 (Inbound)") in path
