@@ -178,6 +178,12 @@ def test_the_repository_has_answered_and_forwarded_queries_over_both_transports(
         assert s.feature == features.DNS_CAPTURE and s.expected_for(DNS) != s.expected_path
 
 
+def test_a_dns_query_has_no_ipv6_twin():
+    from lab import dualstack
+
+    assert dualstack.both_families(DNS_SCENARIOS) == DNS_SCENARIOS  # the resolver is IPv4 only
+
+
 # --- on the kernel ------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
