@@ -334,7 +334,7 @@ def _counters(r: Result) -> str:
         for ref in refs)
     agree = ("The counters agree with TRACE, rule for rule." if r.counters_agree
              else '<span class="fail">The counters and TRACE disagree.</span>')
-    return ("<table><thead><tr><th>rule</th><th>packets</th><th>TRACE events</th><th>rule</th></tr></thead>"
+    return ("<table><thead><tr><th>counter</th><th>packets</th><th>TRACE events</th><th>rule</th></tr></thead>"
             f"<tbody>{rows}</tbody></table><p>{agree}</p>")
 
 

@@ -28,8 +28,8 @@ class Result:
     measured: paths.Path = field(default_factory=paths.Path)
     legs: list[paths.Leg] = field(default_factory=list)
     rule_hits: list[str] = field(default_factory=list)
-    counter_deltas: dict[str, int] = field(default_factory=dict)  # rule (path.ref) -> packets during the scenario
-    trace_rule_events: dict[str, int] = field(default_factory=dict)  # rule (path.ref) -> TRACE `rule` events
+    counter_deltas: dict[str, int] = field(default_factory=dict)  # rule (paths.rule_ref) -> packets during the scenario
+    trace_rule_events: dict[str, int] = field(default_factory=dict)  # rule (paths.rule_ref) -> TRACE `rule` events
     rule_lines: dict[str, str] = field(default_factory=dict)
     endpoint: str = ""  # "pod ip:port" where the last leg's SYN reached INPUT
     response: dict | None = None
