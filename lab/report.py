@@ -98,9 +98,12 @@ def render(console, results: list[Result]) -> None:
             for ref in (ref for ref in order if ref in nat):
                 console.print(f"    {ref:<20} +{nat[ref]:<3} {escape(r.rule_lines.get(ref, ''))}")
         others = sorted(set(r.counter_deltas) - set(nat))
-        if others:  # the raw table's conntrack zones: the query's packets and the answers'
-            console.print("  raw rules whose counters moved (queries and answers):")
-            for ref in others:
+        for table, what in (("raw", "raw rules whose counters moved (queries and answers):"),
+                            ("mangle", "mangle rules whose counters moved (every packet, not only the SYN):")):
+            refs = [ref for ref in others if ref.startswith(f"{table}:")]
+            if refs:
+                console.print(f"  {what}")
+            for ref in refs:
                 console.print(f"    {ref.split(':', 1)[1]:<20} +{r.counter_deltas[ref]:<3} "
                               f"{escape(r.rule_lines.get(ref, ''))}")
         agree = "agree" if r.counters_agree else "[red]DISAGREE[/]"

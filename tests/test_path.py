@@ -118,6 +118,18 @@ def _event(table, chain, rulenum, kind="rule", src="10.244.0.10", sport=40000):
                       "S", None, None, None, "")
 
 
+@pytest.mark.parametrize("table_ref, moved, seen, agree", [
+    ("ISTIO_OUTPUT#9", 2, 1, False),  # nat judges the first packet only: equal, or a witness lies
+    ("raw:ISTIO_OUTPUT_DNS#5", 1, 1, True),
+    ("mangle:ISTIO_DIVERT#1", 5, 3, True),  # mangle sees every packet; a last ACK may come after the read
+    ("mangle:ISTIO_INBOUND#8", 0, 1, False),  # but never fewer than TRACE saw
+])
+def test_counters_must_equal_trace_in_nat_and_raw_and_cover_it_in_mangle(table_ref, moved, seen, agree):
+    result = runner.Result(SCENARIOS["type1-remote-to-local"],
+                           counter_deltas={table_ref: moved} if moved else {}, trace_rule_events={table_ref: seen})
+    assert result.counters_agree is agree
+
+
 def test_a_leg_back_in_through_lo_shows_its_second_pass():
     """A SYN sent over lo meets mangle again on the way in: those hops follow POSTROUTING -> PREROUTING;
     a built-in chain's jump is no hop, its MARK is."""
