@@ -43,7 +43,7 @@ def _parser() -> argparse.ArgumentParser:
     lst = sub.add_parser("list", help="list the scenarios")
     explain = sub.add_parser("explain", help="print a scenario's explanation and the rules it names")
     explain.add_argument("id", metavar="ID")
-    explain.add_argument("--profile", metavar="NAME", help="the path under a preset's rules (default istio-1.13)")
+    explain.add_argument("--profile", metavar="NAME", help="the path under a preset's rules (default: the rules the explanation is written for, istio-1.13 or for DNS istio-1.25-dns)")
     for command in (run, lst, explain):
         command.add_argument("--scenarios", metavar="DIR", default=None,
                              help="directory of scenario files (default: the lab's scenarios/)")

@@ -89,11 +89,19 @@ def run(args) -> int:
         from .rules import features
 
         chosen = scenario.for_features(chosen, features.of([pod.dump] if pod else profiles.dumps(profile)))
+    if not chosen:  # a lab that would run nothing: say so instead of passing
+        raise LabError(f"none of the scenarios applies to {args.rules or profile}'s rules "
+                       "(name one to run it anyway)")
+    dual_stack = pod is None and profiles.dual_stack(profile)
+    if dual_stack:
+        from . import dualstack
+
+        dualstack.both_families(chosen)  # a scenario with no IPv6 twin fails here, before any lab
     report_dir = _report_dir(args.report)
     _ready_machine()
     console = _console()
     status = console.status("building the lab") if not args.json else contextlib.nullcontext()
-    with status, Lab(ipv6=pod is None and profiles.dual_stack(profile)) as lab:
+    with status, Lab(ipv6=dual_stack) as lab:
         try:
             bring_up(lab, profile, pod.dump if pod else None)
         except xtables.RuleError as e:
@@ -195,7 +203,8 @@ def list_scenarios(args) -> int:
     console = _console()
     for s in scenario.load_all(args.scenarios):
         variant = f"  (variant of {s.variant_of})" if s.variant_of else ""
-        console.print(f"{s.id:<28} type {s.type}  {s.title}{variant}", markup=False, highlight=False)
+        kind = f"type {s.type}" if s.type is not None else "      "  # the article's types; DNS is none of them
+        console.print(f"{s.id:<28} {kind}  {s.title}{variant}", markup=False, highlight=False)
     return 0
 
 

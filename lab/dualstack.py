@@ -13,13 +13,17 @@ from __future__ import annotations
 import dataclasses
 
 from . import plan
-from .scenario import Scenario
+from .scenario import Scenario, ScenarioError
 
 SUFFIX = "@ipv6"
 
 
 def over_ipv6(scenario: Scenario) -> Scenario:
-    return dataclasses.replace(scenario, id=scenario.id + SUFFIX, address=plan.ipv6_twin(scenario.address), family=6)
+    try:
+        twin = plan.ipv6_twin(scenario.address)
+    except ValueError as e:  # 127.0.0.2, say: IPv6 has one loopback address
+        raise ScenarioError(f"{scenario.file}: traffic.to: {e}, so it cannot run over IPv6") from None
+    return dataclasses.replace(scenario, id=scenario.id + SUFFIX, address=twin, family=6)
 
 
 def both_families(scenarios: list[Scenario]) -> list[Scenario]:

@@ -129,8 +129,9 @@ def scenario_for(source: str, address: str, port: int, *, uid: int, gid: int, pr
 
     if source not in LABELS:
         raise LabError(f"no pod {source!r} (pods: {', '.join(LABELS)})")
-    if protocol not in PROTOCOLS:
-        raise LabError(f"protocol {protocol!r} is not one of {', '.join(PROTOCOLS)}")
+    streams = [p for p in PROTOCOLS if p != "dns"]  # a DNS query needs a name: a scenario file says it
+    if protocol not in streams:
+        raise LabError(f"protocol {protocol!r} is not one of {', '.join(streams)} (DNS queries: a scenario file)")
     if expect:
         paths.parse(expect)  # a path the notation cannot read fails here, not as a wrong verdict
     service = plan.service_at(address, port)

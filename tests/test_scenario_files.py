@@ -124,3 +124,22 @@ def test_explain_under_a_profile_numbers_each_table_it_passes():
     assert " >  3  ! -d 127.0.0.1/32 -o lo -p tcp -m owner --gid-owner 1337 -j MARK" in out  # mangle OUTPUT: 1338
     unknown = _cli("explain", "type4-local-to-local", "--profile", "nope")
     assert unknown.returncode == 2 and "no rule profile 'nope'" in unknown.stderr
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("text, argv, problem", [
+    # 127.0.0.2 is loopback over IPv4, but IPv6 has one loopback address: no twin to run
+    (GOOD.replace("to: {pod: remote, port: 9080, label: Remote Pod}",
+                  "to: {address: 127.0.0.2, port: 8080, label: Local Pod}"),
+     ["--profile", "istio-1.25-ipv6"], "traffic.to: 127.0.0.2 has no IPv6 twin"),
+    # a DNS scenario only, under rules that capture no DNS: nothing would run
+    (open(os.path.join(REPO, "scenarios", "dns-udp.yaml")).read(), [], "none of the scenarios applies to istio-1.13"),
+])
+def test_a_run_that_cannot_happen_is_one_line_before_any_lab(tmp_path, text, argv, problem):
+    _write(tmp_path, text)
+    with Sandbox() as box:
+        result = box.run("run", "--scenarios", str(tmp_path), *argv)
+        assert result.returncode == 2, (result.stdout, result.stderr)
+        assert problem in result.stderr and result.stderr.count("\n") == 1
+        assert "Traceback" not in result.stderr
+        assert box.leftovers() == {}
