@@ -167,9 +167,10 @@ def _box_label(pod: str, box: str, r: Result) -> str:
         return f"netfilter: {' and '.join(tables)} table{'s' if len(tables) > 1 else ''}"
     src = r.scenario.source
     if (pod, box) == (src.pod, src.process):
-        return f"{box} (uid {src.uid})"
+        sidecar = src.pod == "sidecar" and src.process in plan.SIDECAR_PROCESSES
+        return f"{box} (uid {r.sidecar_uid if sidecar else src.uid})"
     if box in (PROXY, AGENT):
-        return f"{box} (uid {plan.PROXY_UID})"
+        return f"{box} (uid {r.sidecar_uid})"
     return box
 
 

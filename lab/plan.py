@@ -38,6 +38,7 @@ class Identity:
 # The istio-proxy container (Envoy and pilot-agent), by inbound interception mode, as Istio's
 # injection template sets it: TPROXY needs NET_ADMIN for IP_TRANSPARENT and SO_MARK, and
 # the template then runs the container as uid 0, gid 1337 (its iptables still say -u 1337).
+SIDECAR_PROCESSES = ("envoy", "pilot-agent")  # the istio-proxy container's
 SIDECAR_IDENTITY = {
     "REDIRECT": Identity(PROXY_UID, PROXY_GID),
     "TPROXY": Identity(0, PROXY_GID, ("NET_ADMIN",)),

@@ -74,13 +74,10 @@ def _scrape_targets(lab: Lab) -> tuple[tuple[str, int, str], ...]:
     return ((ip, plan.Port.STATS, "/stats/prometheus"), (ip, plan.Port.AGENT, "/stats/prometheus"))
 
 
-SIDECAR_PROCESSES = ("envoy", "pilot-agent")  # the istio-proxy container's
-
-
 def identity(lab: Lab, name: str) -> plan.Identity | None:
     """Who the lab runs process `name` as, if it runs one of the sidecar's (their identity
     depends on the inbound mode); None for any other name."""
-    return plan.SIDECAR_IDENTITY[lab.record.inbound_mode] if name in SIDECAR_PROCESSES else None
+    return plan.SIDECAR_IDENTITY[lab.record.inbound_mode] if name in plan.SIDECAR_PROCESSES else None
 
 
 def _servers(lab: Lab, dns_proxy: bool) -> list[Spec]:

@@ -92,3 +92,14 @@ def test_envoy_reaches_its_own_app_through_the_1338_mark_and_tproxy(tproxy_lab):
     path = tproxy_lab[1]["type4-local-to-local"].measured_path
     assert ("Envoy 15001 (Outbound) -> OUTPUT -> OUTPUT RULE 3 (mangle) -> ISTIO_OUTPUT RULE 3 -> POSTROUTING"
             " -> PREROUTING -> ISTIO_INBOUND RULE 8 (mangle) -> ISTIO_TPROXY (mangle) -> Envoy 15006 (Inbound)") in path
+
+
+@pytest.mark.kernel
+def test_the_report_names_the_sidecars_uid_as_the_lab_runs_it(tproxy_lab):
+    from lab import html_report
+
+    r = tproxy_lab[1]["type5-envoy-localhost"]
+    assert r.sidecar_uid == 0
+    assert html_report._box_label("sidecar", html_report.PROXY, r) == "Envoy (uid 0)"
+    assert html_report._box_label("sidecar", "pilot-agent", r) == "pilot-agent (uid 0)"  # the scenario's source
+    assert "uid 0 gid 1337" in [h.owner for h in r.measured.hops if h.owner]  # what TRACE reported
