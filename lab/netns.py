@@ -20,6 +20,7 @@ from typing import Callable, Iterator
 from pyroute2 import netns as _netns
 
 from . import interrupts
+from .errors import LabError
 
 NETNS_DIR = "/run/netns"
 
@@ -29,7 +30,7 @@ _PR_SET_NAME = 15
 _PR_SET_KEEPCAPS = 8
 _PR_CAPBSET_DROP = 24
 _CAPABILITY_VERSION_3 = 0x20080522  # linux/capability.h: two 32-bit words per set
-CAPABILITIES = {"NET_ADMIN": 12, "NET_RAW": 13}  # the ones a sidecar may keep, by name
+CAPABILITIES = {"NET_ADMIN": 12}  # the ones a process may keep, by name (linux/capability.h)
 _CLONE_NEWNET = 0x40000000
 _CAP_LAST_CAP_PATH = "/proc/sys/kernel/cap_last_cap"
 
@@ -140,11 +141,15 @@ def set_sysctls(name: str, values: dict[str, str]) -> None:
     """
     with entered(name):
         for key, value in values.items():
-            with open(f"/proc/sys/{key}", "w") as f:
-                f.write(value)
-            with open(f"/proc/sys/{key}") as f:
-                if f.read().strip() != value:
-                    raise OSError(f"{name}: sysctl {key} did not take {value!r}")
+            try:
+                with open(f"/proc/sys/{key}", "w") as f:
+                    f.write(value)
+                with open(f"/proc/sys/{key}") as f:
+                    took = f.read().strip() == value
+            except OSError as e:  # an older kernel without it, say (docs/kernel-requirements.md)
+                raise LabError(f"{name}: cannot set sysctl {key.replace('/', '.')}: {e.strerror}") from None
+            if not took:
+                raise LabError(f"{name}: sysctl {key.replace('/', '.')} did not take {value!r}")
 
 
 def drop_privileges(uid: int, gid: int, keep: tuple[str, ...] = ()) -> None:

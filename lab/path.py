@@ -27,6 +27,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Iterable, Sequence
 
+from .rules.save import BUILTIN_CHAINS
 from .sidecar.httpio import addr
 
 HOOKS = ("PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING")
@@ -35,7 +36,7 @@ AGENT_PROXIES = {15053: "DNS"}  # pilot-agent's listeners that traffic is redire
 # Tables whose rules make hops.  raw's built-in chains hold the TRACE rules and never do;
 # its own chains (DNS capture's conntrack zones) do.
 SHOWN_TABLES = ("raw", "mangle", "nat")
-TABLES = ("raw", "mangle", "nat", "filter", "security")
+TABLES = tuple(BUILTIN_CHAINS)  # in the order packets meet them
 
 
 def rule_ref(table: str, chain: str, num: int) -> str:

@@ -141,8 +141,6 @@ class Lab:
     def _route_held_vips(self, node, bridge: int) -> None:
         """The node forwards a held VIP to its pod, as kube-proxy would send it there.  No ICMP
         redirects: they would teach the pods a shortcut and change later packets' next hop."""
-        if not plan.HELD_VIPS:
-            return
         for pod, vips in plan.HELD_VIPS.items():
             for vip in vips:
                 node.route("add", dst=f"{vip}/32", gateway=self.pods[pod].ip, oif=bridge)

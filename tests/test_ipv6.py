@@ -61,7 +61,6 @@ def test_an_ipv6_twin_is_the_same_traffic(s):
     twin = dualstack.over_ipv6(s)
     assert (twin.id, twin.family, twin.address) == (s.id + "@ipv6", 6, plan.ipv6_twin(s.address))
     assert (twin.endpoint_pod, twin.traced_pods, twin.traced_ports) == (s.endpoint_pod, s.traced_pods, s.traced_ports)
-    assert twin.expected_for(PROFILE) == s.expected_for(PROFILE)  # measured: the kernel takes the same path
     assert dualstack.both_families([s]) == [s, twin]
 
 

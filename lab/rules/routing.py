@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import socket
 
+from ..world import LO_INDEX
 from .save import Dump
 
 ROUTE_TABLE = 133  # istio-iptables' INBOUND_TPROXY_ROUTE_TABLE
 RULE_PRIORITY = 32765  # where `ip rule add` puts the first rule of its own, before main's 32766
-LOOPBACK_INDEX = 1
 
 
 def tproxy_mark(dump: Dump) -> int | None:
@@ -48,4 +48,4 @@ def apply(ipr, dump: Dump) -> None:
     anywhere = "0.0.0.0/0" if dump.family == 4 else "::/0"
     ipr.rule("add", family=family, fwmark=mark, table=ROUTE_TABLE, priority=RULE_PRIORITY)
     scope = {"scope": "host"} if dump.family == 4 else {}  # what `ip` gives a local route
-    ipr.route("add", family=family, dst=anywhere, type="local", oif=LOOPBACK_INDEX, table=ROUTE_TABLE, **scope)
+    ipr.route("add", family=family, dst=anywhere, type="local", oif=LO_INDEX, table=ROUTE_TABLE, **scope)

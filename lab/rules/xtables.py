@@ -31,7 +31,7 @@ from typing import Iterator
 from .. import interrupts, netns
 from .save import BUILTIN_CHAINS, Dump, RuleLine, TableDump, parse
 
-TABLES = ("raw", "mangle", "nat", "filter", "security")  # legacy xtables creates each on first use
+TABLES = tuple(BUILTIN_CHAINS)  # legacy xtables creates each on first use
 RESTORE_DEADLINE = 60  # seconds: every wait of the harness has one
 
 

@@ -11,8 +11,8 @@
   - on each GET /stats/prometheus on 15020, fetches Envoy's 127.0.0.1:15000/stats/prometheus
     and the app's 127.0.0.1:8080/metrics (localhost, like the real agent: the pod IP over lo
     would be redirected to 15006 for uid 1337) and serves them merged with its own counters.
-  - with DNS capture on, the DNS proxy on 127.0.0.1:15053 (dnsproxy.py), started first, as
-    the real agent starts it before Envoy is up.
+  - with DNS capture on, the DNS proxy on 127.0.0.1:15053 (dnsproxy.py), started before its
+    other listeners (the real agent starts it before Envoy; here Envoy is already up).
 Nothing runs periodically once started.
 """
 
