@@ -282,6 +282,12 @@ def rules(args) -> int:
             continue
         console.print(f"[bold]# table {table}[/] (pod {ns})")
         console.print(render_listing(listing, xtables.chain_policies(ns, table)), end="", markup=False)
+    lab = record.Record.load(labid)
+    for table in ("raw", "mangle", "nat") if lab and lab.ipv6 else ():  # ip6tables, with no policy lines
+        listing = xtables.listing(ns, table, 6)
+        if listing:
+            console.print(f"[bold]# ip6tables table {table}[/] (pod {ns})")
+            console.print(render_listing(listing, {}), end="", markup=False)
     return 0
 
 

@@ -53,6 +53,7 @@ class Record:
     owner_start: str | None
     detached: bool = False  # left up on purpose by `istio-lab up`
     pids: dict[str, int] = field(default_factory=dict)  # process name -> pid
+    ipv6: bool = False  # a dual-stack lab
     inbound_mode: str = "REDIRECT"  # how the sidecar's rules hand inbound to Envoy: REDIRECT or TPROXY
     created: float = field(default_factory=time.time)
 

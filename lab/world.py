@@ -62,6 +62,7 @@ class Lab:
         if not record.LABID_RE.match(self.labid):
             raise LabError(f"bad lab id {self.labid!r}: use 1-12 lowercase letters and digits")
         self.record = record.Record.new(self.labid, detached)
+        self.record.ipv6 = ipv6
         self.node = record.ns_name(self.labid, "node")
         self.ipv6 = ipv6
         self.pods = {name: Pod(name, record.ns_name(self.labid, name), ip, plan.PODS6[name] if ipv6 else None)

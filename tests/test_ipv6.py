@@ -19,6 +19,8 @@ import pytest
 from lab import commands, dualstack, netns, path, plan, processes, runner, scenario, workloads
 from lab.rules import profiles, xtables
 from lab.sidecar import envoy, httpio
+
+from .sandbox import Sandbox
 from lab.world import IFA_F_NODAD, Lab, ipr
 
 REPO = Path(__file__).resolve().parent.parent
@@ -255,3 +257,15 @@ def test_ipv6_scenarios_match_the_ip6tables_rules_with_6_and_1(dual_stack_lab):
     saved = {r.ref: r.packets for r in xtables.listing(sidecar, "nat", 6)}
     assert saved == xtables.packet_counts(sidecar, "nat", 6) and saved["ISTIO_OUTPUT#1"] > 0
     assert profiles.dual_stack(PROFILE) and not profiles.dual_stack(profiles.DEFAULT)
+
+
+@pytest.mark.kernel
+def test_rules_shows_a_dual_stack_labs_ip6tables_rules():
+    with Sandbox() as box:
+        assert box.run("up", "--id", "dual", "--profile", PROFILE).returncode == 0
+        shown = box.run("rules", "dual")
+        assert shown.returncode == 0, shown.stderr
+        ipv6 = shown.stdout.split("# ip6tables table nat", 1)[1]
+        assert "-s ::6/128 -o lo -j RETURN" in ipv6 and "127.0.0.6" not in ipv6
+        assert box.run("down", "dual").returncode == 0
+        assert box.leftovers() == {}
