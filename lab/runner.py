@@ -109,9 +109,15 @@ def _exact(ref: str) -> bool:
     return not ref.startswith("mangle:")
 
 
-def _counters(ns: str, family: int) -> dict[str, int]:
+def _split(ref: str) -> tuple[str, str]:
+    """(table, chain) of a rule named by paths.rule_ref."""
+    chain = ref.rsplit("#", 1)[0]
+    return tuple(chain.split(":", 1)) if ":" in chain else ("nat", chain)
+
+
+def _counters(ns: str, family: int, tables: tuple[str, ...]) -> dict[str, int]:
     out = {}
-    for table in ("raw", "mangle", "nat"):
+    for table in tables:
         for key, packets in xtables.packet_counts(ns, table, family).items():
             chain, num = key.rsplit("#", 1)
             if _witnessed(table, chain):
@@ -134,6 +140,11 @@ class Witnesses:
         self.rule_lines_by_family = {f: {paths.rule_ref(table, r.chain, r.num): r.line
                                          for table in paths.SHOWN_TABLES for r in xtables.listing(sidecar, table, f)}
                                      for f in self.families}
+        # Only tables holding a witnessed rule are read per scenario: a table read costs a
+        # handle, and the default profile has rules in nat alone.
+        self.counted_tables = {f: tuple(t for t in ("raw", "mangle", "nat")
+                                        if any(_witnessed(*_split(ref)) and _split(ref)[0] == t for ref in lines))
+                               for f, lines in self.rule_lines_by_family.items()}
         try:
             for pod in lab.pods.values():
                 for family in self.families:
@@ -213,7 +224,8 @@ def observe(lab: Lab, witnesses: Witnesses, scenario: Scenario) -> Observation:
     interrupts.check()
     processes.check_alive(lab)
     with witnesses.tracing(scenario):
-        before = _counters(sidecar, scenario.family)
+        tables = witnesses.counted_tables[scenario.family]
+        before = _counters(sidecar, scenario.family, tables)
         # This scenario's lines only: legs are joined by address, and a port the kernel hands
         # out again (another scenario's connection, earlier) would join a stale leg.
         logged, asked = len(processes.access_log(lab)), len(processes.dns_proxy_log(lab))
@@ -223,7 +235,7 @@ def observe(lab: Lab, witnesses: Witnesses, scenario: Scenario) -> Observation:
             processes.check_alive(lab)  # a dead proxy is the better answer than "refused"
             raise
         events = witnesses.events()
-        after = _counters(sidecar, scenario.family)
+        after = _counters(sidecar, scenario.family, tables)
     processes.check_alive(lab)
     return Observation(response.local, response.status, response.body, events, before, after,
                        witnesses.rule_lines_by_family[scenario.family],
