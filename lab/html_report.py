@@ -305,11 +305,7 @@ def _verdict(r: Result) -> str:
 
 
 def _agreement(r: Result) -> str:
-    if r.failure:
-        return "-"
-    if r.matches_article is None:
-        return "no claim"
-    return "agrees" if r.matches_article else '<span class="differ">differs</span>'
+    return '<span class="differ">differs</span>' if r.agreement == "differs" else r.agreement
 
 
 def _summary(results: list[Result]) -> str:

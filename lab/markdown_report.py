@@ -13,14 +13,6 @@ def _verdict(r: Result) -> str:
     return "pass" if r.verdict == "pass" else "**FAIL**"
 
 
-def _article(r: Result) -> str:
-    if r.failure:
-        return "-"
-    if r.matches_article is None:
-        return "no claim"
-    return "agrees" if r.matches_article else "differs"
-
-
 def _counters(r: Result) -> str:
     moved = ", ".join(f"`{ref}` +{n}" for ref, n in r.counter_deltas.items()) or "none"
     agree = "agree with TRACE" if r.counters_agree else f"**disagree with TRACE** ({r.trace_rule_events})"
@@ -50,7 +42,7 @@ def render(results: list[Result], **meta) -> str:
            + (f" ({facts})" if facts else ""), "",
            "| scenario | verdict | article | path the kernel took |", "|---|---|---|---|"]
     for r in results:
-        out.append(f"| `{r.scenario.id}` | {_verdict(r)} | {_article(r)} | "
+        out.append(f"| `{r.scenario.id}` | {_verdict(r)} | {r.agreement} | "
                    f"{_cell(r.measured_path or r.failure or '')} |")
     out.append("")
     for r in results:

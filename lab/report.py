@@ -118,7 +118,7 @@ def render(console, results: list[Result]) -> None:
             r.scenario.id,
             _article_short(r.scenario),
             _short(r.measured_path) or "-",
-            {True: "agree", False: "[yellow]differ[/]", None: "no claim"}[r.matches_article],
+            "[yellow]differs[/]" if r.agreement == "differs" else r.agreement,
             _verdict(r),
         )
     console.print(table)

@@ -77,6 +77,13 @@ class Result:
         return self.failure is None and not self.article_differences
 
     @property
+    def agreement(self) -> str:
+        """One word for the reports: "agrees", "differs", "no claim", or "-" for a failed run."""
+        if self.failure:
+            return "-"
+        return {True: "agrees", False: "differs", None: "no claim"}[self.matches_article]
+
+    @property
     def path_as_expected(self) -> bool:
         """The measured path is the profile's (with no expectation known, any measured path is)."""
         expected = self.expected_path
@@ -143,7 +150,7 @@ class Witnesses:
         # Only tables holding a witnessed rule are read per scenario: a table read costs a
         # handle, and the default profile has rules in nat alone.
         self.counted_tables = {f: tuple(t for t in ("raw", "mangle", "nat")
-                                        if any(_witnessed(*_split(ref)) and _split(ref)[0] == t for ref in lines))
+                                        if any(_split(ref)[0] == t and _witnessed(*_split(ref)) for ref in lines))
                                for f, lines in self.rule_lines_by_family.items()}
         try:
             for pod in lab.pods.values():
