@@ -18,13 +18,13 @@ import time
 from typing import Callable, Iterator, TextIO
 
 from . import plan, record
+from .netfilter import TABLES
 from .errors import LabError
 from .rules import xtables
 from .trace import TraceError, TraceEvent, TraceLost, TraceReader
 
 MAX_PORTS = 15  # the multiport match's limit
 HOOKS = ("PREROUTING", "OUTPUT")
-TABLES = ("raw", "mangle", "nat", "filter", "security")
 
 
 def trace_rule(ports: list[int]) -> tuple[str, ...]:

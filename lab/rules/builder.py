@@ -16,7 +16,8 @@ import shlex
 from dataclasses import dataclass, field, fields
 
 from ..errors import LabError
-from .save import BUILTIN_CHAINS, Dump, RuleLine, TableDump
+from ..netfilter import BUILTIN_CHAINS, BUILTIN_TARGETS, TABLES
+from .save import Dump, RuleLine, TableDump
 
 Version = tuple[int, int]
 OLDEST: Version = (1, 4)
@@ -27,7 +28,6 @@ DNS_PROXY_PORT = 15053  # pilot-agent's DNS proxy
 TPROXY_MARK = 1337  # inbound packets diverted to Envoy (and the fwmark of the policy route)
 OUTBOUND_MARK = 1338  # Envoy's own connections to the app over lo (TPROXY mode)
 MODES = ("REDIRECT", "TPROXY")
-TABLE_ORDER = ("raw", "mangle", "nat", "filter")
 
 
 class BuildError(LabError):
@@ -154,21 +154,18 @@ class _Tables:
 
     def dump(self, family: int) -> Dump:
         dump = Dump(family=family)
-        for name in TABLE_ORDER:
+        for name in TABLES:
             builtin = BUILTIN_CHAINS[name]
             mine = {chain: specs for (table, chain), specs in self.chains.items() if table == name and specs}
             if not mine:
                 continue
             targets = {f" {s}".split(" -j ")[1].split()[0] for specs in mine.values() for s in specs}
-            user = sorted((set(mine) | targets) - set(builtin) - _TARGETS)
+            user = sorted((set(mine) | targets) - set(builtin) - BUILTIN_TARGETS)
             table = TableDump(name, dict.fromkeys(builtin, "ACCEPT"), user)
             for chain in list(builtin) + user:
                 table.rules += [RuleLine(chain, tuple(shlex.split(s))) for s in mine.get(chain, [])]
             dump.tables[name] = table
         return dump
-
-
-_TARGETS = {"RETURN", "ACCEPT", "DROP", "REDIRECT", "TPROXY", "MARK", "CONNMARK", "CT"}
 
 
 def build(version: str | Version, options: Options = Options(), family: int = 4) -> Dump:

@@ -10,13 +10,8 @@ from __future__ import annotations
 import shlex
 from dataclasses import dataclass, field
 
-BUILTIN_CHAINS = {
-    "raw": ("PREROUTING", "OUTPUT"),
-    "mangle": ("PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"),
-    "nat": ("PREROUTING", "INPUT", "OUTPUT", "POSTROUTING"),
-    "filter": ("INPUT", "FORWARD", "OUTPUT"),
-    "security": ("INPUT", "FORWARD", "OUTPUT"),
-}
+from ..netfilter import BUILTIN_CHAINS
+
 
 
 class SaveFormatError(ValueError):

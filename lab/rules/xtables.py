@@ -29,9 +29,9 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from .. import interrupts, netns
-from .save import BUILTIN_CHAINS, Dump, RuleLine, TableDump, parse
+from ..netfilter import BUILTIN_CHAINS, TABLES
+from .save import Dump, RuleLine, TableDump, parse
 
-TABLES = tuple(BUILTIN_CHAINS)  # legacy xtables creates each on first use
 RESTORE_DEADLINE = 60  # seconds: every wait of the harness has one
 
 

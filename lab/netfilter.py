@@ -1,0 +1,65 @@
+"""Netfilter's vocabulary, defined once: tables in the order packets meet them, their
+built-in chains, the hooks, the targets that are not jumps, and how a rule is named.
+
+Every backend, the path joiner, the reports and the predictor speak these words.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+# The xtables tables in the order a packet meets them at a hook (priorities raw -300,
+# mangle -150, nat -100 on the way in, filter 0, security 50), each with its built-in chains.
+BUILTIN_CHAINS = {
+    "raw": ("PREROUTING", "OUTPUT"),
+    "mangle": ("PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"),
+    "nat": ("PREROUTING", "INPUT", "OUTPUT", "POSTROUTING"),
+    "filter": ("INPUT", "FORWARD", "OUTPUT"),
+    "security": ("INPUT", "FORWARD", "OUTPUT"),
+}
+TABLES = tuple(BUILTIN_CHAINS)
+# The tables whose rules make a path's hops.  filter and security decide nothing Istio
+# does; raw's built-in chains hold the lab's own TRACE rules, its own chains (DNS
+# capture's conntrack zones) do make hops.
+PATH_TABLES = ("raw", "mangle", "nat")
+HOOKS = ("PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING")
+
+# Targets that end, mark or rewrite, as opposed to a jump into a chain of the rule set.
+BUILTIN_TARGETS = frozenset({
+    "ACCEPT", "DROP", "RETURN", "REJECT", "QUEUE", "NFQUEUE", "REDIRECT", "DNAT", "SNAT", "MASQUERADE",
+    "TPROXY", "MARK", "CONNMARK", "CT", "TRACE", "LOG", "NFLOG",
+})
+
+
+def is_builtin_chain(table: str, chain: str) -> bool:
+    return chain in BUILTIN_CHAINS.get(table, ())
+
+
+@dataclass(frozen=True, order=True)
+class RuleRef:
+    """One rule of a rule set: its table, its chain, its number from the chain's head (from 1,
+    as `iptables -L --line-numbers` and the article count; in nft, its position in the chain)."""
+
+    table: str
+    chain: str
+    number: int
+
+    def __str__(self) -> str:
+        """The form reports and JSON use: `ISTIO_OUTPUT#9`, `mangle:ISTIO_INBOUND#8` (nat needs no prefix)."""
+        where = self.chain if self.table == "nat" else f"{self.table}:{self.chain}"
+        return f"{where}#{self.number}"
+
+    @property
+    def chain_ref(self) -> tuple[str, str]:
+        return self.table, self.chain
+
+    _TEXT = re.compile(r"^(?:(?P<table>[a-z]+):)?(?P<chain>.+)#(?P<number>\d+)$")
+
+    @classmethod
+    def parse(cls, text: str) -> "RuleRef":
+        """Read back the form __str__ writes (recorded observations, JSON)."""
+        m = cls._TEXT.match(text)
+        if not m:
+            raise ValueError(f"not a rule reference: {text!r}")
+        return cls(m["table"] or "nat", m["chain"], int(m["number"]))
