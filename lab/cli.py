@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import interrupts
+from . import commands, interrupts, preflight
+from .errors import LabError
 
 EXIT_FAIL = 1  # a measured path differs from its expectation
 EXIT_USAGE = 2  # bad input or an unusable machine
@@ -79,9 +80,6 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     interrupts.install()  # SIGINT, SIGTERM, SIGHUP: KeyboardInterrupt, so every `with Lab()` tears down
-    from . import commands, preflight
-    from .errors import LabError
-
     try:
         code = commands.dispatch(args)
         interrupts.check()  # one a destructor dropped: the command finished, but it was asked to stop

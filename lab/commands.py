@@ -1,4 +1,5 @@
-"""What each `istio-lab` subcommand does; cli.py only parses and maps errors."""
+"""What each `istio-lab` subcommand does: arguments in, text out.  The work is the library's
+(lab.api); cli.py only parses and maps errors."""
 
 from __future__ import annotations
 
@@ -6,9 +7,12 @@ import argparse
 import contextlib
 import sys
 
-from . import interrupts, preflight, record
+from . import api, dualstack, html_report, interrupts, preflight, record, report, scenario, view, watch
 from .errors import LabError
-from .rules import profiles, xtables
+from .path import Path
+from .rules import profiles, ruleset, xtables
+from .rules.ruleset import RuleSet
+from .scenario import Scenario
 from .world import Lab
 
 
@@ -34,44 +38,21 @@ def _console():
 
 
 def _ready_machine() -> None:
-    """Preflight, then reap labs whose owner died (a SIGKILLed run, say)."""
-    preflight.check()
-    for labid in record.reap_orphans():
+    for labid in api.ready_machine():
         print(f"istio-lab: removed lab {labid} left behind by a process that died", file=sys.stderr)
 
 
-def bring_up(lab: Lab, profile: str = profiles.DEFAULT, rules=None) -> None:
-    """The sidecar's rules (a preset, or a pod's own dump) and the policy routing TPROXY needs,
-    then the processes (rules first, as Istio's init container).  Rules that capture DNS get
-    pilot-agent's DNS proxy, as ISTIO_META_DNS_CAPTURE turns on both."""
-    from . import processes, world
-    from .rules import features, routing
-
-    dumps = [rules] if rules is not None else profiles.dumps(profile)
-    sidecar = lab.pod("sidecar").ns
-    for dump in dumps:
-        xtables.apply(sidecar, dump)
-    with interrupts.held(), world.ipr(sidecar) as ipr:
-        for dump in dumps:
-            routing.apply(ipr, dump)
-    processes.start(lab, routing.inbound_mode(dumps), dns_proxy=features.DNS_CAPTURE in features.of(dumps))
-
-
-def _rule_set(args):
-    """--profile or --rules, checked before any lab: (profile whose expectations apply, foreign dump)."""
+def _rule_set(args) -> RuleSet:
+    """--profile or --rules, checked before any lab."""
     if not args.rules:
         given = [flag for flag, value in (("--proxy-uid", args.proxy_uid), ("--proxy-gid", args.proxy_gid),
                                           ("--outbound-port", args.outbound_port), ("--inbound-port", args.inbound_port))
                  if value is not None]
-        if given:  # a preset's rules are known: the flag would be silently ignored
-            raise LabError(f"{given[0]} describes a dump given with --rules; a preset needs none")
-        profile = args.profile or profiles.DEFAULT
-        profiles.preset(profile)  # an unknown name is one line, before any lab
-        return profile, None
-    from .rules import foreign
-
-    pod = foreign.load(args.rules, args.proxy_uid, args.proxy_gid, args.outbound_port, args.inbound_port)
-    return pod.preset, pod
+        if given:  # a profile's rules are known: the flag would be silently ignored
+            raise LabError(f"{given[0]} describes a dump given with --rules; a profile needs none")
+        return ruleset.profile(args.profile or profiles.DEFAULT)
+    return ruleset.from_file(args.rules, proxy_uid=args.proxy_uid, proxy_gid=args.proxy_gid,
+                             outbound_port=args.outbound_port, inbound_port=args.inbound_port)
 
 
 def check(args) -> int:
@@ -81,77 +62,50 @@ def check(args) -> int:
 
 
 def run(args) -> int:
-    from . import report, runner, scenario
-
     chosen = scenario.select(scenario.load_all(args.scenarios), args.ids)  # bad files fail before any lab
-    profile, pod = _rule_set(args)
+    rules = _rule_set(args)
     if not args.ids:  # a scenario about a feature the rules lack runs only when named
-        from .rules import features
-
-        chosen = scenario.for_features(chosen, features.of([pod.dump] if pod else profiles.dumps(profile)))
+        chosen = scenario.for_features(chosen, rules.features)
     if not chosen:  # a lab that would run nothing: say so instead of passing
-        raise LabError(f"none of the scenarios applies to {args.rules or profile}'s rules "
-                       "(name one to run it anyway)")
-    dual_stack = pod is None and profiles.dual_stack(profile)
-    if dual_stack:
-        from . import dualstack
-
+        raise LabError(f"none of the scenarios applies to {rules.name}'s rules (name one to run it anyway)")
+    if rules.dual_stack:
         dualstack.both_families(chosen)  # a scenario with no IPv6 twin fails here, before any lab
-    report_dir = _report_dir(args.report)
+    report_dir = html_report.prepare(args.report) if args.report is not None else None
     _ready_machine()
     console = _console()
     status = console.status("building the lab") if not args.json else contextlib.nullcontext()
-    with status, Lab(ipv6=dual_stack) as lab:
-        try:
-            bring_up(lab, profile, pod.dump if pod else None)
-        except xtables.RuleError as e:
-            raise LabError(f"{args.rules or profile}: {e}") from None
-        results = runner.run(lab, chosen, profile)
-    meta = {"lab": lab.labid, "profile": profile}
-    if pod:
-        meta |= {"rules": pod.file, "notes": pod.notes}
+    with status, api.Session(rules) as session:
+        results = session.run_all(chosen)
+    shown = view.run([r.view for r in results], session.lab.labid, rules.profile, rules.name, rules.notes)
     if args.json:
-        print(report.to_json(results, **meta))
+        print(report.to_json(shown))
     else:
-        if pod:
-            same = f"the rules of preset {profile}" if profile else "a rule set of its own: no expectation known"
-            console.print(f"Rules from {pod.file}: {same}", markup=False)
-            for note in pod.notes:
+        if rules.file:
+            console.print(rules.summary, markup=False)
+            for note in rules.notes:
                 console.print(f"  {note}", markup=False)
-        elif profile != profiles.DEFAULT:
-            console.print(f"Rules: {profile}, {profiles.summary(profile)}", markup=False)
-        report.render(console, results)
+        elif rules.name != profiles.DEFAULT:
+            console.print(f"Rules: {rules.summary}", markup=False)
+        report.render(console, shown)
     if report_dir is not None:
-        from . import html_report
-
-        written = html_report.write(report_dir, results, lab=lab.labid, profile=profile or args.rules)
+        written = html_report.write(report_dir, shown)
         print(f"istio-lab: report written to {' and '.join(map(str, written))}",
               file=sys.stderr if args.json else sys.stdout)
-    return 0 if all(r.verdict == "pass" for r in results) else 1
-
-
-def _report_dir(directory: str | None):
-    """--report DIR: graphviz and a writable DIR are checked before any lab (graphviz loads only then)."""
-    if directory is None:
-        return None
-    from . import html_report
-
-    return html_report.prepare(directory)
+    return 0 if shown.all_passed else 1
 
 
 def explain(args) -> int:
-    from . import path, scenario
-
-    from .report import article_text
-
     s = scenario.select(scenario.load_all(args.scenarios), [args.id])[0]
     written_for = _explained_profile(s)
-    profile = profiles.preset(args.profile or written_for).name
+    profile = profiles.get(args.profile or written_for).name
     console = _console()
     console.print(f"{s.id}: {s.title}", style="bold", markup=False)
     under = "" if profile == profiles.DEFAULT else f" ({profile})"
-    console.print(f"kernel{under}: {s.expected_for(profile)}", markup=False)
-    console.print(f"article: {article_text(s)}", markup=False)
+    measured = s.expected.path(profile)
+    console.print(f"kernel{under}: {measured}", markup=False)
+    claim = s.article
+    article = f"(no claim) {s.article_note}" if claim is None else claim.path_text or "(a picture only) " + claim.sentence
+    console.print(f"article: {article}", markup=False)
     console.print()
     console.print(s.explanation.rstrip(), markup=False)
     if profile != written_for:
@@ -159,26 +113,23 @@ def explain(args) -> int:
         console.print(f"(The explanation is written for {written_for}{whose}; "
                       f"docs/profiles.md tells what {profile} changes.)", markup=False)
     console.print()
-    console.print(explain_rules(path.parse(s.expected_for(profile)), profiles.load(profile), profile),
-                  markup=False, end="")
+    console.print(explain_rules(measured, profiles.load(profile), profile), markup=False, end="")
     return 0
 
 
-def _explained_profile(s) -> str:
+def _explained_profile(s: Scenario) -> str:
     """The rules a scenario's explanation is written for: the default, or for a scenario about
-    a feature the default lacks (DNS capture), the first preset that has it."""
-    from .rules import features
-
+    a feature the default lacks (DNS capture), the first profile that has it."""
     if s.feature is None:
         return profiles.DEFAULT
-    return next(name for name in profiles.names() if s.feature in features.of(profiles.dumps(name)))
+    return next(name for name in profiles.names() if s.feature in ruleset.profile(name).features)
 
 
-def explain_rules(measured, dump, profile: str = profiles.DEFAULT) -> str:
+def explain_rules(measured: Path, dump, profile: str = profiles.DEFAULT) -> str:
     """The rules of every chain the path passes, numbered as applied; '>' marks those that matched."""
-    matched = {(h.table, h.name, h.rule) for h in measured.hops if h.kind == "chain"}
+    matched = {(h.table, h.name, h.number) for h in measured.chains}
     out = [f"The rules it passes: {profiles.summary(profile)}", ""]
-    for table, chain in dict.fromkeys((h.table, h.name) for h in measured.hops if h.kind == "chain"):
+    for table, chain in dict.fromkeys((h.table, h.name) for h in measured.chains):
         rules = dump.tables[table].chain_rules(chain)
         out.append(f"{chain} ({table} table)")
         for num, rule in enumerate(rules, 1):
@@ -191,15 +142,13 @@ def explain_rules(measured, dump, profile: str = profiles.DEFAULT) -> str:
 def list_profiles(args) -> int:
     console = _console()
     for name in profiles.names():
-        p = profiles.preset(name)
+        p = profiles.get(name)
         default = "  (default)" if name == profiles.DEFAULT else ""
         console.print(f"{name:<18} {p.versions:<12} {p.summary}{default}", markup=False, highlight=False)
     return 0
 
 
 def list_scenarios(args) -> int:
-    from . import scenario
-
     console = _console()
     for s in scenario.load_all(args.scenarios):
         variant = f"  (variant of {s.variant_of})" if s.variant_of else ""
@@ -209,12 +158,12 @@ def list_scenarios(args) -> int:
 
 
 def up(args) -> int:
-    profile = profiles.preset(args.profile or profiles.DEFAULT).name
+    rules = ruleset.profile(args.profile or profiles.DEFAULT)
     _ready_machine()
-    lab = Lab(args.labid, detached=not args.hold, ipv6=profiles.dual_stack(profile))
+    lab = Lab(args.labid, detached=not args.hold, ipv6=rules.dual_stack)
     try:
         lab.create()
-        bring_up(lab, profile)
+        api.bring_up(lab, rules)
         console = _console()
         _show(console, lab)
         if args.hold:
@@ -261,8 +210,6 @@ def down(args) -> int:
 
 
 def trace(args) -> int:
-    from . import watch
-
     pods = args.pods or ["sidecar"]
     watch.check(pods, args.ports, args.tables, args.count, args.seconds)
     preflight.check_root()
@@ -295,7 +242,7 @@ def render_listing(listing, policies) -> str:
     """Chains and numbered rules with counters, laid out like `iptables -L -v --line-numbers`."""
     chains: dict[str, list] = {name: [] for name in policies}
     for rule in listing:
-        chains.setdefault(rule.chain, []).append(rule)
+        chains.setdefault(rule.ref.chain, []).append(rule)
     out = []
     for chain, rows in chains.items():
         if chain in policies:
@@ -305,13 +252,13 @@ def render_listing(listing, policies) -> str:
             out.append(f"Chain {chain}")
         out.append(f"{'num':<4} {'pkts':>6} {'bytes':>7}  rule")
         for r in rows:
-            out.append(f"{r.num:<4} {r.packets:>6} {r.bytes:>7}  {r.line.split(' ', 2)[2]}")
+            out.append(f"{r.ref.number:<4} {r.packets:>6} {r.bytes:>7}  {r.line.split(' ', 2)[2]}")
         out.append("")
     return "\n".join(out) + "\n"
 
 
 def _show(console, lab: Lab) -> None:
-    from rich.table import Table
+    from rich.table import Table  # rich loads only for output
 
     table = Table(title=f"lab {lab.labid}")
     for col in ("pod", "namespace", "address"):

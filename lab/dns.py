@@ -8,6 +8,7 @@ the trailing dot.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import re
 import socket
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 from . import plan
+from .sidecar import httpio
 
 TYPE_A = 1
 CLASS_IN = 1
@@ -205,10 +207,7 @@ async def serve(handle, udp: tuple[tuple[str, int], ...], tcp: tuple[tuple[str, 
     resolver's address itself and pilot-agent 127.0.0.1 (a reply from another source
     would not match the client's conntrack entry, or its connected socket).
     """
-    import asyncio
-
     loop = asyncio.get_running_loop()
-    tasks: set[asyncio.Task] = set()  # the loop holds tasks weakly
 
     class Datagrams(asyncio.DatagramProtocol):
         def __init__(self, local):
@@ -221,10 +220,9 @@ async def serve(handle, udp: tuple[tuple[str, int], ...], tcp: tuple[tuple[str, 
             async def reply():
                 self.transport.sendto(await handle(Request(data, "udp", peer, self.local)), peer)
 
-            task = loop.create_task(reply())
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
+            httpio.hold(loop.create_task(reply()))
 
+    @httpio.held
     async def stream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         sock = writer.get_extra_info("socket")
         peer, local = writer.get_extra_info("peername"), writer.get_extra_info("sockname")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 
 from . import plan
+from .addr import Address
 from .scenario import Scenario, ScenarioError
 
 SUFFIX = "@ipv6"
@@ -20,13 +21,14 @@ SUFFIX = "@ipv6"
 
 def over_ipv6(scenario: Scenario) -> Scenario:
     try:
-        twin = plan.ipv6_twin(scenario.address)
+        twin = plan.ipv6_twin(scenario.traffic.to.ip)
     except ValueError as e:  # 127.0.0.2, say: IPv6 has one loopback address
         raise ScenarioError(f"{scenario.file}: traffic.to: {e}, so it cannot run over IPv6") from None
-    return dataclasses.replace(scenario, id=scenario.id + SUFFIX, address=twin, family=6)
+    traffic = dataclasses.replace(scenario.traffic, to=Address(twin, scenario.traffic.to.port))
+    return dataclasses.replace(scenario, id=scenario.id + SUFFIX, traffic=traffic)
 
 
 def both_families(scenarios: list[Scenario]) -> list[Scenario]:
     """Each scenario, then its IPv6 twin: the order a dual-stack run reports them in.  A DNS
     query has none: the lab's resolver, like the DNS capture rules, is IPv4 only (10.96.0.10)."""
-    return [twin for s in scenarios for twin in ((s,) if s.protocol == "dns" else (s, over_ipv6(s)))]
+    return [twin for s in scenarios for twin in ((s,) if s.traffic.protocol == "dns" else (s, over_ipv6(s)))]

@@ -20,8 +20,10 @@ from pathlib import Path
 
 from . import markdown_report, plan
 from . import path as paths
+from .compare import same
 from .errors import LabError
-from .runner import Result
+from .netfilter import TABLES
+from .view import RunView, ScenarioView
 
 FONT = "DejaVu Sans"
 MONO = "DejaVu Sans Mono"
@@ -62,11 +64,11 @@ def prepare(directory: str) -> Path:
     return out
 
 
-def write(directory: Path, results: list[Result], **meta) -> list[Path]:
+def write(directory: Path, run: RunView) -> list[Path]:
     """DIR/index.html and DIR/summary.md; returns their paths."""
     index, summary = directory / "index.html", directory / "summary.md"
-    index.write_text(page(results, **meta), encoding="utf-8")
-    summary.write_text(markdown_report.render(results, **meta), encoding="utf-8")
+    index.write_text(page(run), encoding="utf-8")
+    summary.write_text(markdown_report.render(run), encoding="utf-8")
     return [index, summary]
 
 
@@ -109,68 +111,41 @@ def _rule_text(line: str) -> str:
     return words[2] if len(words) == 3 and words[0] == "-A" else line
 
 
-def _packet_source(packet: str) -> tuple[str, int] | None:
-    """("10.244.0.10", 34976) from "SYN 10.244.0.10:34976 > 10.96.0.90:9080"."""
-    words = packet.split()
-    return paths.endpoint(words[1]) if len(words) == 4 and words[0] in ("SYN", "UDP") else None
-
-
-def _hook_rule(r: Result, hop: paths.Hop) -> str:
-    """The rule of the built-in nat chain that the hop's SYN matched (the jump into ISTIO_*), if any."""
-    source = _packet_source(hop.packet)
-    for e in r.events:
-        if (e.pod == SIDECAR and e.table == "nat" and e.chain == hop.name and e.kind == "rule"
-                and (e.tcp_flags == "S" or e.proto == "udp") and (e.src, e.sport) == source):
-            ref = f"{e.chain}#{e.rulenum}"
-            return f"rule {e.rulenum}: {_rule_text(r.rule_lines.get(ref, ''))}".rstrip(": ")
-    return ""
-
-
-def _destination(r: Result) -> tuple[str, str]:
-    """(pod, "ip:port") where the traffic ended, from the witness that saw its SYN reach INPUT."""
-    if r.endpoint:
-        pod, addr = r.endpoint.split(" ", 1)
-        return pod, addr
-    return "", r.legs[-1].server if r.legs else f"{r.scenario.address}:{r.scenario.port}"
-
-
-def _place(r: Result, i: int, hop: paths.Hop) -> tuple[str, str]:
+def _place(v: ScenarioView, i: int, hop: paths.Hop) -> tuple[str, str]:
     """(pod, box inside the pod) a hop belongs in; "" when not known."""
-    last = len(r.measured.hops) - 1
+    last = len(v.measured.hops) - 1
     if i == 0:
-        return r.scenario.source.pod, r.scenario.source.process
-    if i == last and hop.kind == "endpoint":
-        pod, addr = _destination(r)
-        return pod, LISTENERS.get(paths.endpoint(addr)[1], "") if pod else ""
-    if hop.kind == "proxy":
+        return v.source.pod, v.source.process
+    if i == last and hop.kind == paths.ENDPOINT:
+        return v.reached_pod, LISTENERS.get(v.reached.port, "") if v.reached else ""
+    if hop.kind == paths.PROXY:
         return SIDECAR, AGENT if hop.name.startswith(AGENT) else PROXY
-    return SIDECAR, NETFILTER  # the path's hooks and chains are the sidecar's nat table
+    return SIDECAR, NETFILTER  # the path's hooks and chains are the sidecar's
 
 
-def _node(r: Result, i: int, hop: paths.Hop) -> str:
-    if hop.kind == "chain":
+def _node(v: ScenarioView, i: int, hop: paths.Hop) -> str:
+    if hop.kind == paths.CHAIN:
         table = f"  ({hop.table} table)" if hop.table != "nat" else ""
-        return _label(f"{hop.name}  rule {hop.rule}{table}", mono=_rule_text(hop.line))
-    if hop.kind == "hook":
-        owner = f"sent by a socket of {hop.owner}" if hop.owner else ""
-        return _label(hop.name, "nat hook", owner, mono=_hook_rule(r, hop))
-    if hop.kind == "proxy":
+        return _label(f"{hop.name}  rule {hop.number}{table}", mono=_rule_text(hop.line))
+    if hop.kind == paths.HOOK:
+        owner = f"sent by a socket of uid {hop.owner[0]} gid {hop.owner[1]}" if hop.owner else ""
+        jump = f"rule {hop.entry.number}: {_rule_text(hop.line)}" if hop.entry else ""
+        return _label(hop.name, "nat hook", owner, mono=jump)
+    if hop.kind == paths.PROXY:
         return _label(f"listener {hop.name.split()[1]}", hop.name)
     if i == 0:
-        return _label(hop.name, f"client {r.legs[0].client}" if r.legs else "")
-    return _label(hop.name, f"listening on {_destination(r)[1]}")
+        return _label(hop.name, f"client {v.legs[0].client}" if v.legs else "")
+    return _label(hop.name, f"listening on {v.reached or (v.legs[-1].server if v.legs else '')}")
 
 
-def _box_label(pod: str, box: str, r: Result) -> str:
+def _box_label(pod: str, box: str, v: ScenarioView) -> str:
     if box == NETFILTER:
-        tables = sorted({h.table for h in r.measured.hops if h.kind == "chain"} | {"nat"}, key=paths.TABLES.index)
+        tables = sorted({h.table for h in v.measured.chains} | {"nat"}, key=TABLES.index)
         return f"netfilter: {' and '.join(tables)} table{'s' if len(tables) > 1 else ''}"
-    src = r.scenario.source
-    if (pod, box) == (src.pod, src.process):
-        sidecar = src.pod == "sidecar" and src.process in plan.SIDECAR_PROCESSES
-        return f"{box} (uid {r.sidecar_uid if sidecar else src.uid})"
+    if (pod, box) == (v.source.pod, v.source.process):
+        return f"{box} (uid {v.sender_uid})"
     if box in (PROXY, AGENT):
-        return f"{box} (uid {r.sidecar_uid})"
+        return f"{box} (uid {v.sidecar_uid})"
     return box
 
 
@@ -179,68 +154,61 @@ def _cluster(parent, name: str, **attrs):
     return parent.subgraph(name=name, graph_attr=attrs) if name else contextlib.nullcontext(parent)
 
 
-def _arrow(hops: list[paths.Hop], i: int) -> str:
-    """The packet the arrow into hop i was seen on: the hop's own SYN, else the one that reached it."""
-    packet = hops[i].packet if hops[i].packet.startswith(("SYN", "UDP")) else hops[i - 1].packet
+def _arrow(hops: tuple[paths.Hop, ...], i: int) -> str:
+    """The packet the arrow into hop i was seen on: the hop's own, else the one that reached it."""
+    packet = hops[i].packet or hops[i - 1].packet
     return f"{i}  {packet}" if packet else str(i)
 
 
-def measured_diagram(r: Result):
+def measured_diagram(v: ScenarioView):
     """The measured path: hops in pods and processes, arrows numbered in the order crossed."""
-    sid = r.scenario.id
-    g = _graph(sid)
-    hops = r.measured.hops
-    differing = _differing_measured(r)
+    g = _graph(v.id)
+    hops = v.measured.hops
+    differing = _differing_measured(v)
     boxes: dict[str, dict[str, list[int]]] = {}
     for i, hop in enumerate(hops):
-        pod, box = _place(r, i, hop)
+        pod, box = _place(v, i, hop)
         boxes.setdefault(pod, {}).setdefault(box, []).append(i)
 
     def add_node(graph, i: int) -> None:
         hop = hops[i]
         extra = {"color": MARK, "penwidth": "2.5", "tooltip": "not on the article's path"} if i in differing else {}
-        graph.node(f"h{i}", _node(r, i, hop), id=f"{sid}-hop{i}", fillcolor=COLOURS[hop.kind],
+        graph.node(f"h{i}", _node(v, i, hop), id=f"{v.id}-hop{i}", fillcolor=COLOURS[hop.kind],
                    **{"class": f"hop {hop.kind}" + (" differs" if i in differing else "")}, **extra)
 
-    addresses = plan.PODS6 if r.scenario.family == 6 else plan.PODS  # the family the scenario ran over
+    addresses = plan.PODS6 if v.family == 6 else plan.PODS  # the family the flow ran over
     for pod, by_box in boxes.items():
         with _cluster(g, pod and f"cluster_{pod}", label=f"pod {pod}  {addresses.get(pod, '')}",
                       style="rounded", color="#8a8a8a", fontsize="12", fontcolor="#333333") as pg:
             for box, members in by_box.items():
-                with _cluster(pg, box and f"cluster_{pod}_{box}", label=_box_label(pod, box, r),
+                with _cluster(pg, box and f"cluster_{pod}_{box}", label=_box_label(pod, box, v),
                               style="rounded,filled", fillcolor="#f4f4f4" if box == NETFILTER else "#fbfbfb",
                               color="#b0b0b0") as bg:
                     for i in members:
                         add_node(bg, i)
     for i in range(1, len(hops)):
-        g.edge(f"h{i - 1}", f"h{i}", label=_arrow(hops, i), id=f"{sid}-arrow{i}")
+        g.edge(f"h{i - 1}", f"h{i}", label=_arrow(hops, i), id=f"{v.id}-arrow{i}")
     return g
 
 
-def _alignment(r: Result) -> list[tuple[paths.Hop | None, paths.Hop | None]]:
-    if r.failure or not r.scenario.article_path:
-        return []
-    return paths.align(paths.parse(r.scenario.article_path).hops, r.measured.hops)
-
-
-def _differing_measured(r: Result) -> set[int]:
+def _differing_measured(v: ScenarioView) -> set[int]:
     """Indices of measured hops the article leaves out or names otherwise."""
     out, j = set(), 0
-    for claim, kernel in _alignment(r):
+    for claim, kernel in v.article.alignment:
         if kernel is None:
             continue
-        if claim is None or not paths.same(claim, kernel):
+        if claim is None or not same(claim, kernel):
             out.add(j)
         j += 1
     return out
 
 
-def article_diagram(r: Result):
+def article_diagram(v: ScenarioView):
     """The article's path, its hops marked where the kernel does otherwise."""
-    sid = f"{r.scenario.id}-article"
+    sid = f"{v.id}-article"
     g = _graph(sid)
     names = []
-    for n, (claim, kernel) in enumerate(_alignment(r)):
+    for n, (claim, kernel) in enumerate(v.article.alignment):
         name = f"a{n}"
         if claim is None:  # the kernel passes a hop the article leaves out
             g.node(name, _label(f"+ {kernel}", "the kernel passes this;", "the article leaves it out"),
@@ -249,7 +217,7 @@ def article_diagram(r: Result):
         elif kernel is None:
             g.node(name, _label(str(claim), "the kernel never passes this"), fillcolor="#fde0e0", color=MARK,
                    penwidth="2.5", id=f"{sid}-hop{n}", **{"class": "hop differs"})
-        elif not paths.same(claim, kernel):
+        elif not same(claim, kernel):
             g.node(name, _label(str(claim), f"the kernel: {kernel}"), fillcolor="#fde0e0", color=MARK,
                    penwidth="2.5", id=f"{sid}-hop{n}", **{"class": "hop differs"})
         else:
@@ -300,82 +268,78 @@ figure svg { max-width: 100%; height: auto; }
 """
 
 
-def _verdict(r: Result) -> str:
-    return '<span class="pass">pass</span>' if r.verdict == "pass" else '<span class="fail">FAIL</span>'
+def _verdict(v: ScenarioView) -> str:
+    return '<span class="pass">pass</span>' if v.passed else '<span class="fail">FAIL</span>'
 
 
-def _agreement(r: Result) -> str:
-    return '<span class="differ">differs</span>' if r.agreement == "differs" else r.agreement
+def _agreement(v: ScenarioView) -> str:
+    return '<span class="differ">differs</span>' if v.agreement == "differs" else v.agreement
 
 
-def _summary(results: list[Result]) -> str:
+def _summary(run: RunView) -> str:
     rows = []
-    for r in results:
-        s = r.scenario
+    for v in run.scenarios:
         rows.append(
-            f'<tr><td><a href="#{_esc(s.id)}">{_esc(s.id)}</a></td><td>{_esc(s.title)}</td>'
-            f'<td>{_verdict(r)}</td><td>{_agreement(r)}</td>'
-            f'<td class="path">{_esc(r.measured_path or r.failure or "")}</td></tr>')
+            f'<tr><td><a href="#{_esc(v.id)}">{_esc(v.id)}</a></td><td>{_esc(v.title)}</td>'
+            f'<td>{_verdict(v)}</td><td>{_agreement(v)}</td>'
+            f'<td class="path">{_esc(v.measured_text or v.failure or "")}</td></tr>')
     return ("<table><thead><tr><th>scenario</th><th>traffic</th><th>verdict</th><th>article</th>"
             "<th>path the kernel took</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table>")
 
 
-def _counters(r: Result) -> str:
-    refs = list(dict.fromkeys([*r.counter_deltas, *r.trace_rule_events]))
-    if not refs:
+def _counters(v: ScenarioView) -> str:
+    if not v.counters:
         return "<p>No rule counter moved.</p>"
     rows = "".join(
-        f"<tr><td><code>{_esc(ref)}</code></td><td class='num'>+{r.counter_deltas.get(ref, 0)}</td>"
-        f"<td class='num'>{r.trace_rule_events.get(ref, 0)}</td>"
-        f"<td><code>{_esc(r.rule_lines.get(ref, ''))}</code></td></tr>"
-        for ref in refs)
-    agree = ("The counters agree with TRACE, rule for rule." if r.counters_agree
+        f"<tr><td><code>{_esc(str(row.rule))}</code></td><td class='num'>+{row.moved}</td>"
+        f"<td class='num'>{row.traced}</td><td><code>{_esc(row.line)}</code></td></tr>"
+        for row in v.counters)
+    agree = ("The counters agree with TRACE, rule for rule." if v.counters_agree
              else '<span class="fail">The counters and TRACE disagree.</span>')
     return ("<table><thead><tr><th>counter</th><th>packets</th><th>TRACE events</th><th>rule</th></tr></thead>"
             f"<tbody>{rows}</tbody></table><p>{agree}</p>")
 
 
-def _article_figure(r: Result) -> str:
-    s = r.scenario
-    if s.article_note:
-        body = f'<p class="claim">The article makes no claim here: {_esc(s.article_note)}</p>'
-    elif s.article_path and not r.failure:
-        body = svg(article_diagram(r))
+def _article_figure(v: ScenarioView) -> str:
+    claim = v.article.claim
+    if claim is None:
+        body = f'<p class="claim">The article makes no claim here: {_esc(v.article_note)}</p>'
+    elif v.article.alignment:
+        body = svg(article_diagram(v))
     else:
-        named = ", ".join(s.article_proxies or ()) or "no proxy"
+        named = ", ".join(claim.proxies or ()) or "no proxy"
         body = (f'<p class="claim">The article draws this path only as a picture. '
-                f"Its words: &ldquo;{_esc(s.article_claim)}&rdquo;</p><p>Proxies it names: {_esc(named)}</p>")
+                f"Its words: &ldquo;{_esc(claim.sentence)}&rdquo;</p><p>Proxies it names: {_esc(named)}</p>")
     return f'<figure class="article"><figcaption>The article&rsquo;s path</figcaption>{body}</figure>'
 
 
-def _differences(r: Result) -> str:
-    if r.failure:
+def _differences(v: ScenarioView) -> str:
+    if v.failure or v.article.matches is None:
         return ""
-    if r.matches_article is None:
-        return ""
-    if r.matches_article:
+    if v.article.matches:
         return "<p>The kernel agrees with the article.</p>"
-    items = "".join(f"<li>{_esc(d)}</li>" for d in r.article_differences)
+    items = "".join(f"<li>{_esc(d)}</li>" for d in v.article.differences)
     return f"<h3>Where the article and the kernel part ways</h3><ul>{items}</ul>"
 
 
-def _section(r: Result) -> str:
-    s = r.scenario
-    parts = [f'<section class="scenario" id="{_esc(s.id)}">',
-             f'<h2>{_esc(s.id)} <span class="title">{_esc(s.title)}</span> {_verdict(r)}</h2>']
-    if r.failure:
-        parts.append(f'<p class="failure">Not measured: {_esc(r.failure)}</p>')
-    parts.append(f'<p>kernel: <span class="path">{_esc(r.measured_path or "-")}</span><br>'
-                 f'article: <span class="path">{_esc(s.article_path or ("(no claim)" if s.article_note else "(a picture only)"))}</span></p>')
+def _section(v: ScenarioView) -> str:
+    claim = v.article.claim
+    parts = [f'<section class="scenario" id="{_esc(v.id)}">',
+             f'<h2>{_esc(v.id)} <span class="title">{_esc(v.title)}</span> {_verdict(v)}</h2>']
+    if v.failure:
+        parts.append(f'<p class="failure">Not measured: {_esc(v.failure)}</p>')
+    article = "(no claim)" if claim is None else claim.path_text or "(a picture only)"
+    parts.append(f'<p>kernel: <span class="path">{_esc(v.measured_text or "-")}</span><br>'
+                 f'article: <span class="path">{_esc(article)}</span></p>')
     parts.append('<div class="pictures">')
-    if r.measured.hops:
+    if v.measured:
         parts.append('<figure class="measured"><figcaption>Measured by the kernel</figcaption>'
-                     f"{svg(measured_diagram(r))}</figure>")
-    parts.append(_article_figure(r))
+                     f"{svg(measured_diagram(v))}</figure>")
+    parts.append(_article_figure(v))
     parts.append("</div>")
-    parts.append(_differences(r))
-    parts.append("<h3>Rule counters during the scenario</h3>" + _counters(r))
-    parts.append(f'<h3>Why</h3><p class="explanation">{_esc(" ".join(s.explanation.split()))}</p>')
+    parts.append(_differences(v))
+    parts.append("<h3>Rule counters during the scenario</h3>" + _counters(v))
+    parts.append(f'<h3>Why</h3><p class="explanation">{_esc(" ".join(v.explanation.split()))}</p>')
     parts.append("</section>")
     return "\n".join(parts)
 
@@ -388,12 +352,10 @@ LEGEND = ('<p class="legend">'
           "Arrows are numbered in the order the traffic crossed them, each with the SYN it was seen on.</p>")
 
 
-def page(results: list[Result], **meta) -> str:
+def page(run: RunView) -> str:
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    facts = [f"lab {meta['lab']}" if "lab" in meta else "", f"rules {meta['profile']}" if "profile" in meta else "",
+    facts = [f"lab {run.lab}" if run.lab else "", f"rules {run.rules_name}" if run.rules_name else "",
              f"kernel {os.uname().release}", when]
-    passed = sum(r.verdict == "pass" for r in results)
-    agree = sum(r.matches_article is True for r in results)
     return "\n".join([
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
@@ -401,12 +363,11 @@ def page(results: list[Result], **meta) -> str:
         "<title>istio-lab: which iptables rule each kind of traffic takes</title>",
         f"<style>{STYLE}</style></head><body>",
         "<h1>Which iptables rule each kind of traffic takes</h1>",
-        f'<p class="meta">{_esc(" · ".join(f for f in facts if f))}. {passed} of {len(results)} scenarios pass; '
-        f"the kernel agrees with the article on {agree}.</p>",
-        _summary(results),
+        f'<p class="meta">{_esc(" · ".join(f for f in facts if f))}. {run.passed} of {len(run.scenarios)} '
+        f"scenarios pass; the kernel agrees with the article on {run.agreeing}.</p>",
+        _summary(run),
         LEGEND,
-        *(_section(r) for r in results),
+        *(_section(v) for v in run.scenarios),
         "</body></html>",
         "",
     ])
-

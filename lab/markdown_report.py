@@ -2,49 +2,49 @@
 
 from __future__ import annotations
 
-from .runner import Result
+from .view import RunView, ScenarioView
 
 
 def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def _verdict(r: Result) -> str:
-    return "pass" if r.verdict == "pass" else "**FAIL**"
+def _verdict(v: ScenarioView) -> str:
+    return "pass" if v.passed else "**FAIL**"
 
 
-def _counters(r: Result) -> str:
-    moved = ", ".join(f"`{ref}` +{n}" for ref, n in r.counter_deltas.items()) or "none"
-    agree = "agree with TRACE" if r.counters_agree else f"**disagree with TRACE** ({r.trace_rule_events})"
-    return f"nat counters: {moved} ({agree})"
+def _counters(v: ScenarioView) -> str:
+    moved = ", ".join(f"`{row.rule}` +{row.moved}" for row in v.counters if row.moved) or "none"
+    if v.counters_agree:
+        agree = "agree with TRACE"
+    else:
+        agree = "**disagree with TRACE** (" + ", ".join(f"`{row.rule}` {row.traced}" for row in v.counters) + ")"
+    return f"rule counters: {moved} ({agree})"
 
 
-def _scenario(r: Result) -> list[str]:
-    s = r.scenario
-    out = [f"### {s.id}: {s.title}", ""]
-    if r.failure:
-        out += [f"**Not measured**: {r.failure}", ""]
-    out += [f"- kernel: `{r.measured_path or '-'}`",
-            f"- article: `{s.article_path}`" if s.article_path
-            else f"- article (no claim): {s.article_note}" if s.article_note
-            else f"- article (a picture only): {s.article_claim}"]
-    out += [f"- differs: {d}" for d in r.article_differences]
-    out += [f"- {_counters(r)}", f"- verdict: {_verdict(r)}", ""]
+def _scenario(v: ScenarioView) -> list[str]:
+    claim = v.article.claim
+    out = [f"### {v.id}: {v.title}", ""]
+    if v.failure:
+        out += [f"**Not measured**: {v.failure}", ""]
+    out += [f"- kernel: `{v.measured_text or '-'}`",
+            f"- article (no claim): {v.article_note}" if claim is None
+            else f"- article: `{claim.path_text}`" if claim.path_text
+            else f"- article (a picture only): {claim.sentence}"]
+    out += [f"- differs: {d}" for d in v.article.differences]
+    out += [f"- {_counters(v)}", f"- verdict: {_verdict(v)}", ""]
     return out
 
 
-def render(results: list[Result], **meta) -> str:
-    facts = " · ".join(f"{k} {meta[k]}" for k in ("lab", "profile") if k in meta)
-    passed = sum(r.verdict == "pass" for r in results)
-    agree = sum(r.matches_article is True for r in results)
+def render(run: RunView) -> str:
+    facts = " · ".join(f for f in (f"lab {run.lab}" if run.lab else "", f"profile {run.rules_name}") if f)
     out = ["## Which iptables rule each kind of traffic takes", "",
-           f"{passed} of {len(results)} scenarios pass; the kernel agrees with the article on {agree}."
-           + (f" ({facts})" if facts else ""), "",
+           f"{run.passed} of {len(run.scenarios)} scenarios pass; the kernel agrees with the article on "
+           f"{run.agreeing}. ({facts})", "",
            "| scenario | verdict | article | path the kernel took |", "|---|---|---|---|"]
-    for r in results:
-        out.append(f"| `{r.scenario.id}` | {_verdict(r)} | {r.agreement} | "
-                   f"{_cell(r.measured_path or r.failure or '')} |")
+    for v in run.scenarios:
+        out.append(f"| `{v.id}` | {_verdict(v)} | {v.agreement} | {_cell(v.measured_text or v.failure or '')} |")
     out.append("")
-    for r in results:
-        out += _scenario(r)
+    for v in run.scenarios:
+        out += _scenario(v)
     return "\n".join(out)

@@ -32,6 +32,8 @@ _PR_CAPBSET_DROP = 24
 _CAPABILITY_VERSION_3 = 0x20080522  # linux/capability.h: two 32-bit words per set
 CAPABILITIES = {"NET_ADMIN": 12}  # the ones a process may keep, by name (linux/capability.h)
 _CLONE_NEWNET = 0x40000000
+_MS_BIND, _MS_REC, _MS_SHARED = 0x1000, 0x4000, 1 << 20  # linux/mount.h
+LO_INDEX = 1  # lo is always the first link of a new namespace
 _CAP_LAST_CAP_PATH = "/proc/sys/kernel/cap_last_cap"
 
 
@@ -48,19 +50,47 @@ def names() -> list[str]:
 
 
 def create(name: str) -> None:
-    """Create a named namespace (as `ip netns add`) without moving the caller.
+    """Create a named namespace (as `ip netns add`) without moving the caller: unshare this
+    thread into a new namespace, bind-mount it on /run/netns/NAME, come back.
 
-    pyroute2 unshares the calling thread but bind-mounts /proc/self/ns/net, the
-    *main* thread's namespace: called from another thread it would name the
-    host's namespace.  So this runs on the main thread only, and checks.
+    The namespace mounted is /proc/thread-self's, never /proc/self's: /proc/self/ns/net is
+    the *main* thread's namespace, and a library that mounted it from another thread once
+    made the host's namespace look like a pod.  This runs on the main thread only, and
+    checks the inode of what it made.
     """
     if threading.current_thread() is not threading.main_thread():
         raise RuntimeError("netns.create must run on the main thread")
-    with _saved_netns():
-        _netns._create(name)  # unshare on this thread + bind mount, then back
-    if inode(path(name)) == inode("/proc/thread-self/ns/net"):
+    _shared_dir()
+    target = path(name)
+    os.close(os.open(target, os.O_RDONLY | os.O_CREAT | os.O_EXCL, 0))
+    try:
+        with _saved_netns():
+            _call(_libc.unshare(_CLONE_NEWNET), f"unshare a network namespace for {name}")
+            _call(_libc.mount(b"/proc/thread-self/ns/net", target.encode(), b"none", _MS_BIND, None),
+                  f"bind-mount namespace {name}")
+    except BaseException:
+        os.unlink(target)
+        raise
+    if inode(target) == inode("/proc/thread-self/ns/net"):
         remove(name)
         raise RuntimeError(f"namespace {name} came out as the caller's own namespace; removed it")
+
+
+def _shared_dir() -> None:
+    """/run/netns as `ip netns` keeps it: a mount point of its own, shared, so a namespace
+    mounted there later is seen from every mount namespace (`ip netns exec` makes one)."""
+    os.makedirs(NETNS_DIR, exist_ok=True)
+    if _libc.mount(b"", NETNS_DIR.encode(), b"none", _MS_SHARED | _MS_REC, None) == 0:
+        return
+    _call(_libc.mount(NETNS_DIR.encode(), NETNS_DIR.encode(), b"none", _MS_BIND | _MS_REC, None),
+          f"bind-mount {NETNS_DIR} on itself")
+    _call(_libc.mount(b"", NETNS_DIR.encode(), b"none", _MS_SHARED | _MS_REC, None), f"share {NETNS_DIR}")
+
+
+def _call(result: int, what: str) -> None:
+    if result != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"cannot {what}: {os.strerror(err)}")
 
 
 def inode(ns_path: str) -> int:
@@ -126,9 +156,7 @@ def fs_identity(uid: int, gid: int) -> Iterator[None]:
 def scratch() -> Iterator[None]:
     """Run the block in a fresh, unnamed namespace that vanishes afterwards."""
     with _saved_netns():
-        if _libc.unshare(_CLONE_NEWNET) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"cannot make a network namespace: {os.strerror(err)}")
+        _call(_libc.unshare(_CLONE_NEWNET), "make a network namespace")
         yield
 
 

@@ -21,9 +21,12 @@ PODS = {
     "kube-dns": "10.244.0.50",  # the cluster's DNS server (CoreDNS's role), at the resolver address
 }
 
+# What the article's notation calls each pod.
+POD_LABELS = {"sidecar": "Local Pod", "remote": "Remote Pod", "istiod": "Istiod", "prometheus": "Prometheus",
+              "kube-dns": "kube-dns"}
+
 PROXY_UID = PROXY_GID = 1337  # the uid/gid the rules exempt (istio-iptables -u/-g)
 APP_UID = APP_GID = 1000
-
 
 
 @dataclass(frozen=True)
@@ -38,7 +41,7 @@ class Identity:
 # The istio-proxy container (Envoy and pilot-agent), by inbound interception mode, as Istio's
 # injection template sets it: TPROXY needs NET_ADMIN for IP_TRANSPARENT and SO_MARK, and
 # the template then runs the container as uid 0, gid 1337 (its iptables still say -u 1337).
-SIDECAR_PROCESSES = ("envoy", "pilot-agent")  # the istio-proxy container's
+ISTIO_PROXY = "istio-proxy"  # the sidecar container: Envoy and pilot-agent
 SIDECAR_IDENTITY = {
     "REDIRECT": Identity(PROXY_UID, PROXY_GID),
     "TPROXY": Identity(0, PROXY_GID, ("NET_ADMIN",)),
@@ -76,6 +79,14 @@ class Port:
     REMOTE_APP = 9080
     DNS = 53
     DNS_PROXY = 15053  # pilot-agent's DNS proxy, when DNS capture is on
+    TUNNEL = 15008  # HBONE: ISTIO_INBOUND returns it first from Istio 1.7 on
+
+
+# TPROXY mode's marks (istio-iptables' defaults): an inbound packet diverted to Envoy, whose
+# mark is also the policy route's fwmark and the one Envoy's original_src sets; and Envoy's own
+# connections to the app over lo.
+INBOUND_MARK = 1337
+OUTBOUND_MARK = 1338
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,8 @@ import os
 import shutil
 
 from . import netns
-from .rules import save
+from .rules import save, xtables
+from .trace import TraceReader
 
 
 class PreflightError(RuntimeError):
@@ -48,18 +49,16 @@ def check() -> None:
     if shutil.which("iptables-legacy-save") is None:
         problems.append("iptables-legacy-save not found: install Debian's iptables package (apt-get install iptables)")
     try:
-        from .rules import xtables
-
         xtables._iptc()
     except Exception as e:  # python-iptables raises several kinds when libiptc is missing
         problems.append(f"python-iptables cannot load libip4tc/libxtables ({e}): install Debian's iptables package")
         raise PreflightError(problems) from None
-    problems += _probe_kernel(xtables)
+    problems += _probe_kernel()
     if problems:
         raise PreflightError(problems)
 
 
-def _probe_kernel(xtables) -> list[str]:
+def _probe_kernel() -> list[str]:
     problems = []
     try:
         with netns.scratch():
@@ -84,8 +83,6 @@ def _probe_kernel(xtables) -> list[str]:
 
 
 def _probe_nflog() -> list[str]:
-    from .trace import TraceReader
-
     try:
         TraceReader(None, "probe").close()
     except Exception as e:

@@ -15,29 +15,22 @@ opens a connection until the harness asks for one.
 from __future__ import annotations
 
 import functools
-import json
 import os
 import signal
-import socket
-import struct
 import time
 from dataclasses import dataclass
 from typing import Callable
 
-from . import dns, interrupts, netns, plan, workloads
-from .sidecar import agent, dnsproxy, envoy, httpio
+from . import dns, interrupts, netns, plan, procfs, proxylogs, workloads
+from .addr import Address
 from .errors import LabError
+from .proxylogs import ACCESS_LOG, DNS_PROXY_LOG, ISTIOD_LOG, KUBE_DNS_LOG, SCRAPE_LOG
+from .sidecar import agent, dnsproxy, envoy
 from .world import Lab
 
-ACCESS_LOG = "envoy-access.jsonl"
-ISTIOD_LOG = "istiod.jsonl"
-SCRAPE_LOG = "prometheus-scrapes.jsonl"
-DNS_PROXY_LOG = "pilot-agent-dns.jsonl"
-KUBE_DNS_LOG = "kube-dns.jsonl"
 KUBE_DNS_UID = KUBE_DNS_GID = 65532  # CoreDNS's image runs as nonroot
 ISTIOD_UID = ISTIOD_GID = 1337  # istiod's own Deployment runs as 1337 too
 PROMETHEUS_UID = PROMETHEUS_GID = 65534  # nobody, as the Prometheus image runs
-TCP_LISTEN, TCP_ESTABLISHED = "0A", "01"
 
 
 @dataclass(frozen=True)
@@ -49,9 +42,9 @@ class Spec:
     uid: int
     gid: int
     run: Callable[[], None]
-    listens: tuple[tuple[str, int], ...] = ()
-    dials: tuple[tuple[str, int], ...] = ()  # peers it holds an established connection to
-    datagrams: tuple[tuple[str, int], ...] = ()  # UDP addresses it is bound to
+    listens: tuple[Address, ...] = ()
+    dials: tuple[Address, ...] = ()  # peers it holds an established connection to
+    datagrams: tuple[Address, ...] = ()  # UDP addresses it is bound to
     capabilities: tuple[str, ...] = ()  # all others are dropped
 
 
@@ -69,15 +62,9 @@ def log_path(lab: Lab, name: str) -> str:
     return os.path.join(lab.run_dir, f"{name}.log")
 
 
-def _scrape_targets(lab: Lab) -> tuple[tuple[str, int, str], ...]:
+def scrape_targets(lab: Lab) -> tuple[tuple[str, int, str], ...]:
     ip = lab.pods["sidecar"].ip
     return ((ip, plan.Port.STATS, "/stats/prometheus"), (ip, plan.Port.AGENT, "/stats/prometheus"))
-
-
-def identity(lab: Lab, name: str) -> plan.Identity | None:
-    """Who the lab runs process `name` as, if it runs one of the sidecar's (their identity
-    depends on the inbound mode); None for any other name."""
-    return plan.SIDECAR_IDENTITY[lab.record.inbound_mode] if name in plan.SIDECAR_PROCESSES else None
 
 
 def _servers(lab: Lab, dns_proxy: bool) -> list[Spec]:
@@ -93,16 +80,20 @@ def _servers(lab: Lab, dns_proxy: bool) -> list[Spec]:
     agent_config = agent.Config(istiods=tuple((ip, P.ISTIOD) for ip in (istiod.ip, istiod.ip6) if ip), dns=dns_config)
     kube_dns = _kube_dns_config(lab)
 
-    def anywhere(*ports: int) -> tuple[tuple[str, int], ...]:
-        return tuple((plan.WILDCARD[f], port) for port in ports for f in families)
+    def anywhere(*ports: int) -> tuple[Address, ...]:
+        return tuple(Address(plan.WILDCARD[f], port) for port in ports for f in families)
+
+    def addresses(*pairs: tuple[str, int]) -> tuple[Address, ...]:
+        return tuple(Address(*pair) for pair in pairs)
 
     return [
         Spec("envoy", "sidecar", proxy.uid, proxy.gid, functools.partial(envoy.run, envoy_config),
              listens=anywhere(P.OUTBOUND, P.INBOUND, P.STATS, P.READY)
-             + tuple((plan.LOCALHOST[f], P.ADMIN) for f in families),
+             + tuple(Address(plan.LOCALHOST[f], P.ADMIN) for f in families),
              capabilities=proxy.capabilities),
         Spec("pilot-agent", "sidecar", proxy.uid, proxy.gid, functools.partial(agent.run, agent_config),
-             listens=(("0.0.0.0", P.AGENT), *dns_listens), dials=agent_config.istiods, datagrams=dns_listens,
+             listens=addresses(("0.0.0.0", P.AGENT), *dns_listens), dials=addresses(*agent_config.istiods),
+             datagrams=addresses(*dns_listens),
              capabilities=proxy.capabilities),
         Spec("app-sidecar", "sidecar", plan.APP_UID, plan.APP_GID,
              functools.partial(workloads.run_app, workloads.AppConfig("sidecar", P.SIDECAR_APP, families)),
@@ -115,7 +106,8 @@ def _servers(lab: Lab, dns_proxy: bool) -> list[Spec]:
                                workloads.IstiodConfig(os.path.join(run_dir, ISTIOD_LOG), families=families)),
              listens=anywhere(P.ISTIOD)),
         Spec("kube-dns", "kube-dns", KUBE_DNS_UID, KUBE_DNS_GID,
-             functools.partial(workloads.run_kube_dns, kube_dns), listens=kube_dns.tcp, datagrams=kube_dns.udp),
+             functools.partial(workloads.run_kube_dns, kube_dns), listens=addresses(*kube_dns.tcp),
+             datagrams=addresses(*kube_dns.udp)),
     ]
 
 
@@ -127,7 +119,7 @@ def _kube_dns_config(lab: Lab) -> workloads.KubeDnsConfig:
 
 
 def _scraper(lab: Lab) -> Spec:
-    config = workloads.ScraperConfig(os.path.join(lab.run_dir, SCRAPE_LOG), _scrape_targets(lab))
+    config = workloads.ScraperConfig(os.path.join(lab.run_dir, SCRAPE_LOG), scrape_targets(lab))
     return Spec("prometheus", "prometheus", PROMETHEUS_UID, PROMETHEUS_GID,
                 functools.partial(workloads.run_scraper, config))
 
@@ -158,11 +150,10 @@ def start(lab: Lab, inbound_mode: str = "REDIRECT", timeout: float = 3.0, dns_pr
 
 def _start(lab: Lab, deadline: float, dns_proxy: bool) -> None:
     proxy = plan.SIDECAR_IDENTITY[lab.record.inbound_mode]
-    _own(os.path.join(lab.run_dir, ACCESS_LOG), proxy.uid, proxy.gid)
-    _own(os.path.join(lab.run_dir, ISTIOD_LOG), ISTIOD_UID, ISTIOD_GID)
-    _own(os.path.join(lab.run_dir, SCRAPE_LOG), PROMETHEUS_UID, PROMETHEUS_GID)
-    _own(os.path.join(lab.run_dir, DNS_PROXY_LOG), proxy.uid, proxy.gid)
-    _own(os.path.join(lab.run_dir, KUBE_DNS_LOG), KUBE_DNS_UID, KUBE_DNS_GID)
+    for name, uid, gid in ((ACCESS_LOG, proxy.uid, proxy.gid), (DNS_PROXY_LOG, proxy.uid, proxy.gid),
+                           (ISTIOD_LOG, ISTIOD_UID, ISTIOD_GID), (SCRAPE_LOG, PROMETHEUS_UID, PROMETHEUS_GID),
+                           (KUBE_DNS_LOG, KUBE_DNS_UID, KUBE_DNS_GID)):
+        proxylogs.create(lab.run_dir, name, uid, gid)
 
     specs = _servers(lab, dns_proxy)
     listeners, dialers = [s for s in specs if not s.dials], [s for s in specs if s.dials]
@@ -171,18 +162,11 @@ def _start(lab: Lab, deadline: float, dns_proxy: bool) -> None:
         _wait(lab, {s.name: functools.partial(_sockets_missing, lab.record.pids[s.name], s) for s in wave}, deadline)
     prometheus = _scraper(lab)
     _spawn(lab, [prometheus])
-    _wait(lab, {prometheus.name: functools.partial(_scrapes_missing, lab, len(_scrape_targets(lab)))}, deadline)
-    failed = [s for s in scrapes(lab) if s["status"] != 200]
+    _wait(lab, {prometheus.name: functools.partial(_scrapes_missing, lab, len(scrape_targets(lab)))}, deadline)
+    failed = [s for s in proxylogs.read(lab.run_dir, SCRAPE_LOG) if s["status"] != 200]
     if failed:
         raise LabError(f"prometheus: first scrape of {failed[0]['target']} failed: "
                        f"{failed[0]['error'] or 'HTTP ' + str(failed[0]['status'])}")
-
-
-def _own(path: str, uid: int, gid: int) -> None:
-    """Pre-create a file a child appends to (it cannot create files in the root-owned run dir)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    os.fchown(fd, uid, gid)
-    os.close(fd)
 
 
 def _spawn(lab: Lab, specs: list[Spec]) -> None:
@@ -201,9 +185,9 @@ def _wait(lab: Lab, pending: dict[str, Callable[[], str | None]], deadline: floa
     while True:
         interrupts.check()
         missing = {}
-        for name, check in pending.items():
-            _check(lab, name)
-            if (what := check()) is not None:
+        for name, ready in pending.items():
+            check(lab, name)
+            if (what := ready()) is not None:
                 missing[name] = what
         if not missing:
             return
@@ -228,10 +212,11 @@ def _kill(lab: Lab, name: str) -> None:
 def check_alive(lab: Lab) -> None:
     """Raise ProcessDied for the first recorded process that is no longer running."""
     for name in lab.record.pids:
-        _check(lab, name)
+        check(lab, name)
 
 
-def _check(lab: Lab, name: str) -> None:
+def check(lab: Lab, name: str) -> None:
+    """Raise ProcessDied if process `name` has ended."""
     how = _exit_status(lab.labid, lab.record.pids[name])
     if how:
         raise ProcessDied(name, how, log_path(lab, name))
@@ -251,11 +236,7 @@ def _exit_status(labid: str, pid: int, wait: bool = False) -> str | None:
     try:
         info = os.waitid(os.P_PID, pid, os.WEXITED | (0 if wait else os.WNOHANG))
     except ChildProcessError:  # not our child (a lab started by another process)
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                return "exited" if f.read().rsplit(")", 1)[1].split()[0] == "Z" else None
-        except OSError:
-            return "exited"
+        return None if procfs.running(pid) else "exited"
     if info is None:
         return None
     if info.si_code == os.CLD_EXITED:
@@ -267,43 +248,23 @@ def _exit_status(labid: str, pid: int, wait: bool = False) -> str | None:
 
 
 def _sockets_missing(pid: int, spec: Spec) -> str | None:
-    owned = set()
+    ipv6 = any(a.family == 6 for a in spec.listens + spec.dials)
     try:
-        for fd in os.listdir(f"/proc/{pid}/fd"):
-            link = os.readlink(f"/proc/{pid}/fd/{fd}")
-            if link.startswith("socket:["):
-                owned.add(link[8:-1])
-        rows = []
-        ipv6 = any(":" in host for host, _ in spec.listens + spec.dials)
-        for table in ("tcp", "tcp6") if ipv6 else ("tcp",):
-            with open(f"/proc/{pid}/net/{table}") as f:
-                rows += [line.split() for line in f.readlines()[1:]]
-        with open(f"/proc/{pid}/net/udp") as f:
-            udp_rows = [line.split() for line in f.readlines()[1:]]
+        tcp, udp = procfs.sockets(pid, "tcp", ipv6), procfs.sockets(pid, "udp")
     except OSError as e:
         return f"cannot read its sockets: {e}"
-    mine = [(_hexaddr(r[1]), _hexaddr(r[2]), r[3]) for r in rows if r[9] in owned]
-    listening = {local for local, _, state in mine if state == TCP_LISTEN}
-    connected = {remote for _, remote, state in mine if state == TCP_ESTABLISHED}
-    bound = {_hexaddr(r[1]) for r in udp_rows if r[9] in owned}
-    missing = [f"listening on {httpio.addr(a)}" for a in spec.listens if a not in listening]
-    missing += [f"connected to {httpio.addr(a)}" for a in spec.dials if a not in connected]
-    missing += [f"bound to udp {httpio.addr(a)}" for a in spec.datagrams if a not in bound]
+    listening = {s.local for s in tcp if s.state == procfs.TCP_LISTEN}
+    connected = {s.remote for s in tcp if s.state == procfs.TCP_ESTABLISHED}
+    bound = {s.local for s in udp}
+    missing = [f"listening on {a}" for a in spec.listens if a not in listening]
+    missing += [f"connected to {a}" for a in spec.dials if a not in connected]
+    missing += [f"bound to udp {a}" for a in spec.datagrams if a not in bound]
     return "not " + ", not ".join(missing) if missing else None
 
 
 def _scrapes_missing(lab: Lab, want: int) -> str | None:
-    got = len(scrapes(lab))
+    got = len(proxylogs.read(lab.run_dir, SCRAPE_LOG))
     return None if got >= want else f"{got} of {want} scrapes logged"
-
-
-def _hexaddr(text: str) -> tuple[str, int]:
-    """/proc/net/tcp's "0A00F40A:1F90" (address in host byte order) -> ("10.244.0.10", 8080);
-    tcp6's address is four such 32-bit words -> ("fd00:10:244::10", 8080)."""
-    ip, port = text.split(":")
-    words = b"".join(struct.pack("=I", int(ip[i:i + 8], 16)) for i in range(0, len(ip), 8))
-    host = socket.inet_ntoa(words) if len(words) == 4 else socket.inet_ntop(socket.AF_INET6, words)
-    return host, int(port, 16)
 
 
 def tail(path: str, lines: int = 20) -> str:
@@ -318,54 +279,6 @@ def _last_line(path: str) -> str:
     return tail(path, 1).strip() or "(nothing logged)"
 
 
-# -- what the processes wrote --------------------------------------------------------------
-
-def read_jsonl(path: str) -> list[dict]:
-    """Whole lines only: a line still being appended is left for the next read."""
-    with open(path) as f:
-        return [json.loads(line) for line in f.read().splitlines(keepends=True) if line.endswith("\n")]
-
-
-def access_log(lab: Lab) -> list[dict]:
-    return read_jsonl(os.path.join(lab.run_dir, ACCESS_LOG))
-
-
-def dns_proxy_log(lab: Lab) -> list[dict]:
-    """pilot-agent's DNS proxy, one line per query (empty when DNS capture is off)."""
-    return read_jsonl(os.path.join(lab.run_dir, DNS_PROXY_LOG))
-
-
-def kube_dns_log(lab: Lab) -> list[dict]:
-    return read_jsonl(os.path.join(lab.run_dir, KUBE_DNS_LOG))
-
-
-def istiod_log(lab: Lab) -> list[dict]:
-    return read_jsonl(os.path.join(lab.run_dir, ISTIOD_LOG))
-
-
-def redial_istiod(lab: Lab, timeout: float = 2.0, family: int = 4) -> str:
-    """Make istiod drop the family's xDS stream (SIGUSR1 IPv4, SIGUSR2 IPv6) and return the
-    address pilot-agent's re-dial comes from: the agent's own traffic, not a stand-in for it."""
-    seen = len(istiod_log(lab))
-    os.kill(lab.record.pids["istiod"], workloads.DROP_SIGNALS[family])
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        _check(lab, "pilot-agent")
-        connects = [e for e in istiod_log(lab)[seen:] if e["event"] == "connect"]
-        if connects:
-            return connects[0]["peer"]
-        time.sleep(0.002)
-    raise LabError(f"pilot-agent did not re-dial istiod within {timeout}s (log: {log_path(lab, 'pilot-agent')})")
-
-
-def scrapes(lab: Lab) -> list[dict]:
-    return read_jsonl(os.path.join(lab.run_dir, SCRAPE_LOG))
-
-
-def scrape(lab: Lab, timeout: float = 2.0) -> list[dict]:
-    """Make Prometheus scrape every target once now (SIGUSR1); its new log lines."""
-    before = len(scrapes(lab))
-    want = before + len(_scrape_targets(lab))
-    os.kill(lab.record.pids["prometheus"], signal.SIGUSR1)
+def wait_for_scrapes(lab: Lab, want: int, timeout: float) -> None:
+    """Until the scraper has logged `want` scrapes in all."""
     _wait(lab, {"prometheus": functools.partial(_scrapes_missing, lab, want)}, time.monotonic() + timeout)
-    return scrapes(lab)[before:]

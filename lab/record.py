@@ -19,7 +19,7 @@ import signal
 import time
 from dataclasses import asdict, dataclass, field
 
-from . import netns
+from . import netns, procfs
 from .errors import LabError
 
 STATE_DIR = os.environ.get("ISTIO_LAB_STATE_DIR", "/run/istio-iptables-lab")
@@ -38,12 +38,8 @@ def labid_of(ns: str) -> str | None:
 
 
 def _start_time(pid: int) -> str | None:
-    """The process's start time in clock ticks: a PID plus this names one process."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
+    found = procfs.stat(pid)
+    return found.start_time if found else None
 
 
 @dataclass
@@ -122,30 +118,11 @@ def _pids_in(namespaces: list[str]) -> list[int]:
     inodes = set()
     for ns in namespaces:
         try:
-            inodes.add(os.stat(netns.path(ns)).st_ino)
+            inodes.add(netns.inode(netns.path(ns)))
         except OSError:
             pass
-    inodes -= _host_inodes()
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if os.stat(f"/proc/{entry}/ns/net").st_ino in inodes:
-                    pids.append(int(entry))
-            except OSError:
-                pass
-    return pids
-
-
-def _host_inodes() -> set[int]:
-    """The namespaces that are not the lab's: ours and init's, whatever a name claims."""
-    found = set()
-    for ns in ("/proc/self/ns/net", "/proc/1/ns/net"):
-        try:
-            found.add(os.stat(ns).st_ino)
-        except OSError:
-            pass
-    return found
+    inodes -= {procfs.net_inode("self"), procfs.net_inode(1)}  # never ours or init's, whatever a name claims
+    return [int(entry) for entry in os.listdir("/proc") if entry.isdigit() and procfs.net_inode(entry) in inodes]
 
 
 def destroy(labid: str, deadline: float = 2.0) -> None:
@@ -184,11 +161,7 @@ def _reap(pid: int, block: bool = False) -> bool:
         done, _ = os.waitpid(pid, 0 if block else os.WNOHANG)
         return done == 0
     except ChildProcessError:  # not our child: alive while /proc says so and not a zombie
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-        except OSError:
-            return False
+        return procfs.running(pid)
 
 
 def reap_orphans() -> list[str]:

@@ -10,13 +10,20 @@ import ipaddress
 import os
 import re
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path as PathLib
+
+import yaml
 
 from . import dns, plan
+from . import path as paths
+from .addr import Address
 from .errors import LabError
-from .rules import features
+from .path import Path
+from .rules import features, profiles
 
-SCENARIO_DIR = Path(__file__).resolve().parent.parent / "scenarios"
+# An installed wheel carries the scenario files as lab/scenarios; a checkout has them at its top.
+_HERE = PathLib(__file__).resolve().parent
+SCENARIO_DIR = _HERE / "scenarios" if (_HERE / "scenarios").is_dir() else _HERE.parent / "scenarios"
 PROTOCOLS = ("http", "tcp", "dns")
 TRANSPORTS = ("udp", "tcp")  # how a DNS query travels
 TRIGGERS = ("client", "pilot-agent-redial")
@@ -29,12 +36,71 @@ class ScenarioError(LabError):
 
 
 @dataclass(frozen=True)
-class Endpoint:
+class Source:
+    """Who sends: a process in a pod, as a user or as the container it belongs to."""
+
     pod: str
     label: str  # the name the article's notation gives it, e.g. "Local Pod"
     process: str = ""
-    uid: int = 0
-    gid: int = 0
+    uid: int = plan.APP_UID
+    gid: int = plan.APP_GID
+    container: str | None = None  # plan.ISTIO_PROXY: runs as the sidecar container does
+
+    def identity(self, inbound_mode: str) -> plan.Identity:
+        """Who the flow is sent as.  A process of the istio-proxy container runs as the
+        container does, and Istio's injection decides that by the inbound mode (uid 0, gid
+        1337 and NET_ADMIN under TPROXY): the data names the container, the lab's mode the user."""
+        if self.container == plan.ISTIO_PROXY:
+            return plan.SIDECAR_IDENTITY[inbound_mode]
+        return plan.Identity(self.uid, self.gid)
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """One flow: from whom, to which address as dialed, how, and what the notation calls its end."""
+
+    source: Source
+    to: Address
+    label: str  # the destination's name in the notation
+    protocol: str = "http"  # "http": one GET; "tcp": a stream opened and half-closed; "dns": one query
+    transport: str = "tcp"  # "udp" for a DNS query over UDP
+    query: str = ""  # the name a DNS query asks for
+    trigger: str = "client"  # "client": the lab dials; "pilot-agent-redial": the real agent re-dials istiod
+
+    @property
+    def family(self) -> int:
+        return self.to.family
+
+    @property
+    def endpoint_pod(self) -> str:
+        """The pod the flow should end in: a VIP's endpoint, a pod IP's pod, or the source for loopback."""
+        service = plan.service_at(self.to.ip, self.to.port)
+        return service.pod if service else plan.pod_at(self.to.ip) or self.source.pod
+
+
+@dataclass(frozen=True)
+class Expectation:
+    """The path the kernel was measured to take, per profile: the default profile's, and each
+    profile's own where it differs."""
+
+    default: Path
+    by_profile: tuple[tuple[str, Path], ...] = ()
+
+    def path(self, profile: str) -> Path:
+        return dict(self.by_profile).get(profile, self.default)
+
+
+@dataclass(frozen=True)
+class ArticleClaim:
+    """What the article says about the traffic, verbatim."""
+
+    sentence: str
+    path_text: str = ""  # its path in its own notation; "" when it draws only a picture
+    proxies: tuple[str, ...] | None = None  # the proxies its words name, when it gives no path
+
+    @property
+    def path(self) -> Path | None:
+        return paths.parse(self.path_text) if self.path_text else None
 
 
 @dataclass(frozen=True)
@@ -43,58 +109,13 @@ class Scenario:
     title: str
     type: int | None  # the article's traffic type, 1-6; None for traffic the article does not cover
     variant_of: str | None
-    article_path: str  # verbatim; "" when the article shows the path only as a picture
-    article_claim: str  # the article's sentence about this traffic, verbatim
-    article_proxies: tuple[str, ...] | None  # the proxies the claim names, when it gives no path
-    source: Endpoint
-    address: str  # the destination as dialed
-    port: int
-    protocol: str  # "http": one GET; "tcp": a stream opened and half-closed (istiod's xDS); "dns": one query
-    trigger: str  # "client": the lab dials as from.uid/gid; "pilot-agent-redial": the real agent re-dials istiod
-    destination: str  # label of where the traffic should end
-    expected_path: str  # under the default profile (the article's Istio)
+    traffic: Traffic
+    expected: Expectation | None  # None: a flow asked about with no expectation (the plugin's, a probe's)
+    article: ArticleClaim | None  # None: the article makes no claim (article_note says why)
     explanation: str
     file: str
-    expected_by_profile: tuple[tuple[str, str], ...] = ()  # (profile, path) where a profile's path differs
-    family: int = 4  # 6: the scenario's IPv6 twin (lab.dualstack), addresses mapped to the IPv6 plan
-    article_note: str = ""  # why the article makes no claim about this traffic (then claim, path are "")
-    query: str = ""  # the name a DNS scenario asks for
-    transport: str = ""  # "udp" | "tcp" for a DNS query
+    article_note: str = ""
     feature: str | None = None  # the rule feature it is about: `run` picks it only when the rules have it
-
-    @property
-    def has_article_claim(self) -> bool:
-        return not self.article_note
-
-    def expected_for(self, profile: str) -> str:
-        """The path measured under `profile`: its own where recorded, else the default's."""
-        return dict(self.expected_by_profile).get(profile, self.expected_path)
-
-    @property
-    def endpoint_pod(self) -> str:
-        """The pod the traffic should end in: a VIP's endpoint, a pod IP's pod, or the source for loopback."""
-        service = plan.service_at(self.address, self.port)
-        return service.pod if service else plan.pod_at(self.address) or self.source.pod
-
-    @property
-    def traced_pods(self) -> tuple[str, ...]:
-        """The pod whose rules decide the path, and the one that shows where it ends."""
-        return tuple(dict.fromkeys(("sidecar", self.endpoint_pod)))
-
-    @property
-    def traced_ports(self) -> tuple[int, ...]:
-        """The ports whose packets the scenario traces: its own and the proxies'."""
-        ports = {self.port, plan.Port.OUTBOUND, plan.Port.INBOUND}
-        service = plan.service_at(self.address, self.port)
-        ports |= {service.target_port} if service else set()
-        if self.protocol == "dns":
-            ports.add(plan.Port.DNS_PROXY)
-        return tuple(sorted(ports))
-
-    @property
-    def traced_udp_ports(self) -> tuple[int, ...]:
-        """A UDP query's ports: the resolver's and the DNS proxy's (none for TCP traffic)."""
-        return (self.port, plan.Port.DNS_PROXY) if self.transport == "udp" else ()
 
 
 class _Fields:
@@ -185,20 +206,6 @@ def _destination(to: _Fields) -> str:
     return address
 
 
-def _expected_by_profile(expected: _Fields) -> tuple[tuple[str, str], ...]:
-    """expected.profiles: {profile name: path}, for the profiles whose measured path differs."""
-    from .rules import profiles
-
-    given = expected.get("profiles", dict, required=False, default={})
-    known = profiles.names()
-    for name, text in given.items():
-        if name not in known:
-            raise expected.fail("profiles", f"unknown profile {name!r} (profiles: {', '.join(known)})")
-        if not isinstance(text, str) or not text.strip():
-            raise expected.fail(f"profiles.{name}", "expected a path in the article's notation")
-    return tuple(given.items())
-
-
 def _dns_query(traffic: _Fields, to: _Fields, protocol: str) -> tuple[str, str]:
     """(transport, name) of a DNS scenario; both empty for other traffic."""
     if protocol != "dns":
@@ -217,81 +224,108 @@ def _dns_query(traffic: _Fields, to: _Fields, protocol: str) -> tuple[str, str]:
     return transport, name
 
 
-def parse(data, file: str) -> Scenario:
-    top = _Fields(data, file)
-    top.unknown({"id", "title", "type", "variant_of", "article", "traffic", "expected", "explanation", "feature"})
-    article = top.sub("article")
+def _path(f: _Fields, key: str, text: str) -> Path:
+    try:
+        return paths.parse(text)
+    except ValueError as e:
+        raise f.fail(key, str(e)) from None
+
+
+def _expectation(expected: _Fields) -> Expectation:
+    """expected.path, and expected.profiles: {profile name: path} where a profile's path differs."""
+    given = expected.get("profiles", dict, required=False, default={})
+    known = profiles.names()
+    by_profile = []
+    for name, text in given.items():
+        if name not in known:
+            raise expected.fail("profiles", f"unknown profile {name!r} (profiles: {', '.join(known)})")
+        if not isinstance(text, str) or not text.strip():
+            raise expected.fail(f"profiles.{name}", "expected a path in the article's notation")
+        by_profile.append((name, _path(expected, f"profiles.{name}", text)))
+    return Expectation(_path(expected, "path", expected.get("path", str)), tuple(by_profile))
+
+
+def _article(article: _Fields) -> tuple[ArticleClaim | None, str]:
+    """(the claim, or None with the note that says why the article makes none)."""
     article.unknown({"path", "claim", "proxies", "note"})
     note = article.get("note", str, required=False, default="")
-    if note and set(article.data) != {"note"}:
-        raise article.fail("note", "says the article makes no claim: give it alone, without path, claim or proxies")
-    traffic = top.sub("traffic")
+    if note:
+        if set(article.data) != {"note"}:
+            raise article.fail("note", "says the article makes no claim: give it alone, without path, claim or proxies")
+        return None, note
+    proxies = article.get("proxies", list, required=False)
+    if proxies is not None and not all(isinstance(p, str) for p in proxies):
+        raise article.fail("proxies", f"expected a list of proxy names, got {proxies!r}")
+    text = article.get("path", str, required=False, default="")
+    if not text and proxies is None:
+        raise article.fail("path", "missing (or give article.proxies when the article has no path in words)")
+    if text:
+        _path(article, "path", text)
+    return ArticleClaim(article.get("claim", str), text, tuple(proxies) if proxies is not None else None), ""
+
+
+def _source(src: _Fields) -> Source:
+    src.unknown({"pod", "process", "uid", "gid", "container", "label"})
+    container = src.get("container", str, required=False)
+    if container is not None:
+        if container != plan.ISTIO_PROXY:
+            raise src.fail("container", f"{container!r}: the lab runs one container besides the apps, {plan.ISTIO_PROXY}")
+        for key in ("uid", "gid"):
+            if key in src.data:
+                raise src.fail(key, f"the {plan.ISTIO_PROXY} container's user follows the inbound mode: give no {key}")
+        return Source(_pod(src, "pod"), src.get("label", str), src.get("process", str, required=False, default=""),
+                      container=container)
+    return Source(_pod(src, "pod"), src.get("label", str), src.get("process", str, required=False, default=""),
+                  _id(src, "uid"), _id(src, "gid"))
+
+
+def _traffic(traffic: _Fields) -> Traffic:
     traffic.unknown({"from", "to", "trigger", "query"})
     trigger = traffic.get("trigger", str, required=False, default="client")
     if trigger not in TRIGGERS:
         raise traffic.fail("trigger", f"{trigger!r} is not one of {', '.join(TRIGGERS)}")
-    src, to = traffic.sub("from"), traffic.sub("to")
-    src.unknown({"pod", "process", "uid", "gid", "label"})
+    to = traffic.sub("to")
     to.unknown({"pod", "service", "address", "port", "protocol", "transport", "label"})
     protocol = to.get("protocol", str, required=False, default="http")
     if protocol not in PROTOCOLS:
         raise to.fail("protocol", f"{protocol!r} is not one of {', '.join(PROTOCOLS)}")
     transport, query = _dns_query(traffic, to, protocol)
+    found = Traffic(_source(traffic.sub("from")), Address(_destination(to), _port(to, "port")), to.get("label", str),
+                    protocol, transport or "tcp", query, trigger)
+    istiod = Address(plan.PODS["istiod"], plan.Port.ISTIOD)
+    if trigger == "pilot-agent-redial" and found.to != istiod:
+        raise traffic.fail("trigger", f"pilot-agent re-dials istiod only ({istiod})")
+    return found
+
+
+def parse(data, file: str) -> Scenario:
+    top = _Fields(data, file)
+    top.unknown({"id", "title", "type", "variant_of", "article", "traffic", "expected", "explanation", "feature"})
+    claim, note = _article(top.sub("article"))
     feature = top.get("feature", str, required=False)
     if feature is not None and feature not in features.FEATURES:
         raise top.fail("feature", f"{feature!r} is not one of {', '.join(features.FEATURES)}")
     expected = top.sub("expected")
     expected.unknown({"path", "profiles"})
-    by_profile = _expected_by_profile(expected)
-    proxies = article.get("proxies", list, required=False)
-    if proxies is not None and not all(isinstance(p, str) for p in proxies):
-        raise article.fail("proxies", f"expected a list of proxy names, got {proxies!r}")
     scenario_type = top.get("type", int, required=not note)
     if scenario_type is not None and not 1 <= scenario_type <= 6:
         raise top.fail("type", f"the article has traffic types 1-6, not {scenario_type}")
-    scenario = Scenario(
+    return Scenario(
         id=_scenario_id(top),
         title=top.get("title", str),
         type=scenario_type,
         variant_of=top.get("variant_of", str, required=False),
-        article_path=article.get("path", str, required=False, default=""),
-        article_claim=article.get("claim", str, required=not note, default=""),
-        article_proxies=tuple(proxies) if proxies is not None else None,
-        source=Endpoint(_pod(src, "pod"), src.get("label", str), src.get("process", str), _id(src, "uid"), _id(src, "gid")),
-        address=_destination(to),
-        port=_port(to, "port"),
-        protocol=protocol,
-        trigger=trigger,
-        destination=to.get("label", str),
-        expected_path=expected.get("path", str),
+        traffic=_traffic(top.sub("traffic")),
+        expected=_expectation(expected),
+        article=claim,
         explanation=top.get("explanation", str),
         file=file,
-        expected_by_profile=by_profile,
         article_note=note,
-        query=query,
-        transport=transport,
         feature=feature,
     )
-    if trigger == "pilot-agent-redial" and (scenario.address, scenario.port) != (plan.PODS["istiod"], plan.Port.ISTIOD):
-        raise traffic.fail("trigger", f"pilot-agent re-dials istiod only ({plan.PODS['istiod']}:{plan.Port.ISTIOD})")
-    if not scenario.article_path and scenario.article_proxies is None and not note:
-        raise article.fail("path", "missing (or give article.proxies when the article has no path in words)")
-    from . import path as pathlib  # the notation must read back
-
-    texts = [("article.path", scenario.article_path), ("expected.path", scenario.expected_path)]
-    texts += [(f"expected.profiles.{name}", text) for name, text in by_profile]
-    for key, text in texts:
-        if text:
-            try:
-                pathlib.parse(text)
-            except ValueError as e:
-                raise ScenarioError(f"{file}: {key}: {e}") from None
-    return scenario
 
 
 def load_file(file: str) -> Scenario:
-    import yaml
-
     try:
         with open(file, "rb") as f:
             raw = f.read()
@@ -313,11 +347,11 @@ def load_file(file: str) -> Scenario:
     return parse(data, file)
 
 
-def load_all(directory: Path | str | None = None) -> list[Scenario]:
+def load_all(directory: PathLib | str | None = None) -> list[Scenario]:
     directory = directory or SCENARIO_DIR
     if not os.path.isdir(directory):
         raise ScenarioError(f"{directory}: no such scenario directory")
-    files = sorted(str(p) for p in Path(directory).glob("*.yaml"))
+    files = sorted(str(p) for p in PathLib(directory).glob("*.yaml"))
     if not files:  # a lab built to run nothing would only hide a mistyped directory
         raise ScenarioError(f"{directory}: no scenario files (*.yaml)")
     scenarios = sorted((load_file(f) for f in files), key=lambda s: s.type is None)  # the article's types first

@@ -27,8 +27,9 @@ from typing import Mapping
 from pyroute2.netlink import NETLINK_NETFILTER, NLM_F_ACK, NLM_F_REQUEST, NLMSG_ERROR
 from pyroute2.netlink.nfnetlink import NFNL_SUBSYS_ULOG
 
-from lab import netns
-from lab.sidecar import httpio
+from . import netns
+from .addr import Address
+from .netfilter import RuleRef
 
 # linux/netfilter/nfnetlink_log.h
 NFULNL_MSG_PACKET = 0
@@ -147,6 +148,24 @@ class TraceEvent:
     seq: int | None
     prefix: str
 
+    @property
+    def rule(self) -> RuleRef:
+        """The rule the event names (for `policy`, the chain's rule count + 1)."""
+        return RuleRef(self.table, self.chain, self.rulenum)
+
+    @property
+    def source(self) -> Address | None:
+        return Address(self.src, self.sport) if self.sport is not None else None
+
+    @property
+    def destination(self) -> Address | None:
+        return Address(self.dst, self.dport) if self.dport is not None else None
+
+    @property
+    def opens_flow(self) -> bool:
+        """A connection's SYN, or any UDP datagram (its first plays the SYN's part)."""
+        return self.tcp_flags == "S" or self.proto == "udp"
+
     def __str__(self) -> str:
         parts = [f"{self.pod} {self.table}:{self.chain}:{self.kind}:{self.rulenum}"]
         if self.indev:
@@ -155,7 +174,7 @@ class TraceEvent:
             parts.append(f"out={self.outdev}")
         src, dst = self.src, self.dst
         if self.sport is not None:
-            src, dst = httpio.addr((src, self.sport)), httpio.addr((dst, self.dport))
+            src, dst = str(self.source), str(self.destination)
         parts.append(f"{src} > {dst}")
         if self.tcp_flags is not None:
             parts.append(self.tcp_flags or ".")

@@ -60,7 +60,7 @@ class _RuleText:
         self.cache: dict[tuple[str, str], dict[tuple[str, int], str]] = {}
 
     def load(self, ns: str, table: str) -> None:
-        self.cache[ns, table] = {(r.chain, r.num): r.line.split(" ", 2)[2] for r in xtables.listing(ns, table)}
+        self.cache[ns, table] = {(r.ref.chain, r.ref.number): r.line.split(" ", 2)[2] for r in xtables.listing(ns, table)}
 
     def __call__(self, ns: str, e: TraceEvent) -> str:
         if e.kind != "rule":

@@ -1,9 +1,7 @@
-"""The lab's workloads: the apps, a stub istiod, a Prometheus-like scraper, and the client.
+"""The lab's workloads: the apps, a stub istiod, kube-dns and a Prometheus-like scraper.
 
-Servers are child entry points (`run_*(config)`, forked by lab.processes); none of them
-makes traffic on a timer, so a quiet lab stays quiet.  The client runs in the harness
-process itself: its socket is made inside a pod with a chosen fs identity, which is all
-`-m owner` looks at.
+Each is a child entry point (`run_*(config)`, forked by lab.processes); none of them makes
+traffic on a timer, so a quiet lab stays quiet.  The harness's own clients are lab.traffic.
 """
 
 from __future__ import annotations
@@ -16,14 +14,8 @@ import socket
 import time
 from dataclasses import dataclass
 
-from . import dns, netns, plan
+from . import addr, dns, plan
 from .sidecar import httpio
-from .errors import LabError
-
-
-
-def family_of(ip: str) -> int:
-    return socket.AF_INET6 if ":" in ip else socket.AF_INET
 
 
 def _append(fd: int, record: dict) -> None:
@@ -79,9 +71,10 @@ def run_istiod(config: IstiodConfig) -> None:
     streams: set[asyncio.StreamWriter] = set()
 
     def event(name: str, writer: asyncio.StreamWriter) -> None:
-        _append(fd, {"event": name, "peer": httpio.addr(writer.get_extra_info("peername")),
-                     "local": httpio.addr(writer.get_extra_info("sockname")), "time": time.time()})
+        _append(fd, {"event": name, "peer": addr.text(writer.get_extra_info("peername")),
+                     "local": addr.text(writer.get_extra_info("sockname")), "time": time.time()})
 
+    @httpio.held
     async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         event("connect", writer)
         streams.add(writer)
@@ -127,7 +120,7 @@ def run_kube_dns(config: KubeDnsConfig) -> None:
 
     async def handle(req: dns.Request) -> bytes:
         reply = dns.answer(req.data, resolve, config.ttl)
-        _append(fd, {"protocol": req.protocol, "peer": httpio.addr(req.peer), "local": httpio.addr(req.local),
+        _append(fd, {"protocol": req.protocol, "peer": addr.text(req.peer), "local": addr.text(req.local),
                      **dns.describe(reply), "time": time.time()})
         return reply
 
@@ -157,135 +150,19 @@ def run_scraper(config: ScraperConfig) -> None:
                 with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
                     sock.settimeout(config.timeout)
                     sock.connect((ip, port))  # not create_connection: getaddrinfo would import the idna codec
-                    line["local"] = httpio.addr(sock.getsockname())
-                    response = get(sock, path)
-                line["status"], line["bytes"] = response.status, len(response.body.encode())
-            except (OSError, RequestError) as e:
+                    line["local"] = addr.text(sock.getsockname())
+                    sock.sendall(httpio.request_bytes(ip, port, path))
+                    sock.shutdown(socket.SHUT_WR)
+                    status, body = httpio.parse_response(_read_all(sock))
+                line["status"], line["bytes"] = status, len(body.encode())
+            except (OSError, ValueError) as e:
                 line["error"] = str(e)
             _append(fd, line)
         signal.sigwait({signal.SIGUSR1})
 
 
-# -- client -----------------------------------------------------------------------------
-
-class RequestError(LabError):
-    """A client request that did not get an HTTP answer; names the destination."""
-
-
-@dataclass(frozen=True)
-class Response:
-    status: int
-    body: str
-    local: str  # the client socket's getsockname, "ip:port"
-    peer: str  # its getpeername: the original destination, whatever NAT did
-
-    def json(self):
-        return json.loads(self.body)
-
-
-def connect(ns: str, dst_ip: str, port: int, *, uid: int, gid: int,
-            src_port: int | None = None, timeout: float = 2.0) -> socket.socket:
-    """A TCP connection from pod namespace `ns`, owned (for xt_owner) by uid/gid."""
-    where = f"{httpio.addr((dst_ip, port))} from {ns} as {uid}:{gid}"
-    family = family_of(dst_ip)
-    with netns.entered(ns), netns.fs_identity(uid, gid):
-        sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.settimeout(timeout)
-    try:
-        if src_port is not None:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", src_port))
-        sock.connect((dst_ip, port))
-    except socket.timeout:
-        sock.close()
-        raise RequestError(f"connect to {where}: timed out after {timeout}s") from None
-    except OSError as e:
-        sock.close()
-        raise RequestError(f"connect to {where}: {e.strerror or e}") from None
-    return sock
-
-
-def get(sock: socket.socket, path: str = "/") -> Response:
-    """Send one HTTP/1.0 GET, half-close, read to EOF; the socket stays open for the caller."""
-    local, peer = sock.getsockname(), sock.getpeername()
-    where = f"GET http://{httpio.addr(peer)}{path}"
-    try:
-        sock.sendall(httpio.request_bytes(peer[0], peer[1], path))
-        sock.shutdown(socket.SHUT_WR)
-        chunks = []
-        while chunk := sock.recv(65536):
-            chunks.append(chunk)
-        if not chunks:
-            raise RequestError(f"{where}: the connection closed with no answer")
-        status, body = httpio.parse_response(b"".join(chunks))
-    except socket.timeout:
-        raise RequestError(f"{where}: no answer within {sock.gettimeout()}s") from None
-    except (OSError, ValueError) as e:
-        raise RequestError(f"{where}: {e}") from None
-    return Response(status, body, httpio.addr(local), httpio.addr(peer))
-
-
-def stream(ns: str, dst_ip: str, port: int, *, uid: int, gid: int, timeout: float = 2.0) -> Response:
-    """Open a TCP stream (as pilot-agent opens its xDS stream), half-close, wait for the peer's close.
-
-    For servers that speak no HTTP, such as istiod's 15012; status is 0 and body
-    whatever the peer sent before closing.
-    """
-    with connect(ns, dst_ip, port, uid=uid, gid=gid, timeout=timeout) as sock:
-        local, peer = httpio.addr(sock.getsockname()), httpio.addr(sock.getpeername())
-        try:
-            sock.shutdown(socket.SHUT_WR)
-            chunks = []
-            while chunk := sock.recv(65536):
-                chunks.append(chunk)
-        except OSError as e:
-            raise RequestError(f"stream to {peer}: {e.strerror or e}") from None
-        return Response(0, b"".join(chunks).decode(errors="replace"), local, peer)
-
-
-def request(ns: str, dst_ip: str, port: int, *, uid: int, gid: int, path: str = "/",
-            src_port: int | None = None, timeout: float = 2.0) -> Response:
-    """GET http://dst_ip:port/path from pod namespace `ns` as uid/gid; the socket is closed after."""
-    with connect(ns, dst_ip, port, uid=uid, gid=gid, src_port=src_port, timeout=timeout) as sock:
-        return get(sock, path)
-
-
-def dns_query(ns: str, dst_ip: str, port: int, name: str, *, transport: str, uid: int, gid: int,
-              src_port: int | None = None, timeout: float = 2.0) -> Response:
-    """Ask `name`'s A record of dst_ip:port over UDP (one datagram) or TCP (length-prefixed), as
-    a resolver library does, from pod namespace `ns` as uid/gid.
-
-    The UDP socket is connected, as glibc's is: the kernel then takes only an answer from
-    dst_ip:port, so an answer reaches the app only if conntrack gave it back the address it
-    asked.  status is the answer's RCODE; body {"name", "rcode", "answers"} as JSON.
-    """
-    kind = socket.SOCK_DGRAM if transport == "udp" else socket.SOCK_STREAM
-    where = f"DNS {name} over {transport} to {dst_ip}:{port} from {ns} as {uid}:{gid}"
-    with netns.entered(ns), netns.fs_identity(uid, gid):
-        sock = socket.socket(socket.AF_INET, kind)
-    query = dns.query(name, id=int.from_bytes(os.urandom(2), "big"))
-    with sock:
-        sock.settimeout(timeout)
-        try:
-            if src_port is not None:
-                sock.bind(("0.0.0.0", src_port))
-            sock.connect((dst_ip, port))
-            local, peer = httpio.addr(sock.getsockname()), httpio.addr(sock.getpeername())
-            if transport == "udp":
-                sock.send(query)
-                reply = sock.recv(65535)
-            else:
-                sock.sendall(dns.frame(query))
-                sock.shutdown(socket.SHUT_WR)
-                chunks = []
-                while chunk := sock.recv(65536):
-                    chunks.append(chunk)
-                reply = dns.unframe(b"".join(chunks))
-            answer = dns.parse(reply)
-        except socket.timeout:
-            raise RequestError(f"{where}: no answer within {timeout}s") from None
-        except (OSError, dns.DnsFormatError) as e:
-            raise RequestError(f"{where}: {getattr(e, 'strerror', None) or e}") from None
-    if not answer.response or answer.id != dns.parse(query).id:
-        raise RequestError(f"{where}: the answer is not a response to the query")
-    return Response(answer.rcode, json.dumps(dns.describe(reply)), local, peer)
+def _read_all(sock: socket.socket) -> bytes:
+    chunks = []
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)

@@ -20,11 +20,13 @@ import string
 from dataclasses import dataclass
 from typing import Iterator
 
+from pyroute2 import IPRoute
+
 from . import interrupts, netns, plan, record
+from .netns import LO_INDEX
 from .errors import LabError
 
 BRIDGE = "br0"
-LO_INDEX = 1  # lo is always the first link of a new namespace
 IFA_F_NODAD = 0x02  # linux/if_addr.h: usable at once, no duplicate address detection
 
 
@@ -39,8 +41,6 @@ class Pod:
 @contextlib.contextmanager
 def ipr(ns: str) -> Iterator[object]:
     """A pyroute2 IPRoute socket opened inside `ns` (it stays bound there)."""
-    from pyroute2 import IPRoute
-
     with netns.entered(ns):
         sock = IPRoute()
     try:

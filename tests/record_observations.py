@@ -1,44 +1,42 @@
-"""Record what the witnesses saw of every scenario, for the joiner's offline tests.
+"""Record what the witnesses saw of every scenario under every profile, so measuring, judging
+and the reports are tested without root (tests/test_judging.py, tests/test_reports.py).
 
-    sudo .venv/bin/python -m tests.record_observations   # rewrites tests/data/observations.json
+    sudo .venv/bin/python -m tests.record_observations   # rewrites tests/data/observations/
 """
 
-import dataclasses
 import json
 import os
 
-from lab import commands, runner, scenario
-from lab.world import Lab
+from lab import api, dualstack, scenario
+from lab.observe import observe
+from lab.rules import profiles, ruleset
 
-OUT = os.path.join(os.path.dirname(__file__), "data", "observations.json")
-
-
-def to_json(seen: runner.Observation) -> dict:
-    data = dataclasses.asdict(seen)
-    data["events"] = {pod: [dataclasses.asdict(e) for e in events] for pod, events in seen.events.items()}
-    return data
+OUT = os.path.join(os.path.dirname(__file__), "data", "observations")
 
 
-def from_json(data: dict) -> runner.Observation:
-    from lab.trace import TraceEvent
+def path(profile: str) -> str:
+    return os.path.join(OUT, f"{profile}.json")
 
-    data = dict(data, events={pod: [TraceEvent(**e) for e in evs] for pod, evs in data["events"].items()})
-    return runner.Observation(**data)
+
+def load(profile: str) -> dict:
+    """{scenario id: Observation as JSON} recorded under the profile."""
+    with open(path(profile)) as f:
+        return json.load(f)
 
 
 def main() -> None:
-    recorded = {}
-    with Lab() as lab:
-        commands.bring_up(lab)
-        witnesses = runner.Witnesses(lab)
-        try:
-            for s in scenario.load_all():
-                recorded[s.id] = to_json(runner.observe(lab, witnesses, s))
-        finally:
-            witnesses.close()
-    with open(OUT, "w") as f:
-        json.dump(recorded, f, sort_keys=True, separators=(",", ":"))
-    print(f"recorded {len(recorded)} scenarios to {OUT}")
+    os.makedirs(OUT, exist_ok=True)
+    every = scenario.load_all()
+    for name in profiles.names():
+        rules = ruleset.profile(name)
+        chosen = scenario.for_features(every, rules.features)
+        if rules.dual_stack:
+            chosen = dualstack.both_families(chosen)
+        with api.Session(rules) as session:
+            recorded = {s.id: observe(session.lab, session.witnesses, s.traffic).as_json() for s in chosen}
+        with open(path(name), "w") as f:
+            json.dump(recorded, f, sort_keys=True, separators=(",", ":"))
+        print(f"recorded {len(recorded)} scenarios under {name} to {path(name)}")
 
 
 if __name__ == "__main__":

@@ -56,7 +56,7 @@ CLI_CASES = [
     (["run", "--profile", "nope"], "no rule profile 'nope'"),
     (["run", "--profile", "../../etc/passwd"], "no rule profile '../../etc/passwd'"),
     (["up", "--profile", "$(id)"], "no rule profile '$(id)'"),
-    (["run", "--proxy-uid", "4000"], "--proxy-uid describes a dump given with --rules; a preset needs none"),
+    (["run", "--proxy-uid", "4000"], "--proxy-uid describes a dump given with --rules; a profile needs none"),
     (["run", "--profile", "istio-1.25", "--inbound-port", "15006"], "--inbound-port describes a dump given with --rules"),
     (["run", "--rules", "/nonexistent"], "/nonexistent: cannot read: No such file or directory"),
     (["run", "--rules", "/etc"], "/etc: cannot read: Is a directory"),
@@ -95,13 +95,16 @@ def _scenario_dir(tmp_path: Path, name: str, content: bytes | None) -> Path:
     return d
 
 
+# PyYAML's own words after "bad YAML: " are its to change (6.0.4 answered a deep list with its
+# nesting limit): the tests hold the lab's part of each message, the file and the line.
 BAD_FILES = [
     ("x.yaml", b"\xff\xfe\x00 not UTF-8", "x.yaml: line 1: not UTF-8 text"),
-    ("x.yaml", b'id: "a\x00b"\n', "x.yaml: line 1: bad YAML: unacceptable character #x0000"),
-    ("x.yaml", b"id: [\n", "x.yaml: line 2: bad YAML"),
-    ("x.yaml", b"[" * 5000 + b"]" * 5000, "x.yaml: top level: expected a mapping, got list"),
-    ("x.yaml", b"!!python/object/apply:os.system ['reboot']\n", "x.yaml: line 1: bad YAML: could not determine a constructor"),
-    ("x.yaml", b"a: 1\n---\nb: 2\n", "x.yaml: line 2: bad YAML: but found another document"),
+    ("x.yaml", b'id: "a\x00b"\n', "x.yaml: line 1: bad YAML: "),
+    ("x.yaml", b"id: [\n", "x.yaml: line 2: bad YAML: "),
+    ("x.yaml", b"[" * 5000 + b"]" * 5000, "x.yaml: "),  # refused as too deep, or read and refused as a list
+    ("x.yaml", b"[[1]]\n", "x.yaml: top level: expected a mapping, got list"),
+    ("x.yaml", b"!!python/object/apply:os.system ['reboot']\n", "x.yaml: line 1: bad YAML: "),
+    ("x.yaml", b"a: 1\n---\nb: 2\n", "x.yaml: line 2: bad YAML: "),
     ("x.yaml", yaml.safe_dump({**GOOD, "id": "a;reboot"}).encode(), "x.yaml: id: 'a;reboot' is not a scenario id"),
     ("x.yaml", yaml.safe_dump({**GOOD, "id": "x" * 65}).encode(), "x.yaml: id: "),
     ("x.yaml", yaml.safe_dump({**GOOD, 1: "x", "zz": 2}).encode(), "x.yaml: 1: unknown field"),
@@ -110,7 +113,7 @@ BAD_FILES = [
 
 
 @pytest.mark.kernel
-@pytest.mark.parametrize("name, content, text", BAD_FILES, ids=[t.split(": ", 1)[-1][:40] for *_, t in BAD_FILES])
+@pytest.mark.parametrize("name, content, text", BAD_FILES, ids=[f"{i}-{t.split(': ', 1)[-1][:40]}" for i, (*_, t) in enumerate(BAD_FILES)])
 def test_bad_scenario_file_is_one_line_and_status_2(box, tmp_path, name, content, text):
     d = _scenario_dir(tmp_path, name, content)
     result = box.run("run", "--scenarios", str(d))
@@ -193,8 +196,8 @@ def _loads_or_names_the_problem(directory: str, file: str) -> None:
         assert sep and field.strip() and problem.strip(), message
         return
     for s in loaded:  # what loads is what the report and the runner can use
-        assert isinstance(s.id, str) and isinstance(s.title, str) and 1 <= s.port <= 65535
-        assert s.article_proxies is None or all(isinstance(p, str) for p in s.article_proxies)
+        assert isinstance(s.id, str) and isinstance(s.title, str) and 1 <= s.traffic.to.port <= 65535
+        assert s.article is None or s.article.proxies is None or all(isinstance(p, str) for p in s.article.proxies)
 
 
 @settings(max_examples=400, deadline=None, database=None, derandomize=True,

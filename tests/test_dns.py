@@ -9,17 +9,28 @@ under the default rules (no capture), and what the conntrack zones are for.
 import asyncio
 import json
 import struct
+import subprocess
 
 import pytest
+import yaml
 
-from lab import commands, dns, path, plan, processes, runner, scenario, workloads
-from lab.rules import features, profiles, save, xtables
+from lab import api, commands, compare, dns, dualstack, html_report, join, path, plan, proxylogs, report, scenario
+from lab import traffic, view
+from lab.addr import Address
+from lab.netfilter import RuleRef
+from lab.observe import trace_plan
+from lab.proxylogs import ProxyLine
+from lab.result import Result
+from lab.rules import features, profiles, ruleset, save, xtables
 from lab.sidecar import dnsproxy
+from lab.trace import TraceEvent
 from lab.world import Lab
+
+from .test_report_html import assert_diagram_draws, parse_page
 
 DNS = "istio-1.25-dns"
 SCENARIOS = scenario.load_all()
-DNS_SCENARIOS = [s for s in SCENARIOS if s.protocol == "dns"]
+DNS_SCENARIOS = [s for s in SCENARIOS if s.traffic.protocol == "dns"]
 SERVICE = "remote.default.svc.cluster.local"
 POD_NAME = "10-244-0-20.default.pod.cluster.local"
 
@@ -82,41 +93,47 @@ def test_the_agent_answers_a_name_in_its_table_itself_and_logs_it(tmp_path):
     [line] = [json.loads(x) for x in log.read_text().splitlines()]
     assert line["answered_by"] == "name table" and line["upstream_local"] is None
     assert line["original_dst"] is None  # UDP has no SO_ORIGINAL_DST
-    assert path.chain_legs("10.244.0.10:40000", "10.96.0.10:53", [line]) == \
-        [path.Leg("10.244.0.10:40000", "10.96.0.10:53", 15053)]
+    assert join.legs(Address("10.244.0.10", 40000), Address("10.96.0.10", 53), [ProxyLine.from_json(line)]) == \
+        [join.Leg(Address("10.244.0.10", 40000), Address("10.96.0.10", 53), 15053)]
 
 
 # --- the notation -------------------------------------------------------------------------
 
+def _written(s: scenario.Scenario, profile: str) -> str:
+    """The path the scenario's file gives for the profile, as written there."""
+    with open(s.file) as f:
+        expected = yaml.safe_load(f)["expected"]
+    return expected.get("profiles", {}).get(profile, expected["path"])
+
+
 def test_raw_hops_and_the_agent_read_back_as_written():
     for s in DNS_SCENARIOS:
-        text = s.expected_for(DNS)
+        text = _written(s, DNS)
         assert str(path.parse(text)) == text
+        assert str(s.expected.path(DNS)) == text
     hops = path.parse("Local Pod -> OUTPUT -> ISTIO_OUTPUT_DNS RULE 5 (raw) -> ISTIO_OUTPUT_DNS RULE 2"
                       " -> pilot-agent 15053 (DNS)").hops
     assert (hops[2].table, hops[3].table) == ("raw", "nat")
-    assert not path.same(hops[2], path.Hop("chain", "ISTIO_OUTPUT_DNS", 5))  # raw is not nat
+    assert not compare.same(hops[2], path.Hop(path.CHAIN, "ISTIO_OUTPUT_DNS", "nat", 5))  # raw is not nat
     assert hops[-1].kind == "proxy"  # the agent answered: the path ends there
     aside = path.parse("A -> ISTIO_INBOUND (traffic destined for ports 15002, 15090 will go to INPUT) -> B").hops[1]
     assert aside.table == "nat"  # the article's asides are not tables
 
 
 def test_a_udp_legs_later_datagrams_are_not_hops_again():
-    from lab.trace import TraceEvent
-
     def event(table, chain, rulenum):
         return TraceEvent("sidecar", table, chain, "rule", rulenum, None, "eth0", "10.244.0.10", "10.96.0.10",
                           "udp", 40000, 53, None, 1000, 1000, None, "")
 
     first = [event("raw", "ISTIO_OUTPUT_DNS", 5), event("nat", "ISTIO_OUTPUT", 8)]
     again = [event("raw", "ISTIO_OUTPUT_DNS", 5)]  # a retry: raw again, nat never
-    assert path.syn_events(first + again, path.Leg("10.244.0.10:40000", "10.96.0.10:53")) == first
+    assert join.first_packet(first + again, join.Leg(Address("10.244.0.10", 40000), Address("10.96.0.10", 53))) == first
 
 
 def test_explain_shows_a_dns_scenario_under_dns_capture_with_its_raw_rules():
     s = next(s for s in DNS_SCENARIOS if s.id == "dns-udp")
     assert commands._explained_profile(s) == DNS
-    text = commands.explain_rules(path.parse(s.expected_for(DNS)), profiles.load(DNS), DNS)
+    text = commands.explain_rules(s.expected.path(DNS), profiles.load(DNS), DNS)
     raw = text[text.index("ISTIO_OUTPUT_DNS (raw table"):]
     assert " >  5  -d 10.96.0.10/32 -p udp -m udp --dport 53 -j CT --zone 2" in raw.split("\n\n")[0]
     assert " >  2  -d 10.96.0.10/32 -p udp -m udp --dport 53 -j REDIRECT --to-ports 15053" in \
@@ -141,9 +158,10 @@ def _with(change):
 
 def test_a_dns_scenario_parses():
     s = scenario.parse(GOOD, "q.yaml")
-    assert (s.protocol, s.transport, s.query, s.feature, s.type) == ("dns", "udp", SERVICE, "dns-capture", None)
-    assert not s.has_article_claim and s.article_claim == "" and s.traced_udp_ports == (53, 15053)
-    assert plan.Port.DNS_PROXY in s.traced_ports and s.endpoint_pod == "kube-dns"
+    flow = s.traffic
+    assert (flow.protocol, flow.transport, flow.query, s.feature, s.type) == ("dns", "udp", SERVICE, "dns-capture", None)
+    assert s.article is None and s.article_note == "no word on DNS" and trace_plan(flow).udp_ports == (53, 15053)
+    assert plan.Port.DNS_PROXY in trace_plan(flow).tcp_ports and flow.endpoint_pod == "kube-dns"
 
 
 @pytest.mark.parametrize("change, field, problem", [
@@ -172,15 +190,13 @@ def test_run_picks_dns_scenarios_only_for_rules_that_capture_dns():
 
 
 def test_the_repository_has_answered_and_forwarded_queries_over_both_transports():
-    kinds = {(s.transport, s.query == SERVICE) for s in DNS_SCENARIOS}
+    kinds = {(s.traffic.transport, s.traffic.query == SERVICE) for s in DNS_SCENARIOS}
     assert kinds == {("udp", True), ("udp", False), ("tcp", True), ("tcp", False)}
     for s in DNS_SCENARIOS:  # measured with and without capture, and they differ
-        assert s.feature == features.DNS_CAPTURE and s.expected_for(DNS) != s.expected_path
+        assert s.feature == features.DNS_CAPTURE and str(s.expected.path(DNS)) != str(s.expected.default)
 
 
 def test_a_dns_query_has_no_ipv6_twin():
-    from lab import dualstack
-
     assert dualstack.both_families(DNS_SCENARIOS) == DNS_SCENARIOS  # the resolver is IPv4 only
 
 
@@ -188,14 +204,15 @@ def test_a_dns_query_has_no_ipv6_twin():
 
 @pytest.fixture(scope="module")
 def captured():
-    with Lab() as lab:
-        commands.bring_up(lab, DNS)
-        results = {r.scenario.id: r for r in runner.run(lab, DNS_SCENARIOS, DNS)}
-        yield results, processes.dns_proxy_log(lab), processes.kube_dns_log(lab)
+    with api.Session(ruleset.profile(DNS)) as session:
+        results = {r.scenario.id: r for r in session.run_all(DNS_SCENARIOS)}
+        run_dir = session.lab.run_dir
+        yield results, proxylogs.read(run_dir, proxylogs.DNS_PROXY_LOG), proxylogs.read(run_dir, proxylogs.KUBE_DNS_LOG)
 
 
-def _raw(r: runner.Result) -> dict[str, int]:
-    return {ref.split(":", 1)[1]: n for ref, n in r.counter_deltas.items() if ref.startswith("raw:")}
+def _raw(r: Result) -> dict[str, int]:
+    """The raw table's counters that moved, as "CHAIN#N"."""
+    return {f"{ref.chain}#{ref.number}": n for ref, n in r.measurement.counters.items() if ref.table == "raw"}
 
 
 @pytest.mark.kernel
@@ -204,12 +221,12 @@ def test_dns_scenario_under_capture(captured, s):
     results, _, _ = captured
     r = results[s.id]
     assert r.failure is None, r.failure
-    assert r.measured_path == s.expected_for(DNS)
-    assert r.counters_agree, (r.counter_deltas, r.trace_rule_events)
-    assert r.verdict == "pass"
-    assert json.loads(r.response["body"])["answers"] == [dns.cluster_resolver()(s.query)]
-    assert r.legs[0].proxy == plan.Port.DNS_PROXY
-    assert r.matches_article is None  # the article makes no claim about DNS
+    assert r.measured_path == str(s.expected.path(DNS))
+    assert r.measurement.counters_agree, (r.measurement.counters, r.measurement.trace_counts)
+    assert r.passed and str(r.verdict) == "pass"
+    assert json.loads(r.measurement.response.body)["answers"] == [dns.cluster_resolver()(s.traffic.query)]
+    assert r.measurement.legs[0].proxy == plan.Port.DNS_PROXY
+    assert r.article.matches is None and r.agreement == "no claim"  # the article makes no claim about DNS
 
 
 @pytest.mark.kernel
@@ -223,9 +240,9 @@ def test_the_zone_rules_counted_the_queries_and_the_answers(captured):
     assert forwarded["ISTIO_OUTPUT_DNS#1"] == 1  # the agent's query upstream: zone 1
     assert forwarded["ISTIO_INBOUND#1"] == 2  # kube-dns's answer (zone 1), and the agent's to the app
     assert _raw(results["dns-tcp"]) == {} and _raw(results["dns-tcp-forwarded"]) == {}  # zones are for UDP
-    agent_leg = results["dns-udp-forwarded"].measured.hops[7:10]
+    agent_leg = results["dns-udp-forwarded"].measurement.path.hops[7:10]
     assert [h.line.rsplit(" ", 1)[1] for h in agent_leg] == ["1", "1", "2"]  # zone 1 twice, then zone 2
-    assert results["dns-udp-forwarded"].measured.hops[6].owner == "uid 1337 gid 1337"  # the agent sent it
+    assert results["dns-udp-forwarded"].measurement.path.hops[6].owner == (1337, 1337)  # the agent sent it
 
 
 @pytest.mark.kernel
@@ -234,14 +251,16 @@ def test_the_agent_answered_or_forwarded_as_it_logged(captured):
     by_client = {line["downstream_peer"]: line for line in agent}
     asked_kube = {line["peer"] for line in kube}
     for sid, r in results.items():
-        line = by_client[r.response["local"]]
-        assert line["protocol"] == r.scenario.transport and line["name"] == r.scenario.query
-        if r.scenario.query == SERVICE:
+        line = by_client[str(r.measurement.response.local)]
+        flow = r.scenario.traffic
+        assert line["protocol"] == flow.transport and line["name"] == flow.query
+        if flow.query == SERVICE:
             assert line["answered_by"] == "name table" and line["upstream_local"] is None
         else:
             assert line["answered_by"] == "upstream" and line["upstream_peer"] == f"{plan.RESOLVER}:53"
-            assert line["upstream_local"] in asked_kube and r.legs[1].client == line["upstream_local"]
-        assert line["original_dst"] == (f"{plan.RESOLVER}:53" if r.scenario.transport == "tcp" else None)
+            assert line["upstream_local"] in asked_kube
+            assert r.measurement.legs[1].client == Address.parse(line["upstream_local"])
+        assert line["original_dst"] == (f"{plan.RESOLVER}:53" if flow.transport == "tcp" else None)
     assert len(kube) == 2  # only the forwarded names reached kube-dns
 
 
@@ -250,15 +269,14 @@ def test_without_capture_the_same_queries_go_to_kube_dns(captured):
     """The path changes between versions: the default rules (1.13) send UDP DNS past every Istio
     rule and TCP DNS through Envoy; istio-1.25-dns sends both to pilot-agent's 15053."""
     results, _, _ = captured
-    with Lab() as lab:
-        commands.bring_up(lab)
-        default = {r.scenario.id: r for r in runner.run(lab, DNS_SCENARIOS)}
-        kube = processes.kube_dns_log(lab)
-        assert processes.dns_proxy_log(lab) == []  # no capture, no DNS proxy
+    with api.Session(ruleset.profile()) as session:
+        default = {r.scenario.id: r for r in session.run_all(DNS_SCENARIOS)}
+        kube = proxylogs.read(session.lab.run_dir, proxylogs.KUBE_DNS_LOG)
+        assert proxylogs.read(session.lab.run_dir, proxylogs.DNS_PROXY_LOG) == []  # no capture, no DNS proxy
     for s in DNS_SCENARIOS:
         r = default[s.id]
-        assert r.verdict == "pass" and r.measured_path == s.expected_path, r.failure or r.measured_path
-        assert "pilot-agent" not in r.measured_path and r.endpoint.startswith("kube-dns ")
+        assert r.passed and r.measured_path == str(s.expected.default), r.failure or r.measured_path
+        assert "pilot-agent" not in r.measured_path and r.measurement.reached.pod == "kube-dns"
         assert r.measured_path != results[s.id].measured_path
     assert default["dns-udp"].measured_path == "Local Pod -> OUTPUT -> POSTROUTING -> kube-dns"
     assert "Envoy 15001 (Outbound)" in default["dns-tcp"].measured_path
@@ -271,18 +289,21 @@ def test_the_zones_keep_an_app_query_from_riding_the_agents_flow():
     just used.  With the zones it is a new flow (zone 2) and is redirected to the agent; with
     the raw rules gone it matches the agent's conntrack entry, the nat table never sees it,
     and it goes straight to kube-dns."""
+    rule8 = RuleRef("nat", "ISTIO_OUTPUT", 8)
+
     def who_answers(lab) -> tuple[str, int]:
         ns = lab.pod("sidecar").ns
-        workloads.dns_query(ns, plan.RESOLVER, 53, POD_NAME, transport="udp", uid=plan.APP_UID, gid=plan.APP_GID)
-        agent_port = int(processes.dns_proxy_log(lab)[-1]["upstream_local"].rsplit(":", 1)[1])
-        asked, before = len(processes.dns_proxy_log(lab)), xtables.packet_counts(ns, "nat")["ISTIO_OUTPUT#8"]
-        workloads.dns_query(ns, plan.RESOLVER, 53, SERVICE, transport="udp", uid=plan.APP_UID, gid=plan.APP_GID,
-                            src_port=agent_port)
-        captured = xtables.packet_counts(ns, "nat")["ISTIO_OUTPUT#8"] - before
-        return ("pilot-agent" if len(processes.dns_proxy_log(lab)) > asked else "kube-dns"), captured
+        traffic.dns_query(ns, plan.RESOLVER, 53, POD_NAME, transport="udp", uid=plan.APP_UID, gid=plan.APP_GID)
+        agent_port = Address.parse(proxylogs.read(lab.run_dir, proxylogs.DNS_PROXY_LOG)[-1]["upstream_local"]).port
+        asked = len(proxylogs.read(lab.run_dir, proxylogs.DNS_PROXY_LOG))
+        before = xtables.packet_counts(ns, "nat")[rule8]
+        traffic.dns_query(ns, plan.RESOLVER, 53, SERVICE, transport="udp", uid=plan.APP_UID, gid=plan.APP_GID,
+                          src_port=agent_port)
+        captured = xtables.packet_counts(ns, "nat")[rule8] - before
+        return ("pilot-agent" if len(proxylogs.read(lab.run_dir, proxylogs.DNS_PROXY_LOG)) > asked else "kube-dns"), captured
 
     with Lab() as lab:
-        commands.bring_up(lab, DNS)
+        api.bring_up(lab, ruleset.profile(DNS))
         with_zones = who_answers(lab)
         xtables.apply(lab.pod("sidecar").ns, save.parse("*raw\nCOMMIT\n"))  # the zone rules gone
         without_zones = who_answers(lab)
@@ -292,8 +313,6 @@ def test_the_zones_keep_an_app_query_from_riding_the_agents_flow():
 
 @pytest.mark.kernel
 def test_kube_dns_holds_the_resolver_address_and_the_node_forwards_to_it():
-    import subprocess
-
     host_forwarding = open("/proc/sys/net/ipv4/ip_forward").read()
     with Lab() as lab:
         def ip(ns, *argv):
@@ -306,12 +325,8 @@ def test_kube_dns_holds_the_resolver_address_and_the_node_forwards_to_it():
 
 @pytest.mark.kernel
 def test_the_html_report_draws_the_dns_paths(captured):
-    from lab import html_report
-
-    from .test_report_html import assert_diagram_draws, parse_page
-
     results, _, _ = captured
     ordered = [results[s.id] for s in DNS_SCENARIOS]
-    tree = parse_page(html_report.page(ordered, profile=DNS))
+    tree = parse_page(html_report.page(view.run([r.view for r in ordered], profile=DNS)))
     for r in ordered:
-        assert_diagram_draws(tree, r.scenario.id, [h.as_dict() for h in r.measured.hops])
+        assert_diagram_draws(tree, r.scenario.id, [report.hop_json(h) for h in r.measurement.path.hops])

@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lab import commands, plan, processes, runner, scenario
-from lab.world import Lab
+from lab import api, plan, processes, scenario
+from lab.rules import ruleset
 
 from .sandbox import GUARD, Sandbox
 
@@ -208,14 +208,13 @@ def test_envoy_killed_mid_run_fails_the_rest_by_name_without_a_hang(tmp_path):
 
 def test_a_frozen_envoy_is_a_failure_within_the_clients_deadline():
     """A proxy that accepts (the kernel does) but never answers: the client's deadline ends it."""
-    with Lab() as lab:
-        commands.bring_up(lab)
-        envoy = lab.record.pids["envoy"]
+    with api.Session(ruleset.profile()) as session:
+        envoy = session.lab.record.pids["envoy"]
         os.kill(envoy, signal.SIGSTOP)
         try:
-            [r] = runner.run(lab, scenario.select(scenario.load_all(), ["type2-local-to-remote"]))
+            [r] = session.run_all(scenario.select(scenario.load_all(), ["type2-local-to-remote"]))
         finally:
             os.kill(envoy, signal.SIGCONT)
-        processes.check_alive(lab)
-    assert r.verdict == "fail"
+        processes.check_alive(session.lab)
+    assert not r.passed and str(r.verdict) == "fail"
     assert r.failure.startswith("GET http://10.96.0.90:9080/: no answer within"), r.failure

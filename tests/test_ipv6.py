@@ -8,6 +8,7 @@ agreeing with TRACE.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import socket
 import subprocess
@@ -16,16 +17,21 @@ from pathlib import Path
 
 import pytest
 
-from lab import commands, dualstack, netns, path, plan, processes, runner, scenario, workloads
-from lab.rules import profiles, xtables
-from lab.sidecar import envoy, httpio
+from lab import addr, api, dualstack, join, netns, plan, procfs, proxylogs, scenario, traffic
+from lab.addr import Address
+from lab.netfilter import RuleRef
+from lab.observe import trace_plan
+from lab.proxylogs import ProxyLine
+from lab.rules import profiles, ruleset, xtables
+from lab.sidecar import envoy
+from lab.trace import TraceReader
+from lab.world import IFA_F_NODAD, Lab, ipr
 
 from .sandbox import Sandbox
-from lab.world import IFA_F_NODAD, Lab, ipr
 
 REPO = Path(__file__).resolve().parent.parent
 PROFILE = "istio-1.25-ipv6"
-SCENARIOS = [s for s in scenario.load_all() if s.protocol != "dns"]  # DNS is IPv4 only: no twin (test_dns.py)
+SCENARIOS = [s for s in scenario.load_all() if s.traffic.protocol != "dns"]  # DNS is IPv4 only: no twin (test_dns.py)
 IFA_F_TENTATIVE = 0x40
 
 
@@ -36,14 +42,12 @@ def test_every_address_a_scenario_dials_has_an_ipv6_twin():
     assert plan.ipv6_twin("10.96.0.90") == "fd00:10:96::90"
     assert plan.ipv6_twin("127.0.0.1") == "::1"
     assert plan.ipv6_twin("127.0.0.6") == "::6"
-    assert {plan.ipv6_twin(s.address) for s in SCENARIOS} <= set(plan.PODS6.values()) | {s.vip6 for s in plan.SERVICES} | {"::1"}
+    assert {plan.ipv6_twin(s.traffic.to.ip) for s in SCENARIOS} <= set(plan.PODS6.values()) | {s.vip6 for s in plan.SERVICES} | {"::1"}
     with pytest.raises(ValueError, match="no IPv6 twin"):
         plan.ipv6_twin("127.0.0.2")  # IPv6 has one loopback address, not a /8
 
 
 def test_the_ipv6_plan_sits_in_its_ranges():
-    import ipaddress
-
     pods, services = ipaddress.ip_network(plan.POD_SUBNET6), ipaddress.ip_network(plan.SERVICE_RANGE6)
     assert all(ipaddress.ip_address(ip) in pods for ip in plan.PODS6.values())
     assert ipaddress.ip_address(plan.GATEWAY6) in pods
@@ -61,8 +65,9 @@ def test_services_and_pods_are_found_by_either_address():
 @pytest.mark.parametrize("s", SCENARIOS, ids=[s.id for s in SCENARIOS])
 def test_an_ipv6_twin_is_the_same_traffic(s):
     twin = dualstack.over_ipv6(s)
-    assert (twin.id, twin.family, twin.address) == (s.id + "@ipv6", 6, plan.ipv6_twin(s.address))
-    assert (twin.endpoint_pod, twin.traced_pods, twin.traced_ports) == (s.endpoint_pod, s.traced_pods, s.traced_ports)
+    assert (twin.id, twin.traffic.family, twin.traffic.to) == (
+        s.id + "@ipv6", 6, Address(plan.ipv6_twin(s.traffic.to.ip), s.traffic.to.port))
+    assert (twin.traffic.endpoint_pod, trace_plan(twin.traffic)) == (s.traffic.endpoint_pod, trace_plan(s.traffic))
     assert dualstack.both_families([s]) == [s, twin]
 
 
@@ -72,8 +77,9 @@ def test_an_ipv6_twin_is_the_same_traffic(s):
     (("::6", 40000), "[::6]:40000"),
 ])
 def test_addresses_round_trip_through_the_access_log_form(sockaddr, text):
-    assert httpio.addr(sockaddr) == text
-    assert path.endpoint(text) == sockaddr[:2]
+    assert addr.text(sockaddr) == text
+    assert Address.parse(text) == Address.of(sockaddr) == Address(*sockaddr[:2])
+    assert str(Address.parse(text)) == text
 
 
 def test_legs_chain_through_ipv6_access_log_lines():
@@ -81,17 +87,18 @@ def test_legs_chain_through_ipv6_access_log_lines():
             "upstream_local": "[fd00:10:244::10]:40002", "upstream_peer": "[fd00:10:244::10]:8080"},
            {"listener": 15006, "downstream_peer": "[fd00:10:244::10]:40002", "original_dst": "[fd00:10:244::10]:8080",
             "upstream_local": "[::6]:40004", "upstream_peer": "[fd00:10:244::10]:8080"}]
-    legs = path.chain_legs("[fd00:10:244::10]:40000", "[fd00:10:96::80]:8080", log)
-    assert [(leg.client, leg.proxy) for leg in legs] == [
+    legs = join.legs(Address.parse("[fd00:10:244::10]:40000"), Address.parse("[fd00:10:96::80]:8080"),
+                     [ProxyLine.from_json(line) for line in log])
+    assert [(str(leg.client), leg.proxy) for leg in legs] == [
         ("[fd00:10:244::10]:40000", 15001), ("[fd00:10:244::10]:40002", 15006), ("[::6]:40004", None)]
 
 
 def test_proc_net_tcp6_addresses_are_read():
     # as /proc/net/tcp6 prints them on a little-endian machine: four 32-bit words, each in host order
-    assert processes._hexaddr("00000000000000000000000001000000:3A98") == ("::1", 15000)
-    assert processes._hexaddr("00000000000000000000000000000000:1F90") == ("::", 8080)
-    assert processes._hexaddr("100000FD000044020000000010000000:1F90") == ("fd00:10:244::10", 8080)
-    assert processes._hexaddr("0A00F40A:1F90") == ("10.244.0.10", 8080)
+    assert procfs.hexaddr("00000000000000000000000001000000:3A98") == Address("::1", 15000)
+    assert procfs.hexaddr("00000000000000000000000000000000:1F90") == Address("::", 8080)
+    assert procfs.hexaddr("100000FD000044020000000010000000:1F90") == Address("fd00:10:244::10", 8080)
+    assert procfs.hexaddr("0A00F40A:1F90") == Address("10.244.0.10", 8080)
 
 
 def test_envoy_sends_an_ipv6_vip_to_the_endpoints_ipv6_address():
@@ -107,11 +114,10 @@ def test_envoy_sends_an_ipv6_vip_to_the_endpoints_ipv6_address():
 
 
 def test_a_plugin_request_to_an_ipv6_address_is_traced_as_ipv6():
-    from lab.pytest_plugin import scenario_for
-
-    request = scenario_for("sidecar", "fd00:10:96::90", 9080, uid=1000, gid=1000, protocol="http", expect="")
-    assert (request.family, request.destination, request.traced_pods) == (6, "Remote Pod", ("sidecar", "remote"))
-    assert scenario_for("sidecar", "10.96.0.90", 9080, uid=1000, gid=1000, protocol="http", expect="").family == 4
+    request = api.Flow("sidecar", Address("fd00:10:96::90", 9080), uid=1000, gid=1000, protocol="http").scenario()
+    flow = request.traffic
+    assert (flow.family, flow.label, trace_plan(flow).pods) == (6, "Remote Pod", ("sidecar", "remote"))
+    assert api.Flow("sidecar", Address("10.96.0.90", 9080), uid=1000, gid=1000).scenario().traffic.family == 4
 
 
 # ---------------------------------------------------------------- the kernel
@@ -172,8 +178,6 @@ def test_an_ipv4_lab_stays_ipv4_only():
 
 @pytest.mark.kernel
 def test_a_trace_reader_sees_ipv6_events():
-    from lab.trace import TraceReader
-
     trace = ("-p", "tcp", "-j", "TRACE")
     with Lab(ipv6=True) as lab:
         remote = lab.pod("remote").ns
@@ -192,10 +196,10 @@ def test_a_trace_reader_sees_ipv6_events():
 
 
 @pytest.fixture(scope="module")
-def dual_stack_lab():
-    with Lab(ipv6=True) as lab:
-        commands.bring_up(lab, PROFILE)
-        yield lab
+def dual_stack():
+    with api.Session(ruleset.profile(PROFILE)) as session:
+        assert session.lab.ipv6
+        yield session
 
 
 @pytest.mark.kernel
@@ -203,22 +207,22 @@ def dual_stack_lab():
     ("fd00:10:244::20", "[fd00:10:244::20]:9080", "[fd00:10:244::20]:9080"),  # PassthroughCluster
     ("fd00:10:96::90", "[fd00:10:96::90]:9080", "[fd00:10:244::20]:9080"),  # the Service's IPv6 VIP
 ])
-def test_envoy_recovers_an_ipv6_original_destination(dual_stack_lab, dst, original, upstream):
-    lab = dual_stack_lab
-    logged = len(processes.access_log(lab))
-    response = workloads.request(lab.pod("sidecar").ns, dst, 9080, uid=plan.APP_UID, gid=plan.APP_GID)
+def test_envoy_recovers_an_ipv6_original_destination(dual_stack, dst, original, upstream):
+    lab = dual_stack.lab
+    logged = len(proxylogs.read(lab.run_dir, proxylogs.ACCESS_LOG))
+    response = traffic.request(lab.pod("sidecar").ns, dst, 9080, uid=plan.APP_UID, gid=plan.APP_GID)
     assert response.status == 200 and response.json()["local"] == "[fd00:10:244::20]:9080"
-    (line,) = processes.access_log(lab)[logged:]
-    assert (line["listener"], line["downstream_peer"]) == (15001, response.local)
+    (line,) = proxylogs.read(lab.run_dir, proxylogs.ACCESS_LOG)[logged:]
+    assert (line["listener"], line["downstream_peer"]) == (15001, str(response.local))
     assert (line["original_dst"], line["upstream_peer"]) == (original, upstream)
 
 
 @pytest.mark.kernel
-def test_envoy_inbound_passthrough_binds_6_for_ipv6(dual_stack_lab):
-    lab = dual_stack_lab
-    logged = len(processes.access_log(lab))
-    response = workloads.request(lab.pod("remote").ns, plan.PODS6["sidecar"], 8080, uid=plan.APP_UID, gid=plan.APP_GID)
-    (line,) = processes.access_log(lab)[logged:]
+def test_envoy_inbound_passthrough_binds_6_for_ipv6(dual_stack):
+    lab = dual_stack.lab
+    logged = len(proxylogs.read(lab.run_dir, proxylogs.ACCESS_LOG))
+    response = traffic.request(lab.pod("remote").ns, plan.PODS6["sidecar"], 8080, uid=plan.APP_UID, gid=plan.APP_GID)
+    (line,) = proxylogs.read(lab.run_dir, proxylogs.ACCESS_LOG)[logged:]
     assert line["listener"] == 15006 and line["upstream_cluster"] == "InboundPassthroughClusterIpv6"
     assert line["upstream_local"].startswith("[::6]:") and response.json()["peer"] == line["upstream_local"]
 
@@ -233,7 +237,7 @@ def test_run_with_the_ipv6_profile_takes_the_recorded_paths_over_ipv6(tmp_path):
     assert list(by_id) == [i for s in SCENARIOS for i in (s.id, s.id + "@ipv6")]
     for s in SCENARIOS:
         six = by_id[s.id + "@ipv6"]
-        assert six["measured_path"] == six["expected_path"] == s.expected_for(PROFILE)
+        assert six["measured_path"] == six["expected_path"] == str(s.expected.path(PROFILE))
         assert six["counters"] == six["trace_rule_events"] and six["counters"], six["id"]
         assert six["endpoint"].split()[1].startswith("[fd00:10:244::") or "[::1]:" in six["endpoint"]
         assert all(":" in leg["client"].rsplit(":", 1)[0] for leg in six["legs"])
@@ -243,19 +247,21 @@ def test_run_with_the_ipv6_profile_takes_the_recorded_paths_over_ipv6(tmp_path):
 
 
 @pytest.mark.kernel
-def test_ipv6_scenarios_match_the_ip6tables_rules_with_6_and_1(dual_stack_lab):
+def test_ipv6_scenarios_match_the_ip6tables_rules_with_6_and_1(dual_stack):
     """The IPv6 nat rules are the ones that count: rule 1 returns ::6, rule 2 skips ::1."""
     chosen = scenario.select(SCENARIOS, ["type4-local-to-local"])
-    v4, v6 = runner.run(dual_stack_lab, chosen, PROFILE)
-    assert (v4.verdict, v6.verdict) == ("pass", "pass"), (v4.failure, v6.failure)
-    assert v6.rule_lines["ISTIO_OUTPUT#1"] == "-A ISTIO_OUTPUT -s ::6/128 -o lo -j RETURN"
-    assert "! -d ::1/128 -o lo" in v6.rule_lines["ISTIO_OUTPUT#2"]
-    assert v4.rule_lines["ISTIO_OUTPUT#1"] == "-A ISTIO_OUTPUT -s 127.0.0.6/32 -o lo -j RETURN"
-    assert {e.src for e in v6.events if e.table == "nat"} <= {plan.PODS6["sidecar"], "::6"}
+    v4, v6 = dual_stack.run_all(chosen)
+    assert (v4.scenario.id, v6.scenario.id) == ("type4-local-to-local", "type4-local-to-local@ipv6")
+    assert (v4.passed, v6.passed) == (True, True), (v4.failure, v6.failure)
+    rule1, rule2 = RuleRef("nat", "ISTIO_OUTPUT", 1), RuleRef("nat", "ISTIO_OUTPUT", 2)
+    assert v6.measurement.rules[rule1] == "-A ISTIO_OUTPUT -s ::6/128 -o lo -j RETURN"
+    assert "! -d ::1/128 -o lo" in v6.measurement.rules[rule2]
+    assert v4.measurement.rules[rule1] == "-A ISTIO_OUTPUT -s 127.0.0.6/32 -o lo -j RETURN"
+    assert {e.src for e in v6.measurement.events if e.table == "nat"} <= {plan.PODS6["sidecar"], "::6"}
     # ip6tables counters two ways: python-iptables' Table6 entries and ip6tables-legacy-save -c
-    sidecar = dual_stack_lab.pod("sidecar").ns
+    sidecar = dual_stack.lab.pod("sidecar").ns
     saved = {r.ref: r.packets for r in xtables.listing(sidecar, "nat", 6)}
-    assert saved == xtables.packet_counts(sidecar, "nat", 6) and saved["ISTIO_OUTPUT#1"] > 0
+    assert saved == xtables.packet_counts(sidecar, "nat", 6) and saved[rule1] > 0
     assert profiles.dual_stack(PROFILE) and not profiles.dual_stack(profiles.DEFAULT)
 
 

@@ -4,7 +4,9 @@ their own, with the fixtures coming through the installed `pytest11` entry point
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -12,6 +14,12 @@ import textwrap
 from pathlib import Path
 
 import pytest
+
+from lab import api
+from lab.addr import Address
+from lab.errors import LabError
+from lab.pytest_plugin import DEFAULT_PROFILE
+from lab.rules import profiles
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "docs" / "example_test.py"
@@ -42,25 +50,36 @@ def test_importing_it_loads_nothing_of_the_lab() -> None:
     assert result.stdout.strip() == "['lab', 'lab.pytest_plugin']"
 
 
-def test_an_adhoc_scenario_names_pods_as_the_article_does() -> None:
-    from lab import plan
-    from lab.pytest_plugin import DEFAULT_PROFILE, LABELS, scenario_for
-    from lab.rules import profiles
+def test_a_flow_of_your_own_names_pods_as_the_article_does() -> None:
+    assert DEFAULT_PROFILE == profiles.DEFAULT  # kept apart to import nothing
+    s = api.Flow("sidecar", Address("10.96.0.90", 9080), 1000, 1000).scenario()
+    source = s.traffic.source
+    assert (source.label, s.traffic.label, source.uid, source.gid) == ("Local Pod", "Remote Pod", 1000, 1000)
+    assert api.Flow("sidecar", Address("127.0.0.1", 15000), 1337, 1337).scenario().traffic.label == "Local Pod"
+    assert s.article is None and s.expected is None  # no claim, no expectation unless asked
 
-    assert DEFAULT_PROFILE == profiles.DEFAULT and set(LABELS) == set(plan.PODS)  # kept apart to import nothing
 
-    s = scenario_for("sidecar", "10.96.0.90", 9080, uid=1000, gid=1000, protocol="http", expect="")
-    assert (s.source.label, s.destination, s.source.uid, s.source.gid) == ("Local Pod", "Remote Pod", 1000, 1000)
-    assert scenario_for("sidecar", "127.0.0.1", 15000, uid=1337, gid=1337, protocol="http",
-                        expect="").destination == "Local Pod"
+@pytest.mark.parametrize("flow, expect, problem", [
+    (api.Flow("nowhere", Address("10.96.0.90", 9080)), "", "no pod 'nowhere'"),
+    (api.Flow("sidecar", Address("10.96.0.10", 53), protocol="dns"), "", "protocol 'dns' is not one of http, tcp"),
+    (api.Flow("sidecar", Address("10.96.0.90", 9080)), "A -> ??? -> B", "expect: cannot read hop '???'"),
+])
+def test_a_bad_flow_is_one_line(flow, expect, problem) -> None:
+    with pytest.raises(LabError, match=re.escape(problem)):
+        flow.scenario(expect)
 
 
 @pytest.mark.kernel
-def test_the_readme_example_passes(tmp_path: Path) -> None:
+def test_the_readme_example_passes_and_prints_its_agreement_and_json(tmp_path: Path) -> None:
     shutil.copy(EXAMPLE, tmp_path / EXAMPLE.name)
-    result = _pytest(tmp_path, EXAMPLE.name)
+    result = _pytest(tmp_path, "-s", EXAMPLE.name)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "1 passed" in result.stdout
+    assert "agreement: no claim\n" in result.stdout
+    document = json.loads(next(line for line in result.stdout.splitlines() if line.startswith("{")))
+    assert (document["verdict"], document["agreement"], document["matches_article"]) == ("pass", "no claim", None)
+    assert document["rule_hits"] == ["OUTPUT#1", "ISTIO_OUTPUT#9", "ISTIO_REDIRECT#1", "OUTPUT#1", "ISTIO_OUTPUT#4"]
+    assert document["profile"] == "istio-1.13" and document["counters_agree"]
 
 
 USER_TESTS = textwrap.dedent('''
@@ -71,12 +90,12 @@ USER_TESTS = textwrap.dedent('''
         assert (sidecar_pod.profile, sidecar_pod.ns) == ("istio-1.13", f"ilab-{istio_lab.labid}-sidecar")
         result = traced_request("remote", "10.244.0.10", 8080)
         assert result.rule_hits[:2] == ["PREROUTING#1", "ISTIO_INBOUND#5"], result.failure
-        assert result.response["status"] == 200 and result.counters_agree
+        assert result.measurement.response.status == 200 and result.measurement.counters_agree
 
     def test_pilot_agent_to_istiod(traced_request):
         result = traced_request("sidecar", "10.244.0.30", 15012, uid=1337, protocol="tcp",
                                 expect="Local Pod -> OUTPUT -> ISTIO_OUTPUT RULE 4 -> POSTROUTING -> Istiod")
-        assert result.verdict == "pass", result.failure or result.measured_path
+        assert result.passed, result.failure or result.measured_path
 
     def test_one_lab_per_profile(istio_lab, sidecar_pod):
         assert sidecar_pod.lab is istio_lab

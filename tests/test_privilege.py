@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from lab import commands, plan, processes
+from lab import api, plan, processes
+from lab.rules import ruleset
 from lab.world import Lab
 
 from .sandbox import GUARD, Sandbox
@@ -44,7 +45,7 @@ def _status(pid: int) -> dict[str, str]:
 @pytest.mark.kernel
 def test_every_process_has_its_identity_no_groups_and_no_capabilities():
     with Lab() as lab:
-        commands.bring_up(lab)
+        api.bring_up(lab, ruleset.profile())
         assert set(lab.record.pids) == set(IDENTITIES)
         for name, pid in lab.record.pids.items():
             status = _status(pid)

@@ -1,7 +1,7 @@
-"""Rule presets: the builder against the facts of ISTIO-RULES.md, and on the kernel.
+"""Rule profiles: the builder against the facts of ISTIO-RULES.md, and on the kernel.
 
 The facts' lines are copied here verbatim (iptables-save form) so the suite stands on
-its own; each preset's expected rules are the article's set plus the changes the facts
+its own; each profile's expected rules are the article's set plus the changes the facts
 list for that version.
 """
 
@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from lab import netns, plan, runner, scenario
+from lab import api, netns, plan, scenario
 from lab.errors import LabError
-from lab.rules import builder, profiles, save, xtables
+from lab.netfilter import RuleRef
+from lab.rules import builder, profiles, ruleset, save, xtables
 from lab.world import Lab
 
 GOLDEN = Path(__file__).resolve().parents[1] / "lab/rules/profiles/istio-1.13.rules"
@@ -155,17 +156,17 @@ def _ordered(lines: list[str]) -> list[str]:
                                            builtin.index(chain(line)) if chain(line) in builtin else chain(line)))
 
 
-def test_every_preset_is_covered_and_the_article_is_the_default():
+def test_every_profile_is_covered_and_the_article_is_the_default():
     assert set(profiles.names()) == set(EXPECTED_NAT)
     assert profiles.DEFAULT == "istio-1.13" and profiles.DEFAULT in profiles.names()
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_NAT))
-def test_preset_nat_rules_are_the_facts_lines(name):
+def test_profile_nat_rules_are_the_facts_lines(name):
     assert profiles.load(name).tables["nat"].lines() == _ordered(EXPECTED_NAT[name])
 
 
-def test_article_preset_reproduces_the_golden_file_line_for_line():
+def test_article_profile_reproduces_the_golden_file_line_for_line():
     assert profiles.text("istio-1.13") == GOLDEN.read_text()
 
 
@@ -174,19 +175,19 @@ def test_default_options_are_the_facts_command():
         "istio-iptables -p 15001 -z 15006 -u 1337 -m REDIRECT -i '*' -x \"\" -b '*' -d 15090,15021,15020"
 
 
-def test_dns_preset_raw_table_is_the_facts_lines():
+def test_dns_profile_raw_table_is_the_facts_lines():
     assert profiles.load("istio-1.25-dns").tables["raw"].lines() == _ordered(DNS_RAW)
     rules = profiles.load("istio-1.25-dns").tables["nat"].chain_rules("ISTIO_OUTPUT")
     assert [r.spec for r in rules].index("-j ISTIO_OUTPUT_DNS") == 7  # "the DNS jump becomes rule 8"
 
 
-def test_tproxy_preset_mangle_table_is_the_facts_lines():
+def test_tproxy_profile_mangle_table_is_the_facts_lines():
     dump = profiles.load("istio-1.25-tproxy")
     assert dump.tables["mangle"].lines() == _ordered(TPROXY_MANGLE)
     assert not dump.tables["nat"].chain_rules("PREROUTING")
 
 
-def test_ipv6_preset_is_the_ipv4_rules_with_6_and_1():
+def test_ipv6_profile_is_the_ipv4_rules_with_6_and_1():
     v4, v6 = profiles.load("istio-1.25-ipv6", 4), profiles.load("istio-1.25-ipv6", 6)
     assert v6.family == 6
     assert v6.lines() == [line.replace("127.0.0.6/32", "::6/128").replace("127.0.0.1/32", "::1/128")
@@ -199,21 +200,21 @@ def test_without_ipv6_no_ip6tables_rules(name):
     assert len(profiles.dumps(name)) == 1
 
 
-def test_only_the_tables_a_preset_uses_are_in_its_dump():
+def test_only_the_tables_a_profile_uses_are_in_its_dump():
     assert list(profiles.load("istio-1.13").tables) == ["nat"]
     assert list(profiles.load("istio-1.25-dns").tables) == ["raw", "nat"]
     assert list(profiles.load("istio-1.25-tproxy").tables) == ["mangle", "nat"]
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_NAT))
-def test_preset_text_parses_back_to_the_same_rules(name):
+def test_profile_text_parses_back_to_the_same_rules(name):
     for family in (4, 6):
         dump = profiles.load(name, family)
         assert save.parse(profiles.text(name, family), family=family).lines() == dump.lines()
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_NAT))
-def test_a_preset_dump_is_recognised(name):
+def test_a_profile_dump_is_recognised(name):
     found = profiles.match(profiles.load(name))
     assert profiles.load(found).lines() == profiles.load(name).lines()
 
@@ -291,9 +292,9 @@ def test_what_the_builder_refuses(version, options, problem):
     ({"ipv6": 1}, "ipv6: expected bool"),
     ({"inbound_exclude_ports": ["15090"]}, "expected a list of int"),
 ])
-def test_preset_options_are_checked(data, problem):
+def test_profile_options_are_checked(data, problem):
     with pytest.raises(builder.BuildError, match=problem):
-        builder.Options.from_mapping(data, "presets.yaml: x")
+        builder.Options.from_mapping(data, "profiles.yaml: x")
 
 
 def test_unknown_profile_is_one_clear_line():
@@ -308,8 +309,8 @@ def test_summary_names_the_versions():
 def test_per_profile_expectations_name_known_profiles_and_read_back():
     scenarios = {s.id: s for s in scenario.load_all()}
     s = scenarios["type4-own-pod-ip"]
-    assert s.expected_for("istio-1.13") == s.expected_path
-    assert "ISTIO_OUTPUT RULE 2 -> ISTIO_IN_REDIRECT" in s.expected_for("istio-1.4")
+    assert s.expected.path("istio-1.13") == s.expected.default
+    assert "ISTIO_OUTPUT RULE 2 -> ISTIO_IN_REDIRECT" in str(s.expected.path("istio-1.4"))
     with pytest.raises(scenario.ScenarioError, match="expected.profiles: unknown profile 'istio-0.9'"):
         data = {"id": "x", "title": "x", "type": 2, "article": {"claim": "c", "proxies": []},
                 "traffic": {"from": {"pod": "sidecar", "label": "Local Pod", "uid": 1000, "gid": 1000},
@@ -334,7 +335,7 @@ def _clear(ns: str, dump: save.Dump) -> None:
 
 
 @pytest.mark.kernel
-def test_every_preset_survives_a_save_round_trip():
+def test_every_profile_survives_a_save_round_trip():
     with Lab() as lab:
         ns = lab.pod("sidecar").ns
         for name in profiles.names():
@@ -347,7 +348,7 @@ def test_every_preset_survives_a_save_round_trip():
                 _clear(ns, dump)
 
 
-def _counts(ns: str, table: str = "nat") -> dict[str, int]:
+def _counts(ns: str, table: str = "nat") -> dict[RuleRef, int]:
     return xtables.packet_counts(ns, table)
 
 
@@ -380,8 +381,8 @@ def test_15008_from_the_proxy_over_lo_is_redirected_inbound_until_118():
             before = _counts(ns)
             _connect(ns, plan.PODS["sidecar"], 15008, plan.PROXY_UID)
             after = _counts(ns)
-            hits[name] = sorted(ref for ref in after if ref.startswith("ISTIO_OUTPUT#") and after[ref] > before[ref])
-    assert hits == {"istio-1.13": ["ISTIO_OUTPUT#2"], "istio-1.18": ["ISTIO_OUTPUT#4"]}
+            hits[name] = sorted(ref for ref in after if ref.chain == "ISTIO_OUTPUT" and after[ref] > before[ref])
+    assert hits == {"istio-1.13": [RuleRef("nat", "ISTIO_OUTPUT", 2)], "istio-1.18": [RuleRef("nat", "ISTIO_OUTPUT", 4)]}
 
 
 @pytest.mark.kernel
@@ -396,8 +397,8 @@ def test_udp_reaches_istio_output_only_from_125():
             before = _counts(ns)
             _connect(ns, plan.PODS["remote"], 9999, plan.APP_UID, socket.SOCK_DGRAM)
             after = _counts(ns)
-            hits[name] = sorted(ref for ref in after if after[ref] > before[ref] and not ref.startswith("POSTROUTING"))
-    assert hits == {"istio-1.18": [], "istio-1.25": ["ISTIO_OUTPUT#9", "OUTPUT#1"]}
+            hits[name] = sorted(ref for ref in after if after[ref] > before[ref] and ref.chain != "POSTROUTING")
+    assert hits == {"istio-1.18": [], "istio-1.25": [RuleRef("nat", "ISTIO_OUTPUT", 9), RuleRef("nat", "OUTPUT", 1)]}
 
 
 @pytest.mark.kernel
@@ -412,10 +413,11 @@ def test_dns_to_the_resolver_goes_to_the_agent_over_udp_and_tcp():
         after = _counts(ns)
         raw = _counts(ns, "raw")
     moved = {ref: after[ref] - before[ref] for ref in after if after[ref] > before[ref]}
-    assert moved.get("ISTIO_OUTPUT#8") == 2  # the jump to ISTIO_OUTPUT_DNS, once per protocol
-    assert moved.get("ISTIO_OUTPUT_DNS#1") == 1 and moved.get("ISTIO_OUTPUT_DNS#2") == 1  # TCP, UDP -> 15053
-    assert "ISTIO_OUTPUT#10" not in moved
-    assert raw["ISTIO_OUTPUT_DNS#5"] == 1  # the app's UDP query to the resolver: conntrack zone 2
+    assert moved.get(RuleRef("nat", "ISTIO_OUTPUT", 8)) == 2  # the jump to ISTIO_OUTPUT_DNS, once per protocol
+    assert moved.get(RuleRef("nat", "ISTIO_OUTPUT_DNS", 1)) == 1  # TCP -> 15053
+    assert moved.get(RuleRef("nat", "ISTIO_OUTPUT_DNS", 2)) == 1  # UDP -> 15053
+    assert RuleRef("nat", "ISTIO_OUTPUT", 10) not in moved
+    assert raw[RuleRef("raw", "ISTIO_OUTPUT_DNS", 5)] == 1  # the app's UDP query to the resolver: conntrack zone 2
 
 
 @pytest.mark.kernel
@@ -423,15 +425,13 @@ def test_an_app_calling_its_own_pod_ip_went_through_envoy_in_14_only():
     """The scenarios on a real lab: under istio-1.4 the unscoped lo redirect (rule 2) sends an
     app's call to its own pod IP through Envoy inbound, and its localhost call reaches the
     127.0.0.1 return (rule 5); under the default both are returned by rule 3."""
-    from lab import commands
-
     chosen = scenario.select(scenario.load_all(), ["type4-own-pod-ip", "type5-app-localhost"])
     measured = {}
     for name in ("istio-1.4", profiles.DEFAULT):
-        with Lab() as lab:
-            commands.bring_up(lab, name)
-            results = runner.run(lab, chosen, name)
-        assert [r.verdict for r in results] == ["pass", "pass"], [r.failure or r.measured_path for r in results]
+        with api.Session(ruleset.profile(name)) as session:
+            results = session.run_all(chosen)
+        assert [r.profile for r in results] == [name, name]
+        assert [r.passed for r in results] == [True, True], [r.failure or r.measured_path for r in results]
         measured[name] = [r.measured_path for r in results]
     assert measured["istio-1.4"] != measured[profiles.DEFAULT]
     assert "ISTIO_OUTPUT RULE 2 -> ISTIO_IN_REDIRECT -> Envoy 15006" in measured["istio-1.4"][0]

@@ -1,7 +1,7 @@
 """The HTML report: valid, self-contained, a diagram per scenario holding every
 measured hop, the article's differing hops marked, and a real browser opens it.
 
-Recorded kernel runs (tests/data/observations.json) feed the offline tests; the
+Recorded kernel runs of every profile (tests/data/observations/) feed the offline tests; the
 kernel tests run `istio-lab run --json --report DIR` and check the page against
 the paths that same run measured.
 """
@@ -15,11 +15,14 @@ from pathlib import Path
 import html5lib
 import pytest
 from PIL import Image
+from rich.console import Console
 
-from lab import html_report, markdown_report, runner, scenario
+from lab import dualstack, html_report, markdown_report, report, result, scenario, view
+from lab.observe import Observation
+from lab.rules import profiles
 
 from . import browser
-from .record_observations import OUT, from_json
+from .record_observations import load
 
 REPO = Path(__file__).resolve().parents[1]
 SCENARIOS = scenario.load_all()
@@ -67,12 +70,26 @@ def assert_diagram_draws(tree, sid: str, hops: list[dict]) -> None:
 # --- offline: recorded runs ------------------------------------------------------------------
 
 
+def recorded_results(profile: str) -> list[result.Result]:
+    """Every scenario recorded under the profile, concluded again offline."""
+    data = load(profile)
+
+    def scenario_of(sid: str):
+        base = BY_ID[sid.removesuffix(dualstack.SUFFIX)]
+        return dualstack.over_ipv6(base) if sid.endswith(dualstack.SUFFIX) else base
+
+    return [result.conclude(scenario_of(sid), profile, Observation.from_json(data[sid])) for sid in sorted(data)]
+
+
+def run_view(results: list[result.Result], profile: str = "istio-1.13") -> view.RunView:
+    return view.run([r.view for r in results], "recorded", profile)
+
+
 @pytest.fixture(scope="module")
 def recorded(tmp_path_factory):
-    data = json.load(open(OUT))
-    results = [runner.judge(BY_ID[sid], from_json(data[sid])) for sid in sorted(data)]
+    results = recorded_results("istio-1.13")
     out = html_report.prepare(str(tmp_path_factory.mktemp("report")))
-    html_report.write(out, results, lab="recorded", profile="istio-1.13")
+    html_report.write(out, run_view(results))
     return results, out
 
 
@@ -107,7 +124,7 @@ def test_every_scenario_has_a_section_and_a_diagram_with_every_hop(recorded, rec
     sections = {s.get("id"): s for s in recorded_tree.iter("section")}
     for r in results:
         assert r.scenario.id in sections
-        assert_diagram_draws(recorded_tree, r.scenario.id, [h.as_dict() for h in r.measured.hops])
+        assert_diagram_draws(recorded_tree, r.scenario.id, [report.hop_json(h) for h in r.measurement.path.hops])
 
 
 def test_hooks_show_the_rule_that_jumped_into_istios_chains(recorded_tree):
@@ -141,7 +158,7 @@ def test_a_picture_only_article_is_quoted_not_drawn(recorded_tree):
     section = next(s for s in recorded_tree.iter("section") if s.get("id") == "type1-remote-to-local")
     article = next(f for f in section.iter("figure") if f.get("class") == "article")
     assert article.find(f".//{SVG}svg") is None
-    assert BY_ID["type1-remote-to-local"].article_claim in text_of(article)
+    assert BY_ID["type1-remote-to-local"].article.sentence in text_of(article)
 
 
 def test_each_section_has_the_counters_and_the_explanation(recorded, recorded_tree):
@@ -149,18 +166,18 @@ def test_each_section_has_the_counters_and_the_explanation(recorded, recorded_tr
     sections = {s.get("id"): text_of(s) for s in recorded_tree.iter("section")}
     for r in results:
         text = sections[r.scenario.id]
-        for ref, delta in r.counter_deltas.items():
+        for ref, delta in r.measurement.counters.items():
             assert f"{ref} +{delta}" in text
         assert " ".join(r.scenario.explanation.split()) in text
 
 
 def test_a_scenario_that_was_not_measured_still_gets_its_section(tmp_path):
-    failed = runner.Result(BY_ID["type2-local-to-remote"], failure="envoy exited with status 1")
-    tree = parse_page(html_report.page([failed]))
+    failed = run_view([result.conclude(BY_ID["type2-local-to-remote"], "istio-1.13", None, "envoy exited with status 1")])
+    tree = parse_page(html_report.page(failed))
     section = next(tree.iter("section"))
     assert "Not measured: envoy exited with status 1" in text_of(section)
     assert section.find(f".//{SVG}svg") is None
-    assert "**Not measured**: envoy exited with status 1" in markdown_report.render([failed])
+    assert "**Not measured**: envoy exited with status 1" in markdown_report.render(failed)
 
 
 def test_summary_md_has_the_table_and_every_path(recorded):
@@ -169,9 +186,29 @@ def test_summary_md_has_the_table_and_every_path(recorded):
     rows = [line for line in md.splitlines() if line.startswith("| `")]
     assert len(rows) == len(results)
     for r, row in zip(results, rows):
-        assert row.startswith(f"| `{r.scenario.id}` | pass | {'agrees' if r.matches_article else 'differs'} |")
+        assert row.startswith(f"| `{r.scenario.id}` | pass | {'agrees' if r.article.matches else 'differs'} |")
         assert f"- kernel: `{r.measured_path}`" in md
-        assert all(d in md for d in r.article_differences)
+        assert all(d in md for d in r.article.differences)
+
+
+@pytest.mark.parametrize("profile", profiles.names())
+def test_every_profiles_recorded_run_renders_in_every_report(profile):
+    """mangle, raw, UDP, lo re-entry and IPv6 hops, drawn, tabled and written without a kernel."""
+    results = recorded_results(profile)
+    shown = run_view(results, profile)
+    tree = parse_page(html_report.page(shown))
+    for r in results:
+        assert_diagram_draws(tree, r.scenario.id, [report.hop_json(h) for h in r.measurement.path.hops])
+    document = json.loads(report.to_json(shown))
+    assert [s["measured_path"] for s in document["scenarios"]] == [r.measured_path for r in results]
+    assert all(s["verdict"] == "pass" and s["counters_agree"] for s in document["scenarios"])
+    md = markdown_report.render(shown)
+    assert all(f"- kernel: `{r.measured_path}`" in md for r in results)
+    console = Console(record=True, width=200, soft_wrap=True, force_terminal=False)
+    report.render(console, shown)
+    text = console.export_text()
+    assert all(f"kernel : {r.measured_path}" in text for r in results)
+    assert text.count("verdict: pass") == len(results)
 
 
 def test_report_into_a_place_that_is_no_directory_is_one_line_and_status_2(tmp_path):

@@ -2,8 +2,14 @@
 
 import pytest
 
-from lab import commands, path, runner, scenario
-from lab.world import Lab
+import json
+import os
+import signal
+
+from lab import api, compare, scenario
+from lab.netfilter import RuleRef
+from lab.observe import trace_plan
+from lab.rules import ruleset
 
 pytestmark = pytest.mark.kernel
 SCENARIOS = scenario.load_all()
@@ -28,20 +34,19 @@ AGREES_WITH_ARTICLE = {
 
 @pytest.fixture(scope="module")
 def results():
-    with Lab() as lab:
-        commands.bring_up(lab)
-        yield {r.scenario.id: r for r in runner.run(lab, SCENARIOS)}
+    with api.Session(ruleset.profile()) as session:
+        yield {r.scenario.id: r for r in session.run_all(SCENARIOS)}
 
 
 @pytest.mark.parametrize("s", SCENARIOS, ids=[s.id for s in SCENARIOS])
 def test_scenario(results, s):
     r = results[s.id]
     assert r.failure is None
-    assert r.measured_path == s.expected_path
-    assert r.counters_agree, (r.counter_deltas, r.trace_rule_events)
-    assert r.endpoint, "the last leg's SYN never reached INPUT"
-    assert r.matches_article is AGREES_WITH_ARTICLE[s.id], r.article_differences
-    assert r.verdict == "pass"
+    assert r.measured_path == str(s.expected.default)
+    assert r.measurement.counters_agree, r.measurement.disagreements
+    assert r.measurement.reached, "the last leg's SYN never reached INPUT"
+    assert r.article.matches is AGREES_WITH_ARTICLE[s.id], r.article.differences
+    assert r.passed
 
 
 def test_every_scenario_has_an_agreement_entry():
@@ -50,19 +55,19 @@ def test_every_scenario_has_an_agreement_entry():
 
 def test_expectations_that_differ_from_the_article_are_not_copies_of_it():
     for s in SCENARIOS:
-        if s.article_path and not AGREES_WITH_ARTICLE[s.id]:
-            assert path.differences(path.parse(s.article_path), path.parse(s.expected_path))
+        if s.article and s.article.path and not AGREES_WITH_ARTICLE[s.id]:
+            assert compare.differences(s.article.path, s.expected.default)
 
 
 def test_istio_output_rule_8_never_matches(results):
     """Rules 3 and 4 return everything on lo first: the article's type 5 rule is unreachable."""
-    assert all("ISTIO_OUTPUT#8" not in r.counter_deltas for r in results.values())
+    assert all(r.counter(RuleRef("nat", "ISTIO_OUTPUT", 8)) == 0 for r in results.values())
 
 
 def test_nat_judges_only_the_syn(results):
     """Type 3's replies: TRACE sees them in other tables, never in nat."""
     r = results["type3-prometheus-to-local"]
-    sidecar = [e for e in r.events if e.pod == "sidecar"]
+    sidecar = [e for e in r.measurement.events if e.pod == "sidecar"]
     replies = [e for e in sidecar if e.sport == 15090]
     assert any(e.tcp_flags == "SA" for e in replies), "the SYN-ACK was traced"
     assert replies and not [e for e in replies if e.table == "nat"]
@@ -71,45 +76,32 @@ def test_nat_judges_only_the_syn(results):
 
 def test_the_kernel_names_the_sender_of_each_leg(results):
     """TRACE reports the socket's uid/gid on locally sent SYNs: who really sent each leg."""
-    owners = [h.owner for h in results["type2-local-to-remote"].measured.hops if h.owner]
-    assert owners == ["uid 1000 gid 1000", "uid 1337 gid 1337"]  # the app, then Envoy
-    agent = [h.owner for h in results["type6-sidecar-to-istiod"].measured.hops if h.owner]
-    assert agent == ["uid 1337 gid 1337"]  # the real pilot-agent's re-dial
+    owners = [h.owner for h in results["type2-local-to-remote"].measurement.path.hops if h.owner]
+    assert owners == [(1000, 1000), (1337, 1337)]  # the app, then Envoy
+    agent = [h.owner for h in results["type6-sidecar-to-istiod"].measurement.path.hops if h.owner]
+    assert agent == [(1337, 1337)]  # the real pilot-agent's re-dial
 
 
 def test_the_app_sees_envoys_inbound_passthrough_source(results):
-    import json
-
-    body = json.loads(results["type1-remote-to-local"].response["body"])
+    body = json.loads(results["type1-remote-to-local"].measurement.response.body)
     assert body["peer"].startswith("127.0.0.6:")
-    own_ip = json.loads(results["type4-own-pod-ip"].response["body"])
+    own_ip = json.loads(results["type4-own-pod-ip"].measurement.response.body)
     assert own_ip["peer"].startswith("10.244.0.10:"), "no proxy between the app and itself"
 
 
 def test_two_labs_tracing_at_once_see_only_their_own_events():
-    chosen = scenario.select(SCENARIOS, ["type2-local-to-remote"])
-    with Lab() as a, Lab() as b:
-        commands.bring_up(a)
-        commands.bring_up(b)
-        wa, wb = runner.Witnesses(a), runner.Witnesses(b)
-        try:
-            with wb.tracing(chosen[0]):  # b traces the same pods and ports, but sends nothing
-                ra = runner.run_one(a, wa, chosen[0])
-                quiet = wb.events()
-        finally:
-            wa.close()
-            wb.close()
-    assert ra.verdict == "pass"
+    chosen = scenario.select(SCENARIOS, ["type2-local-to-remote"])[0]
+    with api.Session(ruleset.profile()) as a, api.Session(ruleset.profile()) as b:
+        with b.witnesses.tracing(trace_plan(chosen.traffic), 4):  # b traces the same pods and ports, but sends nothing
+            ra = a.run(chosen)
+            quiet = b.witnesses.events()
+    assert ra.passed
     assert all(events == [] for events in quiet.values())
 
 
 def test_a_dead_envoy_is_a_clear_failure_not_a_hang():
-    import os
-    import signal
-
-    with Lab() as lab:
-        commands.bring_up(lab)
-        os.kill(lab.record.pids["envoy"], signal.SIGKILL)
-        [r] = runner.run(lab, scenario.select(SCENARIOS, ["type2-local-to-remote"]))
-    assert r.verdict == "fail"
+    with api.Session(ruleset.profile()) as session:
+        os.kill(session.lab.record.pids["envoy"], signal.SIGKILL)
+        [r] = session.run_all(scenario.select(SCENARIOS, ["type2-local-to-remote"]))
+    assert not r.passed
     assert r.failure.startswith("envoy ")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from lab import netns, plan, processes, record, workloads
+from lab import netns, plan, processes, proxylogs, record, traffic
 from lab.rules import save, xtables
 from lab.sidecar import httpio
 from lab.errors import LabError
@@ -46,11 +46,19 @@ def ns(lab, pod: str) -> str:
     return lab.pods[pod].ns
 
 
-def traffic(lab, action):
+def access_log(lab) -> list[dict]:
+    return proxylogs.read(lab.run_dir, proxylogs.ACCESS_LOG)
+
+
+def istiod_log(lab) -> list[dict]:
+    return proxylogs.read(lab.run_dir, proxylogs.ISTIOD_LOG)
+
+
+def proxied(lab, action):
     """Run `action`; its result and the access-log lines it made, read at once (no settling wait)."""
-    before = len(processes.access_log(lab))
+    before = len(access_log(lab))
     result = action()
-    return result, processes.access_log(lab)[before:]
+    return result, access_log(lab)[before:]
 
 
 def until(condition, timeout: float = 2.0):
@@ -68,26 +76,26 @@ def proc_status(pid: int) -> dict[str, str]:
 # -- listeners ---------------------------------------------------------------------------
 
 def test_http_listeners_answer_through_the_rules(lab):
-    admin = workloads.request(ns(lab, "sidecar"), "127.0.0.1", plan.Port.ADMIN,
+    admin = traffic.request(ns(lab, "sidecar"), "127.0.0.1", plan.Port.ADMIN,
                               uid=plan.PROXY_UID, gid=plan.PROXY_GID, path="/ready")
     assert (admin.status, admin.body) == (200, "LIVE\n")
     prom = ns(lab, "prometheus")
-    stats = workloads.request(prom, SIDECAR_IP, plan.Port.STATS, **APP, path="/stats/prometheus")
+    stats = traffic.request(prom, SIDECAR_IP, plan.Port.STATS, **APP, path="/stats/prometheus")
     assert stats.status == 200 and 'envoy_listener_downstream_cx_total{listener="0.0.0.0_15001"}' in stats.body
-    merged = workloads.request(prom, SIDECAR_IP, plan.Port.AGENT, **APP, path="/stats/prometheus")
+    merged = traffic.request(prom, SIDECAR_IP, plan.Port.AGENT, **APP, path="/stats/prometheus")
     assert merged.status == 200
     assert "envoy_server_live 1" in merged.body and 'app_requests_total{pod="sidecar"}' in merged.body
     assert "istio_agent_xds_connected 1" in merged.body
-    ready = workloads.request(prom, SIDECAR_IP, plan.Port.READY, **APP, path="/healthz/ready")
+    ready = traffic.request(prom, SIDECAR_IP, plan.Port.READY, **APP, path="/healthz/ready")
     assert ready.status == 200
-    remote = workloads.request(prom, REMOTE_IP, plan.Port.REMOTE_APP, **APP)
+    remote = traffic.request(prom, REMOTE_IP, plan.Port.REMOTE_APP, **APP)
     assert remote.json()["pod"] == "remote"
 
 
 def test_admin_is_not_reachable_from_outside_the_pod(lab):
     """15000 is bound to 127.0.0.1: from another pod it is inbound traffic to 15006, which cannot connect."""
-    _, lines = traffic(lab, lambda: pytest.raises(
-        workloads.RequestError, workloads.request, ns(lab, "remote"), SIDECAR_IP, plan.Port.ADMIN, **APP))
+    _, lines = proxied(lab, lambda: pytest.raises(
+        traffic.RequestError, traffic.request, ns(lab, "remote"), SIDECAR_IP, plan.Port.ADMIN, **APP))
     assert [(l["listener"], l["original_dst"]) for l in lines] == [(15006, f"{SIDECAR_IP}:15000")]
     assert "Connection refused" in lines[0]["error"]
 
@@ -95,12 +103,12 @@ def test_admin_is_not_reachable_from_outside_the_pod(lab):
 # -- the article's traffic types ---------------------------------------------------------
 
 def test_local_app_to_remote_goes_through_15001_only(lab):
-    response, (leg,) = traffic(lab, lambda: workloads.request(
+    response, (leg,) = proxied(lab, lambda: traffic.request(
         ns(lab, "sidecar"), REMOTE_IP, plan.Port.REMOTE_APP, **APP, src_port=40123))
     seen = response.json()
-    assert response.local == f"{SIDECAR_IP}:40123" and response.peer == f"{REMOTE_IP}:9080"
+    assert str(response.local) == f"{SIDECAR_IP}:40123" and str(response.peer) == f"{REMOTE_IP}:9080"
     assert leg["listener"] == 15001 and leg["error"] is None
-    assert leg["downstream_peer"] == response.local
+    assert leg["downstream_peer"] == str(response.local)
     assert leg["original_dst"] == f"{REMOTE_IP}:9080" == leg["upstream_peer"]
     assert leg["upstream_local"] == seen["peer"] and seen["peer"].startswith(f"{SIDECAR_IP}:")
     assert leg["bytes_from_downstream"] == len(httpio.request_bytes(REMOTE_IP, 9080, "/"))
@@ -108,10 +116,10 @@ def test_local_app_to_remote_goes_through_15001_only(lab):
 
 
 def test_local_app_to_own_service_goes_out_15001_and_back_in_15006(lab):
-    response, lines = traffic(lab, lambda: workloads.request(ns(lab, "sidecar"), "10.96.0.80", 8080, **APP))
+    response, lines = proxied(lab, lambda: traffic.request(ns(lab, "sidecar"), "10.96.0.80", 8080, **APP))
     outbound, inbound = sorted(lines, key=lambda l: l["listener"])
     assert (outbound["listener"], inbound["listener"]) == (15001, 15006)
-    assert outbound["downstream_peer"] == response.local and outbound["original_dst"] == "10.96.0.80:8080"
+    assert outbound["downstream_peer"] == str(response.local) and outbound["original_dst"] == "10.96.0.80:8080"
     assert outbound["upstream_cluster"] == "outbound|8080||app.default.svc.cluster.local"
     assert outbound["upstream_peer"] == f"{SIDECAR_IP}:8080"
     assert inbound["downstream_peer"] == outbound["upstream_local"]  # the join of the two legs
@@ -122,8 +130,8 @@ def test_local_app_to_own_service_goes_out_15001_and_back_in_15006(lab):
 
 
 def test_remote_to_local_app_goes_through_15006_only(lab):
-    response, (leg,) = traffic(lab, lambda: workloads.request(ns(lab, "remote"), SIDECAR_IP, plan.Port.SIDECAR_APP, **APP))
-    assert leg["listener"] == 15006 and leg["downstream_peer"] == response.local
+    response, (leg,) = proxied(lab, lambda: traffic.request(ns(lab, "remote"), SIDECAR_IP, plan.Port.SIDECAR_APP, **APP))
+    assert leg["listener"] == 15006 and leg["downstream_peer"] == str(response.local)
     assert leg["downstream_local"] == f"{SIDECAR_IP}:15006"
     assert leg["original_dst"] == f"{SIDECAR_IP}:8080"
     assert response.json()["peer"] == leg["upstream_local"] and leg["upstream_local"].startswith("127.0.0.6:")
@@ -133,13 +141,13 @@ def test_access_log_line_is_written_before_the_client_sees_eof(lab):
     """Even for a client that never half-closes (curl-like): the line precedes the EOF."""
 
     def exchange_without_half_close():
-        with workloads.connect(ns(lab, "sidecar"), "10.96.0.80", 8080, **APP) as sock:
+        with traffic.connect(ns(lab, "sidecar"), "10.96.0.80", 8080, **APP) as sock:
             sock.sendall(httpio.request_bytes("10.96.0.80", 8080, "/"))
             while sock.recv(65536):
                 pass
-            return sock.getsockname(), processes.access_log(lab)  # still open: read before our FIN
+            return sock.getsockname(), access_log(lab)  # still open: read before our FIN
 
-    before = len(processes.access_log(lab))
+    before = len(access_log(lab))
     (ip, port), log = exchange_without_half_close()
     lines = log[before:]
     assert sorted(l["listener"] for l in lines) == [15001, 15006]
@@ -147,14 +155,14 @@ def test_access_log_line_is_written_before_the_client_sees_eof(lab):
 
 
 def admin_stats(lab) -> dict[str, int]:
-    text = workloads.request(ns(lab, "sidecar"), "127.0.0.1", plan.Port.ADMIN,
+    text = traffic.request(ns(lab, "sidecar"), "127.0.0.1", plan.Port.ADMIN,
                              uid=plan.PROXY_UID, gid=plan.PROXY_GID, path="/stats").body
     return {k: int(v) for k, v in (line.split(": ") for line in text.splitlines())}
 
 
 def test_stats_count_what_was_proxied(lab):
     before = admin_stats(lab)
-    _, (leg,) = traffic(lab, lambda: workloads.request(ns(lab, "sidecar"), REMOTE_IP, plan.Port.REMOTE_APP, **APP))
+    _, (leg,) = proxied(lab, lambda: traffic.request(ns(lab, "sidecar"), REMOTE_IP, plan.Port.REMOTE_APP, **APP))
     after = admin_stats(lab)
     delta = {k: v - before.get(k, 0) for k, v in after.items()
              if v != before.get(k, 0) and not k.endswith("_active")}  # gauges move as earlier tests' sockets close
@@ -180,16 +188,16 @@ def test_proxy_processes_are_1337_without_groups_or_capabilities(lab, name):
 # -- pilot-agent and istiod --------------------------------------------------------------
 
 def test_agent_holds_a_stream_to_istiod(lab):
-    connects = [e for e in processes.istiod_log(lab) if e["event"] == "connect"]
+    connects = [e for e in istiod_log(lab) if e["event"] == "connect"]
     assert connects and connects[0]["peer"].startswith(f"{SIDECAR_IP}:")
     assert connects[0]["local"] == f"{ISTIOD_IP}:{plan.Port.ISTIOD}"
 
 
 def test_agent_redials_when_istiod_drops_the_stream(lab):
-    before = processes.istiod_log(lab)
+    before = istiod_log(lab)
     os.kill(lab.record.pids["istiod"], signal.SIGUSR1)
-    fresh = until(lambda: [e for e in processes.istiod_log(lab)[len(before):] if e["event"] == "connect"])
-    dropped = [e for e in processes.istiod_log(lab)[len(before):] if e["event"] == "drop"]
+    fresh = until(lambda: [e for e in istiod_log(lab)[len(before):] if e["event"] == "connect"])
+    dropped = [e for e in istiod_log(lab)[len(before):] if e["event"] == "drop"]
     assert dropped and fresh, processes.tail(processes.log_path(lab, "pilot-agent"))
     assert fresh[0]["peer"].startswith(f"{SIDECAR_IP}:") and fresh[0]["peer"] != dropped[0]["peer"]
 
@@ -197,9 +205,9 @@ def test_agent_redials_when_istiod_drops_the_stream(lab):
 # -- Prometheus --------------------------------------------------------------------------
 
 def test_prometheus_scrapes_at_start_and_on_signal(lab):
-    first = [s for s in processes.scrapes(lab) if s["round"] == 1]
+    first = [s for s in proxylogs.read(lab.run_dir, proxylogs.SCRAPE_LOG) if s["round"] == 1]
     assert {s["target"] for s in first} == {f"{SIDECAR_IP}:15090/stats/prometheus", f"{SIDECAR_IP}:15020/stats/prometheus"}
-    again = processes.scrape(lab)
+    again = traffic.scrape(lab)
     assert len(again) == 2 and all(s["status"] == 200 and s["bytes"] > 0 for s in again)
     assert all(s["local"].startswith(f"{plan.PODS['prometheus']}:") for s in again)
 
@@ -217,18 +225,18 @@ def fd_count(pid: int) -> int:
 def test_200_concurrent_connections_through_each_proxy(lab, pod, dst, port, listener):
     envoy_pid = lab.record.pids["envoy"]
     fds = fd_count(envoy_pid)
-    before = len(processes.access_log(lab))
-    socks = [workloads.connect(ns(lab, pod), dst, port, **APP) for _ in range(200)]  # all open at once
+    before = len(access_log(lab))
+    socks = [traffic.connect(ns(lab, pod), dst, port, **APP) for _ in range(200)]  # all open at once
     try:
-        responses = [workloads.get(s) for s in socks]
+        responses = [traffic.get(s) for s in socks]
     finally:
         for s in socks:
             s.close()
     assert [r.status for r in responses] == [200] * 200
-    lines = processes.access_log(lab)[before:]
+    lines = access_log(lab)[before:]
     assert len(lines) == 200 and {l["listener"] for l in lines} == {listener}
     assert [l for l in lines if l["error"]] == []
-    assert {l["downstream_peer"] for l in lines} == {r.local for r in responses}
+    assert {l["downstream_peer"] for l in lines} == {str(r.local) for r in responses}
     assert until(lambda: fd_count(envoy_pid) == fds), (fds, fd_count(envoy_pid))
 
 

@@ -5,9 +5,9 @@ import socket
 
 import pytest
 
-from lab import commands, netns, plan, runner, scenario, world
-from lab.rules import profiles, routing
-from lab.world import Lab
+from lab import api, html_report, netns, plan, scenario, world
+from lab.addr import Address
+from lab.rules import features, profiles, routing, ruleset
 
 from .test_sidecar import proc_status
 
@@ -17,22 +17,22 @@ NET_ADMIN = 1 << netns.CAPABILITIES["NET_ADMIN"]
 
 
 def test_the_mark_and_mode_come_from_the_rules():
-    assert routing.tproxy_mark(profiles.load(TPROXY)) == 1337
-    assert routing.tproxy_mark(profiles.load(profiles.DEFAULT)) is None
-    assert routing.inbound_mode(profiles.dumps(TPROXY)) == "TPROXY"
-    assert routing.inbound_mode(profiles.dumps(profiles.DEFAULT)) == "REDIRECT"
+    assert features.tproxy_mark(profiles.load(TPROXY)) == 1337
+    assert features.tproxy_mark(profiles.load(profiles.DEFAULT)) is None
+    assert features.inbound_mode(profiles.dumps(TPROXY)) == "TPROXY"
+    assert features.inbound_mode(profiles.dumps(profiles.DEFAULT)) == "REDIRECT"
+    assert (ruleset.profile(TPROXY).inbound_mode, ruleset.profile().inbound_mode) == ("TPROXY", "REDIRECT")
 
 
 def test_every_scenario_has_a_measured_tproxy_path():
-    assert [s.id for s in SCENARIOS if TPROXY not in dict(s.expected_by_profile)] == []
+    assert [s.id for s in SCENARIOS if TPROXY not in dict(s.expected.by_profile)] == []
 
 
 @pytest.fixture(scope="module")
 def tproxy_lab():
-    with Lab() as lab:
-        commands.bring_up(lab, TPROXY)
-        results = {r.scenario.id: r for r in runner.run(lab, SCENARIOS, TPROXY)}
-        yield lab, results
+    with api.Session(ruleset.profile(TPROXY)) as session:
+        results = {r.scenario.id: r for r in session.run_all(SCENARIOS)}
+        yield session.lab, results
 
 
 @pytest.mark.kernel
@@ -40,9 +40,9 @@ def tproxy_lab():
 def test_scenario_under_tproxy(tproxy_lab, s):
     r = tproxy_lab[1][s.id]
     assert r.failure is None
-    assert r.measured_path == s.expected_for(TPROXY)
-    assert r.counters_agree, (r.counter_deltas, r.trace_rule_events)
-    assert r.verdict == "pass"
+    assert r.measured_path == str(s.expected.path(TPROXY))
+    assert r.measurement.counters_agree, (r.measurement.counters, r.measurement.trace_counts)
+    assert r.passed
 
 
 def _policy_routing(ns: str) -> tuple[list, list]:
@@ -78,10 +78,10 @@ def test_the_app_sees_the_clients_own_address(tproxy_lab):
     """original_src: Envoy's inbound side dials the app from the remote pod's address (REDIRECT
     mode dials from 127.0.0.6), and the reply finds its way back by the mark and table 133."""
     _, results = tproxy_lab
-    body = json.loads(results["type1-remote-to-local"].response["body"])
+    body = json.loads(results["type1-remote-to-local"].measurement.response.body)
     assert body["peer"].split(":")[0] == plan.PODS["remote"]
-    inbound = results["type1-remote-to-local"].legs[-1]
-    assert inbound.client.split(":")[0] == plan.PODS["remote"] and inbound.server == f"{plan.PODS['sidecar']}:8080"
+    inbound = results["type1-remote-to-local"].measurement.legs[-1]
+    assert inbound.client.ip == plan.PODS["remote"] and inbound.server == Address(plan.PODS["sidecar"], 8080)
 
 
 @pytest.mark.kernel
@@ -96,10 +96,8 @@ def test_envoy_reaches_its_own_app_through_the_1338_mark_and_tproxy(tproxy_lab):
 
 @pytest.mark.kernel
 def test_the_report_names_the_sidecars_uid_as_the_lab_runs_it(tproxy_lab):
-    from lab import html_report
-
     r = tproxy_lab[1]["type5-envoy-localhost"]
-    assert r.sidecar_uid == 0
-    assert html_report._box_label("sidecar", html_report.PROXY, r) == "Envoy (uid 0)"
-    assert html_report._box_label("sidecar", "pilot-agent", r) == "pilot-agent (uid 0)"  # the scenario's source
-    assert "uid 0 gid 1337" in [h.owner for h in r.measured.hops if h.owner]  # what TRACE reported
+    assert r.measurement.sidecar.uid == 0
+    assert html_report._box_label("sidecar", html_report.PROXY, r.view) == "Envoy (uid 0)"
+    assert html_report._box_label("sidecar", "pilot-agent", r.view) == "pilot-agent (uid 0)"  # the scenario's source
+    assert (0, 1337) in [h.owner for h in r.measurement.path.hops if h.owner]  # what TRACE reported

@@ -21,7 +21,7 @@ import socket
 import struct
 import subprocess
 import sys
-import time
+import threading
 from pathlib import Path
 
 import pytest
@@ -359,11 +359,20 @@ def test_events_queued_ahead_of_an_ack_are_kept(recorded, fake_reader):
     assert [e.seq for e in reader.drain(settle=0)] == [0, 1]
 
 
-def test_drain_settle_timing(fake_reader):
-    reader, _ = fake_reader()
-    started = time.monotonic()
-    assert reader.drain() == []
-    assert 0.02 <= time.monotonic() - started < 0.1
+def test_drain_settles_for_events_that_come_late_and_not_without_settling(recorded, fake_reader):
+    """An event delivered after drain() started is read when drain settles, and left for the
+    next drain when it does not (no wall-clock figure is asserted: only what was read)."""
+    reader, feed = fake_reader()
+    late = threading.Timer(0.005, feed.send, [recorded["messages"][0]])
+    late.start()
+    assert [e.seq for e in reader.drain(settle=1.0, timeout=5.0)] == [0]
+    late.join()
+    reader, feed = fake_reader()
+    feed_later = threading.Event()
+    threading.Thread(target=lambda: (feed_later.wait(5), feed.send(recorded["messages"][0]))).start()
+    assert reader.drain(settle=0) == []
+    feed_later.set()
+    assert [e.seq for e in reader.drain(settle=1.0, timeout=5.0)] == [0]
 
 
 def test_no_scapy_import():
@@ -387,11 +396,8 @@ def test_trace_redirect_on_loopback(namespaces):
             inside = Path("/proc/thread-self/net/netfilter/nf_log").read_text()
         assert inside.splitlines()[2].split()[1] == "nfnetlink_log"  # AF_INET bound in the pod only
         port = tcp_exchange(ns)
-        started = time.monotonic()
         events = reader.drain()
-        took = time.monotonic() - started
     assert host_nf_log() == host_before
-    assert took < 0.2
 
     assert [e.seq for e in events] == list(range(len(events)))
     syn = [e for e in events if e.tcp_flags == "S"]

@@ -88,8 +88,8 @@ def test_rules_read_back_equal_the_profile_line_for_line():
         assert kernel_lines == profiles.load().lines()
         listed = xtables.listing(ns, "nat")
         assert [r.line for r in listed] == kernel_lines
-        istio_output = [r for r in listed if r.chain == "ISTIO_OUTPUT"]
-        assert [r.num for r in istio_output] == list(range(1, 10))
+        istio_output = [r for r in listed if r.ref.chain == "ISTIO_OUTPUT"]
+        assert [r.ref.number for r in istio_output] == list(range(1, 10))
         # other pods got no rules
         other = subprocess.run(["ip", "netns", "exec", lab.pod("remote").ns, "iptables-legacy-save"],
                                capture_output=True, text=True).stdout
@@ -109,7 +109,7 @@ def test_counters_count_and_zero():
             client = socket.create_connection(("127.0.0.1", 7001), timeout=2)  # root on lo: ISTIO_OUTPUT rule 3
         client.close()
         server.close()
-        counts = {r.ref: r.packets for r in xtables.listing(ns, "nat")}
+        counts = {str(r.ref): r.packets for r in xtables.listing(ns, "nat")}
         assert counts["OUTPUT#1"] == 1 and counts["ISTIO_OUTPUT#3"] == 1
         assert counts["ISTIO_OUTPUT#9"] == 0
         xtables.zero(ns, "nat")

@@ -15,6 +15,7 @@ import ipaddress
 import shlex
 from dataclasses import dataclass, field, fields
 
+from .. import plan
 from ..errors import LabError
 from ..netfilter import BUILTIN_CHAINS, BUILTIN_TARGETS, TABLES
 from .save import Dump, RuleLine, TableDump
@@ -23,10 +24,6 @@ Version = tuple[int, int]
 OLDEST: Version = (1, 4)
 NEWEST: Version = (1, 30)  # the newest release checked against Istio's source
 MODERN: Version = (1, 25)  # DNS capture, TPROXY and IPv6 are modelled from here on
-TUNNEL_PORT = 15008  # HBONE; ISTIO_INBOUND returns it first from 1.7 on
-DNS_PROXY_PORT = 15053  # pilot-agent's DNS proxy
-TPROXY_MARK = 1337  # inbound packets diverted to Envoy (and the fwmark of the policy route)
-OUTBOUND_MARK = 1338  # Envoy's own connections to the app over lo (TPROXY mode)
 MODES = ("REDIRECT", "TPROXY")
 
 
@@ -56,15 +53,15 @@ def _str(v: Version) -> str:
 class Options:
     """istio-iptables' options (its flag in each comment); the defaults are a default sidecar's."""
 
-    proxy_port: int = 15001  # -p
-    inbound_capture_port: int = 15006  # -z
-    proxy_uid: tuple[int, ...] = (1337,)  # -u
+    proxy_port: int = plan.Port.OUTBOUND  # -p
+    inbound_capture_port: int = plan.Port.INBOUND  # -z
+    proxy_uid: tuple[int, ...] = (plan.PROXY_UID,)  # -u
     proxy_gid: tuple[int, ...] = ()  # -g; empty: the same as the uids
     mode: str = "REDIRECT"  # -m
     outbound_cidrs: tuple[str, ...] = ("*",)  # -i; ("*",) is every destination
     outbound_exclude_cidrs: tuple[str, ...] = ()  # -x
     inbound_ports: tuple[str, ...] = ("*",)  # -b; ("*",) every port, () none
-    inbound_exclude_ports: tuple[int, ...] = (15090, 15021, 15020)  # -d
+    inbound_exclude_ports: tuple[int, ...] = (plan.Port.STATS, plan.Port.READY, plan.Port.AGENT)  # -d
     outbound_ports: tuple[int, ...] = ()  # -q
     outbound_exclude_ports: tuple[int, ...] = ()  # -o
     exclude_interfaces: tuple[str, ...] = ()  # -c
@@ -77,7 +74,7 @@ class Options:
 
     @classmethod
     def from_mapping(cls, data: dict, where: str) -> "Options":
-        """Options from a preset's `options:` mapping; names the key of the first problem."""
+        """Options from a profile's `options:` mapping; names the key of the first problem."""
         known = {f.name: f for f in fields(cls)}
         values = {}
         for key, value in (data or {}).items():
@@ -215,7 +212,7 @@ def _build(v: Version, o: Options, family: int) -> _Tables:
             t.append("mangle", "PREROUTING", f"-i {nic} -j RETURN")
             t.append("mangle", "OUTPUT", f"-o {nic} -j RETURN")
     if v >= (1, 7):
-        t.append("nat", "ISTIO_INBOUND", f"-p tcp -m tcp --dport {TUNNEL_PORT} -j RETURN")
+        t.append("nat", "ISTIO_INBOUND", f"-p tcp -m tcp --dport {plan.Port.TUNNEL} -j RETURN")
     t.append("nat", "ISTIO_REDIRECT", f"-p tcp -j REDIRECT --to-ports {o.proxy_port}")
     # up to 1.5 the inbound capture port served only `-b '*'`; a port list went to the outbound port
     in_port = o.inbound_capture_port if v >= (1, 6) or o.inbound_ports == ("*",) else o.proxy_port
@@ -238,9 +235,9 @@ def _build(v: Version, o: Options, family: int) -> _Tables:
         for kind, ids in (("uid", o.proxy_uid), ("gid", o.gids)):
             for ident in ids:
                 if o.dns_servers and kind == "uid":
-                    tunnel = f"-p tcp -m multiport ! --dports 53,{TUNNEL_PORT} "
+                    tunnel = f"-p tcp -m multiport ! --dports 53,{plan.Port.TUNNEL} "
                 elif v >= (1, 18):
-                    tunnel = f"-p tcp -m tcp ! --dport {TUNNEL_PORT} "
+                    tunnel = f"-p tcp -m tcp ! --dport {plan.Port.TUNNEL} "
                 else:
                     tunnel = ""
                 t.append("nat", "ISTIO_OUTPUT",
@@ -274,11 +271,11 @@ def _inbound(t: _Tables, v: Version, o: Options, localhost: str) -> None:
     tproxy = o.mode == "TPROXY"
     table = "mangle" if tproxy else "nat"
     if tproxy:
-        t.append("mangle", "ISTIO_DIVERT", f"-j MARK --set-xmark {TPROXY_MARK:#x}/0xffffffff")
+        t.append("mangle", "ISTIO_DIVERT", f"-j MARK --set-xmark {plan.INBOUND_MARK:#x}/0xffffffff")
         t.append("mangle", "ISTIO_DIVERT", "-j ACCEPT")
         on_ip = "0.0.0.0" if localhost.startswith("127") else "::"
         t.append("mangle", "ISTIO_TPROXY", f"! -d {localhost} -p tcp -j TPROXY --on-port {o.inbound_capture_port} "
-                                           f"--on-ip {on_ip} --tproxy-mark {TPROXY_MARK:#x}/0xffffffff")
+                                           f"--on-ip {on_ip} --tproxy-mark {plan.INBOUND_MARK:#x}/0xffffffff")
     t.append(table, "PREROUTING", "-p tcp -j ISTIO_INBOUND")
     if o.inbound_ports == ("*",):
         if v < (1, 13):  # "Makes sure SSH is not redirected"
@@ -308,12 +305,12 @@ def _dns(t: _Tables, o: Options, servers: list[str], host: int) -> None:
     for proto in ("tcp", "udp"):
         for s in servers:
             t.append("nat", "ISTIO_OUTPUT_DNS",
-                     f"-d {s}/{host} -p {proto} -m {proto} --dport 53 -j REDIRECT --to-ports {DNS_PROXY_PORT}")
+                     f"-d {s}/{host} -p {proto} -m {proto} --dport 53 -j REDIRECT --to-ports {plan.Port.DNS_PROXY}")
     for kind, ids in (("uid", o.proxy_uid), ("gid", o.gids)):
         for ident in ids:
             t.append("raw", "ISTIO_OUTPUT_DNS", f"-p udp -m udp --dport 53 -m owner --{kind}-owner {ident} -j CT --zone 1")
             t.append("raw", "ISTIO_OUTPUT_DNS",
-                     f"-p udp -m udp --sport {DNS_PROXY_PORT} -m owner --{kind}-owner {ident} -j CT --zone 2")
+                     f"-p udp -m udp --sport {plan.Port.DNS_PROXY} -m owner --{kind}-owner {ident} -j CT --zone 2")
     if servers:
         t.append("raw", "PREROUTING", "-j ISTIO_INBOUND")
     for s in servers:
@@ -323,7 +320,7 @@ def _dns(t: _Tables, o: Options, servers: list[str], host: int) -> None:
 
 def _tproxy_marks(t: _Tables, o: Options, family: int, localhost: str, passthrough: str) -> None:
     """Marks that keep Envoy's own and the app's own connections away from TPROXY."""
-    mark, outbound = f"{TPROXY_MARK:#x}", f"{OUTBOUND_MARK:#x}"
+    mark, outbound = f"{plan.INBOUND_MARK:#x}", f"{plan.OUTBOUND_MARK:#x}"
     restore = "--nfmask 0xffffffff --ctmask 0xffffffff"
     t.append("mangle", "PREROUTING", f"-p tcp -m mark --mark {mark} -j CONNMARK --save-mark {restore}")
     t.append("mangle", "OUTPUT", f"-o lo -p tcp -m mark --mark {mark} -j RETURN")

@@ -28,7 +28,7 @@ LAB_PORTS = {"outbound": plan.Port.OUTBOUND, "inbound": plan.Port.INBOUND}
 class Foreign:
     file: str
     dump: save.Dump  # as it goes into the sidecar pod, renumbered to the lab's uid and ports
-    preset: str | None  # the preset whose rules it holds exactly, if any
+    profile: str | None  # the profile whose rules it holds exactly, if any
     notes: list[str] = field(default_factory=list)
 
 
@@ -71,20 +71,10 @@ def _usable_nat(file: str, dump: save.Dump) -> save.TableDump:
         raise LabError(f"{file}: no *nat table: Istio's sidecar redirects in nat (is this an iptables-save of the pod?)")
     if "ISTIO_OUTPUT" not in nat.chains:
         raise LabError(f"{file}: *nat has no ISTIO_OUTPUT chain: the scenarios' outbound traffic would meet no Istio rule")
-    jumps = [r for r in nat.chain_rules("OUTPUT") if _target(r) == "ISTIO_OUTPUT"]
+    jumps = [r for r in nat.chain_rules("OUTPUT") if r.target == "ISTIO_OUTPUT"]
     if not jumps:
         raise LabError(f"{file}: nat OUTPUT never jumps to ISTIO_OUTPUT (no '-A OUTPUT ... -j ISTIO_OUTPUT')")
     return nat
-
-
-def _target(rule: save.RuleLine) -> str | None:
-    args = list(rule.args)
-    return args[args.index("-j") + 1] if "-j" in args and args.index("-j") + 1 < len(args) else None
-
-
-def _option(rule: save.RuleLine, option: str) -> str | None:
-    args = list(rule.args)
-    return args[args.index(option) + 1] if option in args and args.index(option) + 1 < len(args) else None
 
 
 def _owner(file: str, dump: save.Dump, kind: str, given: int | None, notes: list[str]) -> int | None:
@@ -92,14 +82,14 @@ def _owner(file: str, dump: save.Dump, kind: str, given: int | None, notes: list
     if given is not None:
         return given
     seen = Counter(int(v) for t in dump.tables.values() for r in t.rules
-                   if (v := _option(r, f"--{kind}-owner")) is not None and v.isdigit())
+                   if (v := r.option(f"--{kind}-owner")) is not None and v.isdigit())
     if not seen:
         return None
     if len(seen) > 1:
         if plan.PROXY_UID in seen:  # "-u 1337,0": Istio's own user besides another
             notes.append(f"--{kind}-owner names {', '.join(map(str, sorted(seen)))}: the proxy is {plan.PROXY_UID}")
             return plan.PROXY_UID
-        line = next(r.lineno for t in dump.tables.values() for r in t.rules if _option(r, f"--{kind}-owner"))
+        line = next(r.lineno for t in dump.tables.values() for r in t.rules if r.option(f"--{kind}-owner"))
         raise LabError(f"{file}:{line}: --{kind}-owner names {', '.join(map(str, sorted(seen)))}: "
                        f"say which is the proxy's with --proxy-{kind}")
     (found,) = seen
@@ -109,7 +99,7 @@ def _owner(file: str, dump: save.Dump, kind: str, given: int | None, notes: list
 def _port(file: str, nat: save.TableDump, chain: str, role: str, given: int | None) -> int:
     if given is not None:
         return given
-    ports = [(r, _option(r, "--to-ports")) for r in nat.chain_rules(chain) if _target(r) == "REDIRECT"]
+    ports = [(r, r.option("--to-ports")) for r in nat.chain_rules(chain) if r.target == "REDIRECT"]
     if not ports:
         raise LabError(f"{file}: no '-A {chain} ... -j REDIRECT --to-ports PORT': nothing sends outbound "
                        f"traffic to Envoy (give --{role}-port if the redirect is elsewhere)")
@@ -125,12 +115,12 @@ def _inbound_port(file: str, dump: save.Dump, given: int | None, notes: list[str
     if given is not None:
         return given
     nat = dump.tables["nat"]
-    if any(_target(r) == "REDIRECT" for r in nat.chain_rules("ISTIO_IN_REDIRECT")):
+    if any(r.target == "REDIRECT" for r in nat.chain_rules("ISTIO_IN_REDIRECT")):
         return _port(file, nat, "ISTIO_IN_REDIRECT", "inbound", None)
     mangle = dump.tables.get("mangle")
     for rule in mangle.rules if mangle else ():
-        if _target(rule) == "TPROXY":
-            port = _option(rule, "--on-port")
+        if rule.target == "TPROXY":
+            port = rule.option("--on-port")
             if port is None or not port.isdigit():
                 raise LabError(f"{file}:{rule.lineno}: {rule}: TPROXY without --on-port")
             return int(port)

@@ -14,26 +14,12 @@ from __future__ import annotations
 
 import socket
 
-from ..world import LO_INDEX
+from ..netns import LO_INDEX
+from .features import tproxy_mark
 from .save import Dump
 
 ROUTE_TABLE = 133  # istio-iptables' INBOUND_TPROXY_ROUTE_TABLE
 RULE_PRIORITY = 32765  # where `ip rule add` puts the first rule of its own, before main's 32766
-
-
-def tproxy_mark(dump: Dump) -> int | None:
-    """The mark the dump's first TPROXY rule sets (`--tproxy-mark 0x539/0xffffffff`), if it has one."""
-    mangle = dump.tables.get("mangle")
-    for rule in mangle.rules if mangle else ():
-        args = list(rule.args)
-        if "TPROXY" in args and "--tproxy-mark" in args:
-            return int(args[args.index("--tproxy-mark") + 1].split("/")[0], 0)
-    return None
-
-
-def inbound_mode(dumps: list[Dump]) -> str:
-    """REDIRECT or TPROXY: how the rules hand inbound connections to Envoy."""
-    return "TPROXY" if any(tproxy_mark(d) is not None for d in dumps) else "REDIRECT"
 
 
 def apply(ipr, dump: Dump) -> None:

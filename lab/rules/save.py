@@ -31,6 +31,24 @@ class RuleLine:
     lineno: int = field(default=0, compare=False)  # where the dump had it (0: built, not read)
 
     @property
+    def target(self) -> str | None:
+        """The `-j` (or `-g`) target: a chain of the rule set, or a built-in target."""
+        return self.option("-j") or self.option("-g")
+
+    def option(self, name: str) -> str | None:
+        """The word after `name` (`--to-ports` -> "15001"), None if the rule has no such option."""
+        args = list(self.args)
+        return args[args.index(name) + 1] if name in args[:-1] else None
+
+    @classmethod
+    def parse(cls, line: str) -> "RuleLine":
+        """A rule as the kernel lists it, `-A CHAIN args...`."""
+        tokens = shlex.split(line)
+        if len(tokens) < 2 or tokens[0] != "-A":
+            raise ValueError(f"not a rule line: {line!r}")
+        return cls(tokens[1], tuple(tokens[2:]))
+
+    @property
     def spec(self) -> str:
         return " ".join(f'"{a}"' if not a or " " in a else a for a in self.args)
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from .. import interrupts, netns
-from ..netfilter import BUILTIN_CHAINS, TABLES
+from ..netfilter import BUILTIN_CHAINS, TABLES, RuleRef
 from .save import Dump, RuleLine, TableDump, parse
 
 RESTORE_DEADLINE = 60  # seconds: every wait of the harness has one
@@ -41,16 +41,10 @@ class RuleError(ValueError):
 
 @dataclass(frozen=True)
 class NumberedRule:
-    table: str
-    chain: str
-    num: int  # from the chain's head, starting at 1, as the kernel counts
+    ref: RuleRef  # numbered from the chain's head, starting at 1, as the kernel counts
     line: str  # iptables-save form: "-A CHAIN ..."
     packets: int
     bytes: int
-
-    @property
-    def ref(self) -> str:
-        return f"{self.chain}#{self.num}"
 
 
 XTABLES_DIRS = ("/usr/lib/x86_64-linux-gnu/xtables", "/usr/lib/aarch64-linux-gnu/xtables",
@@ -283,7 +277,7 @@ def listing(ns: str, table_name: str, family: int = 4) -> list[NumberedRule]:
         for chain in table.chains:
             for num, rule in enumerate(chain.rules, 1):
                 packets, nbytes = rule.get_counters()
-                out.append(NumberedRule(table_name, chain.name, num, to_save(chain.name, rule), packets, nbytes))
+                out.append(NumberedRule(RuleRef(table_name, chain.name, num), to_save(chain.name, rule), packets, nbytes))
     return out
 
 
@@ -309,7 +303,7 @@ def _listing6(ns: str, table_name: str) -> list[NumberedRule]:
     out, numbers = [], Counter()
     for rule, (packets, nbytes) in zip(table.rules if table else (), counters):
         numbers[rule.chain] += 1
-        out.append(NumberedRule(table_name, rule.chain, numbers[rule.chain], str(rule), packets, nbytes))
+        out.append(NumberedRule(RuleRef(table_name, rule.chain, numbers[rule.chain]), str(rule), packets, nbytes))
     return out
 
 
@@ -331,25 +325,29 @@ def zero(ns: str, table_name: str) -> None:
         table.commit()
 
 
-def insert(ns: str, table_name: str, rules: list[tuple[str, tuple[str, ...]]], family: int = 4) -> None:
+Rules = list[tuple[str, tuple[str, ...]]]  # (chain, the rule's arguments)
+
+
+def insert(ns: str, table_name: str, rules: Rules, family: int = 4) -> None:
     """Put rules at the head of their chains (where a TRACE rule must be), in one commit."""
+    _change(ns, table_name, rules, family, "insert_rule")
+
+
+def delete(ns: str, table_name: str, rules: Rules, family: int = 4) -> None:
+    """Take rules insert() put in out again, in one commit."""
+    _change(ns, table_name, rules, family, "delete_rule")
+
+
+def _change(ns: str, table_name: str, rules: Rules, family: int, operation: str) -> None:
     iptc = _iptc()
     with _table(ns, table_name, family) as table:
         for chain, args in rules:
-            iptc.Chain(table, chain).insert_rule(to_iptc(RuleLine(chain, args), family))
+            getattr(iptc.Chain(table, chain), operation)(to_iptc(RuleLine(chain, args), family))
         table.commit()
 
 
-def delete(ns: str, table_name: str, rules: list[tuple[str, tuple[str, ...]]], family: int = 4) -> None:
-    iptc = _iptc()
-    with _table(ns, table_name, family) as table:
-        for chain, args in rules:
-            iptc.Chain(table, chain).delete_rule(to_iptc(RuleLine(chain, args), family))
-        table.commit()
-
-
-def packet_counts(ns: str, table_name: str, family: int = 4) -> dict[str, int]:
-    """Each rule's packet counter, as `CHAIN#N`: what a scenario reads before and after.
+def packet_counts(ns: str, table_name: str, family: int = 4) -> dict[RuleRef, int]:
+    """Each rule's packet counter: what a scenario reads before and after.
 
     Reads the entries' counters directly rather than decoding every rule (listing()),
     which costs ten times as much.
@@ -359,6 +357,6 @@ def packet_counts(ns: str, table_name: str, family: int = 4) -> dict[str, int]:
         for chain in table.chains:
             entry, num = table.first_rule(chain.name), 1
             while entry:
-                out[f"{chain.name}#{num}"] = entry.counters.pcnt
+                out[RuleRef(table_name, chain.name, num)] = entry.counters.pcnt
                 entry, num = table.next_rule(entry), num + 1
     return out

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
-from .. import plan
+from .. import addr, plan
 from . import dnsproxy, httpio
 
 
@@ -55,15 +55,15 @@ class Agent:
             try:
                 reader, writer = await asyncio.open_connection(*istiod)
             except OSError as e:
-                say(f"istiod {httpio.addr(istiod)}: {e}; re-dial in {delay:.2f}s")
+                say(f"istiod {addr.text(istiod)}: {e}; re-dial in {delay:.2f}s")
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, cap)
                 continue
             self.xds_connects += 1
             self.xds_connected += 1
             delay = base
-            say(f"istiod stream up {httpio.addr(writer.get_extra_info('sockname'))} -> "
-                f"{httpio.addr(writer.get_extra_info('peername'))}")
+            say(f"istiod stream up {addr.text(writer.get_extra_info('sockname'))} -> "
+                f"{addr.text(writer.get_extra_info('peername'))}")
             await httpio.until_closed(reader)
             writer.close()
             self.xds_connected -= 1
@@ -112,7 +112,7 @@ class Agent:
         streams = [asyncio.create_task(self.hold_istiod(istiod)) for istiod in self.config.istiods]
         await self.wait_envoy_ready()
         server = await asyncio.start_server(httpio.server(self.status), *self.config.listen, backlog=128)
-        say(f"envoy ready; serving {httpio.addr(self.config.listen)}")
+        say(f"envoy ready; serving {addr.text(self.config.listen)}")
         await asyncio.gather(*streams, server.serve_forever(), *dns)
 
 

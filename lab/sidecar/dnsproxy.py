@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 from typing import Mapping
 
-from .. import dns, plan
+from .. import addr, dns, plan
 from . import httpio
 from .envoy import original_dst
 
@@ -51,7 +51,7 @@ class DnsProxy:
     async def handle(self, req: dns.Request) -> bytes:
         t0 = time.monotonic()
         entry = {"listener": self.config.listen[1], "protocol": req.protocol,
-                 "downstream_peer": httpio.addr(req.peer), "downstream_local": httpio.addr(req.local),
+                 "downstream_peer": addr.text(req.peer), "downstream_local": addr.text(req.local),
                  "original_dst": self._original_dst(req), "name": None, "answered_by": None,
                  "upstream_local": None, "upstream_peer": None, "rcode": None, "answers": [],
                  "start_time": time.time(), "duration_ms": 0.0, "error": None}
@@ -67,7 +67,7 @@ class DnsProxy:
             entry["error"] = str(e)
             reply = dns.error(req.data, dns.FORMERR)
         except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError) as e:
-            entry["error"] = f"upstream {httpio.addr(self.config.upstream)}: {getattr(e, 'strerror', None) or e!r}"
+            entry["error"] = f"upstream {addr.text(self.config.upstream)}: {getattr(e, 'strerror', None) or e!r}"
             reply = dns.error(req.data, dns.SERVFAIL)
         said = dns.describe(reply)
         entry["rcode"], entry["answers"] = said["rcode"], said["answers"]
@@ -80,7 +80,7 @@ class DnsProxy:
         if req.sock is None:
             return None
         try:
-            return httpio.addr(original_dst(req.sock))
+            return addr.text(original_dst(req.sock))
         except OSError:
             return None
 
@@ -90,8 +90,8 @@ class DnsProxy:
         if req.protocol == "tcp":
             reader, writer = await asyncio.wait_for(asyncio.open_connection(*upstream), timeout)
             try:
-                entry["upstream_local"] = httpio.addr(writer.get_extra_info("sockname"))
-                entry["upstream_peer"] = httpio.addr(writer.get_extra_info("peername"))
+                entry["upstream_local"] = addr.text(writer.get_extra_info("sockname"))
+                entry["upstream_peer"] = addr.text(writer.get_extra_info("peername"))
                 writer.write(dns.frame(req.data))
                 await writer.drain()
                 size = await asyncio.wait_for(reader.readexactly(2), timeout)
@@ -102,8 +102,8 @@ class DnsProxy:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
             sock.setblocking(False)
             sock.connect(upstream)  # connected: only the resolver's answer is taken
-            entry["upstream_local"] = httpio.addr(sock.getsockname())
-            entry["upstream_peer"] = httpio.addr(upstream)
+            entry["upstream_local"] = addr.text(sock.getsockname())
+            entry["upstream_peer"] = addr.text(upstream)
             await loop.sock_sendall(sock, req.data)
             return await asyncio.wait_for(loop.sock_recv(sock, 65535), timeout)
 

@@ -38,7 +38,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 
-from .. import plan
+from .. import addr, plan
 from . import httpio
 
 SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h, level SOL_IP
@@ -47,7 +47,7 @@ SOL_IPV6 = getattr(socket, "SOL_IPV6", 41)
 IP_TRANSPARENT = 19  # linux/in.h: bind non-local addresses, accept TPROXY'd connections
 IPV6_TRANSPARENT = 75  # linux/in6.h: the same for IPv6
 TRANSPARENT = {socket.AF_INET: (socket.SOL_IP, IP_TRANSPARENT), socket.AF_INET6: (SOL_IPV6, IPV6_TRANSPARENT)}
-ORIGINAL_SRC_MARK = 1337  # Istio's original_src filter: mark = 1337
+ORIGINAL_SRC_MARK = plan.INBOUND_MARK  # Istio's original_src filter: mark = 1337, TPROXY's own
 BACKLOG = 1024
 PASSTHROUGH = "PassthroughCluster"
 INBOUND_PASSTHROUGH = "InboundPassthroughClusterIpv4"
@@ -127,15 +127,6 @@ class Envoy:
         self.config = config
         self.stats = Stats([plan.Port.OUTBOUND, plan.Port.INBOUND, plan.Port.STATS, plan.Port.READY])
         self.log_fd = os.open(config.access_log, os.O_WRONLY | os.O_APPEND)
-        # The event loop holds tasks weakly, and a half-closed socket is no longer watched
-        # by it: a connection's tasks must be held here, or the garbage collector can drop
-        # them mid-proxy ("Task was destroyed but it is pending!").
-        self.live: set[asyncio.Task] = set()
-
-    def hold(self, task: asyncio.Task) -> asyncio.Task:
-        self.live.add(task)
-        task.add_done_callback(self.live.discard)
-        return task
 
     async def serve(self) -> None:
         P = plan.Port
@@ -174,6 +165,7 @@ class Envoy:
     def counted(self, port: int, route: httpio.Route):
         serve = httpio.server(route)
 
+        @httpio.held
         async def counted_serve(reader, writer):
             name = f"0.0.0.0_{port}"
             self.stats.add("listener", name, "downstream_cx_total")
@@ -230,12 +222,12 @@ class Envoy:
         return sock
 
     async def proxy(self, listener: int, down_r: asyncio.StreamReader, down_w: asyncio.StreamWriter) -> None:
-        self.hold(asyncio.current_task())
+        httpio.hold(asyncio.current_task())
         t0 = time.monotonic()
         name = f"0.0.0.0_{listener}"
         entry = {"listener": listener,
-                 "downstream_peer": httpio.addr(down_w.get_extra_info("peername")),
-                 "downstream_local": httpio.addr(down_w.get_extra_info("sockname")),
+                 "downstream_peer": addr.text(down_w.get_extra_info("peername")),
+                 "downstream_local": addr.text(down_w.get_extra_info("sockname")),
                  "original_dst": None, "upstream_cluster": None, "upstream_local": None, "upstream_peer": None,
                  "bytes_from_downstream": 0, "bytes_to_downstream": 0,
                  "start_time": time.time(), "duration_ms": 0.0, "error": None}
@@ -256,7 +248,7 @@ class Envoy:
                 dst = original_dst(down_w.get_extra_info("socket"))
             except OSError as e:
                 raise ProxyError(f"no original destination: {e.strerror}") from None
-            entry["original_dst"] = httpio.addr(dst)
+            entry["original_dst"] = addr.text(dst)
             if dst[1] == listener:  # Istio's virtual{Outbound,Inbound}-blackhole: never loop into ourselves
                 raise ProxyError("blackhole: connection addressed to the proxy port itself")
             endpoint, source = self.route(listener, dst, down_w.get_extra_info("peername"))
@@ -268,9 +260,9 @@ class Envoy:
             except (OSError, asyncio.TimeoutError) as e:
                 self.stats.add("cluster", endpoint.cluster, "upstream_cx_connect_fail")
                 why = os.strerror(e.errno) if getattr(e, "errno", None) else "timeout"
-                raise ProxyError(f"upstream connect to {httpio.addr((endpoint.ip, endpoint.port))} failed: {why}") from None
-            entry["upstream_local"] = httpio.addr(up_w.get_extra_info("sockname"))
-            entry["upstream_peer"] = httpio.addr(up_w.get_extra_info("peername"))
+                raise ProxyError(f"upstream connect to {addr.text((endpoint.ip, endpoint.port))} failed: {why}") from None
+            entry["upstream_local"] = addr.text(up_w.get_extra_info("sockname"))
+            entry["upstream_peer"] = addr.text(up_w.get_extra_info("peername"))
             await self.pump(entry, endpoint.cluster, down_r, down_w, up_r, up_w, log)
         except ProxyError as e:
             entry["error"] = str(e)
@@ -304,8 +296,8 @@ class Envoy:
                 before_eof()
             dst.write_eof()
 
-        upstream = self.hold(asyncio.create_task(copy(down_r, up_w, "bytes_from_downstream", "upstream_cx_tx_bytes_total")))
-        downstream = self.hold(asyncio.create_task(copy(up_r, down_w, "bytes_to_downstream", "upstream_cx_rx_bytes_total", log)))
+        upstream = httpio.hold(asyncio.create_task(copy(down_r, up_w, "bytes_from_downstream", "upstream_cx_tx_bytes_total")))
+        downstream = httpio.hold(asyncio.create_task(copy(up_r, down_w, "bytes_to_downstream", "upstream_cx_rx_bytes_total", log)))
         finished, pending = await asyncio.wait({upstream, downstream}, return_when=asyncio.FIRST_EXCEPTION)
         failed = next((t for t in finished if t.exception()), None)
         if failed is not None:

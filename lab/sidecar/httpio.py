@@ -11,20 +11,34 @@ import asyncio
 from dataclasses import dataclass
 from typing import Awaitable, Callable
 
+from ..addr import text as addr_text
+
 JSON = "application/json"
 TEXT = "text/plain"
 PROMETHEUS = "text/plain; version=0.0.4"
 REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
 
 
-def addr(sockaddr) -> str | None:
-    """("10.244.0.10", 8080) -> "10.244.0.10:8080" (the form every log uses), an IPv6 address in
-    brackets as in a URL ("[fd00:10:244::10]:8080"); None for a socket that was reset before
-    asyncio could ask its address."""
-    if not sockaddr:
-        return None
-    host = sockaddr[0]
-    return f"[{host}]:{sockaddr[1]}" if ":" in host else f"{host}:{sockaddr[1]}"
+_live: set[asyncio.Task] = set()
+
+
+def hold(task: asyncio.Task) -> asyncio.Task:
+    """Keep a task alive until it ends.  The event loop holds tasks only weakly, and a socket
+    its peer half-closed is no longer watched by the loop: a task waiting on one can be
+    collected mid-connection ("Task was destroyed but it is pending!")."""
+    _live.add(task)
+    task.add_done_callback(_live.discard)
+    return task
+
+
+def held(handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]):
+    """A connection handler for asyncio.start_server whose task is held (hold) while it runs."""
+
+    async def run(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        hold(asyncio.current_task())
+        await handler(reader, writer)
+
+    return run
 
 
 def request_bytes(host: str, port: int, path: str) -> bytes:
@@ -61,14 +75,15 @@ Route = Callable[[Request], Awaitable[tuple[int, str, str]]]  # -> (status, body
 def server(route: Route) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
     """An asyncio client_connected_cb: read one request, answer it through `route`, close."""
 
+    @held
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             head = await reader.readuntil(b"\r\n\r\n")
             line = head.split(b"\r\n", 1)[0].decode(errors="replace").split()
             if len(line) < 2:
                 return
-            request = Request(line[0], line[1], addr(writer.get_extra_info("peername")),
-                              addr(writer.get_extra_info("sockname")))
+            request = Request(line[0], line[1], addr_text(writer.get_extra_info("peername")),
+                              addr_text(writer.get_extra_info("sockname")))
             if request.method != "GET":
                 status, body, ctype = 405, "only GET\n", TEXT
             else:

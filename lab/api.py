@@ -1,0 +1,132 @@
+"""The lab as a library: bring up a lab with a rule set, fire flows, get their results,
+tear down.  The CLI, the pytest plugin and the tests all go through here.
+
+    with api.Session(ruleset.profile("istio-1.13")) as session:
+        result = session.run(scenario)            # a scenario file's flow
+        result = session.request("sidecar", "10.96.0.90", 9080, uid=1000)   # any flow
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from . import dualstack, interrupts, plan, preflight, processes, record
+from . import path as paths
+from .addr import Address
+from .errors import LabError
+from .observe import Witnesses, observe
+from .result import Result, conclude
+from .rules import routing, xtables
+from .rules.ruleset import RuleSet
+from .scenario import PROTOCOLS, Expectation, Scenario, Source, Traffic
+from .trace import TraceError
+from .world import Lab, ipr
+
+
+def ready_machine() -> list[str]:
+    """Preflight (PreflightError names every missing piece), then reap the labs whose owner
+    died (a SIGKILLed run, say); returns the ids of the labs reaped."""
+    preflight.check()
+    return record.reap_orphans()
+
+
+def bring_up(lab: Lab, rules: RuleSet) -> None:
+    """The sidecar's rules and the policy routing TPROXY needs, then the processes (rules
+    first, as Istio's init container).  Rules that capture DNS get pilot-agent's DNS proxy,
+    as ISTIO_META_DNS_CAPTURE turns on both."""
+    sidecar = lab.pod("sidecar").ns
+    try:
+        for dump in rules.dumps:
+            xtables.apply(sidecar, dump)
+    except xtables.RuleError as e:
+        raise LabError(f"{rules.name}: {e}") from None
+    with interrupts.held(), ipr(sidecar) as sock:
+        for dump in rules.dumps:
+            routing.apply(sock, dump)
+    processes.start(lab, rules.inbound_mode, dns_proxy="dns-capture" in rules.features)
+
+
+@dataclass(frozen=True)
+class Flow:
+    """A flow asked about by address, not by scenario file (the plugin's, a probe's)."""
+
+    source: str  # a pod
+    to: Address
+    uid: int = plan.APP_UID
+    gid: int = plan.APP_GID
+    protocol: str = "http"
+
+    def scenario(self, expect: str = "") -> Scenario:
+        if self.source not in plan.PODS:
+            raise LabError(f"no pod {self.source!r} (pods: {', '.join(plan.PODS)})")
+        streams = [p for p in PROTOCOLS if p != "dns"]  # a DNS query needs a name: a scenario file says it
+        if self.protocol not in streams:
+            raise LabError(f"protocol {self.protocol!r} is not one of {', '.join(streams)} "
+                           "(DNS queries: a scenario file)")
+        try:
+            expected = Expectation(paths.parse(expect)) if expect else None
+        except ValueError as e:  # a path the notation cannot read fails here, not as a wrong verdict
+            raise LabError(f"expect: {e}") from None
+        service = plan.service_at(self.to.ip, self.to.port)
+        to = service.pod if service else plan.pod_at(self.to.ip) or self.source
+        source = Source(self.source, plan.POD_LABELS[self.source], "", self.uid, self.gid)
+        traffic = Traffic(source, self.to, plan.POD_LABELS[to], self.protocol)
+        return Scenario(id="flow", title=f"{self.source} as {self.uid}:{self.gid} -> {self.to}", type=None,
+                        variant_of=None, traffic=traffic, expected=expected, article=None, explanation="", file="")
+
+
+class Session:
+    """A lab with a rule set applied, its processes up and its witnesses bound.  A context
+    manager: it always tears down."""
+
+    def __init__(self, rules: RuleSet, labid: str | None = None):
+        self.rules = rules
+        self.lab = Lab(labid, ipv6=rules.dual_stack)
+        self.witnesses: Witnesses | None = None
+
+    def __enter__(self) -> "Session":
+        return self.open()
+
+    def open(self) -> "Session":
+        """Build the lab, apply the rules, start the processes, bind the witnesses."""
+        self.lab.create()
+        try:
+            bring_up(self.lab, self.rules)
+            self.witnesses = Witnesses(self.lab)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def close(self) -> None:
+        try:
+            if self.witnesses is not None:
+                self.witnesses.close()
+                self.witnesses = None
+        finally:
+            self.lab.destroy()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def run(self, s: Scenario) -> Result:
+        """Fire the scenario's flow and conclude; a flow that could not be measured is a
+        failed Result that says why, not an exception."""
+        try:
+            seen = observe(self.lab, self.witnesses, s.traffic)
+        except (LabError, TraceError) as e:
+            return conclude(s, self.rules.profile, None, str(e))
+        return conclude(s, self.rules.profile, seen)
+
+    def run_all(self, scenarios: list[Scenario]) -> list[Result]:
+        """Every scenario; in a dual-stack lab each followed by its IPv6 twin."""
+        if self.lab.ipv6:
+            scenarios = dualstack.both_families(scenarios)
+        return [self.run(s) for s in scenarios]
+
+    def request(self, source: str, address: str, port: int, *, uid: int = plan.APP_UID, gid: int | None = None,
+                protocol: str = "http", expect: str = "") -> Result:
+        """One flow from a pod as uid/gid (gid defaults to uid) to address:port; with `expect`
+        (a path in the article's notation) its verdict says whether the kernel took it."""
+        flow = Flow(source, Address(address, port), uid, uid if gid is None else gid, protocol)
+        return self.run(flow.scenario(expect))

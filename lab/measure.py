@@ -1,0 +1,85 @@
+"""From an Observation to a Measurement: what the kernel did with one flow, as typed facts.
+
+The path comes from the TRACE events and the proxies' logs (lab.join); the counters are
+the second witness: every rule TRACE saw must have moved its counter by as many packets
+(nat, raw) or at least as many (mangle: lab.observe.exact), and no witnessed counter may
+move without TRACE seeing it.  A pure function, so recorded runs are measured again offline.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+from . import join, plan
+from .addr import Address
+from .join import Leg
+from .netfilter import RuleRef
+from .observe import Observation, exact, witnessed
+from .path import Path
+from .proxylogs import ProxyLine
+from .scenario import Traffic
+from .trace import TraceEvent
+from .traffic import Response
+
+
+@dataclass(frozen=True)
+class Reached:
+    """Where the flow's last leg was delivered: the pod, and the address it arrived at."""
+
+    pod: str
+    address: Address
+
+
+@dataclass(frozen=True)
+class Measurement:
+    legs: tuple[Leg, ...]
+    path: Path
+    rule_hits: tuple[RuleRef, ...]  # the nat rules each leg's first packet matched, in order
+    counters: dict[RuleRef, int]  # packets each witnessed rule's counter moved during the flow (moved only)
+    trace_counts: dict[RuleRef, int]  # TRACE `rule` events of each witnessed rule in the sidecar
+    rules: dict[RuleRef, str]  # the sidecar's rules as applied
+    reached: Reached | None  # None: the last leg's first packet reached INPUT in no pod
+    response: Response
+    events: tuple[TraceEvent, ...]  # every pod's
+    proxy_lines: tuple[ProxyLine, ...]  # the proxies' log lines the legs were joined from
+    sender: plan.Identity
+    sidecar: plan.Identity
+
+    @property
+    def disagreements(self) -> list[RuleRef]:
+        """Rules whose counter and TRACE events do not tell the same story."""
+        out = []
+        for ref in dict.fromkeys([*self.counters, *self.trace_counts]):
+            moved, seen = self.counters.get(ref, 0), self.trace_counts.get(ref, 0)
+            if moved != seen if exact(ref) else moved < seen:
+                out.append(ref)
+        return out
+
+    @property
+    def counters_agree(self) -> bool:
+        return not self.disagreements
+
+
+def measure(flow: Traffic, seen: Observation) -> Measurement:
+    before, after = seen.counters_before, seen.counters_after
+    moved = {ref: n - before.get(ref, 0) for ref, n in after.items() if n != before.get(ref, 0)}
+    sidecar = seen.events.get("sidecar", [])
+    traced = Counter(e.rule for e in sidecar if e.kind == "rule" and witnessed(e.rule))
+    legs = join.legs(seen.response.local, flow.to, seen.proxy_lines)
+    everywhere = [e for events in seen.events.values() for e in events]
+    found = join.reached(everywhere, legs[-1])
+    return Measurement(
+        legs=tuple(legs),
+        path=join.path(flow.source.label, flow.label, legs, sidecar, join.Rules(seen.rules)),
+        rule_hits=tuple(join.rule_hits(sidecar, legs)),
+        counters=moved,
+        trace_counts=dict(traced),
+        rules=seen.rules,
+        reached=Reached(*found) if found else None,
+        response=seen.response,
+        events=tuple(everywhere),
+        proxy_lines=tuple(seen.proxy_lines),
+        sender=seen.sender,
+        sidecar=seen.sidecar,
+    )

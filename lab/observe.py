@@ -1,0 +1,208 @@
+"""Fire one flow in a lab and keep what the witnesses saw: the Observation, raw evidence that
+can be judged again offline.
+
+The witnesses: TRACE events from every pod (a reader per pod for the lab's life, TRACE rules
+per flow in the pods it crosses, for its ports only), the sidecar's rule counters before and
+after, and the proxies' logs.  Nothing here decides anything; lab.measure does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from dataclasses import dataclass
+
+from . import interrupts, plan, processes, proxylogs, traffic
+from .addr import Address
+from .netfilter import PATH_TABLES, RuleRef, is_builtin_chain
+from .proxylogs import ProxyLine
+from .rules import xtables
+from .scenario import Traffic
+from .trace import TraceEvent, TraceReader
+from .traffic import Response
+from .world import Lab
+
+
+def witnessed(ref: RuleRef) -> bool:
+    """Is this rule's counter checked against TRACE's events?  nat's and mangle's rules, and
+    the raw table's own chains (DNS capture's conntrack zones); raw's built-in chains hold
+    the TRACE rules themselves."""
+    return ref.table in ("nat", "mangle") or ref.table == "raw" and not is_builtin_chain("raw", ref.chain)
+
+
+def exact(ref: RuleRef) -> bool:
+    """Must this rule's counter equal its TRACE events, or only cover them?
+
+    nat judges a connection's first packet only, and raw's zone rules see the flow's
+    datagrams only, so theirs must be equal.  mangle sees every packet of every connection
+    in the pod, and a connection's last ACK may pass after its events were read: its
+    counter must have moved by at least as many packets as TRACE reported, never fewer.
+    """
+    return ref.table != "mangle"
+
+
+@dataclass(frozen=True)
+class TracePlan:
+    """Which packets a flow's TRACE rules mark: in which pods, to or from which ports."""
+
+    pods: tuple[str, ...]  # the pod whose rules decide the path, and the one that shows where it ends
+    tcp_ports: tuple[int, ...]  # the flow's own, the proxies', a Service's target port
+    udp_ports: tuple[int, ...]  # a UDP query's: the resolver's and the DNS proxy's
+
+
+def trace_plan(flow: Traffic) -> TracePlan:
+    ports = {flow.to.port, plan.Port.OUTBOUND, plan.Port.INBOUND}
+    service = plan.service_at(flow.to.ip, flow.to.port)
+    ports |= {service.target_port} if service else set()
+    if flow.protocol == "dns":
+        ports.add(plan.Port.DNS_PROXY)
+    udp = (flow.to.port, plan.Port.DNS_PROXY) if flow.transport == "udp" else ()
+    return TracePlan(tuple(dict.fromkeys(("sidecar", flow.endpoint_pod))), tuple(sorted(ports)), udp)
+
+
+def _trace_rule(ports: tuple[int, ...], protocol: str) -> tuple[str, ...]:
+    return ("-p", protocol, "-m", "multiport", "--ports", ",".join(map(str, ports)), "-j", "TRACE")
+
+
+class Witnesses:
+    """TRACE readers on every pod for the lab's life, TRACE rules per flow, the sidecar's
+    rules and their counters.
+
+    In a dual-stack lab the same for ip6tables: IPv6 tables made to exist in every pod, the
+    sidecar's IPv6 rules read, and an IPv6 flow's TRACE rules in ip6tables raw.
+    """
+
+    def __init__(self, lab: Lab):
+        self.lab = lab
+        self.readers: list[TraceReader] = []
+        families = (4, 6) if lab.ipv6 else (4,)
+        sidecar = lab.pod("sidecar").ns
+        self.rules = {f: {r.ref: r.line for table in PATH_TABLES for r in xtables.listing(sidecar, table, f)}
+                      for f in families}
+        # Only tables holding a witnessed rule are read per flow: a table read costs a
+        # handle, and the default profile has rules in nat alone.
+        self.counted_tables = {f: tuple(t for t in PATH_TABLES if any(r.table == t and witnessed(r) for r in rules))
+                               for f, rules in self.rules.items()}
+        try:
+            for pod in lab.pods.values():
+                for family in families:
+                    xtables.touch(pod.ns, family)
+                self.readers.append(TraceReader(pod.ns, pod.name))
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        for reader in self.readers:
+            reader.close()
+        self.readers = []
+
+    def counters(self, family: int) -> dict[RuleRef, int]:
+        sidecar = self.lab.pod("sidecar").ns
+        return {ref: n for table in self.counted_tables[family]
+                for ref, n in xtables.packet_counts(sidecar, table, family).items() if witnessed(ref)}
+
+    @contextlib.contextmanager
+    def tracing(self, chosen: TracePlan, family: int):
+        """TRACE rules at the head of raw PREROUTING and OUTPUT in the plan's pods (ip6tables
+        for an IPv6 flow); removed after."""
+        traced = [_trace_rule(chosen.tcp_ports, "tcp")] + ([_trace_rule(chosen.udp_ports, "udp")] if chosen.udp_ports else [])
+        rules = [(chain, rule) for rule in traced for chain in ("PREROUTING", "OUTPUT")]
+        placed = []
+        try:
+            for pod in chosen.pods:
+                ns = self.lab.pod(pod).ns
+                xtables.insert(ns, "raw", rules, family)
+                placed.append(ns)
+            for reader in self.readers:
+                reader.drain(settle=0)  # whatever came before belongs to no flow
+            yield
+        finally:
+            for ns in placed:
+                xtables.delete(ns, "raw", rules, family)
+
+    def events(self) -> dict[str, list[TraceEvent]]:
+        """Everything queued now.  No settle window is needed: every leg's first packet has
+        been through every hook before the client gets its answer, and only those make
+        hops; a straggling final ACK is discarded by the next flow's tracing()."""
+        return {reader.pod: reader.drain(settle=0) for reader in self.readers}
+
+
+@dataclass
+class Observation:
+    """What the witnesses saw of one flow: enough to judge it again offline."""
+
+    response: Response  # the client's answer; its local address is the first leg's client
+    events: dict[str, list[TraceEvent]]  # pod -> TRACE events
+    counters_before: dict[RuleRef, int]
+    counters_after: dict[RuleRef, int]
+    rules: dict[RuleRef, str]  # the sidecar's rules as applied, in iptables-save form
+    proxy_lines: list[ProxyLine]  # this flow's lines of Envoy's access log and pilot-agent's DNS log
+    sender: plan.Identity  # who the flow was sent as
+    sidecar: plan.Identity  # who Envoy and pilot-agent run as
+
+    def as_json(self) -> dict:
+        """The recorded form (tests/data): rule references and addresses as text."""
+        return {
+            "response": {"status": self.response.status, "body": self.response.body,
+                         "local": str(self.response.local), "peer": str(self.response.peer)},
+            "events": {pod: [dataclasses.asdict(e) for e in events] for pod, events in self.events.items()},
+            "counters_before": {str(ref): n for ref, n in self.counters_before.items()},
+            "counters_after": {str(ref): n for ref, n in self.counters_after.items()},
+            "rules": {str(ref): line for ref, line in self.rules.items()},
+            "proxy_lines": [line.as_json() for line in self.proxy_lines],
+            "sender": [self.sender.uid, self.sender.gid, list(self.sender.capabilities)],
+            "sidecar": [self.sidecar.uid, self.sidecar.gid, list(self.sidecar.capabilities)],
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Observation":
+        response = data["response"]
+        return cls(
+            Response(response["status"], response["body"], Address.parse(response["local"]),
+                     Address.parse(response["peer"])),
+            {pod: [TraceEvent(**e) for e in events] for pod, events in data["events"].items()},
+            {RuleRef.parse(ref): n for ref, n in data["counters_before"].items()},
+            {RuleRef.parse(ref): n for ref, n in data["counters_after"].items()},
+            {RuleRef.parse(ref): line for ref, line in data["rules"].items()},
+            [ProxyLine.from_json(line) for line in data["proxy_lines"]],
+            plan.Identity(data["sender"][0], data["sender"][1], tuple(data["sender"][2])),
+            plan.Identity(data["sidecar"][0], data["sidecar"][1], tuple(data["sidecar"][2])),
+        )
+
+
+def fire(lab: Lab, flow: Traffic) -> Response:
+    """Send the flow: as its source's identity from its pod, or by making the real
+    pilot-agent re-dial istiod."""
+    if flow.trigger == "pilot-agent-redial":
+        return Response(0, "", traffic.redial_istiod(lab, family=flow.family), flow.to)
+    who = flow.source.identity(lab.record.inbound_mode)
+    ns = lab.pod(flow.source.pod).ns
+    if flow.protocol == "dns":
+        return traffic.dns_query(ns, flow.to.ip, flow.to.port, flow.query, transport=flow.transport,
+                                 uid=who.uid, gid=who.gid)
+    send = traffic.request if flow.protocol == "http" else traffic.stream
+    return send(ns, flow.to.ip, flow.to.port, uid=who.uid, gid=who.gid)
+
+
+def observe(lab: Lab, witnesses: Witnesses, flow: Traffic) -> Observation:
+    """Fire the flow with TRACE on for it; raises LabError (a RequestError, or ProcessDied
+    when a lab process died) when it could not be measured."""
+    interrupts.check()
+    processes.check_alive(lab)
+    with witnesses.tracing(trace_plan(flow), flow.family):
+        before = witnesses.counters(flow.family)
+        # This flow's lines only: legs are joined by address, and a port used again (another
+        # flow's connection, earlier) would join a stale leg.
+        logged = proxylogs.marks(lab.run_dir)
+        try:
+            response = fire(lab, flow)
+        except traffic.RequestError:
+            processes.check_alive(lab)  # a dead proxy is the better answer than "refused"
+            raise
+        events = witnesses.events()
+        after = witnesses.counters(flow.family)
+    processes.check_alive(lab)
+    return Observation(response, events, before, after, witnesses.rules[flow.family],
+                       proxylogs.proxy_lines(lab.run_dir, since=logged),
+                       flow.source.identity(lab.record.inbound_mode), plan.SIDECAR_IDENTITY[lab.record.inbound_mode])

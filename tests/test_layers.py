@@ -1,0 +1,84 @@
+"""The modules' layers, bottom up, as README's "How it works" draws them: a module imports
+only from its own layer or below, and imports the lab's modules at its top (a hidden
+import inside a function hides a dependency).  Every module of lab/ has a layer here."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+LAB = Path(__file__).resolve().parents[1] / "lab"
+LAYERS = [
+    ("values", {"errors", "addr", "netfilter", "plan", "interrupts"}),
+    ("text formats", {"rules.save", "rules.builder", "rules.profiles", "rules.features", "rules.foreign",
+                      "rules.ruleset", "path", "dns", "sidecar.httpio"}),
+    ("kernel", {"netns", "procfs", "record", "world", "rules.xtables", "rules.routing", "trace", "preflight"}),
+    ("processes", {"sidecar.envoy", "sidecar.agent", "sidecar.dnsproxy", "workloads", "proxylogs", "processes",
+                   "traffic"}),
+    ("input", {"scenario", "dualstack"}),
+    ("observe", {"observe", "join", "watch"}),
+    ("judge", {"measure", "verdict", "compare"}),
+    ("view", {"view"}),
+    ("render", {"report", "markdown_report", "html_report"}),
+    ("result", {"result"}),
+    ("library", {"api"}),
+    ("edges", {"commands", "cli", "pytest_plugin"}),
+]
+LAYER = {module: n for n, (_, modules) in enumerate(LAYERS) for module in modules}
+# Loaded by every pytest run in the environment, so it imports the lab inside its fixtures.
+LAZY = {"pytest_plugin"}
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for file in LAB.rglob("*.py"):
+        name = ".".join(file.relative_to(LAB).with_suffix("").parts)
+        if not name.endswith("__init__"):
+            out[name] = file
+    return out
+
+
+def _imports(name: str, file: Path) -> list[tuple[str, bool]]:
+    """(lab module imported, at the module's top level?) for every import of the lab."""
+    tree = ast.parse(file.read_text())
+    package = name.rsplit(".", 1)[0] if "." in name else ""
+    found = []
+    top = set(map(id, tree.body))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[:len(package.split(".")) - (node.level - 1)] if package else []
+                base = [p for p in base if p]
+                prefix = ".".join(base + ([node.module] if node.module else []))
+            elif node.module and node.module.split(".")[0] == "lab":
+                prefix = node.module[4:]
+            else:
+                continue
+            for alias in node.names:
+                candidate = f"{prefix}.{alias.name}" if prefix else alias.name
+                target = candidate if candidate in LAYER or candidate in _MODULES else prefix
+                found.append((target, id(node) in top))
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.split(".")[0] == "lab" and alias.name != "lab":
+                    found.append((alias.name[4:], id(node) in top))
+    return [(target, at_top) for target, at_top in found if target]
+
+
+_MODULES = _modules()
+
+
+def test_every_module_has_a_layer():
+    assert sorted(set(_MODULES) - set(LAYER)) == []
+    assert sorted(set(LAYER) - set(_MODULES)) == []
+
+
+@pytest.mark.parametrize("name", sorted(_MODULES))
+def test_imports_come_from_the_same_layer_or_below(name):
+    for target, at_top in _imports(name, _MODULES[name]):
+        assert target in LAYER, f"{name} imports {target}, which has no layer"
+        assert LAYER[target] <= LAYER[name], (
+            f"{name} ({LAYERS[LAYER[name]][0]}) imports {target} ({LAYERS[LAYER[target]][0]}), a layer above")
+        assert at_top or name in LAZY, f"{name} imports {target} inside a function"
