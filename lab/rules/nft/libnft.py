@@ -1,0 +1,98 @@
+"""libnftables, through its JSON-speaking ctypes binding (pip-nftables), one context per call.
+
+A libnftables context opens its netlink socket when it is made (measured with 1.0.6: a
+context made in one namespace keeps reading and writing that namespace after the thread
+moves).  So each call makes its context inside the pod's namespace and frees it after
+(0.08 ms): none outlives the call, none keeps a deleted namespace alive, and none made in
+the harness's own namespace can be reused inside a pod, or the other way round.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from typing import Iterable, Iterator
+
+from ... import netns
+from ..xtables import RuleError
+from .ruleset import Ruleset
+
+
+class NftError(RuleError):
+    """libnftables refused a command (a syntax error, a rule the kernel refused); names it."""
+
+
+@contextlib.contextmanager
+def inside(ns: str | None) -> Iterator[None]:
+    """Enter `ns`; None stays in the thread's namespace, which must not be PID 1's: only
+    preflight's scratch namespace is used that way, and the host's rules are never ours."""
+    if ns:
+        with netns.entered(ns):
+            yield
+        return
+    if os.stat("/proc/thread-self/ns/net").st_ino == os.stat("/proc/1/ns/net").st_ino:
+        raise RuntimeError("libnft: no namespace named and this thread is in the host's: refusing")
+    yield
+
+
+def _context(json_output: bool = False, handles: bool = False, echo: bool = False):
+    import nftables  # pip-nftables: loads libnftables.so.1 (Debian's libnftables1)
+
+    ctx = nftables.Nftables()
+    ctx.set_json_output(json_output)
+    ctx.set_handle_output(handles)
+    ctx.set_echo_output(echo)
+    return ctx
+
+
+def _run(ns: str | None, commands: str, what: str, **flags) -> str:
+    with inside(ns):
+        rc, out, err = _context(**flags).cmd(commands)
+    if rc:
+        raise NftError(f"{what}: {' '.join(_errors(err))}")
+    return out
+
+
+def _errors(err: str) -> list[str]:
+    """libnftables' error text: the `Error:` lines with their source line (no caret lines)."""
+    lines = [line.strip() for line in err.splitlines() if line.strip() and set(line.strip()) - set("^~ ")]
+    return lines or ["failed"]
+
+
+def run(ns: str | None, script: str, what: str = "nft") -> None:
+    """Run an `nft -f` script in `ns`: libnftables sends it as one batch, all or nothing."""
+    _run(ns, script, what)
+
+
+def echo(ns: str | None, script: str, what: str = "nft") -> list[dict]:
+    """Run a script and return what it made, as JSON objects with their handles."""
+    out = _run(ns, script, what, json_output=True, handles=True, echo=True)
+    return [cmd[verb] for cmd in (json.loads(out)["nftables"] if out.strip() else []) for verb in cmd]
+
+
+def listing(ns: str | None, what: str = "ruleset") -> list[dict]:
+    """`nft -j -a list WHAT` in `ns`: the JSON items (metainfo, table, chain, rule, ...)."""
+    out = _run(ns, f"list {what}", f"nft list {what}", json_output=True, handles=True)
+    return json.loads(out)["nftables"] if out.strip() else []
+
+
+def text(ns: str | None, what: str = "ruleset") -> str:
+    """`nft -a list WHAT` in `ns`: rule text with `# handle N` comments."""
+    return _run(ns, f"list {what}", f"nft list {what}", handles=True)
+
+
+def tables(ns: str | None) -> list[tuple[str, str]]:
+    """(family, name) of every table in `ns`."""
+    return [(t["family"], t["name"]) for item in listing(ns, "tables") if (t := item.get("table"))]
+
+
+def read(ns: str | None, ip_version: int = 4, only: Iterable[tuple[str, str]] | None = None) -> Ruleset:
+    """The rule set of `ns` as an IPv4 or IPv6 packet meets it (the `ip` or `ip6` tables and
+    the `inet` ones), or only the tables named by (family, name)."""
+    if only is None:
+        return Ruleset(listing(ns), ip_version)
+    items = []
+    for family, name in only:
+        items += listing(ns, f"table {family} {name}")
+    return Ruleset(items, ip_version)
