@@ -50,24 +50,51 @@ def _run(ns: str | None, commands: str, what: str, **flags) -> str:
     with inside(ns):
         rc, out, err = _context(**flags).cmd(commands)
     if rc:
-        raise NftError(f"{what}: {' '.join(_errors(err))}")
+        raise NftError(f"{what}: {_first_error(err)}")
     return out
 
 
-def _errors(err: str) -> list[str]:
-    """libnftables' error text: the `Error:` lines with their source line (no caret lines)."""
-    lines = [line.strip() for line in err.splitlines() if line.strip() and set(line.strip()) - set("^~ ")]
-    return lines or ["failed"]
+def _first_error(err: str) -> str:
+    """libnftables' first `Error:` line, with the source line it quotes (no caret line)."""
+    lines = [line.strip() for line in err.splitlines()]
+    for i, line in enumerate(lines):
+        if "Error: " in line:
+            where, _, message = line.partition("Error: ")
+            quoted = lines[i + 1] if i + 1 < len(lines) and set(lines[i + 1]) - set("^~ ") else ""
+            return f"{where}{message}" + (f": {quoted}" if quoted else "")
+    return " ".join(line for line in lines if line) or "failed"
 
 
-def run(ns: str | None, script: str, what: str = "nft") -> None:
-    """Run an `nft -f` script in `ns`: libnftables sends it as one batch, all or nothing."""
-    _run(ns, script, what)
+def _script(ns: str | None, script: str, source: str, **flags) -> str:
+    """Run a script as `include` of an in-memory file named `source`.
+
+    libnftables 1.0.6 quotes the first line of a command buffer for every error found
+    past parsing, whatever line it is on; an included file's errors name their own line.
+    The include is part of the one batch: the script is still all or nothing.
+    """
+    fd = os.memfd_create(source.replace("/", "_"), os.MFD_CLOEXEC)
+    try:
+        os.write(fd, script.encode())
+        path = f"/proc/self/fd/{fd}"
+        with inside(ns):
+            rc, out, err = _context(**flags).cmd(f'include "{path}"')
+    finally:
+        os.close(fd)
+    if rc:
+        raise NftError(_first_error(err.replace(path, source)))
+    return out
 
 
-def echo(ns: str | None, script: str, what: str = "nft") -> list[dict]:
+def run(ns: str | None, script: str, source: str = "<rules>") -> None:
+    """Run an `nft -f` script in `ns`: libnftables sends it as one batch, all or nothing.
+    An error names the source and the line: `rules.nft:37:16-28: Could not process rule:
+    No such file or directory: counter jump istio-nowhere`."""
+    _script(ns, script, source)
+
+
+def echo(ns: str | None, script: str, source: str = "<rules>") -> list[dict]:
     """Run a script and return what it made, as JSON objects with their handles."""
-    out = _run(ns, script, what, json_output=True, handles=True, echo=True)
+    out = _script(ns, script, source, json_output=True, handles=True, echo=True)
     return [cmd[verb] for cmd in (json.loads(out)["nftables"] if out.strip() else []) for verb in cmd]
 
 

@@ -20,18 +20,18 @@ _RULE = re.compile(r"^\s*(?P<text>.*\S)\s+# handle (?P<handle>\d+)$")
 _COUNTER = re.compile(r"counter packets \d+ bytes \d+")
 
 
-def apply(ns: str, script: str) -> list[TableId]:
+def apply(ns: str, script: str, source: str = "<rules>") -> list[TableId]:
     """Run the script in `ns` in one transaction; the tables that exist now and did not
-    before, which delete() removes."""
+    before, which delete() removes.  An error names `source` and the script's line."""
     before = set(libnft.tables(ns))
-    libnft.run(ns, script, "nft -f")
+    libnft.run(ns, script, source)
     return [t for t in libnft.tables(ns) if t not in before]
 
 
 def delete(ns: str, tables: list[TableId]) -> None:
     """Delete the tables, all in one transaction."""
     if tables:
-        libnft.run(ns, "".join(f"delete table {family} {name}\n" for family, name in tables), "nft delete table")
+        libnft.run(ns, "".join(f"delete table {family} {name}\n" for family, name in tables), "delete tables")
 
 
 def rule_texts(ns: str, table: TableId) -> dict[int, str]:

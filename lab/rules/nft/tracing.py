@@ -52,14 +52,14 @@ def ensure_table(ns: str) -> None:
     """Make `inet ilab-trace` and its two empty base chains exist in `ns` (no-op if they do)."""
     chains = "".join(f"add chain {FAMILY} {TABLE} {chain} {{ type filter hook {chain} priority {PRIORITY}; }}\n"
                      for chain in CHAINS)
-    libnft.run(ns, f"add table {FAMILY} {TABLE}\n{chains}", f"nft add table {FAMILY} {TABLE}")
+    libnft.run(ns, f"add table {FAMILY} {TABLE}\n{chains}", TABLE)
 
 
 def add(ns: str, flows: list[Flow]) -> TraceRules:
     """Trace the flows in `ns`: their rules in both chains, in one transaction."""
     script = "".join(f"add rule {FAMILY} {TABLE} {chain} {match} meta nftrace set 1\n"
                      for flow in flows for match in flow.matches() for chain in CHAINS)
-    made = libnft.echo(ns, script, "nft add rule (trace)")
+    made = libnft.echo(ns, script, TABLE)
     return TraceRules(ns, tuple((r["chain"], r["handle"]) for item in made if (r := item.get("rule"))))
 
 
@@ -67,9 +67,9 @@ def remove(rules: TraceRules) -> None:
     """Delete the rules add() made, in one transaction."""
     if rules.handles:
         libnft.run(rules.ns, "".join(f"delete rule {FAMILY} {TABLE} {chain} handle {handle}\n"
-                                     for chain, handle in rules.handles), "nft delete rule (trace)")
+                                     for chain, handle in rules.handles), TABLE)
 
 
 def drop_table(ns: str) -> None:
     """Delete `inet ilab-trace` and whatever it holds."""
-    libnft.run(ns, f"delete table {FAMILY} {TABLE}", f"nft delete table {FAMILY} {TABLE}")
+    libnft.run(ns, f"delete table {FAMILY} {TABLE}", TABLE)
