@@ -11,14 +11,14 @@ What this kernel (6.18) sends, measured (tests/test_nftrace_kernel.py shows each
   - a matching rule: type `rule`, its handle, its verdict (`continue` for a rule with no
     verdict, `jump`/`goto` with the target chain, `return`, `accept`, `drop`); an explicit
     `return` rule comes as type `rule` with verdict `return`, not as type `return`;
-  - the end of a chain with no verdict: type `rule` or `return` with verdict `continue`
-    and *no handle*; for a base chain it is followed by type `policy` with the policy;
+  - the end of a chain with no verdict: type `rule` (older kernels said `return`) with
+    verdict `continue` and *no handle*; a base chain's is followed by type `policy`;
   - a rule that does not match sends nothing;
   - headers (network and transport, up to 40 and 20 bytes) and devices only on the first
     event of each base chain's walk: later events of that walk share its trace id;
   - the trace id (a hash of the skb's address, its flow hash and skb_iif) changes when
-    the packet is looped through lo (skb_iif changes), and the conntrack id (from 6.13,
-    NFTA_TRACE_CT_*) does not: it joins a connection's events across hooks;
+    the packet is looped through lo (skb_iif changes), and the conntrack id (NFTA_TRACE_CT_*,
+    new in 6.x, sent with the headers) does not: it joins a connection's walks across hooks;
   - the mark when it is non-zero; never the socket's uid or gid (legacy's nfnetlink_log
     reports them; here a rule on `meta skuid` must witness the owner);
   - nf_trace survives a loop through lo (the looped packet's PREROUTING and INPUT walks are
@@ -104,9 +104,10 @@ class NftTraceEvent:
     """One step of one traced packet through one nf_tables chain, in one pod.
 
     `type` and `verdict` are the kernel's words; `handle` names the rule (None at a
-    chain's end and for a policy).  The packet fields (src ... tcp_flags) come from the
-    first event of the same base chain's walk, which alone carries the headers; they are
-    None when that event was not read.  tcp_flags follows lab.trace's convention ("S",
+    chain's end and for a policy).  The packet fields (src ... tcp_flags, the devices and
+    the conntrack) come from the first event of the same base chain's walk, which alone
+    carries them; they are None when that event was not read (ct_* also when the packet
+    has no conntrack yet: before priority -200, or in a namespace without conntrack).  tcp_flags follows lab.trace's convention ("S",
     "SA", ...; None when not TCP).
     """
 
@@ -241,7 +242,8 @@ def parse_message(data: bytes, pod: str, ifnames: Mapping[int, str] | None = Non
     )
 
 
-_PACKET_FIELDS = ("src", "dst", "proto", "sport", "dport", "tcp_flags", "indev", "outdev")
+_PACKET_FIELDS = ("src", "dst", "proto", "sport", "dport", "tcp_flags", "indev", "outdev",
+                  "ct_id", "ct_state", "ct_direction")
 
 
 def carry_packets(events: list[NftTraceEvent], walks: OrderedDict | None = None) -> list[NftTraceEvent]:
