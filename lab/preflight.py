@@ -59,6 +59,24 @@ def check() -> None:
         raise PreflightError(problems)
 
 
+def check_nft() -> None:
+    """The nf_tables backend's pieces (nf_tables, nftrace read in a namespace, the owner
+    match and REDIRECT through nft_compat): raise PreflightError listing what is missing."""
+    check_root()
+    from .rules.nft import probes
+
+    problems = [f.line for f in (probes.nf_tables(), probes.nftrace(), probes.owner_through_compat()) if not f.ok]
+    if problems:
+        raise PreflightError(problems)
+
+
+def auto_backend() -> tuple[str, str]:
+    """What `--backend auto` picks on this machine ("legacy" or "nft") and the one line why."""
+    from .rules.nft import probes
+
+    return probes.auto_backend()
+
+
 def _probe_kernel(xtables) -> list[str]:
     problems = []
     try:

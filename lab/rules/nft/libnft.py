@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import threading
 from typing import Iterable, Iterator
 
 from ... import netns
@@ -23,16 +24,35 @@ class NftError(RuleError):
     """libnftables refused a command (a syntax error, a rule the kernel refused); names it."""
 
 
+_scratch = threading.local()
+
+
+def _here() -> int:
+    return os.stat("/proc/thread-self/ns/net").st_ino
+
+
+@contextlib.contextmanager
+def scratch() -> Iterator[None]:
+    """netns.scratch(), remembered: the only place where a call may name no namespace."""
+    with netns.scratch():
+        _scratch.inode = _here()
+        try:
+            yield
+        finally:
+            _scratch.inode = None
+
+
 @contextlib.contextmanager
 def inside(ns: str | None) -> Iterator[None]:
-    """Enter `ns`; None stays in the thread's namespace, which must not be PID 1's: only
-    preflight's scratch namespace is used that way, and the host's rules are never ours."""
+    """Enter `ns`.  None stays in the thread's namespace, and only inside scratch(): a
+    call that names no pod anywhere else would land in the harness's own namespace, whose
+    rules are never the lab's to change."""
     if ns:
         with netns.entered(ns):
             yield
         return
-    if os.stat("/proc/thread-self/ns/net").st_ino == os.stat("/proc/1/ns/net").st_ino:
-        raise RuntimeError("libnft: no namespace named and this thread is in the host's: refusing")
+    if getattr(_scratch, "inode", None) != _here():
+        raise RuntimeError("nf_tables: no namespace named outside a scratch namespace: refusing")
     yield
 
 
