@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from lab import netns, workloads
+from lab import workloads
 from lab.netfilter import RuleRef
 from lab.nftrace import NftraceReader
 from lab.rules import profiles, xtables
