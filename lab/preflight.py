@@ -13,6 +13,7 @@ import shutil
 
 from . import netns
 from .rules import save, xtables
+from .rules.nft import probes
 from .trace import TraceReader
 
 
@@ -56,6 +57,20 @@ def check() -> None:
     problems += _probe_kernel()
     if problems:
         raise PreflightError(problems)
+
+
+def check_nft() -> None:
+    """The nf_tables backend's pieces (nf_tables, nftrace read in a namespace, the owner
+    match and REDIRECT through nft_compat): raise PreflightError listing what is missing."""
+    check_root()
+    problems = [f.line for f in (probes.nf_tables(), probes.nftrace(), probes.owner_through_compat()) if not f.ok]
+    if problems:
+        raise PreflightError(problems)
+
+
+def auto_backend() -> tuple[str, str]:
+    """What `--backend auto` picks on this machine ("legacy" or "nft") and the one line why."""
+    return probes.auto_backend()
 
 
 def _probe_kernel() -> list[str]:

@@ -284,7 +284,7 @@ def _inside(ns: str | None):
     return netns.entered(ns) if ns else contextlib.nullcontext()
 
 
-class _IfNames(dict):
+class IfNames(dict):
     """ifindex -> name inside one namespace, refreshed on a miss."""
 
     def __init__(self, ns: str | None):
@@ -323,7 +323,7 @@ class TraceReader:
         self.ns = ns
         self.pod = pod or ns
         self.record = record  # if a list, every packet message's raw bytes are appended
-        self.ifnames = _IfNames(ns)
+        self.ifnames = IfNames(ns)
         self._next_seq: int | None = 0  # None: resynchronise on the next event
         self._nlseq = 0
         self._pending: list[bytes] = []  # datagrams that came in while we waited for an ACK
