@@ -79,6 +79,15 @@ def test_a_listing_reads_with_handles_and_without_counter_state():
         'oifname "lo" ip daddr != 127.0.0.1 tcp dport != { 53, 15008 } meta skuid 1337 counter jump istio-in-redirect')
 
 
+def test_a_listings_counters_say_how_many_packets_each_rule_took():
+    listing = ("table inet t {\n chain c {\n  tcp dport 80 counter packets 3 bytes 180 accept # handle 4\n"
+               "  counter packets 0 bytes 0 return # handle 5\n  drop # handle 6\n }\n}\n")
+    rules = nftset.parse(listing)
+    assert rules.packet_counts() == {RuleRef("t", "c", 1): 3, RuleRef("t", "c", 2): 0}
+    assert rules.handles() == {("t", 4): RuleRef("t", "c", 1), ("t", 5): RuleRef("t", "c", 2),
+                               ("t", 6): RuleRef("t", "c", 3)}
+
+
 def test_the_listing_is_what_nft_prints_for_the_golden():
     """nftlisting.listed() against the kernel's own words for one golden (the kernel test
     below checks every golden and profile)."""

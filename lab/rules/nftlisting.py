@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+from dataclasses import replace
 
-from .nftset import Rule, RuleSet, words
+from .nftset import RuleSet, words
 
 # (what a script says, what `nft list ruleset` prints), one per rewrite below.
 NORMALISED: tuple[tuple[str, str], ...] = (
@@ -50,7 +51,7 @@ _OPERATORS = ("!=", "==")
 
 def listed(rules: RuleSet) -> RuleSet:
     """The rule set as `nft list ruleset` would read back (base chains are values already)."""
-    return rules.map_rules(lambda r: Rule(listed_rule(r.text), r.handle, r.lineno))
+    return rules.map_rules(lambda r: replace(r, text=listed_rule(r.text)))
 
 
 def listed_rule(text: str) -> str:

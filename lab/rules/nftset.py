@@ -56,6 +56,7 @@ class Rule:
 
     text: str
     handle: int | None = field(default=None, compare=False)  # from `nft -a list ruleset`
+    packets: int | None = field(default=None, compare=False)  # a listed counter's packets
     lineno: int = field(default=0, compare=False)  # where the text had it (0: built)
 
     @property
@@ -128,6 +129,10 @@ class RuleSet:
         if not 1 <= ref.number <= len(rules):
             raise KeyError(ref)
         return rules[ref.number - 1]
+
+    def packet_counts(self) -> dict[RuleRef, int]:
+        """RuleRef -> packets, for the rules of a listing whose counters said how many."""
+        return {ref: rule.packets for ref, rule in self.numbered() if rule.packets is not None}
 
     def handles(self) -> dict[tuple[str, int], RuleRef]:
         """(table, handle) -> RuleRef for a listing read with handles (`nft -a list ruleset`)."""
@@ -499,7 +504,10 @@ class _Reader:
             raise self._fail(start.lineno, "a set { ... } never closes")
         if not texts:
             raise self._fail(start.lineno, "an empty rule")
-        return Rule(" ".join(_fold(texts)), handle, start.lineno)
+        at = texts.index("counter") if "counter" in texts else -1
+        packets = texts[at + 2] if texts[at + 1:at + 2] == ["packets"] and at >= 0 else ""
+        return Rule(" ".join(_fold(texts)), handle=handle, packets=int(packets) if packets.isdigit() else None,
+                    lineno=start.lineno)
 
     def check_jumps(self, table: Table, rules: list[Rule], still: str) -> None:
         for rule in rules:
