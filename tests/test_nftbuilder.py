@@ -1,0 +1,125 @@
+"""Istio's native nftables rules: the builder against Istio's own goldens."""
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from lab.rules import builder, nftbuilder, nftset
+from lab.rules.nftbuilder import NftOptions
+
+GOLDENS = Path(__file__).resolve().parent / "data/istio-nftables"
+
+# Istio's run_test.go starts every case from no inbound ports, no excluded inbound ports and
+# no outbound ranges (uid and gid 1337), then sets the case's options; here in the lab's terms.
+BASE = NftOptions(inbound_ports=(), inbound_exclude_ports=(), outbound_cidrs=())
+UID_GID = {"proxy_uid": (3, 4), "proxy_gid": (1, 2)}
+V6_NETS = {"outbound_exclude_cidrs": ("2001:db8::/32",), "outbound_cidrs": ("2001:db8::/32",)}
+GOLDEN_OPTIONS = {
+    "basic-exclude-nic": replace(BASE, exclude_interfaces=("not-istio-nic",)),
+    "dns-uid-gid": replace(BASE, dns_servers=("127.0.0.53", "::127.0.0.53"), ipv6=True, **UID_GID),
+    "drop-invalid": replace(BASE, drop_invalid=True),
+    "empty": BASE,
+    "inbound-ports-empty-tproxy": replace(BASE, mode="TPROXY"),
+    "inbound-ports-include": replace(BASE, inbound_ports=("32000", "31000")),
+    "inbound-ports-tproxy": replace(BASE, inbound_ports=("32000", "31000"), mode="TPROXY"),
+    "inbound-ports-wildcard-tproxy": replace(BASE, inbound_ports=("*",), mode="TPROXY"),
+    "inbound-ports-wildcard": replace(BASE, inbound_ports=("*",)),
+    "ip-range": replace(BASE, outbound_exclude_cidrs=("1.1.0.0/16",), outbound_cidrs=("9.9.0.0/16",),
+                        dns_servers=("127.0.0.53",), **UID_GID),
+    "ipnets-with-kube-virt-interfaces": replace(BASE, kube_virt_interfaces=("eth1", "eth2"),
+                                                outbound_cidrs=("10.0.0.0/8",)),
+    "ipnets": replace(BASE, outbound_cidrs=("10.0.0.0/8",)),
+    "ipv6-dns-uid-gid": replace(BASE, ipv6=True, **UID_GID),  # DNS asked for, but no resolver: none
+    "ipv6-empty-inbound-ports": replace(BASE, ipv6=True),
+    "ipv6-inbound-ports": replace(BASE, inbound_ports=("4000", "5000"), ipv6=True),
+    "ipv6-ipnets": replace(BASE, inbound_ports=("4000", "5000"), inbound_exclude_ports=(6000, 7000),
+                           kube_virt_interfaces=("eth0", "eth1"), ipv6=True, **V6_NETS),
+    "ipv6-outbound-ports": replace(BASE, outbound_ports=(32000, 31000), ipv6=True),
+    "ipv6-uid-gid": replace(BASE, inbound_ports=("4000", "5000"), inbound_exclude_ports=(6000, 7000),
+                            kube_virt_interfaces=("eth0", "eth1"), ipv6=True, **V6_NETS, **UID_GID),
+    "ipv6-virt-interfaces": replace(BASE, inbound_ports=("4000", "5000"), kube_virt_interfaces=("eth0", "eth1"),
+                                    ipv6=True),
+    "kube-virt-interfaces": replace(BASE, kube_virt_interfaces=("eth1", "eth2"), outbound_cidrs=("*",)),
+    "loopback-outbound-iprange": replace(BASE, outbound_cidrs=("127.1.2.3/32",), dns_servers=("127.0.0.53",),
+                                         **UID_GID),
+    "outbound-ports-include": replace(BASE, outbound_ports=(32000, 31000)),
+    "tproxy": replace(BASE, mode="TPROXY", inbound_ports=("*",), outbound_exclude_cidrs=("1.1.0.0/16",),
+                      outbound_cidrs=("9.9.0.0/16",), dns_servers=("127.0.0.53",),
+                      exclude_interfaces=("not-istio-nic",), ipv6=True),
+}
+# Options the lab does not model: owner groups (ISTIO_OUTBOUND_OWNER_GROUPS[_EXCLUDE]) and
+# another loopback range (ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR).
+NOT_MODELLED = {"outbound-owner-groups", "outbound-owner-groups-exclude", "ipv6-dns-outbound-owner-groups",
+                "ipv6-dns-outbound-owner-groups-exclude", "host-ipv4-loopback-cidr"}
+
+
+def _golden(version: str, name: str) -> nftset.RuleSet:
+    return nftset.parse((GOLDENS / version / f"{name}.golden").read_text(), f"{version}/{name}.golden")
+
+
+def _chain(rules: nftset.RuleSet, chain: str, table: str = nftbuilder.NAT) -> list[str]:
+    return [r.text for r in rules.table(table).chains[chain].rules]
+
+
+# ------------------------------------------------------------------ the builder against Istio
+@pytest.mark.parametrize("version", ["1.27", "1.30"])
+@pytest.mark.parametrize("name", sorted(GOLDEN_OPTIONS))
+def test_the_builder_writes_istios_golden(name, version):
+    assert nftbuilder.build(version, GOLDEN_OPTIONS[name]) == _golden(version, name)
+
+
+def test_every_golden_is_compared_or_said_to_be_out_of_reach():
+    goldens = {p.stem for p in (GOLDENS / "1.30").glob("*.golden")}
+    assert goldens == set(GOLDEN_OPTIONS) | NOT_MODELLED and not set(GOLDEN_OPTIONS) & NOT_MODELLED
+
+
+def test_counters_arrived_in_128():
+    assert not any(r.counter for _, r in nftbuilder.build("1.27").numbered())
+    assert all(r.counter for _, r in nftbuilder.build("1.28").numbered())
+    assert nftbuilder.build("1.28").uncounted() == nftbuilder.build("1.27")
+
+
+def test_an_insert_past_a_chains_end_is_an_append():
+    """TPROXY with no inbound ports: mangle istio-inbound is empty when the guards are inserted
+    at 0, 1 and 2 (istio/istio#58135, fixed in 1.27.4 and 1.28.1)."""
+    rules = nftbuilder.build("1.27", replace(BASE, mode="TPROXY"))
+    assert _chain(rules, "istio-inbound", nftbuilder.MANGLE) == [
+        "meta l4proto tcp mark 1337 return",
+        "iifname lo meta l4proto tcp ip saddr 127.0.0.6/32 return",
+        "iifname lo meta l4proto tcp mark != 1338 return",
+    ]
+
+
+@pytest.mark.parametrize("version, problem", [
+    ("1.26", "native nftables arrived in Istio 1.27, not in 1.26"),
+    ("1.31", "Istio 1.31 is not modelled"),
+])
+def test_versions_out_of_reach(version, problem):
+    with pytest.raises(builder.BuildError, match=problem):
+        nftbuilder.build(version)
+
+
+def test_a_jump_to_a_chain_istio_would_leave_empty_is_refused():
+    """An IPv6 resolver in an IPv4 pod: the jumps to istio-output-dns are made, its rules are not."""
+    with pytest.raises(builder.BuildError, match=r"istio-proxy-nat:istio-output#8: jumps to istio-output-dns"):
+        nftbuilder.build("1.27", NftOptions(dns_servers=("fd00:10:96::a",)))
+
+
+def test_plain_options_build_and_nft_options_say_their_command():
+    assert nftbuilder.build("1.27", builder.Options()) == nftbuilder.build("1.27", NftOptions())
+    options = NftOptions.from_mapping({"kube_virt_interfaces": ["eth1"], "drop_invalid": True}, "test")
+    assert options.command().startswith("istio-iptables --native-nftables -p 15001 ")
+    assert options.command().endswith(" -k eth1 (INVALID_DROP=true)")
+
+
+def test_dual_stack_tproxy_puts_the_ipv6_passthrough_guard_first():
+    """Istio inserts the ::6 guard at index 1 after the 127.0.0.6 one: the kernel puts it
+    before it, and the mark guard inserted at 2 between them."""
+    rules = nftbuilder.build("1.27", NftOptions(mode="TPROXY", ipv6=True))
+    assert _chain(rules, "istio-inbound", nftbuilder.MANGLE)[:4] == [
+        "meta l4proto tcp mark 1337 return",
+        "iifname lo meta l4proto tcp ip6 saddr ::6/128 return",
+        "iifname lo meta l4proto tcp mark != 1338 return",
+        "iifname lo meta l4proto tcp ip saddr 127.0.0.6/32 return",
+    ]
