@@ -1,11 +1,17 @@
-"""Istio's native nftables rules: the builder against Istio's own goldens."""
+"""Istio's native nftables rules: the builder against Istio's own goldens, the profiles, and
+the kernel taking each profile's script."""
 
+import socket
+import subprocess
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from lab.rules import builder, nftbuilder, nftset
+from lab import netns
+from lab.errors import LabError
+from lab.netfilter import RuleRef
+from lab.rules import builder, nftbuilder, nftlisting, nftset, profiles
 from lab.rules.nftbuilder import NftOptions
 
 GOLDENS = Path(__file__).resolve().parent / "data/istio-nftables"
@@ -52,6 +58,7 @@ GOLDEN_OPTIONS = {
 # another loopback range (ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR).
 NOT_MODELLED = {"outbound-owner-groups", "outbound-owner-groups-exclude", "ipv6-dns-outbound-owner-groups",
                 "ipv6-dns-outbound-owner-groups-exclude", "host-ipv4-loopback-cidr"}
+NFT_PROFILES = profiles.names(native_nftables=True)
 
 
 def _golden(version: str, name: str) -> nftset.RuleSet:
@@ -113,6 +120,58 @@ def test_plain_options_build_and_nft_options_say_their_command():
     assert options.command().endswith(" -k eth1 (INVALID_DROP=true)")
 
 
+# ------------------------------------------------------------------ the profiles
+def test_the_nft_profiles_stand_apart_from_the_iptables_ones():
+    assert NFT_PROFILES == ["istio-1.27-nft", "istio-1.27-nft-tproxy", "istio-1.27-nft-dns", "istio-1.27-nft-ipv6"]
+    assert not set(NFT_PROFILES) & set(profiles.names())
+    assert profiles.dual_stack("istio-1.27-nft-ipv6") and not profiles.dual_stack("istio-1.27-nft")
+    with pytest.raises(LabError, match="istio-1.27-nft is a native nftables profile"):
+        profiles.load("istio-1.27-nft")
+    with pytest.raises(LabError, match="istio-1.25 is an iptables profile"):
+        profiles.nft_rules("istio-1.25")
+
+
+@pytest.mark.parametrize("name", NFT_PROFILES)
+def test_a_profile_is_its_options_built(name):
+    p = profiles.preset(name)
+    assert p.native_nftables and isinstance(p.options, NftOptions)
+    assert profiles.nft_rules(name) == nftbuilder.build(p.istio, p.options)
+    text = profiles.nft_text(name)
+    assert text.startswith(f"# Istio 1.27 sidecar, native nftables, ")
+    assert nftset.parse(text) == profiles.nft_rules(name).counted()
+
+
+def test_default_istio_output_is_the_iptables_chain_rule_for_rule():
+    """istio-1.27-nft's istio-output beside istio-1.25's ISTIO_OUTPUT: the same nine rules in
+    the same order (docs/profiles.md's comparison table)."""
+    nft = _chain(profiles.nft_rules("istio-1.27-nft"), "istio-output")
+    iptables = [r.spec for r in profiles.load("istio-1.25").tables["nat"].chain_rules("ISTIO_OUTPUT")]
+    assert list(zip(iptables, nft)) == [
+        ("-s 127.0.0.6/32 -o lo -j RETURN", "oifname lo ip saddr 127.0.0.6/32 return"),
+        ("! -d 127.0.0.1/32 -o lo -p tcp -m tcp ! --dport 15008 -m owner --uid-owner 1337 -j ISTIO_IN_REDIRECT",
+         "oifname lo meta l4proto tcp ip daddr != 127.0.0.1/32 tcp dport != 15008 skuid 1337 jump istio-in-redirect"),
+        ("-o lo -m owner ! --uid-owner 1337 -j RETURN", "oifname lo skuid != 1337 return"),
+        ("-m owner --uid-owner 1337 -j RETURN", "skuid 1337 return"),
+        ("! -d 127.0.0.1/32 -o lo -p tcp -m tcp ! --dport 15008 -m owner --gid-owner 1337 -j ISTIO_IN_REDIRECT",
+         "oifname lo meta l4proto tcp ip daddr != 127.0.0.1/32 tcp dport != 15008 skgid 1337 jump istio-in-redirect"),
+        ("-o lo -m owner ! --gid-owner 1337 -j RETURN", "oifname lo skgid != 1337 return"),
+        ("-m owner --gid-owner 1337 -j RETURN", "skgid 1337 return"),
+        ("-d 127.0.0.1/32 -j RETURN", "ip daddr 127.0.0.1/32 return"),
+        ("-j ISTIO_REDIRECT", "jump istio-redirect"),
+    ]
+
+
+def test_dual_stack_interleaves_the_families_in_one_chain():
+    """iptables keeps nine ISTIO_OUTPUT rules per family; nft's one inet chain has thirteen,
+    each IPv6 twin right after its IPv4 rule, so the uid return is rule 6, not 4."""
+    rules = profiles.nft_rules("istio-1.27-nft-ipv6")
+    output = _chain(rules, "istio-output")
+    assert len(output) == 13
+    assert output[1] == "oifname lo ip6 saddr ::6/128 return"
+    assert rules.rule(RuleRef(nftbuilder.NAT, "istio-output", 6)).text == "skuid 1337 return"
+    assert rules.rule(RuleRef(nftbuilder.NAT, "istio-output", 13)).text == "jump istio-redirect"
+
+
 def test_dual_stack_tproxy_puts_the_ipv6_passthrough_guard_first():
     """Istio inserts the ::6 guard at index 1 after the 127.0.0.6 one: the kernel puts it
     before it, and the mark guard inserted at 2 between them."""
@@ -123,3 +182,56 @@ def test_dual_stack_tproxy_puts_the_ipv6_passthrough_guard_first():
         "iifname lo meta l4proto tcp mark != 1338 return",
         "iifname lo meta l4proto tcp ip saddr 127.0.0.6/32 return",
     ]
+
+
+# ------------------------------------------------------------------ the kernel
+def _in_scratch(*commands: tuple[list[str], str]) -> str:
+    """Run commands (argv, stdin) one after another in a fresh network namespace that vanishes
+    afterwards; the last one's output."""
+    host = netns.inode("/proc/thread-self/ns/net")
+    with netns.scratch():
+        assert netns.inode("/proc/thread-self/ns/net") != host  # never the host's rules
+        for argv, stdin in commands:
+            done = subprocess.run(argv, input=stdin, capture_output=True, text=True)
+            assert done.returncode == 0, f"{' '.join(argv)}: {done.stderr}"
+    return done.stdout
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("name", NFT_PROFILES)
+def test_the_kernel_takes_a_profile_and_lists_it_back(name):
+    """Applied twice (the second replaces the first whole, as a pod's restart would), the
+    kernel lists the profile's rules in nftlisting's words, each with the lab's counter."""
+    script = profiles.nft_text(name)
+    listing = _in_scratch((["nft", "-f", "-"], script), (["nft", "-f", "-"], script),
+                          (["nft", "-a", "list", "ruleset"], ""))
+    kernel = nftset.parse(listing, f"{name} as listed")
+    assert kernel == nftlisting.listed(profiles.nft_rules(name).counted())
+    assert kernel.uncounted() == nftlisting.listed(profiles.nft_rules(name))
+    assert set(kernel.packet_counts().values()) == {0}
+    assert len(kernel.handles()) == len(list(kernel.numbered()))
+
+
+@pytest.mark.kernel
+def test_an_ipv4_profile_captures_ipv6_too():
+    """Without IPv6 Istio writes no ip6tables rules, but its inet table's family-free rules
+    see IPv6 as well: an IPv6 connection from the app is redirected to 15001 like an IPv4 one
+    (only the ::6 and ::1 guards are missing)."""
+    script = profiles.nft_text("istio-1.27-nft")
+    host = netns.inode("/proc/thread-self/ns/net")
+    with netns.scratch():
+        assert netns.inode("/proc/thread-self/ns/net") != host
+        for argv in (["ip", "link", "set", "lo", "up"], ["ip", "link", "add", "v0", "type", "veth", "peer", "v1"],
+                     ["ip", "link", "set", "v0", "up"], ["ip", "link", "set", "v1", "up"],
+                     ["ip", "addr", "add", "fd00::1/64", "dev", "v0", "nodad"]):
+            subprocess.run(argv, check=True, capture_output=True)
+        subprocess.run(["nft", "-f", "-"], input=script, text=True, check=True, capture_output=True)
+        with socket.socket(socket.AF_INET6) as app:  # root: not the proxy's uid
+            app.settimeout(2)
+            with pytest.raises(ConnectionRefusedError):  # redirected to [::1]:15001, where nobody listens
+                app.connect(("fd00::2", 9080))
+        listing = subprocess.run(["nft", "list", "table", "inet", nftbuilder.NAT], capture_output=True,
+                                 text=True, check=True).stdout
+    counts = nftset.parse(listing).packet_counts()
+    moved = {str(ref) for ref, packets in counts.items() if packets}
+    assert moved == {"istio-proxy-nat:output#1", "istio-proxy-nat:istio-output#9", "istio-proxy-nat:istio-redirect#1"}
