@@ -161,6 +161,19 @@ def test_default_istio_output_is_the_iptables_chain_rule_for_rule():
     ]
 
 
+def test_inbound_exclusions_and_outbound_port_exclusions_mirror_iptables():
+    """What no golden of Istio's shows: `-d` with `-b '*'` (every profile has it) and `-o`."""
+    rules = nftbuilder.build("1.27", NftOptions(outbound_exclude_ports=(8443,)))
+    assert _chain(rules, "istio-inbound") == [f"meta l4proto tcp tcp dport {port} return"
+                                              for port in (15008, 15090, 15021, 15020)] + [
+        "meta l4proto tcp jump istio-in-redirect"]
+    assert _chain(rules, "istio-output")[:3] == ["tcp dport 8443 return", "udp dport 8443 return",
+                                                 "oifname lo ip saddr 127.0.0.6/32 return"]
+    iptables = builder.build("1.25", builder.Options(outbound_exclude_ports=(8443,)))
+    assert [r.spec for r in iptables.tables["nat"].chain_rules("ISTIO_OUTPUT")][:2] == [
+        "-p tcp -m tcp --dport 8443 -j RETURN", "-p udp -m udp --dport 8443 -j RETURN"]
+
+
 def test_dual_stack_interleaves_the_families_in_one_chain():
     """iptables keeps nine ISTIO_OUTPUT rules per family; nft's one inet chain has thirteen,
     each IPv6 twin right after its IPv4 rule, so the uid return is rule 6, not 4."""
@@ -210,6 +223,18 @@ def test_the_kernel_takes_a_profile_and_lists_it_back(name):
     assert kernel.uncounted() == nftlisting.listed(profiles.nft_rules(name))
     assert set(kernel.packet_counts().values()) == {0}
     assert len(kernel.handles()) == len(list(kernel.numbered()))
+
+
+@pytest.mark.kernel
+def test_the_kernel_takes_every_option_at_once():
+    options = NftOptions(mode="TPROXY", ipv6=True, exclude_interfaces=("eth9",), kube_virt_interfaces=("eth1",),
+                         drop_invalid=True, outbound_exclude_ports=(8443,), outbound_ports=(9000,),
+                         outbound_cidrs=("10.96.0.0/16", "fd00:10:96::/112"),
+                         outbound_exclude_cidrs=("10.96.0.1/32", "fd00:10:96::1/128"),
+                         dns_servers=("10.96.0.10", "fd00:10:96::a"), proxy_uid=(1337, 1338))
+    rules = nftbuilder.build("1.30", options)
+    kernel = nftset.parse(_in_scratch((["nft", "-f", "-"], nftset.script(rules)), (["nft", "list", "ruleset"], "")))
+    assert kernel == nftlisting.listed(rules)
 
 
 @pytest.mark.kernel

@@ -23,12 +23,11 @@ import ipaddress
 from dataclasses import dataclass, field
 
 from . import builder
-from .builder import OUTBOUND_MARK, TPROXY_MARK, TUNNEL_PORT, BuildError, Options, Version
+from .builder import DNS_PROXY_PORT, OUTBOUND_MARK, TPROXY_MARK, TUNNEL_PORT, BuildError, Options, Version
 from .nftset import BaseChain, Chain, Rule, RuleSet, Table
 
 NATIVE: Version = (1, 27)  # the first release with native nftables
 COUNTERS: Version = (1, 28)  # Istio's own `counter` in every rule
-DNS_PROXY_PORT = 15053
 LOCALHOST = {4: "127.0.0.1/32", 6: "::1/128"}
 PASSTHROUGH = {4: "127.0.0.6/32", 6: "::6/128"}  # Envoy's inbound passthrough source
 
