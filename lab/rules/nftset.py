@@ -82,7 +82,7 @@ class Rule:
         if self.counter:
             return self
         w = self.words
-        at = first_statement(w)
+        at = _first_statement(w)
         return replace(self, text=" ".join(w[:at] + ["counter"] + w[at:]))
 
     def uncounted(self) -> "Rule":
@@ -193,7 +193,7 @@ def _fold(texts: list[str]) -> list[str]:
     return out
 
 
-def first_statement(w: list[str]) -> int:
+def _first_statement(w: list[str]) -> int:
     """Index of a rule's first statement word (len(w) when it has none)."""
     for i, word in enumerate(w):
         if word in STATEMENTS or (word == "mark" and w[i + 1:i + 2] == ["set"]):

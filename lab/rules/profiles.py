@@ -44,10 +44,9 @@ def presets() -> dict[str, Preset]:
         native = entry.get("native_nftables", False)
         if not isinstance(native, bool):
             raise LabError(f"{where}: {name}: native_nftables: expected true or false, got {native!r}")
-        rules = nftbuilder if native else builder
         options = (nftbuilder.NftOptions if native else builder.Options).from_mapping(
             entry.get("options") or {}, f"{where}: {name}")
-        rules.parse_version(entry["istio"])
+        (nftbuilder if native else builder).parse_version(entry["istio"])
         out[name] = Preset(name, str(entry["istio"]), str(entry["versions"]), entry["summary"], options, native)
     return out
 
