@@ -37,6 +37,7 @@ def test_130_is_127_with_a_counter_in_every_rule(name):
     assert all(rule.counter for _, rule in newer.numbered())
     assert not any(rule.counter for _, rule in older.numbered())
     assert newer.uncounted() == older
+    assert older.counted() == newer  # the lab's counters go where Istio's went
 
 
 def test_a_script_is_read_by_doing_what_nft_does():
@@ -143,14 +144,15 @@ def test_bad_input_is_one_line_naming_the_line(text, line, problem):
 # ------------------------------------------------------------------ writing
 def test_the_lab_counts_what_a_rule_matched():
     """Its counter goes after the matches, before the first statement, as an iptables counter
-    counts; a rule that has one (Istio 1.28 on) keeps it where it is."""
+    counts (after a tproxy, which may end the rule, before the verdict); a rule that has one
+    (Istio 1.28 on) keeps it where it is."""
     cases = {
         "meta l4proto tcp tcp dport 15008 return": "meta l4proto tcp tcp dport 15008 counter return",
         "meta mark set 1337": "counter meta mark set 1337",
         "meta l4proto tcp mark 1337 ct mark set mark": "meta l4proto tcp mark 1337 counter ct mark set mark",
         "udp dport 53 meta skuid 1337 ct zone set 1": "udp dport 53 meta skuid 1337 counter ct zone set 1",
         "meta l4proto tcp ip daddr != 127.0.0.1/32 tproxy ip to :15006 meta mark set 1337 accept":
-            "meta l4proto tcp ip daddr != 127.0.0.1/32 counter tproxy ip to :15006 meta mark set 1337 accept",
+            "meta l4proto tcp ip daddr != 127.0.0.1/32 tproxy ip to :15006 meta mark set 1337 counter accept",
         "jump istio-output": "counter jump istio-output",
         "tproxy ip to :15006 meta mark set 1337 counter accept": "tproxy ip to :15006 meta mark set 1337 counter accept",
     }

@@ -77,12 +77,16 @@ class Rule:
         return None
 
     def counted(self) -> "Rule":
-        """With a counter after its matches, before its first statement, if it has none: there
-        it counts what the rule matched, as an iptables rule's counter does."""
+        """With a counter, if it has none: after its matches, before its first statement, where
+        it counts what the rule matched as an iptables rule's counter does.  A `tproxy` that
+        finds no socket ends its rule there, so after a tproxy the counter goes before the
+        verdict and counts what was diverted (as nftrace, and Istio 1.28's own counter, do)."""
         if self.counter:
             return self
         w = self.words
         at = _first_statement(w)
+        if w[at:at + 1] == ["tproxy"]:
+            at = next((i for i in range(at, len(w)) if w[i] in VERDICTS), len(w))
         return replace(self, text=" ".join(w[:at] + ["counter"] + w[at:]))
 
     def uncounted(self) -> "Rule":
