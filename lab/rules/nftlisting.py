@@ -8,6 +8,10 @@ with the one the lab applied, and reports can quote a rule as `nft monitor trace
 
 Each rewrite below is one observation of nft 1.0.6 on Linux 6.18; NORMALISED holds an
 example of each (a kernel test writes every example into a namespace and reads it back).
+Base chains need no rewrite: nft prints `priority dstnat` for nat prerouting's -100 but
+`-100` for nat output's, `mangle` and `raw` for -150 and -300, and adds `policy accept;`,
+and the reader turns all of it back into the same values.  Rules iptables-nft wrote through
+the xt compat layer print otherwise (its owner match as `skuid 1337`, without `meta`).
 """
 
 from __future__ import annotations
