@@ -22,7 +22,8 @@ from dataclasses import replace
 
 from .nftset import RuleSet, words
 
-# (what a script says, what `nft list ruleset` prints), one per rewrite below.
+# (what a script says, what `nft list ruleset` prints): each rewrite below, and two rules nft
+# prints as written (an l4proto no later match implies; `ip protocol`, which is no l4proto).
 NORMALISED: tuple[tuple[str, str], ...] = (
     ("iifname lo oifname eth0 return", 'iifname "lo" oifname "eth0" return'),
     ("skuid 1337 skgid 1337 return", "meta skuid 1337 meta skgid 1337 return"),
