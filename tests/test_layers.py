@@ -13,7 +13,8 @@ LAB = Path(__file__).resolve().parents[1] / "lab"
 LAYERS = [
     ("values", {"errors", "addr", "netfilter", "plan", "interrupts"}),
     ("text formats", {"rules.save", "rules.builder", "rules.profiles", "rules.features", "rules.foreign",
-                      "rules.ruleset", "path", "dns", "sidecar.httpio"}),
+                      "rules.ruleset", "rules.nftset", "rules.nftbuilder", "rules.nftlisting", "path", "dns",
+                      "sidecar.httpio"}),
     ("kernel", {"netns", "procfs", "record", "world", "rules.xtables", "rules.routing", "trace", "preflight",
                 "nftrace", "rules.nft.libnft", "rules.nft.ruleset", "rules.nft.iptables_nft", "rules.nft.native",
                 "rules.nft.tracing", "rules.nft.naming", "rules.nft.probes"}),

@@ -1,8 +1,10 @@
 """Profiles: profiles.yaml maps a name to an Istio version and istio-iptables' options.
 
-The rules themselves are built (builder.py), not stored: a profile is the options a
-default sidecar of that Istio was set up with.  profiles/istio-1.13.rules stays as
-the golden copy of the article's rules that the builder must reproduce.
+The rules themselves are built (builder.py; nftbuilder.py for the native nftables
+profiles), not stored: a profile is the options a default sidecar of that Istio was set up
+with.  profiles/istio-1.13.rules stays as the golden copy of the article's rules that the
+builder must reproduce.  The iptables functions (names, load, dumps, text, match) see the
+iptables profiles only; nft_rules and nft_text give a native nftables profile's rules.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from importlib import resources
 import yaml
 
 from ..errors import LabError
-from . import builder, save
+from . import builder, nftbuilder, nftset, save
 
 DEFAULT = "istio-1.13"  # Istio 1.13 - 1.17, the article's era
 PROFILES = "profiles.yaml"
@@ -27,6 +29,7 @@ class Profile:
     versions: str  # the releases it stands for, e.g. "1.13 - 1.17"
     summary: str
     options: builder.Options
+    native_nftables: bool = False  # Istio's nft rules (values.global.nativeNftables), not its iptables ones
 
 
 @functools.cache
@@ -38,21 +41,26 @@ def profiles() -> dict[str, Profile]:
     for name, entry in data.items():
         if not isinstance(entry, dict) or not {"istio", "versions", "summary"} <= set(entry):
             raise LabError(f"{where}: {name}: needs istio, versions and summary")
-        options = builder.Options.from_mapping(entry.get("options") or {}, f"{where}: {name}")
-        builder.parse_version(entry["istio"])
-        out[name] = Profile(name, str(entry["istio"]), str(entry["versions"]), entry["summary"], options)
+        native = entry.get("native_nftables", False)
+        if not isinstance(native, bool):
+            raise LabError(f"{where}: {name}: native_nftables: expected true or false, got {native!r}")
+        options = (nftbuilder.NftOptions if native else builder.Options).from_mapping(
+            entry.get("options") or {}, f"{where}: {name}")
+        (nftbuilder if native else builder).parse_version(entry["istio"])
+        out[name] = Profile(name, str(entry["istio"]), str(entry["versions"]), entry["summary"], options, native)
     return out
 
 
-def names() -> list[str]:
-    return list(profiles())
+def names(native_nftables: bool = False) -> list[str]:
+    """The iptables profiles, or the native nftables ones."""
+    return [name for name, p in profiles().items() if p.native_nftables == native_nftables]
 
 
 def get(name: str = DEFAULT) -> Profile:
     try:
         return profiles()[name]
     except KeyError:
-        raise LabError(f"no rule profile {name!r} (profiles: {', '.join(names())})") from None
+        raise LabError(f"no rule profile {name!r} (profiles: {', '.join(profiles())})") from None
 
 
 def summary(name: str = DEFAULT) -> str:
@@ -64,7 +72,25 @@ def summary(name: str = DEFAULT) -> str:
 def load(name: str = DEFAULT, family: int = 4) -> save.Dump:
     """The profile's rules for one family (4: iptables, 6: ip6tables; empty without IPv6)."""
     p = get(name)
+    if p.native_nftables:
+        raise LabError(f"{name} is a native nftables profile: it has no iptables rules")
     return builder.build(p.istio, p.options, family)
+
+
+def nft_rules(name: str) -> nftset.RuleSet:
+    """A native nftables profile's rules, as istio-nftables writes them (no lab counters yet)."""
+    p = get(name)
+    if not p.native_nftables:
+        raise LabError(f"{name} is an iptables profile: it has no native nftables rules")
+    return nftbuilder.build(p.istio, p.options)
+
+
+def nft_text(name: str) -> str:
+    """A native nftables profile as the `nft -f` script the lab applies (a counter in every
+    rule), with a header saying what it is."""
+    header = (f"{summary(name)}.", get(name).options.command(),
+              "One nft -f transaction; the lab adds a counter to every rule that has none.")
+    return nftset.script(nft_rules(name), header=header)
 
 
 def dual_stack(name: str = DEFAULT) -> bool:
