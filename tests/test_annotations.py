@@ -382,11 +382,15 @@ def _saved(family: int, table: str) -> list[str]:
 
 @pytest.mark.kernel
 def test_an_annotation_built_rule_set_reads_back_identical():
-    pod = a.parse(POD.replace('includeInboundPorts: ""', 'includeInboundPorts: "8080,9090"') + "", "web.yaml")
-    pod = a.PodAnnotations(pod.source, {**pod.values, T + "kubevirtInterfaces": "vm0,vm1",
-                                        T + "includeOutboundIPRanges": "10.96.0.0/12,fd00:10:96::/112",
-                                        T + "excludeOutboundIPRanges": "10.96.0.10/32",
-                                        T + "excludeInterfaces": "eth9", T + "includeOutboundPorts": "3306"})
+    pod = a.parse(f"""\
+{T}includeInboundPorts=8080,9090
+{T}excludeOutboundPorts=5432
+{T}includeOutboundPorts=3306
+{T}includeOutboundIPRanges=10.96.0.0/12,fd00:10:96::/112
+{T}excludeOutboundIPRanges=10.96.0.10/32
+{T}kubevirtInterfaces=vm0,vm1
+{T}excludeInterfaces=eth9
+""", "pod")
     p = profiles.preset("istio-1.25-ipv6")
     init = a.inject(pod, p.istio, p.options)
     dumps = [builder.build(p.istio, init.options, family) for family in (4, 6)]

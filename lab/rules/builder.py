@@ -29,7 +29,7 @@ DNS_PROXY_PORT = 15053  # pilot-agent's DNS proxy
 TPROXY_MARK = 1337  # inbound packets diverted to Envoy (and the fwmark of the policy route)
 OUTBOUND_MARK = 1338  # Envoy's own connections to the app over lo (TPROXY mode)
 MODES = ("REDIRECT", "TPROXY")
-_IFNAME = re.compile(r"[^/:\s]{1,15}")  # the kernel's dev_valid_name: under IFNAMSIZ, no '/', ':' or space
+IFNAME = re.compile(r"[^/:\s]{1,15}")  # the kernel's dev_valid_name: under IFNAMSIZ, no '/', ':' or space
 
 
 class BuildError(LabError):
@@ -119,7 +119,7 @@ class Options:
                 raise BuildError(f"{where}: inbound_ports: {port!r} is not a port or '*'")
         for key in ("exclude_interfaces", "kubevirt_interfaces"):
             for name in getattr(self, key):
-                if not _IFNAME.fullmatch(name) or name in (".", ".."):
+                if not IFNAME.fullmatch(name) or name in (".", ".."):
                     raise BuildError(f"{where}: {key}: {name!r} is not an interface name the kernel accepts")
 
     def command(self) -> str:
