@@ -13,7 +13,7 @@ LAB = Path(__file__).resolve().parents[1] / "lab"
 LAYERS = [
     ("values", {"errors", "addr", "netfilter", "plan", "interrupts"}),
     ("text formats", {"rules.save", "rules.builder", "rules.profiles", "rules.features", "rules.foreign",
-                      "rules.ruleset", "rules.nftset", "rules.nftbuilder", "rules.nftlisting", "path", "dns",
+                      "rules.ruleset", "rules.nftset", "rules.nftbuilder", "rules.nftlisting", "rules.annotations", "path", "dns",
                       "sidecar.httpio"}),
     ("kernel", {"netns", "procfs", "record", "world", "rules.xtables", "rules.routing", "trace", "preflight",
                 "nftrace", "rules.nft.libnft", "rules.nft.ruleset", "rules.nft.iptables_nft", "rules.nft.native",

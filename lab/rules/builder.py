@@ -12,6 +12,7 @@ write them; asking for them with an older version is an error, not a guess.
 from __future__ import annotations
 
 import ipaddress
+import re
 import shlex
 from dataclasses import dataclass, field, fields
 
@@ -25,6 +26,7 @@ OLDEST: Version = (1, 4)
 NEWEST: Version = (1, 30)  # the newest release checked against Istio's source
 MODERN: Version = (1, 25)  # DNS capture, TPROXY and IPv6 are modelled from here on
 MODES = ("REDIRECT", "TPROXY")
+IFNAME = re.compile(r"[^/:\s]{1,15}")  # the kernel's dev_valid_name: under IFNAMSIZ, no '/', ':' or space
 
 
 class BuildError(LabError):
@@ -65,6 +67,7 @@ class Options:
     outbound_ports: tuple[int, ...] = ()  # -q
     outbound_exclude_ports: tuple[int, ...] = ()  # -o
     exclude_interfaces: tuple[str, ...] = ()  # -c
+    kubevirt_interfaces: tuple[str, ...] = ()  # -k: a VM's interfaces, whose traffic is outbound
     dns_servers: tuple[str, ...] = ()  # DNS capture (ISTIO_META_DNS_CAPTURE) of these resolv.conf servers
     ipv6: bool = False  # dual stack: ip6tables rules as well
 
@@ -111,6 +114,10 @@ class Options:
         for port in self.inbound_ports:
             if port != "*" and not port.isdigit():
                 raise BuildError(f"{where}: inbound_ports: {port!r} is not a port or '*'")
+        for key in ("exclude_interfaces", "kubevirt_interfaces"):
+            for name in getattr(self, key):
+                if not IFNAME.fullmatch(name) or name in (".", ".."):
+                    raise BuildError(f"{where}: {key}: {name!r} is not an interface name the kernel accepts")
 
     def command(self) -> str:
         """The istio-iptables command line these options stand for."""
@@ -127,7 +134,7 @@ class Options:
         argv.append(f"-m {self.mode} -i {quoted(join(self.outbound_cidrs))} -x {quoted(join(self.outbound_exclude_cidrs))}")
         argv.append(f"-b {quoted(join(self.inbound_ports))} -d {quoted(join(self.inbound_exclude_ports))}")
         for flag, items in (("-q", self.outbound_ports), ("-o", self.outbound_exclude_ports),
-                            ("-c", self.exclude_interfaces)):
+                            ("-k", self.kubevirt_interfaces), ("-c", self.exclude_interfaces)):
             if items:
                 argv.append(f"{flag} {join(items)}")
         if self.dns_servers:
@@ -207,6 +214,8 @@ def _build(v: Version, o: Options, family: int) -> _Tables:
     for nic in o.exclude_interfaces:
         t.append("nat", "PREROUTING", f"-i {nic} -j RETURN")
         t.append("nat", "OUTPUT", f"-o {nic} -j RETURN")
+    for nic in o.kubevirt_interfaces:  # a VM's traffic is never inbound: each insert goes to the head
+        t.insert("nat", "PREROUTING", 1, f"-i {nic} -j RETURN")
     if tproxy:
         for nic in o.exclude_interfaces:
             t.append("mangle", "PREROUTING", f"-i {nic} -j RETURN")
@@ -255,8 +264,12 @@ def _build(v: Version, o: Options, family: int) -> _Tables:
         t.append("nat", "ISTIO_OUTPUT", f"-p tcp -m tcp --dport {port} -j ISTIO_REDIRECT")
     if wildcard:
         t.append("nat", "ISTIO_OUTPUT", "-j ISTIO_REDIRECT")
+        for nic in o.kubevirt_interfaces:  # what a VM sends is outbound: to Envoy's 15001, ahead of the returns
+            t.insert("nat", "PREROUTING", 1, f"-i {nic} -j ISTIO_REDIRECT")
     elif include:
         for cidr in include:
+            for nic in o.kubevirt_interfaces:
+                t.insert("nat", "PREROUTING", 1, f"-d {cidr} -i {nic} -j ISTIO_REDIRECT")
             t.append("nat", "ISTIO_OUTPUT", f"-d {cidr} -j ISTIO_REDIRECT")
         if v <= (1, 22):  # "all other traffic is not redirected", said explicitly until 1.22
             t.append("nat", "ISTIO_OUTPUT", "-j RETURN")
