@@ -17,7 +17,7 @@ import re
 import shutil
 import signal
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 from . import netns, procfs
 from .errors import LabError
@@ -51,6 +51,7 @@ class Record:
     pids: dict[str, int] = field(default_factory=dict)  # process name -> pid
     ipv6: bool = False  # a dual-stack lab
     inbound_mode: str = "REDIRECT"  # how the sidecar's rules hand inbound to Envoy: REDIRECT or TPROXY
+    backend: str = "legacy"  # the netfilter backend its rules went through: legacy or nft
     created: float = field(default_factory=time.time)
 
     @property
@@ -75,10 +76,15 @@ class Record:
 
     @classmethod
     def load(cls, labid: str) -> "Record | None":
+        """The lab's record; None when there is none or it cannot be read (its writer died
+        writing it).  Fields this version does not know are left aside: a record written by
+        a newer istio-lab is still a live lab's, and must not be taken for a dead one."""
         try:
             with open(os.path.join(STATE_DIR, labid, "record.json")) as f:
-                return cls(**json.load(f))
-        except (OSError, ValueError, TypeError):
+                data = json.load(f)
+            known = {f.name for f in fields(cls)}
+            return cls(**{k: v for k, v in data.items() if k in known})
+        except (OSError, ValueError, TypeError, AttributeError):
             return None
 
 

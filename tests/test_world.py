@@ -1,5 +1,7 @@
 """The lab core on the real kernel: namespaces, wiring, rules, teardown, the host untouched."""
 
+import dataclasses
+import json
 import os
 import signal
 import subprocess
@@ -247,3 +249,16 @@ def _try_create(name):
         return str(e).split("netns.create ")[-1]
     netns.remove(name)
     return "created"
+
+
+def test_a_record_with_fields_of_a_newer_version_is_still_a_live_labs(tmp_path, monkeypatch):
+    """A record another istio-lab version wrote, with a field this one does not know, reads
+    back (and so is never reaped as a record its writer died writing)."""
+    monkeypatch.setattr(record, "STATE_DIR", str(tmp_path))
+    (tmp_path / "abc123").mkdir()
+    data = {**dataclasses.asdict(record.Record.new("abc123")), "from_the_future": {"x": 1}}
+    (tmp_path / "abc123" / "record.json").write_text(json.dumps(data))
+    loaded = record.Record.load("abc123")
+    assert loaded is not None and loaded.owner_alive() and loaded.labid == "abc123"
+    (tmp_path / "abc123" / "record.json").write_text('{"labid": "abc1')  # a writer that died mid-write
+    assert record.Record.load("abc123") is None
