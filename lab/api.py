@@ -10,35 +10,40 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from . import backend as backends
 from . import dualstack, interrupts, plan, preflight, processes, record
 from . import path as paths
 from .addr import Address
+from .backend import Backend
 from .errors import LabError
 from .observe import Witnesses, observe
 from .result import Result, conclude
-from .rules import routing, xtables
+from .rules import routing
 from .rules.ruleset import RuleSet
+from .rules.xtables import RuleError
 from .scenario import PROTOCOLS, Expectation, Scenario, Source, Traffic
 from .trace import TraceError
 from .world import Lab, ipr
 
 
-def ready_machine() -> list[str]:
-    """Preflight (PreflightError names every missing piece), then reap the labs whose owner
-    died (a SIGKILLed run, say); returns the ids of the labs reaped."""
-    preflight.check()
+def ready_machine(backend: Backend) -> list[str]:
+    """Preflight for the backend (PreflightError names every missing piece), then reap the
+    labs whose owner died (a SIGKILLed run, say); returns the ids of the labs reaped."""
+    preflight.check(backend.name)
     return record.reap_orphans()
 
 
-def bring_up(lab: Lab, rules: RuleSet) -> None:
+def bring_up(lab: Lab, rules: RuleSet, backend: Backend) -> None:
     """The sidecar's rules and the policy routing TPROXY needs, then the processes (rules
     first, as Istio's init container).  Rules that capture DNS get pilot-agent's DNS proxy,
     as ISTIO_META_DNS_CAPTURE turns on both."""
     sidecar = lab.pod("sidecar").ns
+    if lab.record.backend != backend.name:
+        raise LabError(f"lab {lab.labid} was made for the {lab.record.backend} backend, not {backend.name}")
     try:
         for dump in rules.dumps:
-            xtables.apply(sidecar, dump)
-    except xtables.RuleError as e:
+            backend.apply(sidecar, dump)
+    except RuleError as e:
         raise LabError(f"{rules.name}: {e}") from None
     with interrupts.held(), ipr(sidecar) as sock:
         for dump in rules.dumps:
@@ -79,9 +84,10 @@ class Session:
     """A lab with a rule set applied, its processes up and its witnesses bound.  A context
     manager: it always tears down."""
 
-    def __init__(self, rules: RuleSet, labid: str | None = None):
+    def __init__(self, rules: RuleSet, backend: Backend | str = backends.AUTO, labid: str | None = None):
         self.rules = rules
-        self.lab = Lab(labid, ipv6=rules.dual_stack)
+        self.backend = backends.choose(backend)[0] if isinstance(backend, str) else backend
+        self.lab = Lab(labid, ipv6=rules.dual_stack, backend=self.backend.name)
         self.witnesses: Witnesses | None = None
 
     def __enter__(self) -> "Session":
@@ -91,8 +97,8 @@ class Session:
         """Build the lab, apply the rules, start the processes, bind the witnesses."""
         self.lab.create()
         try:
-            bring_up(self.lab, self.rules)
-            self.witnesses = Witnesses(self.lab)
+            bring_up(self.lab, self.rules, self.backend)
+            self.witnesses = Witnesses(self.lab, self.backend)
         except BaseException:
             self.close()
             raise

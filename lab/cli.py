@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import commands, interrupts, preflight
+from . import backend, commands, interrupts, preflight
 from .errors import LabError
 
 EXIT_FAIL = 1  # a measured path differs from its expectation
@@ -34,7 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--report", metavar="DIR", default=None,
                      help="also write DIR/index.html (a diagram per scenario) and DIR/summary.md")
     rule_set = run.add_mutually_exclusive_group()
-    rule_set.add_argument("--profile", metavar="NAME", help="the sidecar's rules: a preset (istio-lab profiles; "
+    rule_set.add_argument("--profile", metavar="NAME", help="the sidecar's rules: a profile (istio-lab profiles; "
                           "default istio-1.13, the article's)")
     rule_set.add_argument("--rules", metavar="FILE", help="the sidecar's rules: an iptables-save dump of a real pod")
     for flag, what in (("--proxy-uid", "uid"), ("--proxy-gid", "gid"), ("--outbound-port", "outbound port"),
@@ -44,14 +44,14 @@ def _parser() -> argparse.ArgumentParser:
     lst = sub.add_parser("list", help="list the scenarios")
     explain = sub.add_parser("explain", help="print a scenario's explanation and the rules it names")
     explain.add_argument("id", metavar="ID")
-    explain.add_argument("--profile", metavar="NAME", help="the path under a preset's rules (default: the rules the explanation is written for, istio-1.13 or for DNS istio-1.25-dns)")
+    explain.add_argument("--profile", metavar="NAME", help="the path under a profile's rules (default: the rules the explanation is written for, istio-1.13 or for DNS istio-1.25-dns)")
     for command in (run, lst, explain):
         command.add_argument("--scenarios", metavar="DIR", default=None,
                              help="directory of scenario files (default: the lab's scenarios/)")
 
     up = sub.add_parser("up", help="build a lab and leave it running, to explore by hand")
     up.add_argument("--id", dest="labid", help="lab id (default: random)")
-    up.add_argument("--profile", metavar="NAME", help="the sidecar's rules: a preset (default istio-1.13)")
+    up.add_argument("--profile", metavar="NAME", help="the sidecar's rules: a profile (default istio-1.13)")
     up.add_argument("--hold", action="store_true",
                     help="stay in the foreground and tear the lab down on Ctrl-C or SIGTERM")
     down = sub.add_parser("down", help="remove a lab left up (or every lab with --all)")
@@ -72,8 +72,13 @@ def _parser() -> argparse.ArgumentParser:
     stop = trace.add_mutually_exclusive_group()
     stop.add_argument("--count", type=int, metavar="N", help="stop after N events")
     stop.add_argument("--seconds", type=float, metavar="S", help="stop after S seconds")
-    sub.add_parser("preflight", help="check that this machine can run the lab")
-    sub.add_parser("profiles", help="list the rule presets: Istio versions and what sets them apart")
+    machine = sub.add_parser("preflight", help="check that this machine can run the lab (on the chosen backend)")
+    for command in (run, up, rules, trace, machine):
+        command.add_argument("--backend", choices=backend.CHOICES, default=None if command in (rules, trace) else
+                             backend.AUTO, help="the netfilter backend: legacy xtables, nf_tables (iptables-nft "
+                             "and nftrace), or auto: legacy where the kernel has it, else nft (default: "
+                             + ("the lab's own)" if command in (rules, trace) else "auto)"))
+    sub.add_parser("profiles", help="list the rule profiles: Istio versions and what sets them apart")
     return p
 
 

@@ -7,8 +7,12 @@ import argparse
 import contextlib
 import sys
 
-from . import api, dualstack, html_report, interrupts, preflight, record, report, scenario, view, watch
+from . import api
+from . import backend as backends
+from . import dualstack, html_report, interrupts, preflight, record, report, scenario, view, watch
+from .backend import Backend
 from .errors import LabError
+from .netfilter import PATH_TABLES
 from .path import Path
 from .rules import profiles, ruleset, xtables
 from .rules.ruleset import RuleSet
@@ -37,8 +41,13 @@ def _console():
     return Console(highlight=False, soft_wrap=True)
 
 
-def _ready_machine() -> None:
-    for labid in api.ready_machine():
+# How to read a pod's rules by hand, per backend (`up` prints it).
+LISTING = {backends.LEGACY: "iptables-legacy -t nat -L -n -v --line-numbers",
+           backends.NFT: "iptables-nft -t nat -L -n -v --line-numbers   (or: nft list ruleset)"}
+
+
+def _ready_machine(backend: Backend) -> None:
+    for labid in api.ready_machine(backend):
         print(f"istio-lab: removed lab {labid} left behind by a process that died", file=sys.stderr)
 
 
@@ -56,8 +65,12 @@ def _rule_set(args) -> RuleSet:
 
 
 def check(args) -> int:
-    preflight.check()
-    print("istio-lab: this machine can run the lab (root, legacy xtables, owner, REDIRECT, TRACE, nfnetlink_log)")
+    preflight.check_root()
+    chosen, why = backends.choose(args.backend)
+    preflight.check(chosen.name)
+    pieces = {backends.LEGACY: "legacy xtables, owner, REDIRECT, TRACE, nfnetlink_log",
+              backends.NFT: "nf_tables, nftrace in a namespace, owner and REDIRECT through nft_compat"}
+    print(f"istio-lab: this machine can run the lab on the {chosen.name} backend ({why}): root, {pieces[chosen.name]}")
     return 0
 
 
@@ -71,12 +84,15 @@ def run(args) -> int:
     if rules.dual_stack:
         dualstack.both_families(chosen)  # a scenario with no IPv6 twin fails here, before any lab
     report_dir = html_report.prepare(args.report) if args.report is not None else None
-    _ready_machine()
+    preflight.check_root()
+    backend, _ = backends.choose(args.backend)
+    _ready_machine(backend)
     console = _console()
     status = console.status("building the lab") if not args.json else contextlib.nullcontext()
-    with status, api.Session(rules) as session:
+    with status, api.Session(rules, backend) as session:
         results = session.run_all(chosen)
-    shown = view.run([r.view for r in results], session.lab.labid, rules.profile, rules.name, rules.notes)
+    shown = view.run([r.view for r in results], session.lab.labid, rules.profile, rules.name, rules.notes,
+                     backend.name)
     if args.json:
         print(report.to_json(shown))
     else:
@@ -86,6 +102,8 @@ def run(args) -> int:
                 console.print(f"  {note}", markup=False)
         elif rules.name != profiles.DEFAULT:
             console.print(f"Rules: {rules.summary}", markup=False)
+        if backend.name != backends.LEGACY:
+            console.print(f"Backend: {backend.name} (the rules in nf_tables, traced with nftrace)", markup=False)
         report.render(console, shown)
     if report_dir is not None:
         written = html_report.write(report_dir, shown)
@@ -159,11 +177,13 @@ def list_scenarios(args) -> int:
 
 def up(args) -> int:
     rules = ruleset.profile(args.profile or profiles.DEFAULT)
-    _ready_machine()
-    lab = Lab(args.labid, detached=not args.hold, ipv6=rules.dual_stack)
+    preflight.check_root()
+    backend, _ = backends.choose(args.backend)
+    _ready_machine(backend)
+    lab = Lab(args.labid, detached=not args.hold, ipv6=rules.dual_stack, backend=backend.name)
     try:
         lab.create()
-        api.bring_up(lab, rules)
+        api.bring_up(lab, rules, backend)
         console = _console()
         _show(console, lab)
         if args.hold:
@@ -174,7 +194,7 @@ def up(args) -> int:
         raise
     console.print(f"\nLab [bold]{lab.labid}[/] is up. Enter a pod, e.g.:")
     console.print(f"  ip netns exec {lab.pod('sidecar').ns} bash")
-    console.print(f"  ip netns exec {lab.pod('sidecar').ns} iptables-legacy -t nat -L -n -v --line-numbers")
+    console.print(f"  ip netns exec {lab.pod('sidecar').ns} {LISTING[backend.name]}")
     console.print(f"  ip netns exec {lab.pod('sidecar').ns} curl -s http://10.244.0.20:9080/")
     console.print(f"Rules and counters: istio-lab rules {lab.labid}   TRACE events: istio-lab trace {lab.labid}")
     console.print(f"A guided tour: docs/manual-lab.md   Remove it: istio-lab down {lab.labid}")
@@ -209,32 +229,41 @@ def down(args) -> int:
     return 0
 
 
+def _lab_backend(labid: str, asked: str | None) -> Backend:
+    """The backend a lab's rules went through (its record says); --backend may only agree."""
+    lab = record.Record.load(labid)
+    name = lab.backend if lab else backends.LEGACY
+    if asked not in (None, backends.AUTO, name):
+        raise LabError(f"lab {labid} runs on the {name} backend, not {asked}")
+    return backends.BACKENDS[name]
+
+
 def trace(args) -> int:
     pods = args.pods or ["sidecar"]
     watch.check(pods, args.ports, args.tables, args.count, args.seconds)
     preflight.check_root()
-    watch.watch(_one_lab(args.labid), pods, args.ports, args.tables, syn=args.syn, count=args.count,
-                seconds=args.seconds)
+    labid = _one_lab(args.labid)
+    watch.watch(labid, _lab_backend(labid, args.backend), pods, args.ports, args.tables, syn=args.syn,
+                count=args.count, seconds=args.seconds)
     return 0
 
 
 def rules(args) -> int:
     preflight.check_root()
     labid = _one_lab(args.labid)
+    backend = _lab_backend(labid, args.backend)
     ns = record.ns_name(labid, "sidecar")
-    console = _console()
-    for table in ("raw", "mangle", "nat"):
-        listing = xtables.listing(ns, table)
-        if not listing and table != "nat":
-            continue
-        console.print(f"[bold]# table {table}[/] (pod {ns})")
-        console.print(render_listing(listing, xtables.chain_policies(ns, table)), end="", markup=False)
     lab = record.Record.load(labid)
-    for table in ("raw", "mangle", "nat") if lab and lab.ipv6 else ():  # ip6tables, with no policy lines
-        listing = xtables.listing(ns, table, 6)
-        if listing:
-            console.print(f"[bold]# ip6tables table {table}[/] (pod {ns})")
-            console.print(render_listing(listing, {}), end="", markup=False)
+    console = _console()
+    for family in (4, 6) if lab and lab.ipv6 else (4,):
+        tool = {4: "", 6: "ip6tables "}[family]
+        for table in PATH_TABLES:
+            listing = backend.listing(ns, table, family)
+            if not listing and (table != "nat" or family == 6):
+                continue
+            policies = xtables.chain_policies(ns, table) if backend.name == backends.LEGACY and family == 4 else {}
+            console.print(f"[bold]# {tool}table {table}[/] (pod {ns}, {backend.name})")
+            console.print(render_listing(listing, policies), end="", markup=False)
     return 0
 
 

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 
 from . import interrupts, plan, processes, proxylogs, traffic
 from .addr import Address
+from .backend import Backend, Reader, TracedPorts
 from .netfilter import PATH_TABLES, RuleRef, is_builtin_chain
 from .proxylogs import ProxyLine
-from .rules import xtables
 from .scenario import Traffic
-from .trace import TraceEvent, TraceReader
+from .trace import TraceEvent
 from .traffic import Response
 from .world import Lab
 
@@ -43,11 +43,10 @@ def exact(ref: RuleRef) -> bool:
 
 @dataclass(frozen=True)
 class TracePlan:
-    """Which packets a flow's TRACE rules mark: in which pods, to or from which ports."""
+    """Which packets a flow's trace rules mark: in which pods, to or from which ports."""
 
     pods: tuple[str, ...]  # the pod whose rules decide the path, and the one that shows where it ends
-    tcp_ports: tuple[int, ...]  # the flow's own, the proxies', a Service's target port
-    udp_ports: tuple[int, ...]  # a UDP query's: the resolver's and the DNS proxy's
+    ports: TracedPorts  # the flow's own, the proxies', a Service's target port; a UDP query's
 
 
 def trace_plan(flow: Traffic) -> TracePlan:
@@ -57,27 +56,23 @@ def trace_plan(flow: Traffic) -> TracePlan:
     if flow.protocol == "dns":
         ports.add(plan.Port.DNS_PROXY)
     udp = (flow.to.port, plan.Port.DNS_PROXY) if flow.transport == "udp" else ()
-    return TracePlan(tuple(dict.fromkeys(("sidecar", flow.endpoint_pod))), tuple(sorted(ports)), udp)
-
-
-def _trace_rule(ports: tuple[int, ...], protocol: str) -> tuple[str, ...]:
-    return ("-p", protocol, "-m", "multiport", "--ports", ",".join(map(str, ports)), "-j", "TRACE")
+    return TracePlan(tuple(dict.fromkeys(("sidecar", flow.endpoint_pod))), TracedPorts(tuple(sorted(ports)), udp))
 
 
 class Witnesses:
-    """TRACE readers on every pod for the lab's life, TRACE rules per flow, the sidecar's
-    rules and their counters.
+    """Trace readers on every pod for the lab's life, trace rules per flow, the sidecar's
+    rules and their counters, through the lab's backend.
 
-    In a dual-stack lab the same for ip6tables: IPv6 tables made to exist in every pod, the
-    sidecar's IPv6 rules read, and an IPv6 flow's TRACE rules in ip6tables raw.
+    In a dual-stack lab the same for IPv6: IPv6 tables made to exist in every pod, the
+    sidecar's IPv6 rules read, and an IPv6 flow's trace rules for IPv6.
     """
 
-    def __init__(self, lab: Lab):
-        self.lab = lab
-        self.readers: list[TraceReader] = []
+    def __init__(self, lab: Lab, backend: Backend):
+        self.lab, self.backend = lab, backend
+        self.readers: list[Reader] = []
         families = (4, 6) if lab.ipv6 else (4,)
         sidecar = lab.pod("sidecar").ns
-        self.rules = {f: {r.ref: r.line for table in PATH_TABLES for r in xtables.listing(sidecar, table, f)}
+        self.rules = {f: {r.ref: r.line for table in PATH_TABLES for r in backend.listing(sidecar, table, f)}
                       for f in families}
         # Only tables holding a witnessed rule are read per flow: a table read costs a
         # handle, and the default profile has rules in nat alone.
@@ -86,8 +81,8 @@ class Witnesses:
         try:
             for pod in lab.pods.values():
                 for family in families:
-                    xtables.touch(pod.ns, family)
-                self.readers.append(TraceReader(pod.ns, pod.name))
+                    backend.prepare(pod.ns, family)
+                self.readers.append(backend.reader(pod.ns, pod.name))
         except BaseException:
             self.close()
             raise
@@ -99,27 +94,16 @@ class Witnesses:
 
     def counters(self, family: int) -> dict[RuleRef, int]:
         sidecar = self.lab.pod("sidecar").ns
-        return {ref: n for table in self.counted_tables[family]
-                for ref, n in xtables.packet_counts(sidecar, table, family).items() if witnessed(ref)}
+        return {ref: n for ref, n in self.backend.counters(sidecar, self.counted_tables[family], family).items()
+                if witnessed(ref)}
 
     @contextlib.contextmanager
     def tracing(self, chosen: TracePlan, family: int):
-        """TRACE rules at the head of raw PREROUTING and OUTPUT in the plan's pods (ip6tables
-        for an IPv6 flow); removed after."""
-        traced = [_trace_rule(chosen.tcp_ports, "tcp")] + ([_trace_rule(chosen.udp_ports, "udp")] if chosen.udp_ports else [])
-        rules = [(chain, rule) for rule in traced for chain in ("PREROUTING", "OUTPUT")]
-        placed = []
-        try:
-            for pod in chosen.pods:
-                ns = self.lab.pod(pod).ns
-                xtables.insert(ns, "raw", rules, family)
-                placed.append(ns)
+        """Trace rules for the flow's ports in the plan's pods; removed after."""
+        with self.backend.tracing([self.lab.pod(pod).ns for pod in chosen.pods], chosen.ports, family):
             for reader in self.readers:
                 reader.drain(settle=0)  # whatever came before belongs to no flow
             yield
-        finally:
-            for ns in placed:
-                xtables.delete(ns, "raw", rules, family)
 
     def events(self) -> dict[str, list[TraceEvent]]:
         """Everything queued now.  No settle window is needed: every leg's first packet has

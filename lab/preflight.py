@@ -41,12 +41,20 @@ def check_root() -> None:
         raise PreflightError([ROOT_MESSAGE])
 
 
-def check() -> None:
-    """Raise PreflightError listing every missing piece; return when all are there."""
+def check(backend: str = "legacy") -> None:
+    """Raise PreflightError listing every piece the backend ("legacy" or "nft") misses;
+    return when all are there."""
     check_root()
-    problems = []
     if not os.path.isdir("/proc/self/ns") or not os.path.exists("/proc/self/ns/net"):
         raise PreflightError(["no network namespaces: this kernel lacks CONFIG_NET_NS"])
+    if backend == "nft":
+        _check_nft()
+    else:
+        _check_legacy()
+
+
+def _check_legacy() -> None:
+    problems = []
     if shutil.which("iptables-legacy-save") is None:
         problems.append("iptables-legacy-save not found: install Debian's iptables package (apt-get install iptables)")
     try:
@@ -59,18 +67,12 @@ def check() -> None:
         raise PreflightError(problems)
 
 
-def check_nft() -> None:
-    """The nf_tables backend's pieces (nf_tables, nftrace read in a namespace, the owner
-    match and REDIRECT through nft_compat): raise PreflightError listing what is missing."""
-    check_root()
+def _check_nft() -> None:
+    """The nf_tables backend's pieces: nf_tables, nftrace read in a namespace, the owner
+    match and REDIRECT through nft_compat."""
     problems = [f.line for f in (probes.nf_tables(), probes.nftrace(), probes.owner_through_compat()) if not f.ok]
     if problems:
         raise PreflightError(problems)
-
-
-def auto_backend() -> tuple[str, str]:
-    """What `--backend auto` picks on this machine ("legacy" or "nft") and the one line why."""
-    return probes.auto_backend()
 
 
 def _probe_kernel() -> list[str]:
@@ -83,8 +85,8 @@ def _probe_kernel() -> list[str]:
                 except Exception:
                     return [
                         f"legacy xtables has no {table} table: this kernel offers no legacy iptables "
-                        "(CONFIG_IP_NF_IPTABLES_LEGACY, iptable_nat, iptable_raw); the lab needs legacy "
-                        "xtables because python-iptables drives libiptc, and iptables-nft alone is not enough"
+                        "(CONFIG_IP_NF_IPTABLES_LEGACY, iptable_nat, iptable_raw); run the lab on nf_tables "
+                        "instead: --backend nft (or auto)"
                     ]
             for what, table, rule, remedy in _FEATURES:
                 try:

@@ -54,7 +54,7 @@ def as_json(v: ScenarioView) -> dict:
 
 
 def to_json(run: RunView) -> str:
-    meta = {"lab": run.lab, "profile": run.profile}
+    meta = {"lab": run.lab, "profile": run.profile, "backend": run.backend}
     if run.rules_name != run.profile:
         meta |= {"rules": run.rules_name, "notes": list(run.notes)}
     return json.dumps({**meta, "scenarios": [as_json(v) for v in run.scenarios]}, indent=2)

@@ -437,6 +437,9 @@ class TraceReader:
             events += self._read_queued()
         return events
 
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
     def close(self) -> None:
         """Unbind group 0 and close the socket (closing alone would also free the instance)."""
         if self.sock.fileno() < 0:

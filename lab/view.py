@@ -102,6 +102,7 @@ class RunView:
     profile: str | None = None  # the rules' profile (None: a dump that matches none)
     rules_name: str = ""  # the profile's name or the dump's file
     notes: tuple[str, ...] = ()  # what fitting a dump to the lab changed
+    backend: str = "legacy"  # the netfilter backend the rules went through
 
     @property
     def passed(self) -> int:
@@ -176,5 +177,5 @@ def scenario(s: Scenario, profile: str | None, measured: Measurement | None, ver
 
 
 def run(scenarios: list[ScenarioView], lab: str = "", profile: str | None = profiles.DEFAULT, rules_name: str = "",
-        notes: tuple[str, ...] = ()) -> RunView:
-    return RunView(tuple(scenarios), lab, profile, rules_name or profile or "", notes)
+        notes: tuple[str, ...] = (), backend: str = "legacy") -> RunView:
+    return RunView(tuple(scenarios), lab, profile, rules_name or profile or "", notes, backend)

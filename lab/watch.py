@@ -17,21 +17,13 @@ import sys
 import time
 from typing import Callable, Iterator, TextIO
 
-from . import plan, record
-from .netfilter import TABLES
+from . import netns, plan, record
+from .backend import Backend, Reader, TracedPorts
 from .errors import LabError
-from .rules import xtables
-from .trace import TraceError, TraceEvent, TraceLost, TraceReader
+from .netfilter import TABLES
+from .trace import TraceError, TraceEvent, TraceLost
 
 MAX_PORTS = 15  # the multiport match's limit
-HOOKS = ("PREROUTING", "OUTPUT")
-
-
-def trace_rule(ports: list[int]) -> tuple[str, ...]:
-    """TCP packets from or to any of `ports` (all TCP without ports)."""
-    if not ports:
-        return ("-p", "tcp", "-j", "TRACE")
-    return ("-p", "tcp", "-m", "multiport", "--ports", ",".join(map(str, ports)), "-j", "TRACE")
 
 
 def check(pods: list[str], ports: list[int], tables: list[str], count: int | None, seconds: float | None) -> None:
@@ -56,11 +48,13 @@ def check(pods: list[str], ports: list[int], tables: list[str], count: int | Non
 class _RuleText:
     """What a `rule` event's rule says, read once per pod and table (the rules stay put)."""
 
-    def __init__(self):
+    def __init__(self, backend: Backend):
+        self.backend = backend
         self.cache: dict[tuple[str, str], dict[tuple[str, int], str]] = {}
 
     def load(self, ns: str, table: str) -> None:
-        self.cache[ns, table] = {(r.ref.chain, r.ref.number): r.line.split(" ", 2)[2] for r in xtables.listing(ns, table)}
+        self.cache[ns, table] = {(r.ref.chain, r.ref.number): r.line.split(" ", 2)[2]
+                                 for r in self.backend.listing(ns, table)}
 
     def __call__(self, ns: str, e: TraceEvent) -> str:
         if e.kind != "rule":
@@ -91,19 +85,17 @@ def _signals_to_fd() -> Iterator[int]:
         os.close(w)
 
 
-def watch(labid: str, pods: list[str], ports: list[int], tables: list[str], *, syn: bool = False,
+def watch(labid: str, backend: Backend, pods: list[str], ports: list[int], tables: list[str], *, syn: bool = False,
           count: int | None = None, seconds: float | None = None, out: TextIO = sys.stdout,
           say: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True)) -> int:
-    """Print TRACE events of the lab's `pods` until stopped (options already check()ed);
+    """Print the trace events of the lab's `pods` until stopped (options already check()ed);
     returns how many were printed."""
     namespaces = {pod: record.ns_name(labid, pod) for pod in dict.fromkeys(pods)}
-    rules = [(hook, trace_rule(ports)) for hook in HOOKS]
-    readers: dict[int, TraceReader] = {}  # by socket descriptor
-    placed: list[str] = []
+    readers: dict[int, Reader] = {}  # by socket descriptor
     printed = 0
-    rule_text = _RuleText()
+    rule_text = _RuleText(backend)
 
-    def read(reader: TraceReader, settle: float = 0) -> None:
+    def read(reader: Reader, settle: float = 0) -> None:
         nonlocal printed
         try:
             events = reader.drain(settle=settle)
@@ -119,17 +111,15 @@ def watch(labid: str, pods: list[str], ports: list[int], tables: list[str], *, s
             print(f"{e}   [{text}]" if text else str(e), file=out, flush=True)
             printed += 1
 
-    with _signals_to_fd() as stopped:
-        try:
+    try:
+        with _signals_to_fd() as stopped, contextlib.ExitStack() as held:
             try:
                 for pod, ns in namespaces.items():
-                    xtables.touch(ns)  # a table that does not exist yet reports no event
-                    reader = TraceReader(ns, pod)
-                    readers[reader.sock.fileno()] = reader
+                    backend.prepare(ns)  # a table that does not exist yet reports no event
+                    reader = held.enter_context(contextlib.closing(backend.reader(ns, pod)))
+                    readers[reader.fileno()] = reader
                     rule_text.load(ns, "nat")  # the rules events name most; read before traffic
-                for ns in namespaces.values():
-                    xtables.insert(ns, "raw", rules)
-                    placed.append(ns)
+                held.enter_context(backend.tracing(list(namespaces.values()), TracedPorts(tuple(ports))))
             except (TraceError, OSError) as e:  # another reader on the pod, or the pod is gone
                 raise LabError(str(e)) from None
             what = f"tcp port {','.join(map(str, ports))}" if ports else "all tcp"
@@ -148,12 +138,7 @@ def watch(labid: str, pods: list[str], ports: list[int], tables: list[str], *, s
                     break
                 for fd in ready:
                     read(readers[fd])
-        finally:
-            for ns in placed:
-                try:
-                    xtables.delete(ns, "raw", rules)
-                except OSError:  # the lab went down meanwhile: its rules went with it
-                    pass
-            for reader in readers.values():
-                reader.close()
+    except OSError as e:  # taking the trace rules out again: fine if the lab went down meanwhile
+        if all(netns.exists(ns) for ns in namespaces.values()):
+            raise LabError(str(e)) from None
     return printed

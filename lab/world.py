@@ -57,12 +57,13 @@ def new_labid() -> str:
 class Lab:
     """One isolated cluster on this kernel. Use as a context manager: it always tears down."""
 
-    def __init__(self, labid: str | None = None, detached: bool = False, ipv6: bool = False):
+    def __init__(self, labid: str | None = None, detached: bool = False, ipv6: bool = False, backend: str = "legacy"):
         self.labid = new_labid() if labid is None else labid  # "" is a bad id, not "any id"
         if not record.LABID_RE.match(self.labid):
             raise LabError(f"bad lab id {self.labid!r}: use 1-12 lowercase letters and digits")
         self.record = record.Record.new(self.labid, detached)
         self.record.ipv6 = ipv6
+        self.record.backend = backend  # in the record from the first save: the reaper and `rules` read it
         self.node = record.ns_name(self.labid, "node")
         self.ipv6 = ipv6
         self.pods = {name: Pod(name, record.ns_name(self.labid, name), ip, plan.PODS6[name] if ipv6 else None)

@@ -104,9 +104,17 @@ def _proxy_uid_processes() -> dict[str, str]:
 
 
 def _istio_chains(notes: list[str]) -> dict[str, str]:
-    """ISTIO* chains in this (the host's) network namespace, legacy xtables."""
+    """ISTIO* chains in this (the host's) network namespace, legacy xtables and iptables-nft,
+    and nf_tables tables of Istio's (`istio-proxy-*`) or the lab's (`ilab-*`)."""
     found = {}
-    for tool in ("iptables-legacy-save", "ip6tables-legacy-save"):
+    nft = shutil.which("nft")
+    if nft:
+        tables = subprocess.run([nft, "list", "tables"], capture_output=True, text=True, timeout=60,
+                                stdin=subprocess.DEVNULL).stdout
+        for line in tables.splitlines():
+            if "istio" in line or " ilab-" in line:
+                found[f"nft: {line.strip()}"] = f"nft: {line.strip()}"
+    for tool in ("iptables-legacy-save", "ip6tables-legacy-save", "iptables-nft-save", "ip6tables-nft-save"):
         exe = shutil.which(tool) or next(
             (p for p in (f"/usr/sbin/{tool}", f"/sbin/{tool}") if os.access(p, os.X_OK)), None
         )
@@ -143,7 +151,7 @@ def _snapshot(notes: list[str]) -> dict[str, dict[str, str]]:
     return {
         f"network namespaces named {NETNS_PREFIX}* in {NETNS_DIR}": _netns_names(),
         f"processes running as uid {PROXY_UID}": _proxy_uid_processes(),
-        f"{CHAIN_PREFIX}* chains in the host namespace (legacy xtables)": _istio_chains(notes),
+        f"{CHAIN_PREFIX}* chains and Istio's or the lab's nft tables in the host namespace": _istio_chains(notes),
     }
 
 

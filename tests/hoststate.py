@@ -42,5 +42,7 @@ def snapshot() -> dict[str, object]:
         "rules": _cmd("ip", "rule", "show"),
         "iptables-legacy-save": _cmd("iptables-legacy-save"),
         "iptables-nft-save": _cmd("iptables-nft-save"),
+        "ip6tables-nft-save": _cmd("ip6tables-nft-save"),
+        "nft list ruleset": _cmd("nft", "list", "ruleset"),
         "sysctls": _sysctls(),
     }

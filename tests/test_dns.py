@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from lab import api, commands, compare, dns, dualstack, html_report, join, path, plan, proxylogs, report, scenario
-from lab import traffic, view
+from lab import backend, traffic, view
 from lab.addr import Address
 from lab.netfilter import RuleRef
 from lab.observe import trace_plan
@@ -160,8 +160,8 @@ def test_a_dns_scenario_parses():
     s = scenario.parse(GOOD, "q.yaml")
     flow = s.traffic
     assert (flow.protocol, flow.transport, flow.query, s.feature, s.type) == ("dns", "udp", SERVICE, "dns-capture", None)
-    assert s.article is None and s.article_note == "no word on DNS" and trace_plan(flow).udp_ports == (53, 15053)
-    assert plan.Port.DNS_PROXY in trace_plan(flow).tcp_ports and flow.endpoint_pod == "kube-dns"
+    assert s.article is None and s.article_note == "no word on DNS" and trace_plan(flow).ports.udp == (53, 15053)
+    assert plan.Port.DNS_PROXY in trace_plan(flow).ports.tcp and flow.endpoint_pod == "kube-dns"
 
 
 @pytest.mark.parametrize("change, field, problem", [
@@ -207,7 +207,8 @@ def captured():
     with api.Session(ruleset.profile(DNS)) as session:
         results = {r.scenario.id: r for r in session.run_all(DNS_SCENARIOS)}
         run_dir = session.lab.run_dir
-        yield results, proxylogs.read(run_dir, proxylogs.DNS_PROXY_LOG), proxylogs.read(run_dir, proxylogs.KUBE_DNS_LOG)
+        yield (results, proxylogs.read(run_dir, proxylogs.DNS_PROXY_LOG), proxylogs.read(run_dir, proxylogs.KUBE_DNS_LOG),
+               session.backend.name)
 
 
 def _raw(r: Result) -> dict[str, int]:
@@ -218,7 +219,7 @@ def _raw(r: Result) -> dict[str, int]:
 @pytest.mark.kernel
 @pytest.mark.parametrize("s", DNS_SCENARIOS, ids=[s.id for s in DNS_SCENARIOS])
 def test_dns_scenario_under_capture(captured, s):
-    results, _, _ = captured
+    results, *_ = captured
     r = results[s.id]
     assert r.failure is None, r.failure
     assert r.measured_path == str(s.expected.path(DNS))
@@ -231,7 +232,7 @@ def test_dns_scenario_under_capture(captured, s):
 
 @pytest.mark.kernel
 def test_the_zone_rules_counted_the_queries_and_the_answers(captured):
-    results, _, _ = captured
+    results, *_ = captured
     # the app's query (zone 2), the agent's answer from 15053 (zone 2; its gid twin, a no-op),
     # and that answer looping back over lo past ISTIO_INBOUND (a no-op: it has its conntrack)
     assert _raw(results["dns-udp"]) == {"ISTIO_OUTPUT_DNS#5": 1, "ISTIO_OUTPUT_DNS#2": 1,
@@ -242,12 +243,13 @@ def test_the_zone_rules_counted_the_queries_and_the_answers(captured):
     assert _raw(results["dns-tcp"]) == {} and _raw(results["dns-tcp-forwarded"]) == {}  # zones are for UDP
     agent_leg = results["dns-udp-forwarded"].measurement.path.hops[7:10]
     assert [h.line.rsplit(" ", 1)[1] for h in agent_leg] == ["1", "1", "2"]  # zone 1 twice, then zone 2
-    assert results["dns-udp-forwarded"].measurement.path.hops[6].owner == (1337, 1337)  # the agent sent it
+    sent = results["dns-udp-forwarded"].measurement.path.hops[6].owner  # legacy TRACE names the sender, nftrace no one
+    assert sent == ((1337, 1337) if captured[3] == backend.LEGACY else None)
 
 
 @pytest.mark.kernel
 def test_the_agent_answered_or_forwarded_as_it_logged(captured):
-    results, agent, kube = captured
+    results, agent, kube, _ = captured
     by_client = {line["downstream_peer"]: line for line in agent}
     asked_kube = {line["peer"] for line in kube}
     for sid, r in results.items():
@@ -268,7 +270,7 @@ def test_the_agent_answered_or_forwarded_as_it_logged(captured):
 def test_without_capture_the_same_queries_go_to_kube_dns(captured):
     """The path changes between versions: the default rules (1.13) send UDP DNS past every Istio
     rule and TCP DNS through Envoy; istio-1.25-dns sends both to pilot-agent's 15053."""
-    results, _, _ = captured
+    results, *_ = captured
     with api.Session(ruleset.profile()) as session:
         default = {r.scenario.id: r for r in session.run_all(DNS_SCENARIOS)}
         kube = proxylogs.read(session.lab.run_dir, proxylogs.KUBE_DNS_LOG)
@@ -303,7 +305,7 @@ def test_the_zones_keep_an_app_query_from_riding_the_agents_flow():
         return ("pilot-agent" if len(proxylogs.read(lab.run_dir, proxylogs.DNS_PROXY_LOG)) > asked else "kube-dns"), captured
 
     with Lab() as lab:
-        api.bring_up(lab, ruleset.profile(DNS))
+        api.bring_up(lab, ruleset.profile(DNS), backend.BACKENDS[backend.LEGACY])
         with_zones = who_answers(lab)
         xtables.apply(lab.pod("sidecar").ns, save.parse("*raw\nCOMMIT\n"))  # the zone rules gone
         without_zones = who_answers(lab)
@@ -325,7 +327,7 @@ def test_kube_dns_holds_the_resolver_address_and_the_node_forwards_to_it():
 
 @pytest.mark.kernel
 def test_the_html_report_draws_the_dns_paths(captured):
-    results, _, _ = captured
+    results, *_ = captured
     ordered = [results[s.id] for s in DNS_SCENARIOS]
     tree = parse_page(html_report.page(view.run([r.view for r in ordered], profile=DNS)))
     for r in ordered:

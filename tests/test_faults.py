@@ -60,11 +60,21 @@ def the_lab(box: Sandbox) -> str | None:
     return labs[0] if labs else None
 
 
+def _on_nft(box: Sandbox, labid: str) -> bool:
+    """The lab's rules went into nf_tables: its legacy tables are never asked (asking makes them)."""
+    return (box.record(labid) or {}).get("backend") == "nft"
+
+
 def nat_chains(box: Sandbox, labid: str) -> bool:
+    if _on_nft(box, labid):
+        return "chain ISTIO_OUTPUT" in box.in_pod(_ns(labid, SIDECAR), "nft", "list", "ruleset")
     return ":ISTIO_OUTPUT" in box.in_pod(_ns(labid, SIDECAR), "iptables-legacy-save", "-t", "nat")
 
 
 def trace_rule(box: Sandbox, labid: str) -> bool:
+    """A flow's trace rule is in the sidecar pod: nftrace in the lab's own nf_tables table, or TRACE in raw."""
+    if _on_nft(box, labid):
+        return "nftrace set 1" in box.in_pod(_ns(labid, SIDECAR), "nft", "list", "ruleset")
     return "-j TRACE" in box.in_pod(_ns(labid, SIDECAR), "iptables-legacy-save", "-t", "raw")
 
 

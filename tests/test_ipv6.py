@@ -258,10 +258,11 @@ def test_ipv6_scenarios_match_the_ip6tables_rules_with_6_and_1(dual_stack):
     assert "! -d ::1/128 -o lo" in v6.measurement.rules[rule2]
     assert v4.measurement.rules[rule1] == "-A ISTIO_OUTPUT -s 127.0.0.6/32 -o lo -j RETURN"
     assert {e.src for e in v6.measurement.events if e.table == "nat"} <= {plan.PODS6["sidecar"], "::6"}
-    # ip6tables counters two ways: python-iptables' Table6 entries and ip6tables-legacy-save -c
+    # ip6tables counters two ways: the backend's listing (ip6tables-legacy-save -c, or
+    # ip6tables-nft-save -c) and its counters (python-iptables' Table6 entries, or nf_tables')
     sidecar = dual_stack.lab.pod("sidecar").ns
-    saved = {r.ref: r.packets for r in xtables.listing(sidecar, "nat", 6)}
-    assert saved == xtables.packet_counts(sidecar, "nat", 6) and saved[rule1] > 0
+    saved = {r.ref: r.packets for r in dual_stack.backend.listing(sidecar, "nat", 6)}
+    assert saved == dual_stack.backend.counters(sidecar, ("nat",), 6) and saved[rule1] > 0
     assert profiles.dual_stack(PROFILE) and not profiles.dual_stack(profiles.DEFAULT)
 
 

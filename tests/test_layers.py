@@ -17,7 +17,7 @@ LAYERS = [
                       "sidecar.httpio"}),
     ("kernel", {"netns", "procfs", "record", "world", "rules.xtables", "rules.routing", "trace", "preflight",
                 "nftrace", "rules.nft.libnft", "rules.nft.ruleset", "rules.nft.iptables_nft", "rules.nft.native",
-                "rules.nft.tracing", "rules.nft.naming", "rules.nft.probes"}),
+                "rules.nft.tracing", "rules.nft.naming", "rules.nft.probes", "backend"}),
     ("processes", {"sidecar.envoy", "sidecar.agent", "sidecar.dnsproxy", "workloads", "proxylogs", "processes",
                    "traffic"}),
     ("input", {"scenario", "dualstack"}),

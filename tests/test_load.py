@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from lab import api, plan, processes, proxylogs, scenario, traffic
+from lab import api, backend, plan, processes, proxylogs, scenario, traffic
 from lab.addr import Address
 from lab.observe import trace_plan
 from lab.rules import ruleset, xtables
@@ -71,7 +71,7 @@ def load(session: api.Session, scenario_id: str, n: int, ready=lambda: None) -> 
     flow = s.traffic
     who = flow.source.identity(lab.record.inbound_mode)
     sidecar, source = lab.pod("sidecar").ns, lab.pod(flow.source.pod).ns
-    ports = trace_plan(flow).tcp_ports
+    ports = trace_plan(flow).ports.tcp
     rules = [("PREROUTING", _syn_trace(ports)), ("OUTPUT", _syn_trace(ports))]
     events: collections.Counter[str] = collections.Counter()
     statuses: collections.Counter[str] = collections.Counter()
@@ -109,7 +109,7 @@ def assert_accounted(result: Load, listener: int) -> None:
 
 @pytest.fixture(scope="module")
 def session():
-    with api.Session(ruleset.profile()) as session:
+    with api.Session(ruleset.profile(), backend.LEGACY) as session:  # the load drives legacy TRACE and counters
         yield session
 
 
@@ -145,7 +145,7 @@ def test_a_port_handed_out_again_joins_no_earlier_leg(monkeypatch):
     port = traffic.CLIENT_PORTS[-1]
     client = Address(plan.PODS["sidecar"], port)
     [s] = scenario.select(scenario.load_all(), ["type4-own-pod-ip"])  # one leg, no proxy
-    with api.Session(ruleset.profile()) as session:
+    with api.Session(ruleset.profile(), backend.LEGACY) as session:  # the load drives legacy TRACE and counters
         sidecar = session.lab.pod("sidecar").ns
         with traffic.connect(sidecar, "10.96.0.90", 9080, uid=1000, gid=1000, src_port=port) as sock:  # through 15001
             # No half-close: the server's side closes first, and this one resets, so the port is
@@ -184,7 +184,7 @@ def main() -> None:
         print("ready", flush=True)
         sys.stdin.readline()
 
-    with api.Session(ruleset.profile()) as session:
+    with api.Session(ruleset.profile(), backend.LEGACY) as session:  # the load drives legacy TRACE and counters
         result = load(session, scenario_id, n, ready)
     print(json.dumps(asdict(result)))
 

@@ -59,27 +59,34 @@ sys.exit(main(cli))
 """
 
 
-def _preflight(env: dict[str, str] | None = None, prefix: list[str] = ()) -> subprocess.CompletedProcess:
-    return subprocess.run([*prefix, sys.executable, "-m", "lab.cli", "preflight"], cwd=REPO, env=env,
-                          capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=60)
+def _preflight(env: dict[str, str] | None = None, prefix: list[str] = (), backend: str = "legacy"
+               ) -> subprocess.CompletedProcess:
+    return subprocess.run([*prefix, sys.executable, "-m", "lab.cli", "preflight", "--backend", backend], cwd=REPO,
+                          env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=60)
 
 
-def _preflight_denying(syscall: str, err: int, *conds: tuple[int, int, int]) -> subprocess.CompletedProcess:
+def _preflight_denying(syscall: str, err: int, *conds: tuple[int, int, int], backend: str = "legacy"
+                       ) -> subprocess.CompletedProcess:
     """preflight in a child whose `syscall` fails with `err` when every (arg, lo, hi) holds."""
     machine = platform.machine()
     assert machine in ARCH, f"no seccomp numbers for {machine}: add them to ARCH"
     arch, numbers = ARCH[machine]
     spec = [str(arch), str(numbers[syscall]), str(err)] + [f"{a}:{lo}:{hi}" for a, lo, hi in conds]
-    return subprocess.run([sys.executable, "-c", SECCOMP_CHILD, *spec, "--", "preflight"], cwd=REPO,
-                          capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=60)
+    env = {k: v for k, v in os.environ.items() if k != "ISTIO_LAB_BACKEND"}  # what auto finds, not what CI names
+    return subprocess.run([sys.executable, "-c", SECCOMP_CHILD, *spec, "--", "preflight", "--backend", backend],
+                          cwd=REPO, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=60)
 
 
 @pytest.mark.kernel
-def test_preflight_passes_on_this_machine() -> None:
-    result = _preflight()
+@pytest.mark.parametrize("backend, pieces", [
+    ("legacy", "legacy xtables, owner, REDIRECT, TRACE, nfnetlink_log"),
+    ("nft", "nf_tables, nftrace in a namespace, owner and REDIRECT through nft_compat"),
+])
+def test_preflight_passes_on_this_machine(backend, pieces) -> None:
+    result = _preflight(backend=backend)
     assert (result.returncode, result.stderr) == (0, "")
-    assert result.stdout == ("istio-lab: this machine can run the lab "
-                             "(root, legacy xtables, owner, REDIRECT, TRACE, nfnetlink_log)\n")
+    assert result.stdout == (f"istio-lab: this machine can run the lab on the {backend} backend "
+                             f"(--backend {backend}): root, {pieces}\n")
 
 
 def test_preflight_without_root() -> None:
@@ -125,8 +132,14 @@ def test_preflight_on_a_kernel_without_legacy_xtables(err: int) -> None:
     assert (result.returncode, result.stdout) == (2, "")
     assert result.stderr.startswith("istio-lab: legacy xtables has no nat table: this kernel offers no legacy "
                                     "iptables (CONFIG_IP_NF_IPTABLES_LEGACY"), result.stderr
-    assert result.stderr.endswith("iptables-nft alone is not enough\n")
+    assert result.stderr.endswith("run the lab on nf_tables instead: --backend nft (or auto)\n")
     assert result.stderr.count("\n") == 1
+    # auto takes nf_tables on such a kernel, and says why
+    auto = _preflight_denying("getsockopt", err, (1, SOL_IP, SOL_IP), (2, IPT_SO_GET_INFO, IPT_SO_GET_ENTRIES),
+                              backend="auto")
+    assert (auto.returncode, auto.stderr) == (0, ""), auto.stderr
+    assert auto.stdout.startswith("istio-lab: this machine can run the lab on the nft backend (auto: nft (no legacy "
+                                  "nat table"), auto.stdout
 
 
 @pytest.mark.kernel

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from lab import api, plan, processes
+from lab import api, backend, plan, processes
 from lab.rules import ruleset
 from lab.world import Lab
 
@@ -45,7 +45,7 @@ def _status(pid: int) -> dict[str, str]:
 @pytest.mark.kernel
 def test_every_process_has_its_identity_no_groups_and_no_capabilities():
     with Lab() as lab:
-        api.bring_up(lab, ruleset.profile())
+        api.bring_up(lab, ruleset.profile(), backend.BACKENDS[backend.LEGACY])
         assert set(lab.record.pids) == set(IDENTITIES)
         for name, pid in lab.record.pids.items():
             status = _status(pid)

@@ -26,7 +26,7 @@ def test_the_plugin_example_is_the_tested_file():
 @pytest.mark.kernel
 def test_the_real_output_is_what_a_run_prints():
     shown = _block("full report (this machine")
-    ran = subprocess.run([sys.executable, "-m", "lab.cli", "run"], cwd=REPO, capture_output=True, text=True,
+    ran = subprocess.run([sys.executable, "-m", "lab.cli", "run", "--backend", "legacy"], cwd=REPO, capture_output=True, text=True,
                          timeout=120, env={**os.environ, "COLUMNS": "120"})
     assert ran.returncode == 0, ran.stderr
     assert ran.stdout == shown  # no port the kernel chose appears in the report

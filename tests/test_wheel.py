@@ -52,8 +52,10 @@ def wheel(tmp_path_factory) -> Path:
     return built
 
 
-def test_the_wheel_carries_the_scenarios_and_the_profiles(wheel):
+def test_the_wheel_carries_the_scenarios_the_profiles_and_every_module(wheel):
     names = zipfile.ZipFile(wheel).namelist()
+    modules = {str(f.relative_to(REPO)) for f in (REPO / "lab").rglob("*.py")}
+    assert sorted(modules - set(names)) == []  # pyproject.toml lists the packages: a new one must be there
     for scenario in (REPO / "scenarios").glob("*.yaml"):
         assert f"lab/scenarios/{scenario.name}" in names
     assert "lab/rules/profiles.yaml" in names and "lab/rules/profiles/istio-1.13.rules" in names

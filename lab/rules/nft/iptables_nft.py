@@ -12,10 +12,11 @@ iptables-nft-save prints them, and by handle from nf_tables' own listing.
 
 from __future__ import annotations
 
+import re
 import subprocess
 
 from ...netfilter import BUILTIN_CHAINS, TABLES, RuleRef
-from ..save import Dump, TableDump, parse
+from ..save import Dump, RuleLine, TableDump, parse
 from ..xtables import RESTORE_DEADLINE, NumberedRule, RuleError
 from . import libnft
 
@@ -39,8 +40,33 @@ def _tool(ns: str, argv: list[str], text: str = "") -> str:
 
 def apply(ns: str, dump: Dump) -> None:
     """Replace each table of the dump in `ns` with the dump's content, in one transaction
-    (iptables-nft-restore sends the whole file as one nf_tables batch)."""
-    _tool(ns, [TOOLS[dump.family][0]], dump.text())
+    (iptables-nft-restore sends the whole file as one nf_tables batch).  A rule it refuses
+    is named as legacy names it: the dump's line, its table, the rule."""
+    text = dump.text()
+    try:
+        _tool(ns, [TOOLS[dump.family][0]], text)
+    except RuleError as e:
+        at = re.search(r"Error occurred at line: (\d+)", str(e))
+        rule = _rule_at(dump, text, int(at.group(1))) if at else None
+        if rule is None:
+            raise
+        table, line = rule
+        where = f"line {line.lineno}: " if line.lineno else ""
+        raise RuleError(f"{where}{table}: {line}: {str(e).split(': ', 2)[-1]}") from None
+
+
+def _rule_at(dump: Dump, text: str, number: int) -> tuple[str, RuleLine] | None:
+    """The dump's rule on line `number` of its text (dump.text()), with its table."""
+    table, rules = None, iter(())
+    for i, line in enumerate(text.splitlines(), 1):
+        if line.startswith("*"):
+            table = line[1:]
+            rules = iter(dump.tables[table].rules)
+        elif line.startswith("-A "):
+            rule = next(rules)
+            if i == number:
+                return table, rule
+    return None
 
 
 def touch(ns: str, family: int = 4) -> None:

@@ -35,8 +35,10 @@ class Flow:
     ip_version: int = 4
 
     def matches(self) -> list[str]:
-        ports = ", ".join(map(str, self.ports))
         head = f"meta nfproto {NFPROTO[self.ip_version]} meta l4proto {self.protocol}"
+        if not self.ports:  # every packet of the protocol
+            return [head]
+        ports = ", ".join(map(str, self.ports))
         return [f"{head} th dport {{ {ports} }}", f"{head} th sport {{ {ports} }}"]
 
 
