@@ -92,13 +92,20 @@ class Rules:
         self.lines = lines
         self.counts = Counter(ref.chain_ref for ref in lines)
 
+    def matched(self, e: TraceEvent) -> bool:
+        """Did the event's rule match?  A `rule` event says so; so does a `return` or `policy`
+        event numbered within its chain: ip_tables' tracer names an unconditional standard
+        rule (`-j RETURN`, ACCEPT or DROP with no match) as it names the chain's own tail,
+        and only the tail is numbered one past the chain's last rule."""
+        return e.kind == "rule" or e.rulenum <= self.counts.get(e.rule.chain_ref, 0)
+
     def target(self, ref: RuleRef) -> str | None:
         line = self.lines.get(ref)
         return RuleLine.parse(line).target if line else None
 
     def hop(self, e: TraceEvent) -> Hop | None:
         """The hop a matched rule makes, or None (a built-in chain's jump, a TRACE rule)."""
-        if e.kind != "rule" or e.table not in PATH_TABLES:
+        if not self.matched(e) or e.table not in PATH_TABLES:
             return None
         if e.chain in HOOKS and (e.table == "raw" or self.target(e.rule) not in BUILTIN_TARGETS):
             return None
@@ -107,7 +114,7 @@ class Rules:
 
     def hook(self, name: str, syn: Sequence[TraceEvent], first: TraceEvent, owner: bool = False) -> Hop:
         """A hook the packet passed, with the nat rule of its built-in chain that it matched."""
-        jump = next((e for e in syn if e.kind == "rule" and e.table == "nat" and e.chain == name), None)
+        jump = next((e for e in syn if self.matched(e) and e.table == "nat" and e.chain == name), None)
         return Hop(paths.HOOK, name, packet=packet(first), entry=jump.rule if jump else None,
                    line=self.lines.get(jump.rule, "") if jump else "",
                    owner=(first.uid, first.gid) if owner and first.uid is not None else None)
@@ -147,9 +154,9 @@ def path(source: str, destination: str, found: list[Leg], events: Sequence[Trace
     return paths.of(hops)
 
 
-def rule_hits(events: Sequence[TraceEvent], found: list[Leg]) -> list[RuleRef]:
+def rule_hits(events: Sequence[TraceEvent], found: list[Leg], rules: Rules) -> list[RuleRef]:
     """The nat rules each leg's first packet matched, in order (built-in jumps included)."""
-    return [e.rule for leg in found for e in first_packet(events, leg) if e.table == "nat" and e.kind == "rule"]
+    return [e.rule for leg in found for e in first_packet(events, leg) if e.table == "nat" and rules.matched(e)]
 
 
 def reached(events: Sequence[TraceEvent], leg: Leg) -> tuple[str, Address] | None:

@@ -65,14 +65,15 @@ def measure(flow: Traffic, seen: Observation) -> Measurement:
     before, after = seen.counters_before, seen.counters_after
     moved = {ref: n - before.get(ref, 0) for ref, n in after.items() if n != before.get(ref, 0)}
     sidecar = seen.events.get("sidecar", [])
-    traced = Counter(e.rule for e in sidecar if e.kind == "rule" and witnessed(e.rule))
+    rules = join.Rules(seen.rules)
+    traced = Counter(e.rule for e in sidecar if rules.matched(e) and witnessed(e.rule))
     legs = join.legs(seen.response.local, flow.to, seen.proxy_lines)
     everywhere = [e for events in seen.events.values() for e in events]
     found = join.reached(everywhere, legs[-1])
     return Measurement(
         legs=tuple(legs),
-        path=join.path(flow.source.label, flow.label, legs, sidecar, join.Rules(seen.rules)),
-        rule_hits=tuple(join.rule_hits(sidecar, legs)),
+        path=join.path(flow.source.label, flow.label, legs, sidecar, rules),
+        rule_hits=tuple(join.rule_hits(sidecar, legs, rules)),
         counters=moved,
         trace_counts=dict(traced),
         rules=seen.rules,
