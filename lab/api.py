@@ -15,6 +15,7 @@ from . import path as paths
 from .addr import Address
 from .errors import LabError
 from .observe import Witnesses, observe
+from .podspec import PodSpec
 from .result import Result, conclude
 from .rules import routing, xtables
 from .rules.ruleset import RuleSet
@@ -79,9 +80,9 @@ class Session:
     """A lab with a rule set applied, its processes up and its witnesses bound.  A context
     manager: it always tears down."""
 
-    def __init__(self, rules: RuleSet, labid: str | None = None):
+    def __init__(self, rules: RuleSet, labid: str | None = None, spec: PodSpec = PodSpec()):
         self.rules = rules
-        self.lab = Lab(labid, ipv6=rules.dual_stack)
+        self.lab = Lab(labid, ipv6=rules.dual_stack, spec=spec.resolved(rules.istio))
         self.witnesses: Witnesses | None = None
 
     def __enter__(self) -> "Session":
