@@ -71,7 +71,7 @@ class Flow:
         service = plan.service_at(self.to.ip, self.to.port)
         to = service.pod if service else plan.pod_at(self.to.ip) or self.source
         source = Source(self.source, plan.POD_LABELS[self.source], "", self.uid, self.gid)
-        traffic = Traffic(source, self.to, plan.POD_LABELS[to], self.protocol)
+        traffic = Traffic(source, self.to, plan.POD_LABELS[to], self.protocol, "udp" if self.protocol == "udp" else "tcp")
         return Scenario(id="flow", title=f"{self.source} as {self.uid}:{self.gid} -> {self.to}", type=None,
                         variant_of=None, traffic=traffic, expected=expected, article=None, explanation="", file="")
 

@@ -199,7 +199,8 @@ def list_scenarios(args) -> int:
     console = _console()
     found = scenario.in_group(scenario.load_all(args.scenarios), args.group)
     for group, heading in scenario.GROUPS.items():
-        members = [s for s in found if s.group == group]
+        members = sorted((s for s in found if s.group == group),  # a variant right after what it varies
+                         key=lambda s: (s.variant_of or s.id, s.variant_of is not None, s.id))
         if not members:
             continue
         console.print(f"{heading}  (istio-lab run --group {group})", style="bold", markup=False, highlight=False)
@@ -207,7 +208,7 @@ def list_scenarios(args) -> int:
             variant = f"  (variant of {s.variant_of})" if s.variant_of else ""
             kind = f"type {s.type}" if s.type is not None else "      "  # the article's types; DNS is none of them
             issue = f"  [{', '.join(s.issues)}]" if s.issues else ""
-            console.print(f"  {s.id:<34} {kind}  {s.title}{variant}{issue}", markup=False, highlight=False)
+            console.print(f"  {s.id:<40} {kind}  {s.title}{variant}{issue}", markup=False, highlight=False)
     return 0
 
 

@@ -183,8 +183,11 @@ def measured_diagram(v: ScenarioView):
     def add_node(graph, i: int) -> None:
         hop = hops[i]
         extra = {"color": MARK, "penwidth": "2.5", "tooltip": "not on the article's path"} if i in differing else {}
-        graph.node(f"h{i}", _node(v, i, hop), id=f"{v.id}-hop{i}", fillcolor=COLOURS[hop.kind],
-                   **{"class": f"hop {hop.kind}" + (" differs" if i in differing else "")}, **extra)
+        if hop.kind == paths.PROXY and hop.name.endswith(f"({paths.LOOP})"):
+            extra |= {"fillcolor": COLOURS["end"]}  # where the loop was stopped
+        graph.node(f"h{i}", _node(v, i, hop), id=f"{v.id}-hop{i}",
+                   **{"fillcolor": COLOURS[hop.kind], **extra,
+                      "class": f"hop {hop.kind}" + (" differs" if i in differing else "")})
 
     addresses = plan.PODS6 if v.family == 6 else plan.PODS  # the family the flow ran over
     for pod, by_box in boxes.items():

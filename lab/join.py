@@ -167,7 +167,7 @@ def leg_hops(events: Sequence[TraceEvent], leg: Leg, rules: Rules, node: Hop | N
 
 
 def path(source: str, destination: str, found: list[Leg], events: Sequence[TraceEvent], rules: Rules,
-         node: Hop | None = None, died: Death | None = None) -> Path:
+         node: Hop | None = None, died: Death | None = None, delivered: Packet | None = None) -> Path:
     """The whole path; when the last leg ends at a proxy that answered itself (a DNS name in
     pilot-agent's table) or that the flow looped back into, that proxy is where the path
     ends; when the last leg died, the place it died is.  `node`: the node's DNAT of the
@@ -177,8 +177,8 @@ def path(source: str, destination: str, found: list[Leg], events: Sequence[Trace
         last = i == len(found) - 1
         hops += leg_hops(events, leg, rules, node if last else None, died if last else None)
     ended = hops[-1].kind == paths.END or (found and found[-1].proxy is not None and hops[-1].kind == paths.PROXY)
-    if not ended:
-        hops.append(Hop(paths.ENDPOINT, destination))
+    if not ended:  # after the node's DNAT, the packet the endpoint got is the rewritten one
+        hops.append(Hop(paths.ENDPOINT, destination, packet=delivered if node is not None else None))
     return paths.of(hops)
 
 
@@ -190,6 +190,11 @@ def node_hop(events: Sequence[TraceEvent], leg: Leg, rules: Rules) -> Hop | None
             return Hop(paths.CHAIN, e.chain, "nat", e.rulenum, rules.counts.get(e.rule.chain_ref, 2) > 1, packet(e),
                        rules.lines.get(e.rule, ""), where=plan.NODE)
     return None
+
+
+def node_exit(events: Sequence[TraceEvent], leg: Leg) -> Packet | None:
+    """The leg's first packet as it left the node (after its DNAT): its POSTROUTING event there."""
+    return next((packet(e) for e in first_packet(events, leg) if e.chain == "POSTROUTING"), None)
 
 
 def masqueraded(events: Sequence[TraceEvent], leg: Leg, rules: Rules) -> Address | None:

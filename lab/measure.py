@@ -86,7 +86,8 @@ def measure(flow: Traffic, seen: Observation) -> Measurement:
     ending = "loop" if last.proxy is not None and last.loop else "died" if died else "reached"
     return Measurement(
         legs=tuple(legs),
-        path=join.path(flow.source.label, flow.label, legs, sidecar, rules, node, died),
+        path=join.path(flow.source.label, flow.label, legs, sidecar, rules, node, died,
+                       join.node_exit(node_events, last) if node else None),
         rule_hits=tuple(join.rule_hits(sidecar, legs)),
         counters=moved,
         trace_counts=dict(traced),

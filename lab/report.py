@@ -100,7 +100,8 @@ def render(console, run: RunView) -> None:
                 name = f"{row.rule.chain}#{row.rule.number}"
                 console.print(f"    {name:<20} +{row.moved:<3} {escape(row.line)}")
         agree = "agree" if v.counters_agree else "[red]DISAGREE[/]"
-        console.print(f"  counters vs TRACE: {agree};  reached: {escape(v.reached_text or '-')};  verdict: {_verdict(v)}")
+        ended = "reached" if v.ending == "reached" else "ended"
+        console.print(f"  counters vs TRACE: {agree};  {ended}: {escape(v.reached_text or '-')};  verdict: {_verdict(v)}")
         for why in v.problems:
             console.print(f"  [red]{escape(why)}[/]")
     table = Table(title="The article's traffic types (and variants), judged by the kernel")

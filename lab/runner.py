@@ -79,8 +79,9 @@ def plan(scenarios: list[Scenario], choice: Choice, named: bool = False) -> tupl
     """The labs to build for the scenarios, and a line for each scenario left out.
 
     Left out, unless named: a scenario about a feature its rules lack (DNS queries when DNS is
-    not captured), and one whose rules cannot be built (a TPROXY pod under a profile older
-    than 1.25); named, the second is an error."""
+    not captured), one whose file records no path under the profile (expected.not_measured,
+    with why), and one whose rules cannot be built (a TPROXY pod under a profile older than
+    1.25); named, the last is an error."""
     labs: dict[tuple, Lab] = {}
     skipped, cache = [], {}
     for s in scenarios:
@@ -92,6 +93,10 @@ def plan(scenarios: list[Scenario], choice: Choice, named: bool = False) -> tupl
             skipped.append(f"{s.id}: left out: {e}")
             continue
         if not named and s.feature is not None and s.feature not in rules.features:
+            continue
+        why = dict(s.expected.not_measured).get(rules.profile) if s.expected and rules.profile else None
+        if why and not named:
+            skipped.append(f"{s.id}: left out under {rules.profile}: {why}")
             continue
         spec = s.pod.resolved(rules.istio)
         key = (tuple(d.text() for d in rules.dumps), rules.profile, spec)

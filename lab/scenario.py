@@ -94,6 +94,7 @@ class Expectation:
 
     default: Path
     by_profile: tuple[tuple[str, Path], ...] = ()
+    not_measured: tuple[tuple[str, str], ...] = ()  # profile -> why no path is recorded under it
 
     def path(self, profile: str) -> Path:
         return dict(self.by_profile).get(profile, self.default)
@@ -261,7 +262,16 @@ def _expectation(expected: _Fields) -> Expectation:
         if not isinstance(text, str) or not text.strip():
             raise expected.fail(f"profiles.{name}", "expected a path in the article's notation")
         by_profile.append((name, _path(expected, f"profiles.{name}", text)))
-    return Expectation(_path(expected, "path", expected.get("path", str)), tuple(by_profile))
+    unmeasured = expected.get("not_measured", dict, required=False, default={})
+    for name, why in unmeasured.items():
+        if name not in known:
+            raise expected.fail("not_measured", f"unknown profile {name!r} (profiles: {', '.join(known)})")
+        if not isinstance(why, str) or not why.strip():
+            raise expected.fail(f"not_measured.{name}", "say why no path is recorded under it")
+        if name in given:
+            raise expected.fail(f"not_measured.{name}", "has a path in expected.profiles too")
+    return Expectation(_path(expected, "path", expected.get("path", str)), tuple(by_profile),
+                       tuple((name, " ".join(why.split())) for name, why in unmeasured.items()))
 
 
 def _article(article: _Fields) -> tuple[ArticleClaim | None, str]:
@@ -340,7 +350,7 @@ def _pod_spec(pod: _Fields) -> tuple[annotations.PodAnnotations | None, PodSpec]
     if "annotations" in pod.data:
         try:
             own = annotations.from_mapping(pod.get("annotations", dict, required=False, default={}),
-                                           f"{pod.file}: pod.annotations")
+                                           f"{os.path.basename(pod.file)}: pod.annotations")
         except annotations.AnnotationError as e:
             raise ScenarioError(str(e)) from None
     stage = pod.get("stage", str, required=False, default=podspec.RUNNING)
@@ -387,7 +397,7 @@ def parse(data, file: str) -> Scenario:
     if feature is not None and feature not in features.FEATURES:
         raise top.fail("feature", f"{feature!r} is not one of {', '.join(features.FEATURES)}")
     expected = top.sub("expected")
-    expected.unknown({"path", "profiles"})
+    expected.unknown({"path", "profiles", "not_measured"})
     scenario_type = top.get("type", int, required=not note)
     if scenario_type is not None and not 1 <= scenario_type <= 6:
         raise top.fail("type", f"the article has traffic types 1-6, not {scenario_type}")

@@ -95,7 +95,7 @@ class ScenarioView:
     @property
     def reached_text(self) -> str:
         if self.ending == "died" and self.measured:
-            return f"died: {self.measured.hops[-1]}"
+            return str(self.measured.hops[-1])
         if self.ending == "loop" and self.measured:
             return f"looped back into {self.measured.hops[-1].name.split(' (')[0]}"
         return f"{self.reached_pod} {self.reached}" if self.reached else ""

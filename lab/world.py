@@ -30,6 +30,7 @@ from .rules import kubeproxy, xtables
 
 BRIDGE = "br0"
 IFA_F_NODAD = 0x02  # linux/if_addr.h: usable at once, no duplicate address detection
+NUD_PERMANENT = 0x80  # linux/neighbour.h
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,8 @@ class Lab:
                         if pod.name != plan.VM:
                             self._build_pod(node, bridge, pod)
                     self._route_held_vips(node, bridge)
+                    if self.ipv6:
+                        self._neighbours6(node, bridge)
                 if plan.VM in self.pods:
                     self._build_vm(self.pods[plan.VM])
                 self._kube_proxy()
@@ -153,6 +156,17 @@ class Lab:
                 self._ipv6_pod(inside, eth0, pod)
         if pod.name in plan.POD_SYSCTLS:
             netns.set_sysctls(pod.ns, plan.POD_SYSCTLS[pod.name])
+
+    def _neighbours6(self, node, bridge: int) -> None:
+        """The pods' IPv6 addresses as permanent neighbours of the node.  A SYN the node DNATs
+        (br_netfilter, at the bridge) to a pod whose neighbour entry is not resolved yet is
+        dropped, not queued (measured: the first IPv6 connection to a VIP needed its SYN
+        retransmitted); IPv4's ARP has no such gap here."""
+        for pod in self.pods.values():
+            if pod.ip6 and pod.name != plan.VM:
+                with ipr(pod.ns) as inside:
+                    mac = inside.get_links(inside.link_lookup(ifname="eth0")[0])[0].get_attr("IFLA_ADDRESS")
+                node.neigh("add", dst=pod.ip6, lladdr=mac, ifindex=bridge, state=NUD_PERMANENT)
 
     @staticmethod
     def _ipv6_pod(inside, eth0: int, pod: Pod) -> None:
