@@ -171,7 +171,7 @@ def path(source: str, destination: str, found: list[Leg], events: Sequence[Trace
     """The whole path; when the last leg ends at a proxy that answered itself (a DNS name in
     pilot-agent's table) or that the flow looped back into, that proxy is where the path
     ends; when the last leg died, the place it died is.  `node`: the node's DNAT of the
-    last leg (node_hop)."""
+    last leg (node_hop); `delivered`: the packet the node sent on after it (node_exit)."""
     hops = [Hop(paths.ENDPOINT, source)]
     for i, leg in enumerate(found):
         last = i == len(found) - 1
