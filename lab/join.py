@@ -15,6 +15,8 @@ judges, so the rules its TRACE events name are the hops:
     POSTROUTING (sent on);
   - a leg sent on to a Service VIP that the node's kube-proxy rules DNATed shows that rule
     after POSTROUTING (`KUBE-SEP-REMOTE RULE 2 (node)`), from the node's own TRACE events;
+    a pod's own Service comes back into the pod (hairpin, masqueraded: `KUBE-POSTROUTING
+    RULE 3 (node)`), and the path goes on there, into the pod's inbound rules;
   - a leg its dialer was refused on ends where its SYN met no listener (`15001: no listener,
     refused` when the sidecar had redirected it, `Local Pod 8080: no listener, refused`
     otherwise), and a leg that was a proxy's own connection sent back to it ends at that
@@ -135,10 +137,11 @@ class Rules:
                    owner=(first.uid, first.gid) if owner and first.uid is not None else None)
 
 
-def leg_hops(events: Sequence[TraceEvent], leg: Leg, rules: Rules, node: Hop | None = None,
+def leg_hops(events: Sequence[TraceEvent], leg: Leg, rules: Rules, node: Sequence[Hop] = (),
              died: Death | None = None) -> list[Hop]:
     """Hops of one leg from its first packet's events in the pod that holds the rules; the
-    node's DNAT of it (`node`), and where it died (`died`), if it did."""
+    node's rewrites of it (`node`: its DNAT, a hairpin's masquerade), and where it died
+    (`died`), if it did."""
     syn = first_packet(events, leg)
     if not syn:
         return []
@@ -159,37 +162,43 @@ def leg_hops(events: Sequence[TraceEvent], leg: Leg, rules: Rules, node: Hop | N
     last = next((e for e in reversed(syn) if e.chain == exit_hook), None)
     if last is not None:
         hops.append(rules.hook(exit_hook, (), last))
-    if node is not None:
-        hops.append(node)
+    hops += node
     if died is not None:
         hops.append(paths.refused(died.port, plan.POD_LABELS.get(died.pod, died.pod)))
     return hops
 
 
 def path(source: str, destination: str, found: list[Leg], events: Sequence[TraceEvent], rules: Rules,
-         node: Hop | None = None, died: Death | None = None, delivered: Packet | None = None) -> Path:
+         node: Sequence[Hop] = (), died: Death | None = None, delivered: Packet | None = None,
+         again: Sequence[Leg] = ()) -> Path:
     """The whole path; when the last leg ends at a proxy that answered itself (a DNS name in
     pilot-agent's table) or that the flow looped back into, that proxy is where the path
-    ends; when the last leg died, the place it died is.  `node`: the node's DNAT of the
-    last leg (node_hop); `delivered`: the packet the node sent on after it (node_exit)."""
+    ends; when the last leg died, the place it died is.  `node`: the node's rewrites of the
+    last leg (node_hops), `delivered` the packet the node sent on after them (node_exit);
+    `again`: the legs of a flow the node sent back into the sidecar pod (a pod's own
+    Service, hairpinned), which go on after the node's hops."""
     hops = [Hop(paths.ENDPOINT, source)]
-    for i, leg in enumerate(found):
-        last = i == len(found) - 1
-        hops += leg_hops(events, leg, rules, node if last else None, died if last else None)
-    ended = hops[-1].kind == paths.END or (found and found[-1].proxy is not None and hops[-1].kind == paths.PROXY)
+    every = [*found, *again]
+    for i, leg in enumerate(every):
+        hops += leg_hops(events, leg, rules, node if leg is found[-1] else (), died if i == len(every) - 1 else None)
+    last = every[-1] if every else None
+    ended = hops[-1].kind == paths.END or (last is not None and last.proxy is not None and hops[-1].kind == paths.PROXY)
     if not ended:  # after the node's DNAT, the packet the endpoint got is the rewritten one
-        hops.append(Hop(paths.ENDPOINT, destination, packet=delivered if node is not None else None))
+        hops.append(Hop(paths.ENDPOINT, destination, packet=delivered if node and not again else None))
     return paths.of(hops)
 
 
-def node_hop(events: Sequence[TraceEvent], leg: Leg, rules: Rules) -> Hop | None:
-    """The node's rule that DNATed the leg's first packet (kube-proxy's KUBE-SEP rule), from
-    the node's TRACE events and rules; None when the node did not rewrite it."""
-    for e in first_packet(events, leg):
-        if e.kind == "rule" and e.table == "nat" and rules.target(e.rule) == "DNAT":
-            return Hop(paths.CHAIN, e.chain, "nat", e.rulenum, rules.counts.get(e.rule.chain_ref, 2) > 1, packet(e),
-                       rules.lines.get(e.rule, ""), where=plan.NODE)
-    return None
+REWRITES = ("DNAT", "MASQUERADE")  # what the node's kube-proxy rules do to a packet
+
+
+def node_hops(events: Sequence[TraceEvent], leg: Leg, rules: Rules) -> list[Hop]:
+    """The node's rules that rewrote the leg's first packet: its DNAT (kube-proxy's KUBE-SEP
+    rule) and, for a pod calling its own Service, the masquerade; from the node's TRACE
+    events and rules.  Empty when the node rewrote nothing."""
+    return [Hop(paths.CHAIN, e.chain, "nat", e.rulenum, rules.counts.get(e.rule.chain_ref, 2) > 1, packet(e),
+                rules.lines.get(e.rule, ""), where=plan.NODE)
+            for e in first_packet(events, leg)
+            if e.kind == "rule" and e.table == "nat" and rules.target(e.rule) in REWRITES]
 
 
 def node_exit(events: Sequence[TraceEvent], leg: Leg) -> Packet | None:

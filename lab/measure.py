@@ -79,16 +79,22 @@ def measure(flow: Traffic, seen: Observation) -> Measurement:
     everywhere = [e for events in seen.events.values() for e in events]
     legs = join.legs(_client(seen.response.local, everywhere), flow.to, seen.proxy_lines)
     rules, node_rules, node_events = join.Rules(seen.rules), join.Rules(seen.node_rules), seen.events.get(plan.NODE, [])
-    last = legs[-1]
-    node = join.node_hop(node_events, last, node_rules) if last.proxy is None else None
-    found = join.reached(everywhere, last, join.masqueraded(node_events, last, node_rules))
-    died = join.death(everywhere, last, rules, last.error if len(legs) > 1 else seen.error) if seen.error else None
+    sent = legs[-1]
+    node = join.node_hops(node_events, sent, node_rules) if sent.proxy is None else []
+    delivered = join.node_exit(node_events, sent) if node else None
+    again = []  # the node sent it back into the sidecar pod (hairpin): its legs go on there
+    if delivered is not None and plan.pod_at(delivered.dst.ip) == "sidecar":
+        alias = join.masqueraded(node_events, sent, node_rules) or sent.client
+        again = join.legs(alias, delivered.dst, seen.proxy_lines)
+    every = legs + again
+    last = every[-1]
+    found = join.reached(everywhere, last, None if again else join.masqueraded(node_events, last, node_rules))
+    died = join.death(everywhere, last, rules, last.error if len(every) > 1 else seen.error) if seen.error else None
     ending = "loop" if last.proxy is not None and last.loop else "died" if died else "reached"
     return Measurement(
-        legs=tuple(legs),
-        path=join.path(flow.source.label, flow.label, legs, sidecar, rules, node, died,
-                       join.node_exit(node_events, last) if node else None),
-        rule_hits=tuple(join.rule_hits(sidecar, legs)),
+        legs=tuple(every),
+        path=join.path(flow.source.label, flow.label, legs, sidecar, rules, node, died, delivered, again),
+        rule_hits=tuple(join.rule_hits(sidecar, every)),
         counters=moved,
         trace_counts=dict(traced),
         rules=seen.rules,
