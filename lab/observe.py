@@ -24,6 +24,9 @@ from .traffic import Response
 from .world import Lab
 
 
+DEATH_GRACE = 0.05  # seconds a failed flow waits to see whether a lab process died under it
+
+
 def witnessed(ref: RuleRef) -> bool:
     """Is this rule's counter checked against TRACE's events?  nat's and mangle's rules, and
     the raw table's own chains (DNS capture's conntrack zones); raw's built-in chains hold
@@ -217,7 +220,7 @@ def observe(lab: Lab, witnesses: Witnesses, flow: Traffic) -> Observation:
         try:
             response = fire(lab, flow)
         except traffic.RequestError as e:
-            processes.check_alive(lab)  # a dead proxy is the better answer than "refused"
+            processes.check_alive(lab, grace=DEATH_GRACE)  # a dead proxy is the better answer than "refused"
             if e.local is None:  # nothing was sent: nothing to measure
                 raise
             response, error = Response(0, "", e.local, e.peer), died(e)  # sent, and it died: measured all the same

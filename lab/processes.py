@@ -215,10 +215,19 @@ def _kill(lab: Lab, name: str) -> None:
     _exit_status(lab.labid, pid, wait=True)
 
 
-def check_alive(lab: Lab) -> None:
-    """Raise ProcessDied for the first recorded process that is no longer running."""
-    for name in lab.record.pids:
-        check(lab, name)
+def check_alive(lab: Lab, grace: float = 0.0) -> None:
+    """Raise ProcessDied for the first recorded process that is no longer running.
+
+    With `grace`, keep looking that long: a killed process closes its sockets (its clients
+    see a reset) a moment before it is a zombie that waitid reports, so a flow that just
+    failed asks again before blaming the flow rather than the process."""
+    deadline = time.monotonic() + grace
+    while True:
+        for name in lab.record.pids:
+            check(lab, name)
+        if time.monotonic() >= deadline:
+            return
+        time.sleep(0.005)
 
 
 def check(lab: Lab, name: str) -> None:
