@@ -56,6 +56,8 @@ class PodSpec:
             out.append("init containers running: Envoy, pilot-agent and the app not started yet")
         if self.envoy_inbound == LOCALHOST:
             out.append("Envoy as Istio 1.9 and older: inbound to 127.0.0.1:port")
+        elif self.envoy_inbound == AS_RELEASED:
+            out.append("Envoy as the rules' Istio release ran it (inbound to 127.0.0.1:port up to 1.9)")
         if self.app_localhost:
             out.append("the app listens on 127.0.0.1 only")
         if self.proxy is not None:

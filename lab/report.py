@@ -76,8 +76,8 @@ def render(console, run: RunView) -> None:
 
     for v in run.scenarios:
         console.rule(f"[bold]{escape(v.id)}[/]  {escape(v.title)}", align="left")
-        for issue in v.issues:
-            console.print(f"  issue  : {escape(issue)}")
+        if v.issues:
+            console.print(f"  issue  : {escape(', '.join(v.issues))}")
         if v.rules:
             console.print(f"  rules  : {escape(v.rules)}")
         if v.pod:
@@ -104,7 +104,9 @@ def render(console, run: RunView) -> None:
         console.print(f"  counters vs TRACE: {agree};  {ended}: {escape(v.reached_text or '-')};  verdict: {_verdict(v)}")
         for why in v.problems:
             console.print(f"  [red]{escape(why)}[/]")
-    table = Table(title="The article's traffic types (and variants), judged by the kernel")
+    problems = all(v.group == "problems" for v in run.scenarios)
+    table = Table(title="The problems people hit, judged by the kernel" if problems
+                  else "The article's traffic types (and variants), judged by the kernel")
     for col in ("scenario", "article", "kernel", "", "verdict"):
         table.add_column(col, overflow="fold")
     for v in run.scenarios:

@@ -120,7 +120,9 @@ def run(labs: list[Lab], order: list[Scenario], show_rules: str = "") -> tuple[l
             labid = session.lab.labid
             for result in session.run_all(lab.scenarios):
                 own = lab.rules_of[result.scenario.id.removesuffix(dualstack.SUFFIX)]
+                shown = {"pod": lab.spec.describe()}  # as the lab ran it: "as-released" made one era's
                 if own.name != show_rules:
-                    result = dataclasses.replace(result, view=dataclasses.replace(result.view, rules=own.summary))
+                    shown["rules"] = own.summary
+                result = dataclasses.replace(result, view=dataclasses.replace(result.view, **shown))
                 by_id.setdefault(result.scenario.id.removesuffix(dualstack.SUFFIX), []).append(result)
     return [r for s in order for r in by_id.get(s.id, [])], labid
