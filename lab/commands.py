@@ -148,8 +148,8 @@ def explain(args) -> int:
         console.print(f"(The explanation is written for {written_for}{whose}; "
                       f"docs/profiles.md tells what {profile} changes.)", markup=False)
     console.print()
-    console.print(explain_rules(measured, rules.dumps[0], profile, rules.command if rules.annotations else ""),
-                  markup=False, end="")
+    console.print(explain_rules(measured, rules.dumps[0], profile, rules.command if rules.annotations else "",
+                                marks=rules.profile is not None), markup=False, end="")
     return 0
 
 
@@ -163,10 +163,12 @@ def _explained_profile(s: Scenario) -> str:
     return next(name for name in profiles.names() if s.feature in ruleset.profile(name).features)
 
 
-def explain_rules(measured: Path, dump, profile: str = profiles.DEFAULT, built_by: str = "") -> str:
-    """The rules of every chain the path passes, numbered as applied; '>' marks those that matched.
-    A chain of the node's (kube-proxy's) is shown from the node's rules."""
-    matched = {(h.table, h.name, h.number) for h in measured.chains}
+def explain_rules(measured: Path, dump, profile: str = profiles.DEFAULT, built_by: str = "",
+                  marks: bool = True) -> str:
+    """The rules of every chain the path passes, numbered as applied; '>' marks those that matched
+    (none with `marks` off: rules the path was not measured under).  A chain of the node's
+    (kube-proxy's) is shown from the node's rules."""
+    matched = {(h.table, h.name, h.number) for h in measured.chains} if marks else set()
     out = [f"The rules it passes: {built_by or profiles.summary(profile)}", ""]
     for table, chain, where in dict.fromkeys((h.table, h.name, h.where) for h in measured.chains):
         rules = (kubeproxy.dump() if where else dump).tables[table].chain_rules(chain)
@@ -180,7 +182,7 @@ def explain_rules(measured: Path, dump, profile: str = profiles.DEFAULT, built_b
         rules = dump.tables[table].chain_rules(chain)
         out.append(f"{chain} ({table} table)")
         for num, rule in enumerate(rules, 1):
-            mark = ">" if (table, chain, num) in matched or len(rules) == 1 else " "
+            mark = ">" if (table, chain, num) in matched or len(rules) == 1 and marks else " "
             out.append(f" {mark} {num:>2}  {rule.spec}")
         out.append("")
     return "\n".join(out) + "\n"
