@@ -7,7 +7,7 @@ import argparse
 import contextlib
 import sys
 
-from . import api, dualstack, html_report, interrupts, preflight, record, report, runner, scenario, view, watch
+from . import api, html_report, interrupts, preflight, record, report, runner, scenario, view, watch
 from .errors import LabError
 from .path import Path
 from .rules import annotations, kubeproxy, profiles, ruleset, xtables
@@ -171,8 +171,8 @@ def explain_rules(measured: Path, dump, profile: str = profiles.DEFAULT, built_b
     matched = {(h.table, h.name, h.number) for h in measured.chains} if marks else set()
     out = [f"The rules it passes: {built_by or profiles.summary(profile)}", ""]
     for table, chain, where in dict.fromkeys((h.table, h.name, h.where) for h in measured.chains):
-        rules = (kubeproxy.dump() if where else dump).tables[table].chain_rules(chain)
         if where:
+            rules = kubeproxy.dump().tables[table].chain_rules(chain)
             out.append(f"{chain} ({table} table of the node: kube-proxy's Service rules)")
             for num, rule in enumerate(rules, 1):
                 mark = ">" if (table, chain, num) in matched else " "
