@@ -13,7 +13,6 @@ from lab import api, dualstack, path, plan, podspec, runner, scenario
 from lab.addr import Address
 from lab.errors import LabError
 from lab.rules import annotations, kubeproxy, profiles, ruleset, xtables
-from lab.world import Lab
 
 from .test_report_html import SVG, parse_page
 
