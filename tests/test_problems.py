@@ -9,11 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from lab import api, dualstack, path, plan, podspec, runner, scenario
+from lab import api, dualstack, path, plan, podspec, result, runner, scenario
 from lab.addr import Address
+from lab.observe import Observation
 from lab.errors import LabError
 from lab.rules import annotations, kubeproxy, profiles, ruleset, xtables
 
+from .record_observations import PROBLEMS as RECORDED_PROBLEMS, load
 from .test_report_html import SVG, parse_page
 
 REPO = Path(__file__).resolve().parents[1]
@@ -209,6 +211,48 @@ def test_the_files_annotations_under_a_scenarios_own(tmp_path):
     assert merged.profile == profiles.DEFAULT  # and the rules are the scenario's: its paths apply
     other = annotations.read(_write(tmp_path, 'traffic.sidecar.istio.io/excludeOutboundIPRanges="10.0.0.0/8"\n', "o.txt"))
     assert runner.rules_for(s, runner.Choice(annotations=other)).profile is None
+
+
+# --- recorded runs, judged again without root -------------------------------------------------
+
+RECORDED = load(RECORDED_PROBLEMS)
+
+
+@pytest.mark.parametrize("sid", sorted(RECORDED))
+def test_a_recorded_problem_joins_into_its_measured_path(sid):
+    s, run = BY_ID[sid], RECORDED[sid]
+    r = result.conclude(s, run["profile"], Observation.from_json(run["observation"]))
+    assert r.passed, (r.failure, r.view.problems)
+    assert r.measured_path == str(s.expected.path(run["profile"]))
+
+
+def _recorded(sid: str):
+    run = RECORDED[sid]
+    return result.conclude(BY_ID[sid], run["profile"], Observation.from_json(run["observation"])).measurement
+
+
+def test_a_refused_flow_ends_where_its_syn_met_no_listener():
+    init = _recorded("problem-init-container-before-envoy")
+    assert init.ending == "died" and init.error.startswith("ECONNREFUSED: ")
+    assert [leg.proxy for leg in init.legs] == [None] and init.reached.address == Address("127.0.0.1", 15001)
+    local = _recorded("problem-app-on-localhost")  # the client saw its connection closed; Envoy's dial was refused
+    assert local.ending == "died" and local.legs[-1].error.endswith("failed: Connection refused")
+    assert local.legs[-1].client.ip == "127.0.0.6"  # Envoy's upstream, logged from its SYN on
+
+
+def test_a_loop_ends_at_the_listener_it_came_back_to():
+    loop = _recorded("problem-tproxy-envoy-as-1337")
+    assert loop.ending == "loop" and [leg.proxy for leg in loop.legs] == [15001, 15006, 15006]
+    assert [leg.loop for leg in loop.legs] == [False, False, True]
+    assert loop.legs[2].client == Address(loop.legs[1].client.ip, loop.legs[2].client.port)  # original_src: the same IP
+
+
+def test_the_nodes_dnat_is_read_from_the_nodes_own_events():
+    m = _recorded("problem-excluded-outbound-port")
+    node = [e for e in m.events if e.pod == plan.NODE and e.kind == "rule" and e.table == "nat"]
+    assert {str(e.rule) for e in node} >= {"PREROUTING#1", "KUBE-SERVICES#2", "KUBE-SVC-REMOTE#1", "KUBE-SEP-REMOTE#2"}
+    assert [h.where for h in m.path.hops].count(plan.NODE) == 1
+    assert m.path.hops[-1].packet.dst == Address("10.244.0.20", 9080)  # what the endpoint got: the DNATed SYN
 
 
 # --- on the kernel ----------------------------------------------------------------------------
