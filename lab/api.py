@@ -17,6 +17,7 @@ from .addr import Address
 from .backend import Backend
 from .errors import LabError
 from .observe import Witnesses, observe
+from .podspec import PodSpec
 from .result import Result, conclude
 from .rules import routing
 from .rules.ruleset import RuleSet
@@ -75,7 +76,7 @@ class Flow:
         service = plan.service_at(self.to.ip, self.to.port)
         to = service.pod if service else plan.pod_at(self.to.ip) or self.source
         source = Source(self.source, plan.POD_LABELS[self.source], "", self.uid, self.gid)
-        traffic = Traffic(source, self.to, plan.POD_LABELS[to], self.protocol)
+        traffic = Traffic(source, self.to, plan.POD_LABELS[to], self.protocol, "udp" if self.protocol == "udp" else "tcp")
         return Scenario(id="flow", title=f"{self.source} as {self.uid}:{self.gid} -> {self.to}", type=None,
                         variant_of=None, traffic=traffic, expected=expected, article=None, explanation="", file="")
 
@@ -84,10 +85,11 @@ class Session:
     """A lab with a rule set applied, its processes up and its witnesses bound.  A context
     manager: it always tears down."""
 
-    def __init__(self, rules: RuleSet, backend: Backend | str = backends.AUTO, labid: str | None = None):
+    def __init__(self, rules: RuleSet, backend: Backend | str = backends.AUTO, labid: str | None = None,
+                 spec: PodSpec = PodSpec()):
         self.rules = rules
         self.backend = backends.choose(backend)[0] if isinstance(backend, str) else backend
-        self.lab = Lab(labid, ipv6=rules.dual_stack, backend=self.backend.name)
+        self.lab = Lab(labid, ipv6=rules.dual_stack, spec=spec.resolved(rules.istio), backend=self.backend.name)
         self.witnesses: Witnesses | None = None
 
     def __enter__(self) -> "Session":

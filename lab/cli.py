@@ -37,11 +37,14 @@ def _parser() -> argparse.ArgumentParser:
     rule_set.add_argument("--profile", metavar="NAME", help="the sidecar's rules: a profile (istio-lab profiles; "
                           "default istio-1.13, the article's)")
     rule_set.add_argument("--rules", metavar="FILE", help="the sidecar's rules: an iptables-save dump of a real pod")
+    run.add_argument("--group", metavar="NAME", help="only the scenarios of a group (istio-lab list shows them), "
+                     "e.g. problems")
     for flag, what in (("--proxy-uid", "uid"), ("--proxy-gid", "gid"), ("--outbound-port", "outbound port"),
                        ("--inbound-port", "inbound port")):
         run.add_argument(flag, type=int, metavar="N", help=f"with --rules: the proxy's {what} in the dump "
                          "(default: read from the dump)")
-    lst = sub.add_parser("list", help="list the scenarios")
+    lst = sub.add_parser("list", help="list the scenarios, by group")
+    lst.add_argument("--group", metavar="NAME", help="only one group's")
     explain = sub.add_parser("explain", help="print a scenario's explanation and the rules it names")
     explain.add_argument("id", metavar="ID")
     explain.add_argument("--profile", metavar="NAME", help="the path under a profile's rules (default: the rules the explanation is written for, istio-1.13 or for DNS istio-1.25-dns)")
@@ -52,6 +55,10 @@ def _parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="build a lab and leave it running, to explore by hand")
     up.add_argument("--id", dest="labid", help="lab id (default: random)")
     up.add_argument("--profile", metavar="NAME", help="the sidecar's rules: a profile (default istio-1.13)")
+    annotated = "a pod's interception annotations (a pod or workload manifest, or KEY=VALUE lines) " \
+                "on top of the profile's options, as Istio's injector hands them to istio-init"
+    for command in (run, explain, up):
+        command.add_argument("--annotations", metavar="FILE", help=annotated)
     up.add_argument("--hold", action="store_true",
                     help="stay in the foreground and tear the lab down on Ctrl-C or SIGTERM")
     down = sub.add_parser("down", help="remove a lab left up (or every lab with --all)")

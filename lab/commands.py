@@ -9,12 +9,12 @@ import sys
 
 from . import api
 from . import backend as backends
-from . import dualstack, html_report, interrupts, preflight, record, report, scenario, view, watch
+from . import html_report, interrupts, preflight, record, report, runner, scenario, view, watch
 from .backend import Backend
 from .errors import LabError
 from .netfilter import PATH_TABLES
 from .path import Path
-from .rules import profiles, ruleset, xtables
+from .rules import annotations, kubeproxy, profiles, ruleset, xtables
 from .rules.ruleset import RuleSet
 from .scenario import Scenario
 from .world import Lab
@@ -51,9 +51,19 @@ def _ready_machine(backend: Backend) -> None:
         print(f"istio-lab: removed lab {labid} left behind by a process that died", file=sys.stderr)
 
 
+def _annotations(args) -> annotations.PodAnnotations | None:
+    """--annotations FILE, read (a bad file is one line)."""
+    return annotations.read(args.annotations) if getattr(args, "annotations", None) else None
+
+
 def _rule_set(args) -> RuleSet:
-    """--profile or --rules, checked before any lab."""
-    if not args.rules:
+    """--profile or --rules (or --annotations on the profile), checked before any lab."""
+    pod = _annotations(args)
+    if pod is not None:
+        if getattr(args, "rules", None):
+            raise LabError("--annotations builds a profile's rules with a pod's annotations: give --profile, not --rules")
+        return ruleset.from_annotations(pod, args.profile or profiles.DEFAULT)
+    if not getattr(args, "rules", None):
         given = [flag for flag, value in (("--proxy-uid", args.proxy_uid), ("--proxy-gid", args.proxy_gid),
                                           ("--outbound-port", args.outbound_port), ("--inbound-port", args.inbound_port))
                  if value is not None]
@@ -74,29 +84,41 @@ def check(args) -> int:
     return 0
 
 
+def _show_built(console, rules: RuleSet) -> None:
+    """What a pod's annotations became: the istio-iptables command, and what the injector ignored."""
+    console.print(f"Rules: {rules.name} ({rules.annotations})", markup=False)
+    console.print(f"  {rules.command}", markup=False)
+    for note in rules.notes:
+        console.print(f"  note: {note}", markup=False)
+
+
 def run(args) -> int:
-    chosen = scenario.select(scenario.load_all(args.scenarios), args.ids)  # bad files fail before any lab
+    everything = scenario.load_all(args.scenarios)  # bad files fail before any lab
+    if args.group is None and not args.ids:  # the article's scenarios; the problems are a run of their own
+        everything = [s for s in everything if s.group != "problems"]
+    chosen = scenario.select(scenario.in_group(everything, args.group), args.ids)
     rules = _rule_set(args)
-    if not args.ids:  # a scenario about a feature the rules lack runs only when named
-        chosen = scenario.for_features(chosen, rules.features)
-    if not chosen:  # a lab that would run nothing: say so instead of passing
+    choice = runner.Choice(args.profile, rules if args.rules else None, _annotations(args))
+    labs, skipped = runner.plan(chosen, choice, named=bool(args.ids))  # scenarios' own rules, checked now
+    if not labs:  # a lab that would run nothing: say so instead of passing
         raise LabError(f"none of the scenarios applies to {rules.name}'s rules (name one to run it anyway)")
-    if rules.dual_stack:
-        dualstack.both_families(chosen)  # a scenario with no IPv6 twin fails here, before any lab
     report_dir = html_report.prepare(args.report) if args.report is not None else None
     preflight.check_root()
     backend, _ = backends.choose(args.backend)
     _ready_machine(backend)
     console = _console()
     status = console.status("building the lab") if not args.json else contextlib.nullcontext()
-    with status, api.Session(rules, backend) as session:
-        results = session.run_all(chosen)
-    shown = view.run([r.view for r in results], session.lab.labid, rules.profile, rules.name, rules.notes,
-                     backend.name)
+    with status:
+        results, labid = runner.run(labs, chosen, backend, show_rules=rules.name)
+    shown = view.run([r.view for r in results], labid, rules.profile, rules.name, rules.notes, backend.name)
     if args.json:
         print(report.to_json(shown))
     else:
-        if rules.file:
+        for line in skipped:
+            console.print(line, markup=False)
+        if rules.annotations:
+            _show_built(console, rules)
+        elif rules.file:
             console.print(rules.summary, markup=False)
             for note in rules.notes:
                 console.print(f"  {note}", markup=False)
@@ -116,11 +138,23 @@ def explain(args) -> int:
     s = scenario.select(scenario.load_all(args.scenarios), [args.id])[0]
     written_for = _explained_profile(s)
     profile = profiles.get(args.profile or written_for).name
+    rules = runner.rules_for(s, runner.Choice(profile, None, _annotations(args)))
     console = _console()
     console.print(f"{s.id}: {s.title}", style="bold", markup=False)
+    for issue in s.issues:
+        console.print(f"issue: {issue}", markup=False)
+    if rules.annotations:
+        _show_built(console, rules)
+    if s.pod.describe():
+        console.print(f"pod: {s.pod.describe()}", markup=False)
     under = "" if profile == profiles.DEFAULT else f" ({profile})"
     measured = s.expected.path(profile)
-    console.print(f"kernel{under}: {measured}", markup=False)
+    if rules.profile is None:  # a pod's annotations the scenario was not measured with
+        console.print(f"kernel: (not measured with these annotations: istio-lab run {s.id} --annotations "
+                      f"{args.annotations} measures it; below, the rules of the chains its {profile} path passes)",
+                      markup=False)
+    else:
+        console.print(f"kernel{under}: {measured}", markup=False)
     claim = s.article
     article = f"(no claim) {s.article_note}" if claim is None else claim.path_text or "(a picture only) " + claim.sentence
     console.print(f"article: {article}", markup=False)
@@ -131,27 +165,41 @@ def explain(args) -> int:
         console.print(f"(The explanation is written for {written_for}{whose}; "
                       f"docs/profiles.md tells what {profile} changes.)", markup=False)
     console.print()
-    console.print(explain_rules(measured, profiles.load(profile), profile), markup=False, end="")
+    console.print(explain_rules(measured, rules.dumps[0], profile, rules.command if rules.annotations else "",
+                                marks=rules.profile is not None), markup=False, end="")
     return 0
 
 
 def _explained_profile(s: Scenario) -> str:
-    """The rules a scenario's explanation is written for: the default, or for a scenario about
-    a feature the default lacks (DNS capture), the first profile that has it."""
+    """The rules a scenario's explanation is written for: its own profile, the default, or for
+    a scenario about a feature the default lacks (DNS capture), the first profile that has it."""
+    if s.profile is not None:
+        return s.profile
     if s.feature is None:
         return profiles.DEFAULT
     return next(name for name in profiles.names() if s.feature in ruleset.profile(name).features)
 
 
-def explain_rules(measured: Path, dump, profile: str = profiles.DEFAULT) -> str:
-    """The rules of every chain the path passes, numbered as applied; '>' marks those that matched."""
-    matched = {(h.table, h.name, h.number) for h in measured.chains}
-    out = [f"The rules it passes: {profiles.summary(profile)}", ""]
-    for table, chain in dict.fromkeys((h.table, h.name) for h in measured.chains):
+def explain_rules(measured: Path, dump, profile: str = profiles.DEFAULT, built_by: str = "",
+                  marks: bool = True) -> str:
+    """The rules of every chain the path passes, numbered as applied; '>' marks those that matched
+    (none with `marks` off: rules the path was not measured under).  A chain of the node's
+    (kube-proxy's) is shown from the node's rules."""
+    matched = {(h.table, h.name, h.number) for h in measured.chains} if marks else set()
+    out = [f"The rules it passes: {built_by or profiles.summary(profile)}", ""]
+    for table, chain, where in dict.fromkeys((h.table, h.name, h.where) for h in measured.chains):
+        if where:
+            rules = kubeproxy.dump().tables[table].chain_rules(chain)
+            out.append(f"{chain} ({table} table of the node: kube-proxy's Service rules)")
+            for num, rule in enumerate(rules, 1):
+                mark = ">" if (table, chain, num) in matched else " "
+                out.append(f" {mark} {num:>2}  {rule.spec}")
+            out.append("")
+            continue
         rules = dump.tables[table].chain_rules(chain)
         out.append(f"{chain} ({table} table)")
         for num, rule in enumerate(rules, 1):
-            mark = ">" if (table, chain, num) in matched or len(rules) == 1 else " "
+            mark = ">" if (table, chain, num) in matched or len(rules) == 1 and marks else " "
             out.append(f" {mark} {num:>2}  {rule.spec}")
         out.append("")
     return "\n".join(out) + "\n"
@@ -168,15 +216,25 @@ def list_profiles(args) -> int:
 
 def list_scenarios(args) -> int:
     console = _console()
-    for s in scenario.load_all(args.scenarios):
-        variant = f"  (variant of {s.variant_of})" if s.variant_of else ""
-        kind = f"type {s.type}" if s.type is not None else "      "  # the article's types; DNS is none of them
-        console.print(f"{s.id:<28} {kind}  {s.title}{variant}", markup=False, highlight=False)
+    found = scenario.in_group(scenario.load_all(args.scenarios), args.group)
+    for group, heading in scenario.GROUPS.items():
+        members = sorted((s for s in found if s.group == group),  # a variant right after what it varies
+                         key=lambda s: (s.variant_of or s.id, s.variant_of is not None, s.id))
+        if not members:
+            continue
+        console.print(f"{heading}  (istio-lab run --group {group})", style="bold", markup=False, highlight=False)
+        for s in members:
+            variant = f"  (variant of {s.variant_of})" if s.variant_of else ""
+            kind = f"type {s.type}" if s.type is not None else "      "  # the article's types; DNS is none of them
+            issue = f"  [{', '.join(s.issues)}]" if s.issues else ""
+            console.print(f"  {s.id:<40} {kind}  {s.title}{variant}{issue}", markup=False, highlight=False)
     return 0
 
 
 def up(args) -> int:
-    rules = ruleset.profile(args.profile or profiles.DEFAULT)
+    pod = _annotations(args)
+    rules = ruleset.from_annotations(pod, args.profile or profiles.DEFAULT) if pod else \
+        ruleset.profile(args.profile or profiles.DEFAULT)
     preflight.check_root()
     backend, _ = backends.choose(args.backend)
     _ready_machine(backend)
@@ -185,6 +243,8 @@ def up(args) -> int:
         lab.create()
         api.bring_up(lab, rules, backend)
         console = _console()
+        if rules.annotations:
+            _show_built(console, rules)
         _show(console, lab)
         if args.hold:
             console.print(f"Lab [bold]{lab.labid}[/] is up; Ctrl-C tears it down.")

@@ -22,7 +22,7 @@ def same(claim: Hop, measured: Hop) -> bool:
         return False
     if claim.kind == paths.ENDPOINT:
         return claim.name.lower() == measured.name.lower()
-    if claim.name != measured.name or claim.table != measured.table:
+    if claim.name != measured.name or claim.table != measured.table or claim.where != measured.where:
         return False
     return claim.number is None or claim.number == measured.number  # a claim may leave a rule unnamed
 

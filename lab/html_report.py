@@ -38,8 +38,9 @@ LISTENERS = {
     plan.Port.DNS: "kube-dns", plan.Port.DNS_PROXY: AGENT,
 }
 COLOURS = {  # fill by kind of hop; a differing hop gets MARK's outline
-    "endpoint": "#ffffff", "hook": "#dbe9f6", "chain": "#fdf3d0", "proxy": "#dff3e3",
+    "endpoint": "#ffffff", "hook": "#dbe9f6", "chain": "#fdf3d0", "proxy": "#dff3e3", "end": "#fde0e0",
 }
+KUBE_PROXY = "kube-proxy"  # the node's Service rules
 MARK = "#c62828"
 
 
@@ -118,8 +119,12 @@ def _place(v: ScenarioView, i: int, hop: paths.Hop) -> tuple[str, str]:
         return v.source.pod, v.source.process
     if i == last and hop.kind == paths.ENDPOINT:
         return v.reached_pod, LISTENERS.get(v.reached.port, "") if v.reached else ""
+    if hop.kind == paths.END:  # where it died: the pod its SYN reached, no process there
+        return v.reached_pod or SIDECAR, ""
     if hop.kind == paths.PROXY:
         return SIDECAR, AGENT if hop.name.startswith(AGENT) else PROXY
+    if hop.where == plan.NODE:
+        return plan.NODE, KUBE_PROXY
     return SIDECAR, NETFILTER  # the path's hooks and chains are the sidecar's
 
 
@@ -132,15 +137,20 @@ def _node(v: ScenarioView, i: int, hop: paths.Hop) -> str:
         jump = f"rule {hop.entry.number}: {_rule_text(hop.line)}" if hop.entry else ""
         return _label(hop.name, "nat hook", owner, mono=jump)
     if hop.kind == paths.PROXY:
-        return _label(f"listener {hop.name.split()[1]}", hop.name)
+        return _label(f"listener {hop.name.split()[1]}", hop.name,
+                      "its own connection came back: stopped" if hop.name.endswith(f"({paths.LOOP})") else "")
+    if hop.kind == paths.END:
+        return _label(hop.name, "the flow died here")
     if i == 0:
         return _label(hop.name, f"client {v.legs[0].client}" if v.legs else "")
     return _label(hop.name, f"listening on {v.reached or (v.legs[-1].server if v.legs else '')}")
 
 
 def _box_label(pod: str, box: str, v: ScenarioView) -> str:
+    if box == KUBE_PROXY:
+        return "kube-proxy's Service rules: nat table"
     if box == NETFILTER:
-        tables = sorted({h.table for h in v.measured.chains} | {"nat"}, key=TABLES.index)
+        tables = sorted({h.table for h in v.measured.chains if not h.where} | {"nat"}, key=TABLES.index)
         return f"netfilter: {' and '.join(tables)} table{'s' if len(tables) > 1 else ''}"
     if (pod, box) == (v.source.pod, v.source.process):
         return f"{box} (uid {v.sender_uid})"
@@ -173,12 +183,17 @@ def measured_diagram(v: ScenarioView):
     def add_node(graph, i: int) -> None:
         hop = hops[i]
         extra = {"color": MARK, "penwidth": "2.5", "tooltip": "not on the article's path"} if i in differing else {}
-        graph.node(f"h{i}", _node(v, i, hop), id=f"{v.id}-hop{i}", fillcolor=COLOURS[hop.kind],
-                   **{"class": f"hop {hop.kind}" + (" differs" if i in differing else "")}, **extra)
+        if hop.kind == paths.PROXY and hop.name.endswith(f"({paths.LOOP})"):
+            extra |= {"fillcolor": COLOURS["end"]}  # where the loop was stopped
+        graph.node(f"h{i}", _node(v, i, hop), id=f"{v.id}-hop{i}",
+                   **{"fillcolor": COLOURS[hop.kind], **extra,
+                      "class": f"hop {hop.kind}" + (" differs" if i in differing else "")})
 
     addresses = plan.PODS6 if v.family == 6 else plan.PODS  # the family the flow ran over
     for pod, by_box in boxes.items():
-        with _cluster(g, pod and f"cluster_{pod}", label=f"pod {pod}  {addresses.get(pod, '')}",
+        title = f"node  {plan.GATEWAY6 if v.family == 6 else plan.GATEWAY}" if pod == plan.NODE \
+            else f"pod {pod}  {addresses.get(pod, '')}"
+        with _cluster(g, pod and f"cluster_{pod}", label=title,
                       style="rounded", color="#8a8a8a", fontsize="12", fontcolor="#333333") as pg:
             for box, members in by_box.items():
                 with _cluster(pg, box and f"cluster_{pod}_{box}", label=_box_label(pod, box, v),
@@ -322,12 +337,22 @@ def _differences(v: ScenarioView) -> str:
     return f"<h3>Where the article and the kernel part ways</h3><ul>{items}</ul>"
 
 
+def _issue_link(issue: str) -> str:
+    """`istio/istio#4286` as a link to the issue on GitHub."""
+    repo, number = issue.split("#")
+    return f'<a href="https://github.com/{_esc(repo)}/issues/{number}">{_esc(issue)}</a>'
+
+
 def _section(v: ScenarioView) -> str:
     claim = v.article.claim
     parts = [f'<section class="scenario" id="{_esc(v.id)}">',
              f'<h2>{_esc(v.id)} <span class="title">{_esc(v.title)}</span> {_verdict(v)}</h2>']
     if v.failure:
         parts.append(f'<p class="failure">Not measured: {_esc(v.failure)}</p>')
+    about = [f"issue: {_issue_link(i)}" for i in v.issues] + [f"rules: {_esc(v.rules)}" for _ in [v.rules] if v.rules]
+    about += [f"pod: {_esc(v.pod)}" for _ in [v.pod] if v.pod]
+    if about:
+        parts.append(f'<p class="about">{"<br>".join(about)}</p>')
     article = "(no claim)" if claim is None else claim.path_text or "(a picture only)"
     parts.append(f'<p>kernel: <span class="path">{_esc(v.measured_text or "-")}</span><br>'
                  f'article: <span class="path">{_esc(article)}</span></p>')

@@ -27,6 +27,9 @@ def _scenario(v: ScenarioView) -> list[str]:
     out = [f"### {v.id}: {v.title}", ""]
     if v.failure:
         out += [f"**Not measured**: {v.failure}", ""]
+    out += [f"- issue: {issue}" for issue in v.issues]
+    out += [f"- rules: {v.rules}"] if v.rules else []
+    out += [f"- pod: {v.pod}"] if v.pod else []
     out += [f"- kernel: `{v.measured_text or '-'}`",
             f"- article (no claim): {v.article_note}" if claim is None
             else f"- article: `{claim.path_text}`" if claim.path_text

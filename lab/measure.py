@@ -45,6 +45,8 @@ class Measurement:
     proxy_lines: tuple[ProxyLine, ...]  # the proxies' log lines the legs were joined from
     sender: plan.Identity
     sidecar: plan.Identity
+    ending: str = "reached"  # "reached", or how the path ends otherwise: "died" (refused), "loop"
+    error: str | None = None  # what the client was told when the flow failed
 
     @property
     def disagreements(self) -> list[RuleRef]:
@@ -61,19 +63,39 @@ class Measurement:
         return not self.disagreements
 
 
+def _client(local: Address, events: list[TraceEvent]) -> Address:
+    """The client's address: a connect that failed may leave only the wildcard it was bound to,
+    and then its SYN's events tell the address it was sent from."""
+    if local.ip not in plan.WILDCARD.values():
+        return local
+    return next((e.source for e in events if e.opens_flow and e.sport == local.port and e.source), local)
+
+
 def measure(flow: Traffic, seen: Observation) -> Measurement:
     before, after = seen.counters_before, seen.counters_after
     moved = {ref: n - before.get(ref, 0) for ref, n in after.items() if n != before.get(ref, 0)}
     sidecar = seen.events.get("sidecar", [])
     rules = join.Rules(seen.rules)
     traced = Counter(e.rule for e in sidecar if rules.matched(e) and witnessed(e.rule))
-    legs = join.legs(seen.response.local, flow.to, seen.proxy_lines)
     everywhere = [e for events in seen.events.values() for e in events]
-    found = join.reached(everywhere, legs[-1])
+    legs = join.legs(_client(seen.response.local, everywhere), flow.to, seen.proxy_lines)
+    node_rules, node_events = join.Rules(seen.node_rules), seen.events.get(plan.NODE, [])
+    sent = legs[-1]
+    node = join.node_hops(node_events, sent, node_rules) if sent.proxy is None else []
+    delivered = join.node_exit(node_events, sent) if node else None
+    again = []  # the node sent it back into the sidecar pod (hairpin): its legs go on there
+    if delivered is not None and plan.pod_at(delivered.dst.ip) == "sidecar":
+        alias = join.masqueraded(node_events, sent, node_rules) or sent.client
+        again = join.legs(alias, delivered.dst, seen.proxy_lines)
+    every = legs + again
+    last = every[-1]
+    found = join.reached(everywhere, last, None if again else join.masqueraded(node_events, last, node_rules))
+    died = join.death(everywhere, last, rules, last.error if len(every) > 1 else seen.error) if seen.error else None
+    ending = "loop" if last.proxy is not None and last.loop else "died" if died else "reached"
     return Measurement(
-        legs=tuple(legs),
-        path=join.path(flow.source.label, flow.label, legs, sidecar, rules),
-        rule_hits=tuple(join.rule_hits(sidecar, legs, rules)),
+        legs=tuple(every),
+        path=join.path(flow.source.label, flow.label, legs, sidecar, rules, node, died, delivered, again),
+        rule_hits=tuple(join.rule_hits(sidecar, every, rules)),
         counters=moved,
         trace_counts=dict(traced),
         rules=seen.rules,
@@ -83,4 +105,6 @@ def measure(flow: Traffic, seen: Observation) -> Measurement:
         proxy_lines=tuple(seen.proxy_lines),
         sender=seen.sender,
         sidecar=seen.sidecar,
+        ending=ending,
+        error=seen.error,
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno as errno_module
 from dataclasses import dataclass
 
 from . import interrupts, plan, processes, proxylogs, traffic
@@ -17,10 +18,14 @@ from .addr import Address
 from .backend import Backend, Reader, TracedPorts
 from .netfilter import PATH_TABLES, RuleRef, is_builtin_chain
 from .proxylogs import ProxyLine
+from .rules import kubeproxy
 from .scenario import Traffic
 from .trace import TraceEvent
 from .traffic import Response
 from .world import Lab
+
+
+DEATH_GRACE = 0.05  # seconds a failed flow waits to see whether a lab process died under it
 
 
 def witnessed(ref: RuleRef) -> bool:
@@ -55,8 +60,12 @@ def trace_plan(flow: Traffic) -> TracePlan:
     ports |= {service.target_port} if service else set()
     if flow.protocol == "dns":
         ports.add(plan.Port.DNS_PROXY)
-    udp = (flow.to.port, plan.Port.DNS_PROXY) if flow.transport == "udp" else ()
-    return TracePlan(tuple(dict.fromkeys(("sidecar", flow.endpoint_pod))), TracedPorts(tuple(sorted(ports)), udp))
+    udp = tuple(sorted({flow.to.port, plan.Port.DNS_PROXY} | ({service.target_port} if service else set()))) \
+        if flow.transport == "udp" else ()
+    pods = ["sidecar", flow.endpoint_pod]
+    if service and service in kubeproxy.dnatted():  # a VIP Envoy does not take is DNATed in the node
+        pods.append(plan.NODE)
+    return TracePlan(tuple(dict.fromkeys(pods)), TracedPorts(tuple(sorted(ports)), udp))
 
 
 class Witnesses:
@@ -78,11 +87,16 @@ class Witnesses:
         # handle, and the default profile has rules in nat alone.
         self.counted_tables = {f: tuple(t for t in PATH_TABLES if any(r.table == t and witnessed(r) for r in rules))
                                for f, rules in self.rules.items()}
+        # The node's kube-proxy rules: a VIP's DNAT there is a hop of the path (read, not counted).
+        self.node_rules = {f: {r.ref: r.line for r in backend.listing(lab.node, "nat", f)} for f in families}
         try:
             for pod in lab.pods.values():
                 for family in families:
                     backend.prepare(pod.ns, family)
                 self.readers.append(backend.reader(pod.ns, pod.name))
+            for family in families:
+                backend.prepare(lab.node, family)
+            self.readers.append(backend.reader(lab.node, plan.NODE))
         except BaseException:
             self.close()
             raise
@@ -99,8 +113,8 @@ class Witnesses:
 
     @contextlib.contextmanager
     def tracing(self, chosen: TracePlan, family: int):
-        """Trace rules for the flow's ports in the plan's pods; removed after."""
-        with self.backend.tracing([self.lab.pod(pod).ns for pod in chosen.pods], chosen.ports, family):
+        """Trace rules for the flow's ports in the plan's pods (and the node); removed after."""
+        with self.backend.tracing([self.lab.namespace(pod) for pod in chosen.pods], chosen.ports, family):
             for reader in self.readers:
                 reader.drain(settle=0)  # whatever came before belongs to no flow
             yield
@@ -124,6 +138,8 @@ class Observation:
     proxy_lines: list[ProxyLine]  # this flow's lines of Envoy's access log and pilot-agent's DNS log
     sender: plan.Identity  # who the flow was sent as
     sidecar: plan.Identity  # who Envoy and pilot-agent run as
+    error: str | None = None  # what the client was told when the flow died ("ECONNREFUSED: ..."), else None
+    node_rules: dict[RuleRef, str] = dataclasses.field(default_factory=dict)  # the node's nat rules
 
     def as_json(self) -> dict:
         """The recorded form (tests/data): rule references and addresses as text."""
@@ -137,6 +153,8 @@ class Observation:
             "proxy_lines": [line.as_json() for line in self.proxy_lines],
             "sender": [self.sender.uid, self.sender.gid, list(self.sender.capabilities)],
             "sidecar": [self.sidecar.uid, self.sidecar.gid, list(self.sidecar.capabilities)],
+            **({"error": self.error} if self.error else {}),
+            **({"node_rules": {str(ref): line for ref, line in self.node_rules.items()}} if self.node_rules else {}),
         }
 
     @classmethod
@@ -152,6 +170,8 @@ class Observation:
             [ProxyLine.from_json(line) for line in data["proxy_lines"]],
             plan.Identity(data["sender"][0], data["sender"][1], tuple(data["sender"][2])),
             plan.Identity(data["sidecar"][0], data["sidecar"][1], tuple(data["sidecar"][2])),
+            data.get("error"),
+            {RuleRef.parse(ref): line for ref, line in data.get("node_rules", {}).items()},
         )
 
 
@@ -160,11 +180,13 @@ def fire(lab: Lab, flow: Traffic) -> Response:
     pilot-agent re-dial istiod."""
     if flow.trigger == "pilot-agent-redial":
         return Response(0, "", traffic.redial_istiod(lab, family=flow.family), flow.to)
-    who = flow.source.identity(lab.record.inbound_mode)
+    who = flow.source.identity(lab.record.inbound_mode, lab.sidecar_identity)
     ns = lab.pod(flow.source.pod).ns
     if flow.protocol == "dns":
         return traffic.dns_query(ns, flow.to.ip, flow.to.port, flow.query, transport=flow.transport,
                                  uid=who.uid, gid=who.gid)
+    if flow.protocol == "udp":
+        return traffic.datagram(ns, flow.to.ip, flow.to.port, uid=who.uid, gid=who.gid)
     send = traffic.request if flow.protocol == "http" else traffic.stream
     return send(ns, flow.to.ip, flow.to.port, uid=who.uid, gid=who.gid)
 
@@ -179,14 +201,24 @@ def observe(lab: Lab, witnesses: Witnesses, flow: Traffic) -> Observation:
         # This flow's lines only: legs are joined by address, and a port used again (another
         # flow's connection, earlier) would join a stale leg.
         logged = proxylogs.marks(lab.run_dir)
+        error = None
         try:
             response = fire(lab, flow)
-        except traffic.RequestError:
-            processes.check_alive(lab)  # a dead proxy is the better answer than "refused"
-            raise
+        except traffic.RequestError as e:
+            processes.check_alive(lab, grace=DEATH_GRACE)  # a dead proxy is the better answer than "refused"
+            if e.local is None:  # nothing was sent: nothing to measure
+                raise
+            response, error = Response(0, "", e.local, e.peer), died(e)  # sent, and it died: measured all the same
         events = witnesses.events()
         after = witnesses.counters(flow.family)
     processes.check_alive(lab)
     return Observation(response, events, before, after, witnesses.rules[flow.family],
                        proxylogs.proxy_lines(lab.run_dir, since=logged),
-                       flow.source.identity(lab.record.inbound_mode), plan.SIDECAR_IDENTITY[lab.record.inbound_mode])
+                       flow.source.identity(lab.record.inbound_mode, lab.sidecar_identity), lab.sidecar_identity,
+                       error, witnesses.node_rules[flow.family])
+
+
+def died(e: traffic.RequestError) -> str:
+    """What the client was told, as `ECONNREFUSED: <the message>` (the errno's name first)."""
+    name = errno_module.errorcode.get(e.errno, "") if e.errno else ""
+    return f"{name}: {e}" if name else str(e)

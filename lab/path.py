@@ -7,6 +7,16 @@ A rule number is printed for chains with more than one rule; a chain of one rule
 so, `ISTIO_INBOUND RULE 8 (mangle)`.  A proxy that answered itself ends a path
 (`pilot-agent 15053 (DNS)`).  This module is the notation only: the joiner builds paths
 from the witnesses, the scenario files and the article give them as text.
+
+Hops are the sidecar pod's, where Istio's rules are, with two additions:
+  - a rule of the node's (the namespace playing the node, kube-proxy's Service DNAT) says
+    where it is: `... -> POSTROUTING -> KUBE-SEP-REMOTE RULE 2 (node) -> Remote Pod`;
+  - a flow that dies ends where it died, in an end hop instead of the destination: a SYN
+    redirected to a port nobody listens on, `... -> ISTIO_REDIRECT -> 15001: no listener,
+    refused`; one delivered to a pod's port nobody listens on, `... -> POSTROUTING ->
+    Local Pod 8080: no listener, refused`;
+  - a flow that a proxy's own connection brings back into that proxy ends at the proxy's
+    second pass, `... -> Envoy 15006 (loop)`: the loop is stopped there.
 """
 
 from __future__ import annotations
@@ -19,7 +29,9 @@ from . import plan
 from .addr import Address
 from .netfilter import HOOKS, TABLES, RuleRef
 
-ENDPOINT, HOOK, CHAIN, PROXY = "endpoint", "hook", "chain", "proxy"
+ENDPOINT, HOOK, CHAIN, PROXY, END = "endpoint", "hook", "chain", "proxy", "end"
+LOOP = "loop"  # a proxy hop's role when the flow came back into it: `Envoy 15006 (loop)`
+REFUSED = "no listener, refused"
 PROXIES = {plan.Port.OUTBOUND: "Outbound", plan.Port.INBOUND: "Inbound"}  # Envoy's listeners
 AGENT_PROXIES = {plan.Port.DNS_PROXY: "DNS"}  # pilot-agent's listeners that traffic is redirected to
 
@@ -38,8 +50,8 @@ class Packet:
 
 @dataclass(frozen=True)
 class Hop:
-    kind: str  # ENDPOINT | HOOK | CHAIN | PROXY
-    name: str  # "Local Pod", "OUTPUT", "ISTIO_OUTPUT", "Envoy 15001 (Outbound)"
+    kind: str  # ENDPOINT | HOOK | CHAIN | PROXY | END
+    name: str  # "Local Pod", "OUTPUT", "ISTIO_OUTPUT", "Envoy 15001 (Outbound)", "15001: no listener, refused"
     table: str = "nat"  # chains: the table the rule is in
     number: int | None = None  # chains: the rule that matched (None: a claim that names no rule)
     numbered: bool = True  # print the number (False for one-rule chains)
@@ -47,18 +59,24 @@ class Hop:
     line: str = ""  # the rule this hop names, in iptables-save form (a hook: its jump into Istio's chains)
     entry: RuleRef | None = None  # a hook: the built-in chain's rule the packet matched, if any
     owner: tuple[int, int] | None = None  # a hook where a local socket sent it: (uid, gid) as the kernel saw it
+    where: str = ""  # a chain hop's namespace when not the sidecar pod's: plan.NODE
 
     @property
     def rule(self) -> RuleRef | None:
-        """The rule a chain hop names."""
+        """The rule a chain hop names (in the sidecar's rules; a node hop's is the node's)."""
         return RuleRef(self.table, self.name, self.number) if self.kind == CHAIN and self.number else None
+
+    @property
+    def qualifier(self) -> str:
+        """What a chain hop says after its rule: its table if not nat, its namespace if not the sidecar's."""
+        return ", ".join(q for q in (self.where, "" if self.table == "nat" else self.table) if q)
 
     def __str__(self) -> str:
         text = self.name
         if self.kind == CHAIN and self.number is not None and self.numbered:
             text = f"{self.name} RULE {self.number}"
-        if self.kind == CHAIN and self.table != "nat":
-            text += f" ({self.table})"
+        if self.kind == CHAIN and self.qualifier:
+            text += f" ({self.qualifier})"
         return text
 
 
@@ -77,6 +95,16 @@ class Path:
     def proxies(self) -> list[str]:
         return [h.name for h in self.hops if h.kind == PROXY]
 
+    @property
+    def ending(self) -> str:
+        """How the path ends: "reached" (an endpoint, or a proxy that answered), "loop", or "died"."""
+        last = self.hops[-1] if self.hops else None
+        if last is not None and last.kind == END:
+            return "died"
+        if last is not None and last.kind == PROXY and last.name.endswith(f"({LOOP})"):
+            return LOOP
+        return "reached"
+
     def short(self) -> str:
         """The rules and proxies it passes, e.g. `ISTIO_OUTPUT 9 › 15001 › ISTIO_OUTPUT 4`.
 
@@ -86,17 +114,27 @@ class Path:
         parts = []
         for hop in self.hops:
             if hop.kind == PROXY:
-                parts.append(hop.name.split()[1])
+                port = hop.name.split()[1]
+                parts.append(f"{port} ({LOOP})" if hop.name.endswith(f"({LOOP})") else port)
             elif hop.kind == CHAIN and not hop.name.endswith("REDIRECT"):
                 name = f"{hop.name} {hop.number}" if hop.number and hop.numbered else hop.name
-                parts.append(name if hop.table == "nat" else f"{name} ({hop.table})")
+                parts.append(f"{name} ({hop.qualifier})" if hop.qualifier else name)
+            elif hop.kind == END:
+                parts.append(hop.name)
         return " › ".join(parts)
 
 
-def proxy_name(port: int) -> str:
+def proxy_name(port: int, loop: bool = False) -> str:
+    """`Envoy 15001 (Outbound)`; a proxy the flow came back into, `Envoy 15006 (loop)`."""
     if port in AGENT_PROXIES:
-        return f"pilot-agent {port} ({AGENT_PROXIES[port]})"
-    return f"Envoy {port} ({PROXIES.get(port, 'Listener')})"
+        return f"pilot-agent {port} ({LOOP if loop else AGENT_PROXIES[port]})"
+    return f"Envoy {port} ({LOOP if loop else PROXIES.get(port, 'Listener')})"
+
+
+def refused(port: int, label: str = "") -> Hop:
+    """Where a SYN met no listener: at a redirect's port (`15001: ...`), or at a pod's port
+    (`Local Pod 8080: ...`)."""
+    return Hop(END, f"{label} {port}: {REFUSED}" if label else f"{port}: {REFUSED}")
 
 
 def of(hops: Iterable[Hop]) -> Path:
@@ -106,9 +144,11 @@ def of(hops: Iterable[Hop]) -> Path:
 # --- the notation, read back -------------------------------------------------------
 
 _TYPOS = {"RREROUTING": "PREROUTING"}  # the article's spelling slips, read as meant
-_PROXY_RE = re.compile(r"^envoy\s*(\d+)\s*\((outbound|inbound)[^)]*\)$", re.I)
-_AGENT_RE = re.compile(r"^pilot-agent\s+(\d+)\s*\((dns)\)$", re.I)
-_CHAIN_RE = re.compile(r"^([A-Za-z_]+)(?:\s+RULE\s+(\d+))?(?:\s*\((.*)\))?$", re.I)
+_PROXY_RE = re.compile(r"^envoy\s*(\d+)\s*\((outbound|inbound|loop)[^)]*\)$", re.I)
+_AGENT_RE = re.compile(r"^pilot-agent\s+(\d+)\s*\((dns|loop)\)$", re.I)
+_CHAIN_RE = re.compile(r"^([A-Za-z_][A-Za-z0-9_-]*)(?:\s+RULE\s+(\d+))?(?:\s*\((.*)\))?$", re.I)
+_END_RE = re.compile(r"^(?:(.+?)\s+)?(\d+):\s*no listener, refused$", re.I)
+NODE = "node"  # plan.NODE: the qualifier of a node's rule
 
 
 def parse(text: str) -> Path:
@@ -118,24 +158,37 @@ def parse(text: str) -> Path:
     tokens = [t for t in tokens if t]
     hops = []
     for i, token in enumerate(tokens):
+        last = i == len(tokens) - 1
         agent = _AGENT_RE.match(token)
-        if agent and i == len(tokens) - 1:  # a proxy that answered ends the path
-            hops.append(Hop(PROXY, proxy_name(int(agent.group(1)))))
+        proxy = _PROXY_RE.match(token)
+        end = _END_RE.match(token)
+        if agent and last:  # a proxy that answered ends the path
+            hops.append(Hop(PROXY, proxy_name(int(agent.group(1)), agent.group(2).lower() == LOOP)))
+            continue
+        if proxy and last and proxy.group(2).lower() == LOOP:  # the loop, stopped at its second pass
+            hops.append(Hop(PROXY, proxy_name(int(proxy.group(1)), loop=True)))
+            continue
+        if end and last and i:  # where the flow died
+            hops.append(refused(int(end.group(2)), end.group(1) or ""))
             continue
         if i in (0, len(tokens) - 1):
             hops.append(Hop(ENDPOINT, token))
             continue
-        proxy = _PROXY_RE.match(token)
         chain = _CHAIN_RE.match(token)
-        if proxy:
+        if proxy and proxy.group(2).lower() != LOOP:
             hops.append(Hop(PROXY, f"Envoy {proxy.group(1)} ({proxy.group(2).capitalize()})"))
-        elif agent:
+        elif agent and agent.group(2).lower() != LOOP:
             hops.append(Hop(PROXY, proxy_name(int(agent.group(1)))))
         elif chain:
             name = _TYPOS.get(chain.group(1).upper(), chain.group(1).upper())
             number = int(chain.group(2)) if chain.group(2) else None
-            table = chain.group(3) if chain.group(3) in TABLES else "nat"  # else the article's aside
-            hops.append(Hop(HOOK, name) if name in HOOKS and number is None else Hop(CHAIN, name, table, number))
+            aside = [q.strip() for q in (chain.group(3) or "").split(",")]
+            table = next((q for q in aside if q in TABLES), "nat")  # else the article's aside
+            where = NODE if NODE in aside else ""
+            if name in HOOKS and number is None and not where:
+                hops.append(Hop(HOOK, name))
+            else:
+                hops.append(Hop(CHAIN, name, table, number, where=where))
         else:
             raise ValueError(f"cannot read hop {token!r}")
     return of(hops)

@@ -100,6 +100,7 @@ class Service:
     target_port: int
     vip6: str  # the Service's IPv6 ClusterIP in a dual-stack lab
     namespace: str = "default"
+    protocols: tuple[str, ...] = ("tcp",)  # the Service port's protocols (kube-proxy writes a rule for each)
 
     @property
     def fqdn(self) -> str:
@@ -111,16 +112,28 @@ RESOLVER = "10.96.0.10"  # kube-dns's ClusterIP: every pod's resolv.conf nameser
 
 SERVICES = (
     Service("app", "10.96.0.80", 8080, "sidecar", Port.SIDECAR_APP, "fd00:10:96::80"),
-    Service("remote", "10.96.0.90", 9080, "remote", Port.REMOTE_APP, "fd00:10:96::90"),
+    Service("remote", "10.96.0.90", 9080, "remote", Port.REMOTE_APP, "fd00:10:96::90", protocols=("tcp", "udp")),
     Service("istiod", "10.96.0.12", 15012, "istiod", Port.ISTIOD, "fd00:10:96::12"),
-    Service("kube-dns", RESOLVER, Port.DNS, "kube-dns", Port.DNS, "fd00:10:96::a", namespace="kube-system"),
+    Service("kube-dns", RESOLVER, Port.DNS, "kube-dns", Port.DNS, "fd00:10:96::a", namespace="kube-system",
+            protocols=("udp", "tcp")),
 )
 
-# VIPs the node routes to a pod that holds the address itself.  The lab has no kube-proxy:
-# Envoy resolves the other VIPs (as EDS does), but DNS to the resolver leaves the pod
-# unproxied whenever DNS capture is off, and pilot-agent forwards to it, so kube-dns holds
-# 10.96.0.10 and the node forwards to it (forwarding in the lab's node namespace only).
+# VIPs the node routes to a pod that holds the address itself: kube-dns holds the resolver's
+# address 10.96.0.10 and answers from it, and the node forwards it there (forwarding in the
+# lab's node namespace only).  Every other Service VIP is DNATed by the node's kube-proxy
+# rules (lab/rules/kubeproxy.py) to its endpoint, as in a cluster; Envoy resolves them
+# itself (as EDS does) for the traffic it captures.
 HELD_VIPS = {"kube-dns": (RESOLVER,)}
+NODE = "node"  # the namespace that plays the node: the bridge, the gateway, kube-proxy's rules
+MASQUERADE_MARK = 0x4000  # kube-proxy's KUBE-MARK-MASQ bit: hairpin traffic is masqueraded
+
+# A KubeVirt VM in the sidecar pod (kubevirtInterfaces): virt-launcher's masquerade binding
+# gives the pod an interface facing the VM (k6t-eth0, 10.0.2.1/24) and the VM 10.0.2.2; the
+# lab makes the VM a namespace of its own on a veth whose other end is that interface.
+VM = "vm"
+VM_INTERFACE = "k6t-eth0"
+VM_PREFIX, VM_GATEWAY, VM_ADDRESS = 24, "10.0.2.1", "10.0.2.2"
+VM_PREFIX6, VM_GATEWAY6, VM_ADDRESS6 = 120, "fd10:0:2::1", "fd10:0:2::2"
 
 # Per-namespace sysctls a pod is given, as a pod's securityContext.sysctls would set them:
 # kube-dns binds port 53 as a user with no capabilities (CoreDNS adds NET_BIND_SERVICE).

@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from . import dns, interrupts, netns, plan, procfs, proxylogs, workloads
+from . import dns, interrupts, netns, plan, podspec, procfs, proxylogs, workloads
 from .addr import Address
 from .errors import LabError
 from .proxylogs import ACCESS_LOG, DNS_PROXY_LOG, ISTIOD_LOG, KUBE_DNS_LOG, SCRAPE_LOG
@@ -70,10 +70,11 @@ def scrape_targets(lab: Lab) -> tuple[tuple[str, int, str], ...]:
 def _servers(lab: Lab, dns_proxy: bool) -> list[Spec]:
     P, run_dir = plan.Port, lab.run_dir
     mode = lab.record.inbound_mode
-    proxy = plan.SIDECAR_IDENTITY[mode]
+    proxy = lab.sidecar_identity
     families = (4, 6) if lab.ipv6 else (4,)
     envoy_config = envoy.Config(os.path.join(run_dir, ACCESS_LOG), envoy.endpoints_from(), inbound_mode=mode,
-                                families=families)
+                                families=families, inbound=lab.spec.envoy_inbound,
+                                service_ports=envoy.pod_service_ports("sidecar"))
     istiod = lab.pods["istiod"]
     dns_config = dnsproxy.Config(os.path.join(run_dir, DNS_PROXY_LOG), dns.service_names()) if dns_proxy else None
     dns_listens = (dns_config.listen,) if dns_config else ()
@@ -82,6 +83,9 @@ def _servers(lab: Lab, dns_proxy: bool) -> list[Spec]:
 
     def anywhere(*ports: int) -> tuple[Address, ...]:
         return tuple(Address(plan.WILDCARD[f], port) for port in ports for f in families)
+
+    app = workloads.AppConfig("sidecar", P.SIDECAR_APP, families, localhost_only=lab.spec.app_localhost)
+    remote = workloads.AppConfig("remote", P.REMOTE_APP, families, udp_echo=True)
 
     def addresses(*pairs: tuple[str, int]) -> tuple[Address, ...]:
         return tuple(Address(*pair) for pair in pairs)
@@ -95,12 +99,10 @@ def _servers(lab: Lab, dns_proxy: bool) -> list[Spec]:
              listens=addresses(("0.0.0.0", P.AGENT), *dns_listens), dials=addresses(*agent_config.istiods),
              datagrams=addresses(*dns_listens),
              capabilities=proxy.capabilities),
-        Spec("app-sidecar", "sidecar", plan.APP_UID, plan.APP_GID,
-             functools.partial(workloads.run_app, workloads.AppConfig("sidecar", P.SIDECAR_APP, families)),
-             listens=anywhere(P.SIDECAR_APP)),
-        Spec("app-remote", "remote", plan.APP_UID, plan.APP_GID,
-             functools.partial(workloads.run_app, workloads.AppConfig("remote", P.REMOTE_APP, families)),
-             listens=anywhere(P.REMOTE_APP)),
+        Spec("app-sidecar", "sidecar", plan.APP_UID, plan.APP_GID, functools.partial(workloads.run_app, app),
+             listens=tuple(Address(host, P.SIDECAR_APP) for host in app.hosts)),
+        Spec("app-remote", "remote", plan.APP_UID, plan.APP_GID, functools.partial(workloads.run_app, remote),
+             listens=anywhere(P.REMOTE_APP), datagrams=anywhere(P.REMOTE_APP)),
         Spec("istiod", "istiod", ISTIOD_UID, ISTIOD_GID,
              functools.partial(workloads.run_istiod,
                                workloads.IstiodConfig(os.path.join(run_dir, ISTIOD_LOG), families=families)),
@@ -149,17 +151,21 @@ def start(lab: Lab, inbound_mode: str = "REDIRECT", timeout: float = 3.0, dns_pr
 
 
 def _start(lab: Lab, deadline: float, dns_proxy: bool) -> None:
-    proxy = plan.SIDECAR_IDENTITY[lab.record.inbound_mode]
+    proxy = lab.sidecar_identity
     for name, uid, gid in ((ACCESS_LOG, proxy.uid, proxy.gid), (DNS_PROXY_LOG, proxy.uid, proxy.gid),
                            (ISTIOD_LOG, ISTIOD_UID, ISTIOD_GID), (SCRAPE_LOG, PROMETHEUS_UID, PROMETHEUS_GID),
                            (KUBE_DNS_LOG, KUBE_DNS_UID, KUBE_DNS_GID)):
         proxylogs.create(lab.run_dir, name, uid, gid)
 
     specs = _servers(lab, dns_proxy)
+    if lab.spec.stage == podspec.INIT:  # only istio-init has run in the sidecar pod: its containers are not up
+        specs = [s for s in specs if s.pod != "sidecar"]
     listeners, dialers = [s for s in specs if not s.dials], [s for s in specs if s.dials]
     for wave in (listeners, dialers):  # dialers once their peers listen: first dial and poll succeed
         _spawn(lab, wave)
         _wait(lab, {s.name: functools.partial(_sockets_missing, lab.record.pids[s.name], s) for s in wave}, deadline)
+    if lab.spec.stage == podspec.INIT:  # nothing in the sidecar pod to scrape yet
+        return
     prometheus = _scraper(lab)
     _spawn(lab, [prometheus])
     _wait(lab, {prometheus.name: functools.partial(_scrapes_missing, lab, len(scrape_targets(lab)))}, deadline)
@@ -209,10 +215,19 @@ def _kill(lab: Lab, name: str) -> None:
     _exit_status(lab.labid, pid, wait=True)
 
 
-def check_alive(lab: Lab) -> None:
-    """Raise ProcessDied for the first recorded process that is no longer running."""
-    for name in lab.record.pids:
-        check(lab, name)
+def check_alive(lab: Lab, grace: float = 0.0) -> None:
+    """Raise ProcessDied for the first recorded process that is no longer running.
+
+    With `grace`, keep looking that long: a killed process closes its sockets (its clients
+    see a reset) a moment before it is a zombie that waitid reports, so a flow that just
+    failed asks again before blaming the flow rather than the process."""
+    deadline = time.monotonic() + grace
+    while True:
+        for name in lab.record.pids:
+            check(lab, name)
+        if time.monotonic() >= deadline:
+            return
+        time.sleep(0.005)
 
 
 def check(lab: Lab, name: str) -> None:
@@ -250,7 +265,7 @@ def _exit_status(labid: str, pid: int, wait: bool = False) -> str | None:
 def _sockets_missing(pid: int, spec: Spec) -> str | None:
     ipv6 = any(a.family == 6 for a in spec.listens + spec.dials)
     try:
-        tcp, udp = procfs.sockets(pid, "tcp", ipv6), procfs.sockets(pid, "udp")
+        tcp, udp = procfs.sockets(pid, "tcp", ipv6), procfs.sockets(pid, "udp", any(a.family == 6 for a in spec.datagrams))
     except OSError as e:
         return f"cannot read its sockets: {e}"
     listening = {s.local for s in tcp if s.state == procfs.TCP_LISTEN}

@@ -33,6 +33,7 @@ class ProxyLine:
     upstream_local: Address | None
     upstream_peer: Address | None
     error: str | None = None
+    loop: bool = False  # the connection was the proxy's own upstream, sent back to it (the proxy closed it)
 
     @classmethod
     def from_json(cls, line: dict) -> "ProxyLine":
@@ -40,10 +41,10 @@ class ProxyLine:
             return Address.parse(line[key]) if line.get(key) else None
 
         return cls(line["listener"], address("downstream_peer"), address("original_dst"),
-                   address("upstream_local"), address("upstream_peer"), line.get("error"))
+                   address("upstream_local"), address("upstream_peer"), line.get("error"), bool(line.get("loop")))
 
     def as_json(self) -> dict:
-        return {"listener": self.listener, "error": self.error,
+        return {"listener": self.listener, "error": self.error, **({"loop": True} if self.loop else {}),
                 **{key: str(value) if value else None for key, value in (
                     ("downstream_peer", self.downstream_peer), ("original_dst", self.original_dst),
                     ("upstream_local", self.upstream_local), ("upstream_peer", self.upstream_peer))}}

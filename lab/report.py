@@ -17,7 +17,8 @@ COUNTED = (("nat", "nat rules whose counters moved:"),
 def hop_json(hop: Hop) -> dict:
     out = {"kind": hop.kind, "name": hop.name, "rule": hop.number, "packet": str(hop.packet) if hop.packet else None,
            "line": hop.line, "owner": f"uid {hop.owner[0]} gid {hop.owner[1]}" if hop.owner else None,
-           "entry": str(hop.entry) if hop.entry else None, "table": hop.table if hop.kind == "chain" else None}
+           "entry": str(hop.entry) if hop.entry else None, "table": hop.table if hop.kind == "chain" else None,
+           "where": hop.where}
     return {k: v for k, v in out.items() if v not in ("", None)}
 
 
@@ -50,6 +51,11 @@ def as_json(v: ScenarioView) -> dict:
         **({"default_path": str(v.default_path), "differs_from_default": list(v.default_differences)}
            if v.default_differences is not None else {}),
         **({"evidence": list(v.evidence)} if v.evidence else {}),
+        "group": v.group,
+        **({"issues": list(v.issues)} if v.issues else {}),
+        **({"pod": v.pod} if v.pod else {}),
+        **({"rules": v.rules} if v.rules else {}),
+        "ending": v.ending,
     }
 
 
@@ -70,6 +76,12 @@ def render(console, run: RunView) -> None:
 
     for v in run.scenarios:
         console.rule(f"[bold]{escape(v.id)}[/]  {escape(v.title)}", align="left")
+        if v.issues:
+            console.print(f"  issue  : {escape(', '.join(v.issues))}")
+        if v.rules:
+            console.print(f"  rules  : {escape(v.rules)}")
+        if v.pod:
+            console.print(f"  pod    : {escape(v.pod)}")
         console.print(f"  kernel : {escape(v.measured_text or '(not measured)')}")
         console.print(f"  article: {escape(v.article_text)}")
         if v.default_differences is not None and not v.failure:
@@ -88,10 +100,13 @@ def render(console, run: RunView) -> None:
                 name = f"{row.rule.chain}#{row.rule.number}"
                 console.print(f"    {name:<20} +{row.moved:<3} {escape(row.line)}")
         agree = "agree" if v.counters_agree else "[red]DISAGREE[/]"
-        console.print(f"  counters vs TRACE: {agree};  reached: {escape(v.reached_text or '-')};  verdict: {_verdict(v)}")
+        ended = "reached" if v.ending == "reached" else "ended"
+        console.print(f"  counters vs TRACE: {agree};  {ended}: {escape(v.reached_text or '-')};  verdict: {_verdict(v)}")
         for why in v.problems:
             console.print(f"  [red]{escape(why)}[/]")
-    table = Table(title="The article's traffic types (and variants), judged by the kernel")
+    problems = all(v.group == "problems" for v in run.scenarios)
+    table = Table(title="The problems people hit, judged by the kernel" if problems
+                  else "The article's traffic types (and variants), judged by the kernel")
     for col in ("scenario", "article", "kernel", "", "verdict"):
         table.add_column(col, overflow="fold")
     for v in run.scenarios:

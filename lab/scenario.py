@@ -14,21 +14,28 @@ from pathlib import Path as PathLib
 
 import yaml
 
-from . import dns, plan
+from . import dns, plan, podspec
 from . import path as paths
 from .addr import Address
 from .errors import LabError
 from .path import Path
-from .rules import features, profiles
+from .podspec import PodSpec
+from .rules import annotations, features, profiles
 
 # An installed wheel carries the scenario files as lab/scenarios; a checkout has them at its top.
 _HERE = PathLib(__file__).resolve().parent
 SCENARIO_DIR = _HERE / "scenarios" if (_HERE / "scenarios").is_dir() else _HERE.parent / "scenarios"
-PROTOCOLS = ("http", "tcp", "dns")
+PROTOCOLS = ("http", "tcp", "dns", "udp")  # udp: one datagram to an echo (not DNS)
 TRANSPORTS = ("udp", "tcp")  # how a DNS query travels
 TRIGGERS = ("client", "pilot-agent-redial")
 ID_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")  # ids are typed on command lines and shown in reports
 _LAB_NETWORKS = [ipaddress.ip_network(n) for n in (plan.POD_SUBNET, plan.SERVICE_RANGE, "127.0.0.0/8")]
+# How `istio-lab list` groups scenarios, and `run --group` picks them: a file says `group:`,
+# or its kind says it (a type, a variant of one, a DNS capture scenario).
+GROUPS = {"types": "The article's traffic types", "variants": "Their variants",
+          "dns": "DNS capture", "problems": "The problems people hit (Istio's most reported interception issues)",
+          "other": "Other traffic"}
+ISSUE_RE = re.compile(r"^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+#\d+$")  # istio/istio#4286
 
 
 class ScenarioError(LabError):
@@ -46,12 +53,13 @@ class Source:
     gid: int = plan.APP_GID
     container: str | None = None  # plan.ISTIO_PROXY: runs as the sidecar container does
 
-    def identity(self, inbound_mode: str) -> plan.Identity:
+    def identity(self, inbound_mode: str, sidecar: plan.Identity | None = None) -> plan.Identity:
         """Who the flow is sent as.  A process of the istio-proxy container runs as the
         container does, and Istio's injection decides that by the inbound mode (uid 0, gid
-        1337 and NET_ADMIN under TPROXY): the data names the container, the lab's mode the user."""
+        1337 and NET_ADMIN under TPROXY): the data names the container, the lab's mode the user
+        (or the lab's own `sidecar` identity, where its pod overrides injection's)."""
         if self.container == plan.ISTIO_PROXY:
-            return plan.SIDECAR_IDENTITY[inbound_mode]
+            return sidecar or plan.SIDECAR_IDENTITY[inbound_mode]
         return plan.Identity(self.uid, self.gid)
 
 
@@ -62,8 +70,9 @@ class Traffic:
     source: Source
     to: Address
     label: str  # the destination's name in the notation
-    protocol: str = "http"  # "http": one GET; "tcp": a stream opened and half-closed; "dns": one query
-    transport: str = "tcp"  # "udp" for a DNS query over UDP
+    protocol: str = "http"  # "http": one GET; "tcp": a stream opened and half-closed; "dns": one query;
+    # "udp": one datagram, echoed
+    transport: str = "tcp"  # "udp" for a DNS query over UDP, and for "udp"
     query: str = ""  # the name a DNS query asks for
     trigger: str = "client"  # "client": the lab dials; "pilot-agent-redial": the real agent re-dials istiod
 
@@ -85,6 +94,7 @@ class Expectation:
 
     default: Path
     by_profile: tuple[tuple[str, Path], ...] = ()
+    not_measured: tuple[tuple[str, str], ...] = ()  # profile -> why no path is recorded under it
 
     def path(self, profile: str) -> Path:
         return dict(self.by_profile).get(profile, self.default)
@@ -116,6 +126,16 @@ class Scenario:
     file: str
     article_note: str = ""
     feature: str | None = None  # the rule feature it is about: `run` picks it only when the rules have it
+    group: str = "other"  # GROUPS
+    issues: tuple[str, ...] = ()  # the upstream issues it shows, "istio/istio#4286"
+    profile: str | None = None  # the profile it is written for: `run` uses it when given no rules
+    annotations: annotations.PodAnnotations | None = None  # its pod's own interception annotations
+    pod: PodSpec = PodSpec()  # how its sidecar pod runs
+
+    @property
+    def own_rules(self) -> bool:
+        """Its pod has annotations of its own: its rules are a profile's with them on top."""
+        return self.annotations is not None
 
 
 class _Fields:
@@ -242,7 +262,16 @@ def _expectation(expected: _Fields) -> Expectation:
         if not isinstance(text, str) or not text.strip():
             raise expected.fail(f"profiles.{name}", "expected a path in the article's notation")
         by_profile.append((name, _path(expected, f"profiles.{name}", text)))
-    return Expectation(_path(expected, "path", expected.get("path", str)), tuple(by_profile))
+    unmeasured = expected.get("not_measured", dict, required=False, default={})
+    for name, why in unmeasured.items():
+        if name not in known:
+            raise expected.fail("not_measured", f"unknown profile {name!r} (profiles: {', '.join(known)})")
+        if not isinstance(why, str) or not why.strip():
+            raise expected.fail(f"not_measured.{name}", "say why no path is recorded under it")
+        if name in given:
+            raise expected.fail(f"not_measured.{name}", "has a path in expected.profiles too")
+    return Expectation(_path(expected, "path", expected.get("path", str)), tuple(by_profile),
+                       tuple((name, " ".join(why.split())) for name, why in unmeasured.items()))
 
 
 def _article(article: _Fields) -> tuple[ArticleClaim | None, str]:
@@ -264,8 +293,13 @@ def _article(article: _Fields) -> tuple[ArticleClaim | None, str]:
     return ArticleClaim(article.get("claim", str), text, tuple(proxies) if proxies is not None else None), ""
 
 
-def _source(src: _Fields) -> Source:
+def _source(src: _Fields, vm: bool = False) -> Source:
     src.unknown({"pod", "process", "uid", "gid", "container", "label"})
+    if src.data.get("pod") == plan.VM:  # the KubeVirt VM behind the sidecar pod, when its pod has one
+        if not vm:
+            raise src.fail("pod", f"{plan.VM!r}: only a scenario whose pod has a VM (pod.vm: true) sends from it")
+        return Source(plan.VM, src.get("label", str), src.get("process", str, required=False, default=""),
+                      _id(src, "uid"), _id(src, "gid"))
     container = src.get("container", str, required=False)
     if container is not None:
         if container != plan.ISTIO_PROXY:
@@ -279,7 +313,7 @@ def _source(src: _Fields) -> Source:
                   _id(src, "uid"), _id(src, "gid"))
 
 
-def _traffic(traffic: _Fields) -> Traffic:
+def _traffic(traffic: _Fields, vm: bool = False) -> Traffic:
     traffic.unknown({"from", "to", "trigger", "query"})
     trigger = traffic.get("trigger", str, required=False, default="client")
     if trigger not in TRIGGERS:
@@ -290,38 +324,105 @@ def _traffic(traffic: _Fields) -> Traffic:
     if protocol not in PROTOCOLS:
         raise to.fail("protocol", f"{protocol!r} is not one of {', '.join(PROTOCOLS)}")
     transport, query = _dns_query(traffic, to, protocol)
-    found = Traffic(_source(traffic.sub("from")), Address(_destination(to), _port(to, "port")), to.get("label", str),
-                    protocol, transport or "tcp", query, trigger)
+    found = Traffic(_source(traffic.sub("from"), vm), Address(_destination(to), _port(to, "port")),
+                    to.get("label", str), protocol, transport or ("udp" if protocol == "udp" else "tcp"), query, trigger)
     istiod = Address(plan.PODS["istiod"], plan.Port.ISTIOD)
     if trigger == "pilot-agent-redial" and found.to != istiod:
         raise traffic.fail("trigger", f"pilot-agent re-dials istiod only ({istiod})")
     return found
 
 
+def _issues(top: _Fields) -> tuple[str, ...]:
+    given = top.data.get("issue")
+    if given is None:
+        return ()
+    items = given if isinstance(given, list) else [given]
+    for item in items:
+        if not isinstance(item, str) or not ISSUE_RE.match(item):
+            raise top.fail("issue", f"{item!r} is not an upstream issue such as istio/istio#4286 (a list for several)")
+    return tuple(items)
+
+
+def _pod_spec(pod: _Fields) -> tuple[annotations.PodAnnotations | None, PodSpec]:
+    """A scenario's pod: its own annotations, and how it runs (lab.podspec)."""
+    pod.unknown({"annotations", "stage", "envoy_inbound", "app_listens", "proxy", "vm"})
+    own = None
+    if "annotations" in pod.data:
+        try:
+            own = annotations.from_mapping(pod.get("annotations", dict, required=False, default={}),
+                                           f"{os.path.basename(pod.file)}: pod.annotations")
+        except annotations.AnnotationError as e:
+            raise ScenarioError(str(e)) from None
+    stage = pod.get("stage", str, required=False, default=podspec.RUNNING)
+    if stage not in podspec.STAGES:
+        raise pod.fail("stage", f"{stage!r} is not one of {', '.join(podspec.STAGES)}")
+    inbound = pod.get("envoy_inbound", str, required=False, default=podspec.ORIGINAL_DST)
+    if inbound not in podspec.ENVOY_INBOUND:
+        raise pod.fail("envoy_inbound", f"{inbound!r} is not one of {', '.join(podspec.ENVOY_INBOUND)}")
+    listens = pod.get("app_listens", str, required=False, default="any")
+    if listens not in ("any", "localhost"):
+        raise pod.fail("app_listens", f"{listens!r} is not any or localhost")
+    proxy = None
+    if "proxy" in pod.data:
+        p = pod.sub("proxy")
+        p.unknown({"uid", "gid", "capabilities"})
+        caps = p.get("capabilities", list, required=False, default=[])
+        for cap in caps:
+            if cap not in ("NET_ADMIN",):
+                raise p.fail("capabilities", f"{cap!r}: the lab's sidecar may keep NET_ADMIN only")
+        proxy = plan.Identity(_id(p, "uid"), _id(p, "gid"), tuple(caps))
+    vm = pod.get("vm", bool, required=False, default=False)
+    return own, PodSpec(stage, inbound, listens == "localhost", proxy, vm)
+
+
+def _group(top: _Fields, scenario_type: int | None, variant_of: str | None, feature: str | None) -> str:
+    given = top.get("group", str, required=False)
+    if given is not None:
+        if given not in GROUPS:
+            raise top.fail("group", f"{given!r} is not one of {', '.join(GROUPS)}")
+        return given
+    if feature == features.DNS_CAPTURE:
+        return "dns"
+    if variant_of:
+        return "variants"
+    return "types" if scenario_type is not None else "other"
+
+
 def parse(data, file: str) -> Scenario:
     top = _Fields(data, file)
-    top.unknown({"id", "title", "type", "variant_of", "article", "traffic", "expected", "explanation", "feature"})
+    top.unknown({"id", "title", "type", "variant_of", "article", "traffic", "expected", "explanation", "feature",
+                 "group", "issue", "profile", "pod"})
     claim, note = _article(top.sub("article"))
     feature = top.get("feature", str, required=False)
     if feature is not None and feature not in features.FEATURES:
         raise top.fail("feature", f"{feature!r} is not one of {', '.join(features.FEATURES)}")
     expected = top.sub("expected")
-    expected.unknown({"path", "profiles"})
+    expected.unknown({"path", "profiles", "not_measured"})
     scenario_type = top.get("type", int, required=not note)
     if scenario_type is not None and not 1 <= scenario_type <= 6:
         raise top.fail("type", f"the article has traffic types 1-6, not {scenario_type}")
+    written_for = top.get("profile", str, required=False)
+    if written_for is not None and written_for not in profiles.names():
+        raise top.fail("profile", f"unknown profile {written_for!r} (profiles: {', '.join(profiles.names())})")
+    own, pod = _pod_spec(top.sub("pod")) if "pod" in top.data else (None, PodSpec())
+    variant_of = top.get("variant_of", str, required=False)
     return Scenario(
         id=_scenario_id(top),
         title=top.get("title", str),
         type=scenario_type,
-        variant_of=top.get("variant_of", str, required=False),
-        traffic=_traffic(top.sub("traffic")),
+        variant_of=variant_of,
+        traffic=_traffic(top.sub("traffic"), pod.vm),
         expected=_expectation(expected),
         article=claim,
         explanation=top.get("explanation", str),
         file=file,
         article_note=note,
         feature=feature,
+        group=_group(top, scenario_type, variant_of, feature),
+        issues=_issues(top),
+        profile=written_for,
+        annotations=own,
+        pod=pod,
     )
 
 
@@ -370,6 +471,15 @@ def for_features(scenarios: list[Scenario], have: frozenset[str]) -> list[Scenar
     """What `istio-lab run` picks for rules with features `have`: every scenario but those about
     a feature the rules lack (DNS queries when DNS is not captured).  Named, one runs anyway."""
     return [s for s in scenarios if s.feature is None or s.feature in have]
+
+
+def in_group(scenarios: list[Scenario], group: str | None) -> list[Scenario]:
+    """The scenarios of one group (`run --group`); all for None."""
+    if group is None:
+        return scenarios
+    if group not in GROUPS:
+        raise ScenarioError(f"no group {group!r} (groups: {', '.join(GROUPS)})")
+    return [s for s in scenarios if s.group == group]
 
 
 def select(scenarios: list[Scenario], ids: list[str]) -> list[Scenario]:

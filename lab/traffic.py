@@ -34,7 +34,14 @@ _PORT_TAKEN = (errno.EADDRINUSE, errno.EADDRNOTAVAIL)
 
 
 class RequestError(LabError):
-    """A flow that got no answer; names the destination and why."""
+    """A flow that got no answer; names the destination and why.  When its first packet was
+    sent, `local` is the client's address and `errno` what the client was told
+    (ECONNREFUSED, say), so the flow can still be measured: it died somewhere."""
+
+    def __init__(self, message: str, local: Address | None = None, peer: Address | None = None,
+                 errno: int | None = None):
+        super().__init__(message)
+        self.local, self.peer, self.errno = local, peer, errno
 
 
 @dataclass(frozen=True)
@@ -92,15 +99,27 @@ def connect(ns: str, dst_ip: str, port: int, *, uid: int, gid: int, src_port: in
     except OSError as e:
         raise RequestError(f"connect to {where}: {e.strerror or e}") from None
     sock.settimeout(timeout)
+    peer = Address(dst_ip, port)
     try:
         sock.connect((dst_ip, port))
     except socket.timeout:
+        local = _local(sock)
         sock.close()
-        raise RequestError(f"connect to {where}: timed out after {timeout}s") from None
+        raise RequestError(f"connect to {where}: timed out after {timeout}s", local, peer, errno.ETIMEDOUT) from None
     except OSError as e:
+        local = _local(sock)
         sock.close()
-        raise RequestError(f"connect to {where}: {e.strerror or e}") from None
+        raise RequestError(f"connect to {where}: {e.strerror or e}", local, peer, e.errno) from None
     return sock
+
+
+def _local(sock: socket.socket) -> Address | None:
+    """The client's own address after a connect that failed (its port is ours; its address may
+    be the wildcard it was bound to, which the measurement reads back from the SYN's events)."""
+    try:
+        return Address.of(sock.getsockname())
+    except OSError:
+        return None
 
 
 def get(sock: socket.socket, path: str = "/") -> Response:
@@ -113,13 +132,13 @@ def get(sock: socket.socket, path: str = "/") -> Response:
         chunks = []
         while chunk := sock.recv(65536):
             chunks.append(chunk)
-        if not chunks:
-            raise RequestError(f"{where}: the connection closed with no answer")
+        if not chunks:  # a proxy took the connection and closed it: its leg ended somewhere
+            raise RequestError(f"{where}: the connection closed with no answer", local, peer, errno.ECONNRESET)
         status, body = httpio.parse_response(b"".join(chunks))
     except socket.timeout:
-        raise RequestError(f"{where}: no answer within {sock.gettimeout()}s") from None
+        raise RequestError(f"{where}: no answer within {sock.gettimeout()}s", local, peer, errno.ETIMEDOUT) from None
     except (OSError, ValueError) as e:
-        raise RequestError(f"{where}: {e}") from None
+        raise RequestError(f"{where}: {e}", local, peer, getattr(e, "errno", None)) from None
     return Response(status, body, local, peer)
 
 
@@ -187,6 +206,32 @@ def dns_query(ns: str, dst_ip: str, port: int, name: str, *, transport: str, uid
     if not answer.response or answer.id != dns.parse(query).id:
         raise RequestError(f"{where}: the answer is not a response to the query")
     return Response(answer.rcode, json.dumps(dns.describe(reply)), local, peer)
+
+
+def datagram(ns: str, dst_ip: str, port: int, *, uid: int, gid: int, timeout: float = 2.0) -> Response:
+    """One UDP datagram from pod namespace `ns` as uid/gid, and its echo (an app with udp_echo).
+
+    The socket is connected, so only an answer from dst_ip:port is taken: a datagram that
+    reached a Service's endpoint comes back only if conntrack gave the answer the VIP back.
+    status is 0, body the echo ({"pod", "peer", "local", "echo"} as JSON)."""
+    where = f"UDP to {Address(dst_ip, port)} from {ns} as {uid}:{gid}"
+    try:
+        sock = _bound_socket(ns, family_of(dst_ip), socket.SOCK_DGRAM, uid, gid, None)
+    except OSError as e:
+        raise RequestError(f"{where}: {e.strerror or e}") from None
+    with sock:
+        sock.settimeout(timeout)
+        local, peer = Address.of(sock.getsockname()), Address(dst_ip, port)
+        try:
+            sock.connect((dst_ip, port))
+            local = Address.of(sock.getsockname())
+            sock.send(b"ping")
+            reply = sock.recv(65535)
+        except socket.timeout:
+            raise RequestError(f"{where}: no answer within {timeout}s", local, peer, errno.ETIMEDOUT) from None
+        except OSError as e:
+            raise RequestError(f"{where}: {e.strerror or e}", local, peer, e.errno) from None
+    return Response(0, reply.decode(errors="replace"), local, peer)
 
 
 # -- triggers: the lab's own processes send -------------------------------------------------

@@ -1,5 +1,6 @@
 """Judge a measurement against its expectation: the path the kernel was measured to take
-under the profile, the counters agreeing with TRACE, and the flow arriving somewhere."""
+under the profile, the counters agreeing with TRACE, and the flow arriving somewhere, or
+ending where the witnesses say it died or looped (a path that ends so is a path)."""
 
 from __future__ import annotations
 
@@ -29,7 +30,9 @@ def judge(measured: Measurement | None, expected: Path | None, failure: str | No
     leg was delivered nowhere fails too: a path that ends nowhere is not a path."""
     if measured is None:
         return Verdict(expected, failure or "not measured")
-    if measured.reached is None:
+    if measured.ending == "reached" and measured.error:  # it died, and nothing witnessed says where
+        return Verdict(expected, measured.error.split(": ", 1)[-1])
+    if measured.reached is None and measured.ending == "reached":
         last = measured.legs[-1]
         return Verdict(expected, f"the last leg {last.client} > {last.server} never reached INPUT in any pod")
     as_expected = expected is None or str(measured.path) == str(expected)

@@ -59,6 +59,11 @@ class ScenarioView:
     family: int
     response: dict = field(default_factory=dict)
     evidence: tuple[str, ...] = ()  # a failed flow's raw evidence, so a log alone explains it
+    group: str = "other"  # scenario.GROUPS
+    issues: tuple[str, ...] = ()  # the upstream issues the scenario shows
+    pod: str = ""  # how its sidecar pod ran, where not as a running default pod (PodSpec.describe)
+    rules: str = ""  # its rules, where not the run's own (a scenario's own pod annotations, its profile)
+    ending: str = "reached"  # how the measured path ends: "reached", "died", "loop"
 
     @property
     def verdict(self) -> str:
@@ -89,6 +94,10 @@ class ScenarioView:
 
     @property
     def reached_text(self) -> str:
+        if self.ending == "died" and self.measured:
+            return str(self.measured.hops[-1])
+        if self.ending == "loop" and self.measured:
+            return f"looped back into {self.measured.hops[-1].name.split(' (')[0]}"
         return f"{self.reached_pod} {self.reached}" if self.reached else ""
 
     def counters_in(self, table: str) -> list[CounterRow]:
@@ -173,6 +182,8 @@ def scenario(s: Scenario, profile: str | None, measured: Measurement | None, ver
         response={"status": measured.response.status, "local": str(measured.response.local),
                   "body": measured.response.body} if measured else {},
         evidence=_evidence(measured) if measured and not verdict.passed else (),
+        group=s.group, issues=s.issues, pod=s.pod.describe(),
+        ending=measured.ending if measured else "reached",
     )
 
 

@@ -29,10 +29,32 @@ class AppConfig:
     pod: str
     port: int
     families: tuple[int, ...] = (4,)  # (4, 6): listen on IPv6 too
+    localhost_only: bool = False  # listen on 127.0.0.1 (and ::1) only, as an app bound to localhost
+    udp_echo: bool = False  # also echo UDP datagrams on the same port (a Service port of both protocols)
+
+    @property
+    def hosts(self) -> list[str]:
+        return [(plan.LOCALHOST if self.localhost_only else plan.WILDCARD)[f] for f in self.families]
+
+
+class _Echo(asyncio.DatagramProtocol):
+    """Each datagram back to its sender, prefixed with who got it where: {"pod", "peer", "local"}."""
+
+    def __init__(self, pod: str):
+        self.pod = pod
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, peer) -> None:
+        local = addr.text(self.transport.get_extra_info("sockname"))
+        reply = {"pod": self.pod, "peer": addr.text(peer), "local": local, "echo": data.decode(errors="replace")}
+        self.transport.sendto(json.dumps(reply).encode(), peer)
 
 
 def run_app(config: AppConfig) -> None:
-    """Any GET answers who asked and where: {"pod", "peer", "local", "path"}; /metrics counts requests."""
+    """Any GET answers who asked and where: {"pod", "peer", "local", "path"}; /metrics counts requests.
+    With udp_echo, a datagram to the same port is answered the same way."""
     served = 0
 
     async def route(req: httpio.Request) -> tuple[int, str, str]:
@@ -45,8 +67,15 @@ def run_app(config: AppConfig) -> None:
         return 200, json.dumps(body) + "\n", httpio.JSON
 
     async def main() -> None:
-        server = await asyncio.start_server(httpio.server(route), [plan.WILDCARD[f] for f in config.families], config.port,
-                                            backlog=1024)
+        server = await asyncio.start_server(httpio.server(route), config.hosts, config.port, backlog=1024)
+        if config.udp_echo:
+            loop = asyncio.get_running_loop()
+            for host in config.hosts:
+                sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
+                if ":" in host:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # the IPv4 socket takes IPv4
+                sock.bind((host, config.port))
+                await loop.create_datagram_endpoint(lambda: _Echo(config.pod), sock=sock)
         await server.serve_forever()
 
     asyncio.run(main())

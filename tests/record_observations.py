@@ -1,5 +1,7 @@
 """Record what the witnesses saw of every scenario under every profile, so measuring, judging
-and the reports are tested without root (tests/test_judging.py, tests/test_reports.py).
+and the reports are tested without root (tests/test_judging.py, tests/test_reports.py), and of
+every problem scenario in the lab it needs, under the profile it is written for
+(tests/test_problems.py).
 
     sudo .venv/bin/python -m tests.record_observations   # rewrites tests/data/observations/
 """
@@ -7,11 +9,12 @@ and the reports are tested without root (tests/test_judging.py, tests/test_repor
 import json
 import os
 
-from lab import api, dualstack, scenario
+from lab import api, dualstack, runner, scenario
 from lab.observe import observe
 from lab.rules import profiles, ruleset
 
 OUT = os.path.join(os.path.dirname(__file__), "data", "observations")
+PROBLEMS = "problems"  # the file of the problem scenarios' observations
 
 
 def path(profile: str) -> str:
@@ -26,7 +29,7 @@ def load(profile: str) -> dict:
 
 def main() -> None:
     os.makedirs(OUT, exist_ok=True)
-    every = scenario.load_all()
+    every = [s for s in scenario.load_all() if s.group != "problems"]  # each problem needs a lab of its own
     for name in profiles.names():
         rules = ruleset.profile(name)
         chosen = scenario.for_features(every, rules.features)
@@ -37,7 +40,25 @@ def main() -> None:
         with open(path(name), "w") as f:
             json.dump(recorded, f, sort_keys=True, separators=(",", ":"))
         print(f"recorded {len(recorded)} scenarios under {name} to {path(name)}")
+    record_problems()
+
+
+def record_problems() -> None:
+    """{id: {"profile": the profile it ran under, "observation": ...}} for each problem scenario."""
+    problems = [s for s in scenario.load_all() if s.group == "problems"]
+    labs, _ = runner.plan(problems, runner.Choice())
+    recorded = {}
+    for lab in labs:
+        with api.Session(lab.rules, spec=lab.spec) as session:
+            for s in lab.scenarios:
+                seen = observe(session.lab, session.witnesses, s.traffic).as_json()
+                recorded[s.id] = {"profile": lab.rules_of[s.id].profile, "observation": seen}
+    with open(path(PROBLEMS), "w") as f:
+        json.dump(recorded, f, sort_keys=True, separators=(",", ":"))
+    print(f"recorded {len(recorded)} problem scenarios to {path(PROBLEMS)}")
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    record_problems() if sys.argv[1:] == [PROBLEMS] else main()

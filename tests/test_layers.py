@@ -11,9 +11,9 @@ import pytest
 
 LAB = Path(__file__).resolve().parents[1] / "lab"
 LAYERS = [
-    ("values", {"errors", "addr", "netfilter", "plan", "interrupts"}),
+    ("values", {"errors", "addr", "netfilter", "plan", "interrupts", "podspec"}),
     ("text formats", {"rules.save", "rules.builder", "rules.profiles", "rules.features", "rules.foreign",
-                      "rules.ruleset", "rules.nftset", "rules.nftbuilder", "rules.nftlisting", "rules.annotations", "path", "dns",
+                      "rules.ruleset", "rules.nftset", "rules.nftbuilder", "rules.nftlisting", "rules.annotations", "rules.kubeproxy", "path", "dns",
                       "sidecar.httpio"}),
     ("kernel", {"netns", "procfs", "record", "world", "rules.xtables", "rules.routing", "trace", "preflight",
                 "nftrace", "rules.nft.libnft", "rules.nft.ruleset", "rules.nft.iptables_nft", "rules.nft.native",
@@ -26,7 +26,7 @@ LAYERS = [
     ("view", {"view"}),
     ("render", {"report", "markdown_report", "html_report"}),
     ("result", {"result"}),
-    ("library", {"api"}),
+    ("library", {"api", "runner"}),
     ("edges", {"commands", "cli", "pytest_plugin"}),
 ]
 LAYER = {module: n for n, (_, modules) in enumerate(LAYERS) for module in modules}

@@ -43,7 +43,7 @@ def _write(tmp_path, text, name="s.yaml"):
     (("{pod: remote, port", "{service: db, port"), "traffic.to.service", "unknown service"),
     (('expected: {path: "Local Pod -> OUTPUT -> Remote Pod"}', 'expected: {path: "A -> ?? -> B"}'),
      "expected.path", "cannot read hop"),
-    (("label: Remote Pod}", "label: Remote Pod, protocol: udp}"), "traffic.to.protocol", "not one of"),
+    (("label: Remote Pod}", "label: Remote Pod, protocol: sctp}"), "traffic.to.protocol", "not one of"),
     (("traffic:\n", "traffic:\n  trigger: magic\n"), "traffic.trigger", "not one of"),
     (("traffic:\n", "traffic:\n  trigger: pilot-agent-redial\n"), "traffic.trigger", "re-dials istiod only"),
 ])

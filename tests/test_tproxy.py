@@ -12,7 +12,7 @@ from lab.rules import features, profiles, routing, ruleset
 from .test_sidecar import proc_status
 
 TPROXY = "istio-1.25-tproxy"
-SCENARIOS = scenario.load_all()
+SCENARIOS = [s for s in scenario.load_all() if s.group != "problems"]  # the problems run in labs of their own (test_problems.py)
 NET_ADMIN = 1 << netns.CAPABILITIES["NET_ADMIN"]
 
 

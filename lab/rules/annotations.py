@@ -270,6 +270,14 @@ def parse(text: str, source: str = "<annotations>") -> PodAnnotations:
     return PodAnnotations(source, _interception(annotations, source), notes)
 
 
+def from_mapping(data: dict, source: str) -> PodAnnotations:
+    """The interception annotations of a mapping already read (a scenario file's pod), checked
+    as a file's are: a misspelt key or a value that is not a string is one line."""
+    if not isinstance(data, dict):
+        raise AnnotationError(f"{source}: expected a mapping of annotations")
+    return PodAnnotations(source, _interception(data, source))
+
+
 def _key_values(text: str, source: str) -> dict[str, str]:
     """KEY=VALUE lines as `kubectl annotate` takes them; quotes around a value are dropped (KEY="" is empty)."""
     out, where = {}, {}

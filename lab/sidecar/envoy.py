@@ -6,6 +6,9 @@ One asyncio process, uid/gid 1337 in the sidecar pod:
                   (PassthroughCluster); the upstream socket is Envoy's own, unbound.
   15006 inbound   connects to the original destination from 127.0.0.6, as Envoy's inbound
                   passthrough does since Istio 1.10, so ISTIO_OUTPUT rule 1 lets it out.
+                  As an Istio 1.9 or older Envoy (inbound="localhost"), a port of one of the
+                  pod's Services goes to 127.0.0.1:port instead, from an unbound socket, as
+                  those releases' inbound clusters did; other ports still pass through.
                   In TPROXY mode both listeners are transparent (IP_TRANSPARENT), and the
                   inbound side keeps the client's address instead (Istio's original_src
                   listener filter): it binds the client's IP and marks the socket 1337, so
@@ -19,6 +22,13 @@ endpoint's IPv6 address, and the inbound passthrough binds ::6 (InboundPassthrou
 Real Envoy serves 15090 and 15021 by proxying to its admin port and to pilot-agent over
 localhost; the stub answers them itself, so a scrape makes no extra localhost connection.
 
+A connection that is one of a listener's own upstream connections come back to that
+listener (a rule sent it to the same proxy port again: istio/istio#23369) is a loop (the
+outbound side's upstream reaching the inbound side is not: that is type 4): real Envoy would dial again and again
+until it ran out of sockets; the stub logs it ("loop": true) and closes it, so the loop
+is seen exactly twice and stops.  A failed upstream connection is logged with its local
+address, taken when the SYN left, so the leg that died can be followed.
+
 Access log: one JSON line per proxied connection, appended with one write(2) to an O_APPEND
 file when the upstream ends its side (EOF), before that EOF is passed to the downstream; or,
 for a connection that fails, before the downstream socket is closed.  So any client that
@@ -30,6 +40,7 @@ EOF).  Bytes the downstream sends after the upstream has finished are forwarded,
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
 import resource
@@ -68,6 +79,8 @@ class Config:
     connect_timeout: float = 2.0
     inbound_mode: str = "REDIRECT"  # or "TPROXY": transparent listeners, the client's source kept
     families: tuple[int, ...] = (4,)  # (4, 6) in a dual-stack pod
+    inbound: str = "original-dst"  # Istio 1.10 on; "localhost": 1.9's inbound clusters to 127.0.0.1
+    service_ports: tuple[int, ...] = ()  # the pod's own Services' target ports (inbound="localhost")
 
     @property
     def transparent(self) -> bool:
@@ -122,11 +135,22 @@ class Stats:
         return "\n".join(lines) + "\n"
 
 
+INBOUND_MODES = ("original-dst", "localhost")
+
+
+def pod_service_ports(pod: str = "sidecar", services=plan.SERVICES) -> tuple[int, ...]:
+    """The target ports of the Services whose endpoint is the pod: its inbound clusters up to 1.9."""
+    return tuple(sorted({s.target_port for s in services if s.pod == pod}))
+
+
 class Envoy:
     def __init__(self, config: Config):
         self.config = config
         self.stats = Stats([plan.Port.OUTBOUND, plan.Port.INBOUND, plan.Port.STATS, plan.Port.READY])
         self.log_fd = os.open(config.access_log, os.O_WRONLY | os.O_APPEND)
+        # Local addresses of each listener's own live upstream sockets: one of them accepted by
+        # the same listener again is a loop (outbound's upstream reaching inbound is type 4).
+        self.upstreams: dict[int, set[tuple[str, int]]] = {plan.Port.OUTBOUND: set(), plan.Port.INBOUND: set()}
 
     async def serve(self) -> None:
         P = plan.Port
@@ -200,6 +224,9 @@ class Envoy:
         """Upstream endpoint and source address for a connection's original destination."""
         if listener == plan.Port.INBOUND:
             six = ":" in dst[0]
+            if self.config.inbound == "localhost" and dst[1] in self.config.service_ports and not self.config.transparent:
+                cluster = f"inbound|{dst[1]}||"  # 1.9 and older: the app on localhost, from an unbound socket
+                return Endpoint(plan.LOCALHOST[6 if six else 4], dst[1], cluster), None
             passthrough = plan.INBOUND_PASSTHROUGH_SOURCE6 if six else plan.INBOUND_PASSTHROUGH_SOURCE
             source = client[0] if self.config.transparent else passthrough
             return Endpoint(*dst, INBOUND_PASSTHROUGH6 if six else INBOUND_PASSTHROUGH), (source, 0)
@@ -230,7 +257,7 @@ class Envoy:
                  "downstream_local": addr.text(down_w.get_extra_info("sockname")),
                  "original_dst": None, "upstream_cluster": None, "upstream_local": None, "upstream_peer": None,
                  "bytes_from_downstream": 0, "bytes_to_downstream": 0,
-                 "start_time": time.time(), "duration_ms": 0.0, "error": None}
+                 "start_time": time.time(), "duration_ms": 0.0, "error": None, "loop": False}
         logged = False
 
         def log() -> None:
@@ -251,19 +278,32 @@ class Envoy:
             entry["original_dst"] = addr.text(dst)
             if dst[1] == listener:  # Istio's virtual{Outbound,Inbound}-blackhole: never loop into ourselves
                 raise ProxyError("blackhole: connection addressed to the proxy port itself")
-            endpoint, source = self.route(listener, dst, down_w.get_extra_info("peername"))
+            peer = down_w.get_extra_info("peername")
+            mine = self.upstreams[listener]
+            if peer is not None and tuple(peer[:2]) in mine:
+                entry["loop"] = True
+                raise ProxyError(f"loop: {addr.text(peer)} is Envoy's own upstream connection, sent back to {listener}")
+            endpoint, source = self.route(listener, dst, peer)
             entry["upstream_cluster"] = endpoint.cluster
             self.stats.add("cluster", endpoint.cluster, "upstream_cx_total")
             try:
-                up_r, up_w = await asyncio.wait_for(self.connect(listener, endpoint, source),
+                sock = self.upstream_socket(listener, source, socket.AF_INET6 if ":" in endpoint.ip else socket.AF_INET)
+                up_r, up_w = await asyncio.wait_for(self.connect(sock, endpoint, entry, mine),
                                                     self.config.connect_timeout)
             except (OSError, asyncio.TimeoutError) as e:
                 self.stats.add("cluster", endpoint.cluster, "upstream_cx_connect_fail")
                 why = os.strerror(e.errno) if getattr(e, "errno", None) else "timeout"
+                entry["upstream_peer"] = addr.text((endpoint.ip, endpoint.port))  # the leg that died
                 raise ProxyError(f"upstream connect to {addr.text((endpoint.ip, endpoint.port))} failed: {why}") from None
+            finally:
+                mine.discard(_local(entry))
             entry["upstream_local"] = addr.text(up_w.get_extra_info("sockname"))
             entry["upstream_peer"] = addr.text(up_w.get_extra_info("peername"))
-            await self.pump(entry, endpoint.cluster, down_r, down_w, up_r, up_w, log)
+            mine.add(tuple(up_w.get_extra_info("sockname")[:2]))
+            try:
+                await self.pump(entry, endpoint.cluster, down_r, down_w, up_r, up_w, log)
+            finally:
+                mine.discard(tuple(up_w.get_extra_info("sockname")[:2]))
         except ProxyError as e:
             entry["error"] = str(e)
         finally:
@@ -273,10 +313,26 @@ class Envoy:
                 up_w.close()
             down_w.close()
 
-    async def connect(self, listener: int, endpoint: Endpoint, source: tuple[str, int] | None):
-        sock = self.upstream_socket(listener, source, socket.AF_INET6 if ":" in endpoint.ip else socket.AF_INET)
+    async def connect(self, sock: socket.socket, endpoint: Endpoint, entry: dict, mine: set):
+        """Connect without blocking; the local address is logged (and known as ours) as soon as
+        the SYN has left, so a connection that fails, or comes back to us, is still one leg."""
+        loop = asyncio.get_running_loop()
         try:
-            await asyncio.get_running_loop().sock_connect(sock, (endpoint.ip, endpoint.port))
+            code = sock.connect_ex((endpoint.ip, endpoint.port))
+            entry["upstream_local"] = addr.text(sock.getsockname())
+            mine.add(tuple(sock.getsockname()[:2]))
+            if code not in (0, errno.EINPROGRESS):
+                raise OSError(code, os.strerror(code))
+            if code:
+                ready = loop.create_future()
+                loop.add_writer(sock.fileno(), lambda: ready.done() or ready.set_result(None))
+                try:
+                    await ready
+                finally:
+                    loop.remove_writer(sock.fileno())
+                code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if code:
+                    raise OSError(code, os.strerror(code))
         except BaseException:
             sock.close()
             raise
@@ -306,6 +362,14 @@ class Envoy:
             await asyncio.gather(*pending, return_exceptions=True)
             way = "downstream->upstream" if failed is upstream else "upstream->downstream"
             raise ProxyError(f"{way}: {failed.exception()!r}")
+
+
+def _local(entry: dict) -> tuple[str, int] | None:
+    local = entry.get("upstream_local")
+    if not local:
+        return None
+    found = addr.Address.parse(local)
+    return found.ip, found.port
 
 
 class ProxyError(Exception):

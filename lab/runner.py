@@ -1,0 +1,129 @@
+"""Run scenarios in as many labs as their rules and pods need: one lab per distinct rule set
+and pod.
+
+A scenario runs under the rules the command line chose (a profile, a pod's own dump, a
+profile with a pod's annotations), or, when it chose none, under the profile the scenario
+is written for (`profile:` in its file; the default otherwise).  A scenario whose pod has
+annotations of its own gets that profile's version and options with its annotations on
+top, as Istio's injector would hand them to istio-init; one whose pod runs otherwise (an
+init container's time, an app bound to localhost, a VM behind it) gets a lab built so.
+Scenarios that share both share a lab; results come back in the order asked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from . import dualstack
+from .api import Session
+from .backend import Backend
+from .errors import LabError
+from .podspec import PodSpec
+from .result import Result
+from .rules import annotations, profiles, ruleset
+from .rules.ruleset import RuleSet
+from .scenario import Scenario
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The rules the command line chose: a profile, a pod's own dump, a pod's annotations."""
+
+    profile: str | None = None
+    dump: RuleSet | None = None  # --rules FILE
+    annotations: annotations.PodAnnotations | None = None  # --annotations FILE (on the profile)
+
+
+@dataclass
+class Lab:
+    """One lab to build: its rules, its pod, the scenarios it runs."""
+
+    rules: RuleSet
+    spec: PodSpec
+    scenarios: list[Scenario] = field(default_factory=list)
+    rules_of: dict[str, RuleSet] = field(default_factory=dict)  # scenario id -> the rules it asked for
+
+
+def rules_for(s: Scenario, choice: Choice, cache: dict | None = None) -> RuleSet:
+    """The rules a scenario runs under (LabError when they cannot be built)."""
+    cache = {} if cache is None else cache
+    if choice.dump is not None:
+        if s.own_rules:
+            raise LabError(f"{s.id}: its pod's annotations need a profile's options, and --rules gives a dump")
+        return choice.dump
+    base = choice.profile or s.profile or profiles.DEFAULT
+    key = (s.id if s.own_rules else None, base)
+    if key not in cache:
+        cache[key] = _build(s, choice, base)
+    return cache[key]
+
+
+def _build(s: Scenario, choice: Choice, base: str) -> RuleSet:
+    if not s.own_rules and choice.annotations is None:
+        return ruleset.profile(base)
+    if not s.own_rules:
+        return ruleset.from_annotations(choice.annotations, base)
+    if choice.annotations is None:
+        return ruleset.from_annotations(s.annotations, base, expect=base)
+    # The pod's file first, the scenario's own annotations over it: the scenario is about those.
+    values = {**choice.annotations.values, **s.annotations.values}
+    both = annotations.PodAnnotations(f"{choice.annotations.source} + {s.annotations.source}", values,
+                                      choice.annotations.notes + s.annotations.notes)
+    own = ruleset.from_annotations(s.annotations, base, expect=base)
+    merged = ruleset.from_annotations(both, base)
+    same = [d.text() for d in merged.dumps] == [d.text() for d in own.dumps]
+    return dataclasses.replace(merged, profile=base if same else None)
+
+
+def plan(scenarios: list[Scenario], choice: Choice, named: bool = False) -> tuple[list[Lab], list[str]]:
+    """The labs to build for the scenarios, and a line for each scenario left out.
+
+    Left out, unless named: a scenario about a feature its rules lack (DNS queries when DNS is
+    not captured), one whose file records no path under the profile (expected.not_measured,
+    with why), and one whose rules cannot be built (a TPROXY pod under a profile older than
+    1.25); named, the last is an error."""
+    labs: dict[tuple, Lab] = {}
+    skipped, cache = [], {}
+    for s in scenarios:
+        try:
+            rules = rules_for(s, choice, cache)
+        except LabError as e:
+            if named:
+                raise
+            skipped.append(f"{s.id}: left out: {e}")
+            continue
+        if not named and s.feature is not None and s.feature not in rules.features:
+            continue
+        why = dict(s.expected.not_measured).get(rules.profile) if s.expected and rules.profile else None
+        if why and not named:
+            skipped.append(f"{s.id}: left out under {rules.profile}: {why}")
+            continue
+        spec = s.pod.resolved(rules.istio)
+        key = (tuple(d.text() for d in rules.dumps), rules.profile, spec)
+        lab = labs.setdefault(key, Lab(rules, spec))
+        lab.scenarios.append(s)
+        lab.rules_of[s.id] = rules
+    for lab in labs.values():
+        if lab.rules.dual_stack:
+            dualstack.both_families(lab.scenarios)  # a scenario with no IPv6 twin fails here, before any lab
+    return list(labs.values()), skipped
+
+
+def run(labs: list[Lab], order: list[Scenario], backend: Backend, show_rules: str = "") -> tuple[list[Result], str]:
+    """Run every lab's scenarios; the results in `order` (IPv6 twins after their scenario), each
+    view saying its rules where they are not `show_rules` (the run's own).  Returns the
+    results and the last lab's id."""
+    by_id: dict[str, list[Result]] = {}
+    labid = ""
+    for lab in labs:
+        with Session(lab.rules, backend, spec=lab.spec) as session:
+            labid = session.lab.labid
+            for result in session.run_all(lab.scenarios):
+                own = lab.rules_of[result.scenario.id.removesuffix(dualstack.SUFFIX)]
+                shown = {"pod": lab.spec.describe()}  # as the lab ran it: "as-released" made one era's
+                if own.name != show_rules:
+                    shown["rules"] = own.summary
+                result = dataclasses.replace(result, view=dataclasses.replace(result.view, **shown))
+                by_id.setdefault(result.scenario.id.removesuffix(dualstack.SUFFIX), []).append(result)
+    return [r for s in order for r in by_id.get(s.id, [])], labid
