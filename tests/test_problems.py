@@ -273,7 +273,7 @@ def test_every_problem_takes_its_measured_path_under_every_profile(name):
 def test_the_article_scenarios_keep_their_paths_with_the_nodes_dnat(name):
     rules = ruleset.profile(name)
     with api.Session(rules) as session:
-        node = {r.line for r in xtables.listing(session.lab.node, "nat")}
+        node = {r.line for r in session.backend.listing(session.lab.node, "nat")}
         assert "-A KUBE-SERVICES -d 10.96.0.90/32 -p tcp -m tcp --dport 9080 -j KUBE-SVC-REMOTE" in node
         results = session.run_all(ARTICLE)
     for r in results:
