@@ -14,39 +14,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lab import path as paths
-from lab import plan
-from lab.predict import Flow, Predictor
+from lab.predict import Predictor
 from lab.rules import profiles, routing
+
+from .predict_flows import scenario_flow, scenario_path
 
 SCENARIOS = sorted((Path(__file__).resolve().parent.parent / "scenarios").glob("*.yaml"))
 
 
 def _scenario(file: Path) -> dict:
     return yaml.safe_load(file.read_text())
-
-
-def flow_of(data: dict, mode: str, family: int = 4) -> Flow:
-    """The scenario's traffic as a Flow, the sidecar's own processes as the inbound mode runs them."""
-    src, to = data["traffic"]["from"], data["traffic"]["to"]
-    if "pod" in to:
-        address = plan.PODS[to["pod"]]
-    elif "service" in to:
-        address = next(s.vip for s in plan.SERVICES if s.name == to["service"])
-    else:
-        address = to["address"]
-    if family == 6:
-        address = plan.ipv6_twin(address)
-    identity = plan.SIDECAR_IDENTITY[mode] if src.get("process") in plan.SIDECAR_PROCESSES else None
-    uid, gid = (identity.uid, identity.gid) if identity else (src["uid"], src["gid"])
-    dns = to.get("protocol") == "dns"
-    return Flow(src["pod"], address, to["port"], uid, gid, transport=to["transport"] if dns else "tcp",
-                query=data["traffic"].get("query"), source_label=src["label"], destination_label=to["label"])
-
-
-def expected(data: dict, profile: str) -> str:
-    text = (data["expected"].get("profiles") or {}).get(profile, data["expected"]["path"])
-    return str(paths.parse(text))
 
 
 CASES = [(profile, file) for profile in profiles.names() for file in SCENARIOS]
@@ -60,5 +37,5 @@ def test_predict_writes_the_path_the_kernel_measured(profile: str, file: Path) -
     predictor = Predictor(dumps)
     families = (4, 6) if profiles.dual_stack(profile) and data["traffic"]["to"].get("protocol") != "dns" else (4,)
     for family in families:
-        predicted = str(predictor.predict(flow_of(data, mode, family)).path)
-        assert predicted == expected(data, profile), f"{profile} {file.stem} over IPv{family}"
+        predicted = str(predictor.predict(scenario_flow(data, mode, family)).path)
+        assert predicted == scenario_path(data, profile), f"{profile} {file.stem} over IPv{family}"
