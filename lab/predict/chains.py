@@ -11,9 +11,10 @@ OUTPUT and POSTROUTING, REDIRECT in nat, TPROXY in mangle PREROUTING, ...) must 
 reachable from elsewhere; such a rule set is refused, so predict says so instead of
 walking rules no kernel would run.
 
-Long chains are indexed by destination prefix and destination port: a packet is tested
-only against the rules that could match it (and the rules that test neither), in order,
-so 10,000 `-d CIDR -j RETURN` rules cost a handful of dictionary lookups.
+Long chains are indexed by what a rule needs of the packet: a destination or source
+prefix, a destination port, a socket owner's uid or gid.  A packet is tested only against the rules
+that could match it (and the rules that need none of these), in order, so 10,000
+`-d CIDR -j RETURN` rules cost a handful of dictionary lookups.
 """
 
 from __future__ import annotations
@@ -127,52 +128,68 @@ def _where(rule: r.Rule) -> str:
 
 
 class _Index:
-    """Rule positions by the destination prefix (-d) or destination ports (--dport, --dports)
-    a rule needs, and the rules that need neither."""
+    """Rule positions by the destination or source prefix (-d, -s), destination ports (--dport,
+    --dports) or owner (--uid-owner, --gid-owner) a rule needs, and the rules that need none."""
 
-    __slots__ = ("always", "by_prefix", "by_port")
+    __slots__ = ("always", "by_prefix", "by_port", "by_block", "by_uid", "by_gid")
+    BLOCK = 8  # a port range is filed under each 256-port block it touches
 
     def __init__(self, rules: list[r.Rule]):
         self.always: list[int] = []
-        self.by_prefix: dict[tuple[int, int], dict[int, list[int]]] = {}  # (family, prefix) -> net -> positions
+        # (address, family, prefix) -> network -> positions; address is "dst" or "src"
+        self.by_prefix: dict[tuple[str, int, int], dict[int, list[int]]] = {}
         self.by_port: dict[int, list[int]] = {}
+        self.by_block: dict[int, list[int]] = {}
+        self.by_uid: dict[int, list[int]] = {}
+        self.by_gid: dict[int, list[int]] = {}
         for i, rule in enumerate(rules):
-            dst = next((c for c in rule.conditions if type(c) is m.Destination and not c.negated), None)
-            if dst is not None and dst.net.prefix:
-                key = (dst.net.family, dst.net.prefix)
-                self.by_prefix.setdefault(key, {}).setdefault(dst.net.net, []).append(i)
+            net = next((c for c in rule.conditions if type(c) in (m.Destination, m.Source) and not c.negated
+                        and c.net.prefix), None)
+            if net is not None:
+                key = ("dst" if type(net) is m.Destination else "src", net.net.family, net.net.prefix)
+                self.by_prefix.setdefault(key, {}).setdefault(net.net.net, []).append(i)
                 continue
-            ports = _needed_ports(rule)
-            if ports:
-                for port in ports:
-                    self.by_port.setdefault(port, []).append(i)
-                continue
-            self.always.append(i)
+            kind, values = _needs(rule)
+            for value in values:
+                getattr(self, f"by_{kind}").setdefault(value, []).append(i)
+            if not values:
+                self.always.append(i)
 
     def candidates(self, p: Packet) -> list[int]:
         found = [self.always]
-        for (family, prefix), nets in self.by_prefix.items():
+        for (address, family, prefix), nets in self.by_prefix.items():
             if family == p.family:
-                hit = nets.get(p.dst & inet.Network(family, 0, prefix).mask)
+                hit = nets.get((p.dst if address == "dst" else p.src) & inet.Network(family, 0, prefix).mask)
                 if hit:
                     found.append(hit)
-        hit = self.by_port.get(p.dport)
-        if hit:
-            found.append(hit)
+        keys = [(self.by_port, p.dport), (self.by_block, p.dport >> self.BLOCK)]
+        if p.owner is not None:
+            keys += [(self.by_uid, p.owner.uid)] + [(self.by_gid, gid) for gid in (p.owner.gid, *p.owner.groups)]
+        for table, key in keys:
+            hit = table.get(key)
+            if hit:
+                found.append(hit)
         return found[0] if len(found) == 1 else sorted(set().union(*found))
 
 
-def _needed_ports(rule: r.Rule) -> tuple[int, ...]:
-    """The destination ports a rule needs, when it names a few single ports and nothing the
-    kernel would test before them could raise (an Unknown condition must stay reachable)."""
+def _needs(rule: r.Rule) -> tuple[str, tuple[int, ...]]:
+    """("port" | "block" | "uid" | "gid", values): the first indexable thing a rule needs,
+    provided nothing the kernel tests before it could raise (an Unknown condition must stay
+    reachable); ("", ()) when there is none."""
     for c in rule.conditions:
         if isinstance(c, m.Unknown):
-            return ()
-        if type(c) is m.Port and c.which == "dport" and not c.negated:
-            if all(low == high for low, high in c.ranges) and len(c.ranges) <= 64:
-                return tuple(low for low, _ in c.ranges)
-            return ()
-    return ()
+            return "", ()
+        if c.negated:
+            continue
+        if type(c) is m.Port and c.which == "dport":
+            if all(low == high for low, high in c.ranges):
+                return "port", tuple(low for low, _ in c.ranges)
+            blocks = {b for low, high in c.ranges for b in range(low >> _Index.BLOCK, (high >> _Index.BLOCK) + 1)}
+            if len(blocks) <= 16:
+                return "block", tuple(sorted(blocks))
+        if type(c) is m.OwnerId and c.low == c.high and not c.groups:
+            return c.kind, (c.low,)
+    return "", ()
 
 
 # --- the walk ---------------------------------------------------------------------------------

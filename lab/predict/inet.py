@@ -7,6 +7,7 @@ reason or a path is written.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from dataclasses import dataclass
 
@@ -52,6 +53,7 @@ def network(spec: str, family: int | None = None) -> Network:
     return Network(net.version, int(net.network_address), net.prefixlen)
 
 
+@functools.lru_cache(maxsize=4096)
 def text(family: int, address: int) -> str:
     return str(ipaddress.IPv4Address(address) if family == 4 else ipaddress.IPv6Address(address))
 

@@ -9,7 +9,8 @@ walk keeps the packet exactly as that rule saw it, and a miss can be explained l
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+from typing import NamedTuple
 
 from . import inet
 
@@ -23,8 +24,7 @@ class Owner:
     groups: tuple[int, ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
-class Connection:
+class Connection(NamedTuple):
     """The conntrack entry of a first packet: always NEW, its original destination kept for
     SO_ORIGINAL_DST, and which of nat's two manips (destination: PREROUTING/OUTPUT, source:
     INPUT/POSTROUTING) are settled, since nat judges each only once per connection."""
@@ -59,8 +59,9 @@ class Socket:
         return f"{self.process} on {where}:{self.port}/{self.proto}"
 
 
-@dataclass(frozen=True, slots=True)
-class Packet:
+class Packet(NamedTuple):
+    """Immutable (a tuple: making the next one is cheap, and a walk makes many)."""
+
     family: int
     proto: str  # "tcp" | "udp"
     src: int
@@ -83,7 +84,7 @@ class Packet:
         return self.zone_template is not None or self.untracked or self.conn is not None
 
     def but(self, **changes) -> "Packet":
-        return replace(self, **changes)
+        return self._replace(**changes)
 
     def text(self) -> str:
         kind = "SYN" if self.proto == "tcp" else "UDP"

@@ -25,7 +25,7 @@ What the kernel does between the tables, and predict with it:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from . import inet
 from .chains import Hit, Policy, RuleSet, TableWalk, walk
@@ -272,8 +272,8 @@ class Namespace:
     def _settle(p: Packet, hook: str) -> Packet:
         """After nat's chains the manip is settled, by a rule or as a null binding."""
         if hook in DESTINATION_HOOKS:
-            return p.but(conn=replace(p.conn, dst_manip_done=True))
-        return p.but(conn=replace(p.conn, src_manip_done=True))
+            return p.but(conn=p.conn._replace(dst_manip_done=True))
+        return p.but(conn=p.conn._replace(src_manip_done=True))
 
 
 def _moved(before: Packet, after: Packet, table: str) -> bool:

@@ -11,7 +11,7 @@ hands the packet to a transparent socket, or drops it when there is none.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from . import inet
@@ -128,10 +128,10 @@ class ConnMark(Target):
             return Outcome(Verdict.CONTINUE, p)
         keep = ~self.ctmask & 0xFFFFFFFF
         if self.mode == "set":
-            return Outcome(Verdict.CONTINUE, p.but(conn=replace(conn, mark=(conn.mark & keep) ^ self.value)))
+            return Outcome(Verdict.CONTINUE, p.but(conn=conn._replace(mark=(conn.mark & keep) ^ self.value)))
         if self.mode == "save":
             mark = (conn.mark & keep) ^ (p.mark & self.nfmask)
-            return Outcome(Verdict.CONTINUE, p.but(conn=replace(conn, mark=mark)))
+            return Outcome(Verdict.CONTINUE, p.but(conn=conn._replace(mark=mark)))
         mark = (p.mark & ~self.nfmask & 0xFFFFFFFF) ^ (conn.mark & self.ctmask)
         return Outcome(Verdict.CONTINUE, p.but(mark=mark))
 
@@ -190,7 +190,7 @@ class DestinationNat(Target):
 
 
 def _dnat(p: Packet, dst: int, port: int) -> Packet:
-    return p.but(dst=dst, dport=port, conn=replace(p.conn, dst_nat=True, dst_manip_done=True))
+    return p.but(dst=dst, dport=port, conn=p.conn._replace(dst_nat=True, dst_manip_done=True))
 
 
 class SourceNat(Target):
@@ -206,7 +206,7 @@ class SourceNat(Target):
         src = self.address if self.address is not None else ns.first_address(p.family, p.oif)
         if src is None:
             return Outcome(Verdict.DROP, p, f"MASQUERADE: {p.oif} has no address")
-        return Outcome(Verdict.ACCEPT, p.but(src=src, conn=replace(p.conn, src_nat=True, src_manip_done=True)))
+        return Outcome(Verdict.ACCEPT, p.but(src=src, conn=p.conn._replace(src_nat=True, src_manip_done=True)))
 
 
 class Tproxy(Target):
