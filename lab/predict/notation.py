@@ -22,7 +22,7 @@ Endings the measured path does not have yet, written the same way:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..netfilter import PATH_TABLES, RuleRef, is_builtin_chain
 from ..path import Hop, Path
@@ -70,46 +70,63 @@ def _leg(leg: Leg, looped: bool) -> list[Mark]:
     passes = [ps for ps in leg.passes if ps.namespace == SHOWN]
     end = leg.end
     killer = end.cause if isinstance(end, Death) else None
-    out: list[Mark] = []
-    entry = passes[0].hook if passes else None
-    back: list[Mark] = []
-    if passes:
-        first = passes[0].packet
-        owner = f"uid {first.owner.uid} gid {first.owner.gid}" if first.owner else ""
-        out.append(Mark("hook", entry, packet=first.text(), owner=owner))
-        sent = [i for i, ps in enumerate(passes) if ps.hook == "POSTROUTING"] if entry == "OUTPUT" else []
-        before, after = (passes[:sent[0]], passes[sent[-1] + 1:]) if sent else (passes, [])
-        out += _rules(before, killer)
-        back = _rules(after, killer)
-        if back:
-            out += [Mark("hook", "POSTROUTING", packet=passes[sent[0]].packet.text()),
-                    Mark("hook", "PREROUTING", packet=after[0].packet.text())] + back
-    redirected = isinstance(end, Death) and end.packet.conn is not None and end.packet.conn.dst_nat
+    out, back = _hops(passes, killer)
     if leg.proxy is not None:
         name = f"{leg.proxy.process} {leg.proxy.port} (loop)" if looped else leg.proxy.name
         return out + [Mark("proxy", name, packet=leg.packet.text())]
-    if isinstance(end, Death) and end.kind == "refused" and end.namespace == SHOWN and redirected:
+    if _refused_where_redirected(end):  # where the proxy would be: the port alone
         return out + [Mark("end", f"{end.packet.dport}: no listener, refused")]
+    entry = passes[0].hook if passes else None
     exit_hook = "INPUT" if entry == "PREROUTING" or back else "POSTROUTING"
     exit_pass = next((ps for ps in reversed(passes) if ps.hook == exit_hook), None)
     if exit_pass is not None:
         out.append(Mark("hook", exit_hook, packet=exit_pass.packet.text()))
     if isinstance(end, Delivered):
         return out
-    if killer is not None and not any(m.kind == "chain" and _is(m, killer) for m in out):
-        out.append(_killer(killer))
+    shown = any(step is killer for ps in passes if ps.hook != "POSTROUTING" for step in _steps(ps))
+    if killer is not None and not shown:
+        hop = _killer(killer)
+        if end.namespace != SHOWN:  # another namespace's rule: say whose
+            hop = replace(hop, name=f"{LABELS[end.namespace]}: {hop.name}")
+        out.append(hop)
     return out + [Mark("end", _death(end))]
+
+
+def _hops(passes: list[HookPass], killer: Hit | Policy | None) -> tuple[list[Mark], list[Mark]]:
+    """The leg's entry hook and the rules it matched in the sidecar; (all of them, those after
+    the packet came back in over lo)."""
+    if not passes:
+        return [], []
+    first = passes[0].packet
+    owner = f"uid {first.owner.uid} gid {first.owner.gid}" if first.owner else ""
+    out = [Mark("hook", passes[0].hook, packet=first.text(), owner=owner)]
+    sent = [i for i, ps in enumerate(passes) if ps.hook == "POSTROUTING"] if passes[0].hook == "OUTPUT" else []
+    before, after = (passes[:sent[0]], passes[sent[-1] + 1:]) if sent else (passes, [])
+    out += _rules(before, killer)
+    back = _rules(after, killer)
+    if back:
+        out += [Mark("hook", "POSTROUTING", packet=passes[sent[0]].packet.text()),
+                Mark("hook", "PREROUTING", packet=after[0].packet.text())] + back
+    return out, back
+
+
+def _refused_where_redirected(end: Delivered | Death) -> bool:
+    return (isinstance(end, Death) and end.kind == "refused" and end.namespace == SHOWN
+            and end.packet.conn is not None and end.packet.conn.dst_nat)
+
+
+def _steps(ps: HookPass):
+    return (step for _, walked in ps.walks for step in walked.steps)
 
 
 def _rules(passes: list[HookPass], killer: Hit | Policy | None) -> list[Mark]:
     out = []
     for ps in passes:
-        for table, walked in ps.walks:
-            for step in walked.steps:
-                if isinstance(step, Hit) and (step is killer or _shown(step)):
-                    out.append(_hit(step))
-                elif isinstance(step, Policy) and step is killer:
-                    out.append(_killer(step))
+        for step in _steps(ps):
+            if isinstance(step, Hit) and (step is killer or _shown(step)):
+                out.append(_hit(step))
+            elif isinstance(step, Policy) and step is killer:
+                out.append(_killer(step))
     return out
 
 
@@ -131,13 +148,6 @@ def _killer(cause: Hit | Policy) -> Mark:
     if isinstance(cause, Hit):
         return _hit(cause)
     return Mark("chain", f"{cause.chain} POLICY", None, False, cause.table, cause.packet.text())
-
-
-def _is(mark: Mark, cause: Hit | Policy) -> bool:
-    if isinstance(cause, Policy):
-        return mark.name == f"{cause.chain} POLICY" and mark.table == cause.table
-    ref = cause.rule.ref
-    return (mark.name, mark.rule, mark.table, mark.packet) == (ref.chain, ref.number, ref.table, cause.packet.text())
 
 
 def _death(end: Death) -> str:

@@ -204,7 +204,7 @@ class Namespace:
                 return Death("refused", self.name, p, why="no listener")
             return Delivered(self.name, sock, p)
         if not self.forwarding:
-            return Death("DROP", self.name, p, why=f"not for {self.label}, and it forwards nothing")
+            return Death("DROP", self.name, p, why="not addressed here, and not forwarded")
         route = self.route(p.family, p.dst, p.mark)
         if route is None:
             return Death("unreachable", self.name, p, why=f"no route to {inet.text(p.family, p.dst)}")
