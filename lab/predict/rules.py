@@ -77,14 +77,6 @@ class Rule:
         """The condition that stops this packet, in the order the kernel tests them."""
         return next((c for c in self.conditions if not c.test(p, ns)), None)
 
-    @property
-    def number(self) -> int:
-        return self.ref.number
-
-    @property
-    def target_name(self) -> str:
-        return self.target.name if self.target else ""
-
 
 def read(table: str, number: int, rule: RuleLine, family: int, chains: set[str]) -> Rule:
     """The rule `rule` (number `number` of its chain) of `table`, for one address family."""
