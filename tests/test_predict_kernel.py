@@ -40,8 +40,7 @@ from hypothesis import HealthCheck, given, seed, settings
 from lab import plan
 from lab.errors import LabError
 from lab.predict import Flow, Prediction, Predictor
-from lab.rules import foreign, profiles, routing
-from lab.rules import builder
+from lab.rules import builder, foreign, profiles, routing
 
 from .predict_flows import (failure_words, flows, measurable_today, options, scenario_flow, traced_as_tails,
                             unreachable_at_node)
