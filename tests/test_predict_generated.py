@@ -21,7 +21,7 @@ from .predict_flows import flows, options
 PROXY = plan.SIDECAR_IDENTITY
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=150, deadline=None, database=None)
 @given(chosen=options(), flow=flows(dual_stack=True))
 def test_every_rule_istio_writes_is_understood(chosen, flow: Flow) -> None:
     version, opts = chosen
@@ -32,7 +32,7 @@ def test_every_rule_istio_writes_is_understood(chosen, flow: Flow) -> None:
     assert path.startswith(flow.labels[0] + " -> "), path
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=150, deadline=None, database=None)
 @given(chosen=options())
 def test_the_proxys_own_connection_to_another_pod_never_meets_envoy(chosen) -> None:
     """Envoy's and pilot-agent's connections (the identity the lab runs them as) to the remote

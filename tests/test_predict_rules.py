@@ -349,7 +349,7 @@ RULE_PARTS = st.lists(st.sampled_from([
     "-m owner ! --uid-owner 1337", "-m owner --gid-owner 1000", "-m mark --mark 0x539"]), max_size=3)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60, deadline=None, database=None)
 @given(chain=st.lists(RULE_PARTS, min_size=chains.INDEXED + 1, max_size=60),
        dst=st.sampled_from(["10.96.0.90", "10.96.0.80", "10.244.0.20", "127.0.0.1"]),
        dport=st.sampled_from([9080, 9050, 53, 15008, 8080]), proto=st.sampled_from(["tcp", "udp"]),
