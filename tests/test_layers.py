@@ -21,6 +21,9 @@ LAYERS = [
     ("processes", {"sidecar.envoy", "sidecar.agent", "sidecar.dnsproxy", "workloads", "proxylogs", "processes",
                    "traffic"}),
     ("input", {"scenario", "dualstack"}),
+    ("predict", {"predict", "predict.inet", "predict.packet", "predict.errors", "predict.rules", "predict.matches",
+                 "predict.targets", "predict.chains", "predict.topology", "predict.stack", "predict.proxies",
+                 "predict.flow", "predict.notation"}),
     ("observe", {"observe", "join", "watch"}),
     ("judge", {"measure", "verdict", "compare"}),
     ("view", {"view"}),
@@ -37,19 +40,27 @@ LAZY = {"pytest_plugin"}
 def _modules() -> dict[str, Path]:
     out = {}
     for file in LAB.rglob("*.py"):
-        name = ".".join(file.relative_to(LAB).with_suffix("").parts)
-        if not name.endswith("__init__"):
-            out[name] = file
+        parts = file.relative_to(LAB).with_suffix("").parts
+        if parts[-1] == "__init__":  # a package's own module: counted when it holds code
+            parts = parts[:-1]
+            if not parts or "import" not in file.read_text():
+                continue
+        out[".".join(parts)] = file
     return out
 
 
 def _imports(name: str, file: Path) -> list[tuple[str, bool]]:
     """(lab module imported, at the module's top level?) for every import of the lab."""
     tree = ast.parse(file.read_text())
-    package = name.rsplit(".", 1)[0] if "." in name else ""
+    package = name if file.name == "__init__.py" else name.rsplit(".", 1)[0] if "." in name else ""
     found = []
     top = set(map(id, tree.body))
+    typing_only = {id(inner) for node in tree.body if isinstance(node, ast.If)  # `if TYPE_CHECKING:`
+                   and getattr(node.test, "id", getattr(node.test, "attr", "")) == "TYPE_CHECKING"
+                   for inner in ast.walk(node)}
     for node in ast.walk(tree):
+        if id(node) in typing_only:  # names for annotations, never imported when the module runs
+            continue
         if isinstance(node, ast.ImportFrom):
             if node.level:
                 base = package.split(".")[:len(package.split(".")) - (node.level - 1)] if package else []

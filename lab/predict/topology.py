@@ -1,0 +1,145 @@
+"""The lab as predict sees it: the namespaces lab.world builds, the sockets lab.processes
+opens in them, and the sidecar's rules with the routing TPROXY adds.
+
+    node:      br0 10.244.0.1/24, forwards 10.96.0.10 to kube-dns (and nothing else of the
+               Service range: the lab has no kube-proxy)
+    pods:      eth0 10.244.0.N/24, default and 10.96.0.0/16 via 10.244.0.1; lo 127.0.0.1/8
+    sidecar:   the rules; Envoy 15001, 15006 (transparent in TPROXY mode), 15090, 15021,
+               127.0.0.1:15000; pilot-agent 15020 and, when the rules capture DNS, 127.0.0.1:15053;
+               the app on 8080
+    remote: 9080;  istiod: 15012;  kube-dns: 53 (UDP on 10.96.0.10 and its pod IP, TCP on any)
+A dual-stack lab (an ip6tables dump among the rules) mirrors it with the IPv6 plan, ::6 on
+the sidecar's lo; pilot-agent, its DNS proxy and kube-dns stay IPv4 only, as the lab runs them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from .. import plan
+from ..rules import features
+from ..rules.save import Dump
+from . import chains, inet
+from .packet import Owner, Socket
+from .stack import InterfaceAddress, Namespace, Route
+
+NODE = "node"
+# How the article's notation names each pod (as the pytest plugin's traced_request does).
+LABELS = {"sidecar": "Local Pod", "remote": "Remote Pod", "istiod": "Istiod", "prometheus": "Prometheus",
+          "kube-dns": "kube-dns", NODE: "node"}
+ROLES = {plan.Port.OUTBOUND: ("Envoy", "Outbound"), plan.Port.INBOUND: ("Envoy", "Inbound"),
+         plan.Port.DNS_PROXY: ("pilot-agent", "DNS")}
+
+
+@dataclass(frozen=True)
+class Proxy:
+    """A listener the sidecar's rules send connections to, and what the path calls it."""
+
+    process: str  # "Envoy" | "pilot-agent"
+    port: int
+    role: str  # "Outbound" | "Inbound" | "DNS"
+
+    @property
+    def name(self) -> str:
+        return f"{self.process} {self.port} ({self.role})"
+
+
+class Topology:
+    """Every namespace of a lab whose sidecar has `dumps` (one per family) as its rules."""
+
+    def __init__(self, dumps: Sequence[Dump]):
+        self.mode = features.inbound_mode(list(dumps))  # REDIRECT or TPROXY: Envoy and its identity follow it
+        sidecar = plan.SIDECAR_IDENTITY[self.mode]
+        self.proxy_owner = Owner(sidecar.uid, sidecar.gid)
+        self.dual_stack = any(d.family == 6 for d in dumps)
+        self.dns_proxy = features.DNS_CAPTURE in features.of(dumps)
+        rules = {d.family: chains.load(d) for d in dumps}
+        marked: dict[int, list[Route]] = {}
+        for d in dumps:
+            mark = features.tproxy_mark(d)
+            if mark is not None:  # ip rule fwmark M lookup 133; ip route add local default dev lo table 133
+                marked.setdefault(mark, []).append(Route(inet.network("::/0" if d.family == 6 else "0.0.0.0/0"),
+                                                         "lo", local=True))
+        self.namespaces = {name: self._pod(name) for name in plan.PODS}
+        self.namespaces["sidecar"].rules = rules
+        self.namespaces["sidecar"].marked_routes = marked
+        self.namespaces[NODE] = self._node()
+        self._neighbours = {(a.family, a.address): (ns, a.device) for ns in self.namespaces.values()
+                            for a in ns.addresses if a.device != "lo"}
+
+    def neighbour(self, family: int, address: int) -> tuple[Namespace, str] | None:
+        """Who answers ARP (or neighbour discovery) for `address` on the bridge, on which device."""
+        return self._neighbours.get((family, address))
+
+    def proxy(self, namespace: str, sock: Socket) -> Proxy | None:
+        if namespace != "sidecar" or sock.port not in ROLES:
+            return None
+        process, role = ROLES[sock.port]
+        return Proxy(process, sock.port, role) if sock.process == process.lower() else None
+
+    # --- building ---------------------------------------------------------------------------
+
+    def _families(self) -> tuple[int, ...]:
+        return (4, 6) if self.dual_stack else (4,)
+
+    def _pod(self, name: str) -> Namespace:
+        ip4 = plan.PODS[name]
+        addresses = [InterfaceAddress.of("lo", "127.0.0.1/8"), InterfaceAddress.of("lo", "::1/128"),
+                     InterfaceAddress.of("eth0", f"{ip4}/{plan.POD_PREFIX}")]
+        addresses += [InterfaceAddress.of("eth0", f"{vip}/32") for vip in plan.HELD_VIPS.get(name, ())]
+        gateway = inet.parse(plan.GATEWAY)[1]
+        routes = [Route(inet.network(plan.POD_SUBNET), "eth0"), Route(inet.network("0.0.0.0/0"), "eth0", gateway),
+                  Route(inet.network(plan.SERVICE_RANGE), "eth0", gateway)]
+        if self.dual_stack:
+            addresses.append(InterfaceAddress.of("eth0", f"{plan.PODS6[name]}/{plan.POD_PREFIX6}"))
+            if name == "sidecar":
+                addresses.append(InterfaceAddress.of("lo", f"{plan.INBOUND_PASSTHROUGH_SOURCE6}/128"))
+            gateway6 = inet.parse(plan.GATEWAY6)[1]
+            routes += [Route(inet.network(plan.POD_SUBNET6), "eth0"), Route(inet.network("::/0"), "eth0", gateway6),
+                       Route(inet.network(plan.SERVICE_RANGE6), "eth0", gateway6)]
+        return Namespace(name, LABELS[name], addresses, routes, sockets=self._sockets(name))
+
+    def _node(self) -> Namespace:
+        addresses = [InterfaceAddress.of("lo", "127.0.0.1/8"),
+                     InterfaceAddress.of("br0", f"{plan.GATEWAY}/{plan.POD_PREFIX}")]
+        routes = [Route(inet.network(plan.POD_SUBNET), "br0")]
+        routes += [Route(inet.network(f"{vip}/32"), "br0", inet.parse(plan.PODS[pod])[1])
+                   for pod, vips in plan.HELD_VIPS.items() for vip in vips]
+        if self.dual_stack:
+            addresses.append(InterfaceAddress.of("br0", f"{plan.GATEWAY6}/{plan.POD_PREFIX6}"))
+            routes.append(Route(inet.network(plan.POD_SUBNET6), "br0"))
+        return Namespace(NODE, LABELS[NODE], addresses, routes, forwarding=True)
+
+    def _sockets(self, pod: str) -> list[Socket]:
+        P = plan.Port
+        out: list[Socket] = []
+
+        def listen(process: str, port: int, families=self._families(), address: dict[int, str] | None = None,
+                   proto: str = "tcp", transparent: bool = False) -> None:
+            """One socket per family, bound to the wildcard or to address[family]."""
+            for family in families:
+                where = None if address is None else inet.parse(address[family])[1]
+                out.append(Socket(proto, family, where, port, process, transparent))
+
+        if pod == "sidecar":
+            tproxy = self.mode == "TPROXY"
+            listen("envoy", P.OUTBOUND, transparent=tproxy)
+            listen("envoy", P.INBOUND, transparent=tproxy)
+            listen("envoy", P.STATS)
+            listen("envoy", P.READY)
+            listen("envoy", P.ADMIN, address=plan.LOCALHOST)
+            listen("pilot-agent", P.AGENT, families=(4,))
+            if self.dns_proxy:
+                for proto in ("udp", "tcp"):
+                    listen("pilot-agent", P.DNS_PROXY, families=(4,), address=plan.LOCALHOST, proto=proto)
+            listen("app", P.SIDECAR_APP)
+        elif pod == "remote":
+            listen("app", P.REMOTE_APP)
+        elif pod == "istiod":
+            listen("istiod", P.ISTIOD)
+        elif pod == "kube-dns":
+            for address in (*plan.HELD_VIPS["kube-dns"], plan.PODS["kube-dns"]):
+                listen("kube-dns", P.DNS, families=(4,), address={4: address}, proto="udp")
+            listen("kube-dns", P.DNS, families=(4,))
+        return out
