@@ -118,7 +118,7 @@ class NftReader:
 
     def __init__(self, ns: str, pod: str):
         self.ns, self.pod = ns, pod
-        self.reader = NftraceReader(ns, pod)
+        self.reader = NftraceReader(ns, pod, skip=frozenset())  # ilab-trace's events witness the hooks
         self.rules = {4: libnft.read(ns, 4), 6: libnft.read(ns, 6)}
 
     def drain(self, settle: float = 0.025) -> list[TraceEvent]:
@@ -154,8 +154,7 @@ class Nft:
         return iptables_nft.packet_counts(ns, tuple(t for t in tables if t in present), family) if present else {}
 
     def prepare(self, ns: str, family: int = 4) -> None:
-        iptables_nft.touch(ns, family)
-        tracing.ensure_table(ns)
+        tracing.ensure_table(ns)  # inet: both families; its base chains witness every hook
 
     @contextlib.contextmanager
     def tracing(self, namespaces: list[str], ports: TracedPorts, family: int = 4) -> Iterator[None]:

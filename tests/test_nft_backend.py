@@ -54,7 +54,7 @@ def pair():
 def syn_as(pair, uid: int, reader: NftraceReader, counted: list[tuple[str, str]]):
     """One connection from the sidecar to the remote app as `uid`: the nftrace events of its
     SYN in the lab's words, and how far each counter of the `counted` tables moved."""
-    before = libnft.read(pair.sidecar, 4, counted).counters()
+    before = libnft.read(pair.sidecar, 4, counted).packet_counts()
     reader.drain(settle=0)
     sock = traffic.connect(pair.sidecar, REMOTE_IP, APP_PORT, uid=uid, gid=uid)
     try:
@@ -62,7 +62,7 @@ def syn_as(pair, uid: int, reader: NftraceReader, counted: list[tuple[str, str]]
         events = reader.drain()
     finally:
         sock.close()
-    after = libnft.read(pair.sidecar, 4, counted).counters()
+    after = libnft.read(pair.sidecar, 4, counted).packet_counts()
     named = naming.trace_events(events, libnft.read(pair.sidecar, 4))
     syn = [e for e in named if e.tcp_flags == "S" and e.sport == port]
     return syn, {ref: after[ref] - before.get(ref, 0) for ref in after if after[ref] != before.get(ref, 0)}

@@ -75,7 +75,7 @@ def test_a_listing_reads_with_handles_and_without_counter_state():
     assert rules.table("istio-proxy-raw").chains["output"].base == BaseChain("filter", "output", -300)  # `raw`
     assert nat.chains["output"].rules == [Rule('oifname "not-istio-nic" counter return'),
                                           Rule("counter jump istio-output")]
-    assert rules.handles()["istio-proxy-nat", 13] == RuleRef("istio-proxy-nat", "output", 2)
+    assert rules.handles()["inet", "istio-proxy-nat", 13] == RuleRef("istio-proxy-nat", "output", 2)
     assert rules.rule(RuleRef("istio-proxy-nat", "istio-output", 3)).text == (
         'oifname "lo" ip daddr != 127.0.0.1 tcp dport != { 53, 15008 } meta skuid 1337 counter jump istio-in-redirect')
 
@@ -85,8 +85,9 @@ def test_a_listings_counters_say_how_many_packets_each_rule_took():
                "  counter packets 0 bytes 0 return # handle 5\n  drop # handle 6\n }\n}\n")
     rules = nftset.parse(listing)
     assert rules.packet_counts() == {RuleRef("t", "c", 1): 3, RuleRef("t", "c", 2): 0}
-    assert rules.handles() == {("t", 4): RuleRef("t", "c", 1), ("t", 5): RuleRef("t", "c", 2),
-                               ("t", 6): RuleRef("t", "c", 3)}
+    assert rules.handles() == {("inet", "t", 4): RuleRef("t", "c", 1), ("inet", "t", 5): RuleRef("t", "c", 2),
+                               ("inet", "t", 6): RuleRef("t", "c", 3)}
+    assert rules.rule(RuleRef("t", "c", 1)).bytes == 180
 
 
 def test_the_listing_is_what_nft_prints_for_the_golden():

@@ -103,4 +103,4 @@ def present(ns: str, family: int = 4) -> list[str]:
 def packet_counts(ns: str, tables: tuple[str, ...], family: int = 4) -> dict[RuleRef, int]:
     """Each rule's packet counter in the named tables, read from nf_tables' listing (one
     libnftables call per table, no iptables-nft-save): what a scenario reads twice."""
-    return libnft.read(ns, family, [(FAMILY[family], t) for t in tables]).counters()
+    return libnft.read(ns, family, [(FAMILY[family], t) for t in tables]).packet_counts()

@@ -16,8 +16,8 @@ import threading
 from typing import Iterable, Iterator
 
 from ... import netns
+from .. import nftset
 from ..xtables import RuleError
-from .ruleset import Ruleset
 
 
 class NftError(RuleError):
@@ -134,12 +134,15 @@ def tables(ns: str | None) -> list[tuple[str, str]]:
     return [(t["family"], t["name"]) for item in listing(ns, "tables") if (t := item.get("table"))]
 
 
-def read(ns: str | None, ip_version: int = 4, only: Iterable[tuple[str, str]] | None = None) -> Ruleset:
+def read(ns: str | None, ip_version: int = 4, only: Iterable[tuple[str, str]] | None = None) -> nftset.RuleSet:
     """The rule set of `ns` as an IPv4 or IPv6 packet meets it (the `ip` or `ip6` tables and
-    the `inet` ones), or only the tables named by (family, name)."""
+    the `inet` ones), or only the tables named by (family, name): read from `nft -a list`,
+    with each rule's handle and counter."""
     if only is None:
-        return Ruleset(listing(ns), ip_version)
-    items = []
-    for family, name in only:
-        items += listing(ns, f"table {family} {name}")
-    return Ruleset(items, ip_version)
+        listed = text(ns)
+    else:
+        listed = "\n".join(text(ns, f"table {family} {name}") for family, name in only)
+    try:
+        return nftset.parse(listed, "nft list ruleset").seen_by(ip_version)
+    except nftset.NftFormatError as e:  # nft printed something the model does not hold
+        raise NftError(f"{ns}: {e}") from None
