@@ -44,11 +44,15 @@ def bring_up(lab: Lab, rules: RuleSet, backend: Backend) -> None:
     try:
         for dump in rules.dumps:
             backend.apply(sidecar, dump)
+        if rules.nft is not None:
+            backend.apply_native(sidecar, rules.nft, rules.name)
     except RuleError as e:
         raise LabError(f"{rules.name}: {e}") from None
     with interrupts.held(), ipr(sidecar) as sock:
         for dump in rules.dumps:
             routing.apply(sock, dump)
+        if rules.nft is not None:
+            routing.apply_native(sock, rules.nft, (4, 6) if lab.ipv6 else (4,))
     processes.start(lab, rules.inbound_mode, dns_proxy="dns-capture" in rules.features)
 
 
@@ -88,7 +92,7 @@ class Session:
     def __init__(self, rules: RuleSet, backend: Backend | str = backends.AUTO, labid: str | None = None,
                  spec: PodSpec = PodSpec()):
         self.rules = rules
-        self.backend = backends.choose(backend)[0] if isinstance(backend, str) else backend
+        self.backend = backends.choose(backend, rules.native)[0] if isinstance(backend, str) else backend
         self.lab = Lab(labid, ipv6=rules.dual_stack, spec=spec.resolved(rules.istio), backend=self.backend.name)
         self.witnesses: Witnesses | None = None
 

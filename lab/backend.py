@@ -1,7 +1,8 @@
 """The netfilter backend a lab's rules go through: legacy xtables, or nf_tables.
 
 A backend owns four things, and everything above it speaks RuleRef and TraceEvent:
-  - apply a rule set to a pod, and read it back numbered with counters;
+  - apply a rule set to a pod (iptables-save dumps; native nftables rule sets on nft only),
+    and read it back numbered with counters, with where its tables sit (Layout);
   - make a pod's tables exist, so that a traced packet is reported at every hook;
   - put trace rules in a pod for one flow's ports, and take them out again;
   - read a pod's trace events, each naming its rule as legacy TRACE does
@@ -11,8 +12,10 @@ legacy: python-iptables (libiptc), TRACE rules at the head of raw PREROUTING and
 events through nfnetlink_log.  nft: iptables-nft writes the same rule set into nf_tables
 (the xt compatibility layer runs what nf_tables has no expression for), `meta nftrace set
 1` rules in the lab's own table `inet ilab-trace`, events from nf_tables' trace group,
-each rule handle named back by its position in its chain.  A pod under the nft backend
-never gets a legacy table: python-iptables instantiates every table it touches.
+each rule handle named back by its position in its chain.  A native nftables rule set
+(Istio's `nativeNftables`, a user's `nft -f` script) goes in as one `nft -f` transaction
+with a counter in every rule; its rules read back in nft's own words.  A pod under the nft
+backend never gets a legacy table: python-iptables instantiates every table it touches.
 """
 
 from __future__ import annotations
@@ -22,10 +25,11 @@ import os
 from dataclasses import dataclass
 from typing import Iterator, Protocol
 
-from .netfilter import RuleRef
-from .nftrace import NftraceReader
-from .rules import xtables
-from .rules.nft import iptables_nft, libnft, naming, probes, tracing
+from .errors import LabError
+from .netfilter import BUILTIN_CHAINS, PATH_TABLES, Layout, RuleRef
+from .nftrace import TRACE_TABLE, NftraceReader
+from .rules import nftset, xtables
+from .rules.nft import iptables_nft, libnft, naming, native, probes, tracing
 from .rules.save import Dump
 from .rules.xtables import NumberedRule
 from .trace import TraceEvent, TraceReader
@@ -58,6 +62,10 @@ class Backend(Protocol):
 
     def apply(self, ns: str, dump: Dump) -> None: ...
 
+    def apply_native(self, ns: str, rules: nftset.RuleSet, source: str) -> None: ...
+
+    def rules(self, ns: str, family: int = 4) -> tuple[dict[RuleRef, str], Layout]: ...
+
     def listing(self, ns: str, table: str, family: int = 4) -> list[NumberedRule]: ...
 
     def counters(self, ns: str, tables: tuple[str, ...], family: int = 4) -> dict[RuleRef, int]: ...
@@ -81,6 +89,14 @@ class Legacy:
 
     def apply(self, ns: str, dump: Dump) -> None:
         xtables.apply(ns, dump)
+
+    def apply_native(self, ns: str, rules: nftset.RuleSet, source: str) -> None:
+        raise LabError(f"{source}: native nftables rules go into nf_tables: run them with --backend nft "
+                       f"(or auto), not legacy")
+
+    def rules(self, ns: str, family: int = 4) -> tuple[dict[RuleRef, str], Layout]:
+        """The path tables' rules in iptables-save form; xtables name their own places."""
+        return {r.ref: r.line for table in PATH_TABLES for r in self.listing(ns, table, family)}, Layout()
 
     def listing(self, ns: str, table: str, family: int = 4) -> list[NumberedRule]:
         return xtables.listing(ns, table, family)
@@ -146,12 +162,34 @@ class Nft:
     def apply(self, ns: str, dump: Dump) -> None:
         iptables_nft.apply(ns, dump)
 
+    def apply_native(self, ns: str, rules: nftset.RuleSet, source: str) -> None:
+        """One `nft -f` transaction replacing each of the rule set's tables, a counter in every rule."""
+        native.apply(ns, nftset.script(rules), source)
+
+    def rules(self, ns: str, family: int = 4) -> tuple[dict[RuleRef, str], Layout]:
+        """Every rule of the tables that play raw, mangle or nat, and where each table sits.
+        iptables-nft's tables read as iptables-nft-save prints them (`-A ...`, as legacy's);
+        the others in nft's words, as `nft list ruleset` prints them."""
+        listed = libnft.read(ns, family)
+        layout = listed.layout(skip=(TRACE_TABLE,))
+        lines: dict[RuleRef, str] = {}
+        for key, table in listed.tables.items():
+            if key == TRACE_TABLE or layout.role(table.name) not in PATH_TABLES:
+                continue
+            if iptables_nft.made(table):
+                lines |= {r.ref: r.line for r in iptables_nft.listing(ns, table.name, family)}
+            else:
+                lines |= nftset.RuleSet({key: table}).lines()
+        return lines, layout
+
     def listing(self, ns: str, table: str, family: int = 4) -> list[NumberedRule]:
         return iptables_nft.listing(ns, table, family)
 
     def counters(self, ns: str, tables: tuple[str, ...], family: int = 4) -> dict[RuleRef, int]:
-        present = set(iptables_nft.present(ns, family))
-        return iptables_nft.packet_counts(ns, tuple(t for t in tables if t in present), family) if present else {}
+        """Each rule's packets in the named tables (iptables-nft's and native ones alike)."""
+        present = [(fam, name) for fam, name in libnft.tables(ns)
+                   if name in tables and fam in nftset.IP_FAMILIES[family]]
+        return libnft.read(ns, family, present).packet_counts() if present else {}
 
     def prepare(self, ns: str, family: int = 4) -> None:
         tracing.ensure_table(ns)  # inet: both families; its base chains witness every hook
@@ -176,9 +214,15 @@ class Nft:
 BACKENDS: dict[str, Backend] = {LEGACY: Legacy(), NFT: Nft()}
 
 
-def choose(name: str) -> tuple[Backend, str]:
+def choose(name: str, native: bool = False) -> tuple[Backend, str]:
     """The backend a name asks for, and why.  `auto` is the one ISTIO_LAB_BACKEND names (how
-    CI runs the whole suite on each), else legacy where the kernel has it, else nft."""
+    CI runs the whole suite on each), else legacy where the kernel has it, else nft; for
+    rule sets with native nftables rules (`native`) it is nft whatever the variable says.
+    Native rules under --backend legacy are one clear error."""
+    if native and name == LEGACY:
+        raise LabError("native nftables rules go into nf_tables: use --backend nft (or auto), not legacy")
+    if native:
+        return BACKENDS[NFT], f"{'auto: ' if name == AUTO else '--backend '}nft (native nftables rules)"
     if name == AUTO:
         named = os.environ.get(ENVIRONMENT, "")
         if named in BACKENDS:

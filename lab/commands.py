@@ -103,8 +103,8 @@ def run(args) -> int:
     if not labs:  # a lab that would run nothing: say so instead of passing
         raise LabError(f"none of the scenarios applies to {rules.name}'s rules (name one to run it anyway)")
     report_dir = html_report.prepare(args.report) if args.report is not None else None
+    backend, _ = backends.choose(args.backend, native=any(lab.rules.native for lab in labs))
     preflight.check_root()
-    backend, _ = backends.choose(args.backend)
     _ready_machine(backend)
     console = _console()
     status = console.status("building the lab") if not args.json else contextlib.nullcontext()
@@ -235,8 +235,8 @@ def up(args) -> int:
     pod = _annotations(args)
     rules = ruleset.from_annotations(pod, args.profile or profiles.DEFAULT) if pod else \
         ruleset.profile(args.profile or profiles.DEFAULT)
+    backend, _ = backends.choose(args.backend, native=rules.native)
     preflight.check_root()
-    backend, _ = backends.choose(args.backend)
     _ready_machine(backend)
     lab = Lab(args.labid, detached=not args.hold, ipv6=rules.dual_stack, backend=backend.name)
     try:

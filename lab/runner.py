@@ -72,7 +72,7 @@ def _build(s: Scenario, choice: Choice, base: str) -> RuleSet:
                                       choice.annotations.notes + s.annotations.notes)
     own = ruleset.from_annotations(s.annotations, base, expect=base)
     merged = ruleset.from_annotations(both, base)
-    same = [d.text() for d in merged.dumps] == [d.text() for d in own.dumps]
+    same = merged.key() == own.key()
     return dataclasses.replace(merged, profile=base if same else None)
 
 
@@ -100,7 +100,7 @@ def plan(scenarios: list[Scenario], choice: Choice, named: bool = False) -> tupl
             skipped.append(f"{s.id}: left out under {rules.profile}: {why}")
             continue
         spec = s.pod.resolved(rules.istio)
-        key = (tuple(d.text() for d in rules.dumps), rules.profile, spec)
+        key = (rules.key(), rules.profile, spec)
         lab = labs.setdefault(key, Lab(rules, spec))
         lab.scenarios.append(s)
         lab.rules_of[s.id] = rules

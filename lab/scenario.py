@@ -95,9 +95,16 @@ class Expectation:
     default: Path
     by_profile: tuple[tuple[str, Path], ...] = ()
     not_measured: tuple[tuple[str, str], ...] = ()  # profile -> why no path is recorded under it
+    ipv6: tuple[tuple[str, Path], ...] = ()  # profile -> the IPv6 twin's path where it is not the IPv4 one's
 
     def path(self, profile: str) -> Path:
         return dict(self.by_profile).get(profile, self.default)
+
+    def over_ipv6(self) -> "Expectation":
+        """The IPv6 twin's expectation: the IPv4 path under each profile, but where the IPv6
+        packet takes other rules (one inet table numbers both families' rules in one chain)."""
+        return Expectation(self.default, tuple({**dict(self.by_profile), **dict(self.ipv6)}.items()),
+                           self.not_measured)
 
 
 @dataclass(frozen=True)
@@ -254,7 +261,7 @@ def _path(f: _Fields, key: str, text: str) -> Path:
 def _expectation(expected: _Fields) -> Expectation:
     """expected.path, and expected.profiles: {profile name: path} where a profile's path differs."""
     given = expected.get("profiles", dict, required=False, default={})
-    known = profiles.names()
+    known = profiles.names(native_nftables=None)
     by_profile = []
     for name, text in given.items():
         if name not in known:
@@ -270,8 +277,16 @@ def _expectation(expected: _Fields) -> Expectation:
             raise expected.fail(f"not_measured.{name}", "say why no path is recorded under it")
         if name in given:
             raise expected.fail(f"not_measured.{name}", "has a path in expected.profiles too")
+    twins = expected.get("ipv6", dict, required=False, default={})
+    ipv6 = []
+    for name, text in twins.items():
+        if name not in known:
+            raise expected.fail("ipv6", f"unknown profile {name!r} (profiles: {', '.join(known)})")
+        if not isinstance(text, str) or not text.strip():
+            raise expected.fail(f"ipv6.{name}", "expected the IPv6 twin's path in the article's notation")
+        ipv6.append((name, _path(expected, f"ipv6.{name}", text)))
     return Expectation(_path(expected, "path", expected.get("path", str)), tuple(by_profile),
-                       tuple((name, " ".join(why.split())) for name, why in unmeasured.items()))
+                       tuple((name, " ".join(why.split())) for name, why in unmeasured.items()), tuple(ipv6))
 
 
 def _article(article: _Fields) -> tuple[ArticleClaim | None, str]:
@@ -397,7 +412,7 @@ def parse(data, file: str) -> Scenario:
     if feature is not None and feature not in features.FEATURES:
         raise top.fail("feature", f"{feature!r} is not one of {', '.join(features.FEATURES)}")
     expected = top.sub("expected")
-    expected.unknown({"path", "profiles", "not_measured"})
+    expected.unknown({"path", "profiles", "not_measured", "ipv6"})
     scenario_type = top.get("type", int, required=not note)
     if scenario_type is not None and not 1 <= scenario_type <= 6:
         raise top.fail("type", f"the article has traffic types 1-6, not {scenario_type}")

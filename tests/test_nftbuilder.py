@@ -33,20 +33,20 @@ GOLDEN_OPTIONS = {
     "inbound-ports-wildcard": replace(BASE, inbound_ports=("*",)),
     "ip-range": replace(BASE, outbound_exclude_cidrs=("1.1.0.0/16",), outbound_cidrs=("9.9.0.0/16",),
                         dns_servers=("127.0.0.53",), **UID_GID),
-    "ipnets-with-kube-virt-interfaces": replace(BASE, kube_virt_interfaces=("eth1", "eth2"),
+    "ipnets-with-kube-virt-interfaces": replace(BASE, kubevirt_interfaces=("eth1", "eth2"),
                                                 outbound_cidrs=("10.0.0.0/8",)),
     "ipnets": replace(BASE, outbound_cidrs=("10.0.0.0/8",)),
     "ipv6-dns-uid-gid": replace(BASE, ipv6=True, **UID_GID),  # DNS asked for, but no resolver: none
     "ipv6-empty-inbound-ports": replace(BASE, ipv6=True),
     "ipv6-inbound-ports": replace(BASE, inbound_ports=("4000", "5000"), ipv6=True),
     "ipv6-ipnets": replace(BASE, inbound_ports=("4000", "5000"), inbound_exclude_ports=(6000, 7000),
-                           kube_virt_interfaces=("eth0", "eth1"), ipv6=True, **V6_NETS),
+                           kubevirt_interfaces=("eth0", "eth1"), ipv6=True, **V6_NETS),
     "ipv6-outbound-ports": replace(BASE, outbound_ports=(32000, 31000), ipv6=True),
     "ipv6-uid-gid": replace(BASE, inbound_ports=("4000", "5000"), inbound_exclude_ports=(6000, 7000),
-                            kube_virt_interfaces=("eth0", "eth1"), ipv6=True, **V6_NETS, **UID_GID),
-    "ipv6-virt-interfaces": replace(BASE, inbound_ports=("4000", "5000"), kube_virt_interfaces=("eth0", "eth1"),
+                            kubevirt_interfaces=("eth0", "eth1"), ipv6=True, **V6_NETS, **UID_GID),
+    "ipv6-virt-interfaces": replace(BASE, inbound_ports=("4000", "5000"), kubevirt_interfaces=("eth0", "eth1"),
                                     ipv6=True),
-    "kube-virt-interfaces": replace(BASE, kube_virt_interfaces=("eth1", "eth2"), outbound_cidrs=("*",)),
+    "kube-virt-interfaces": replace(BASE, kubevirt_interfaces=("eth1", "eth2"), outbound_cidrs=("*",)),
     "loopback-outbound-iprange": replace(BASE, outbound_cidrs=("127.1.2.3/32",), dns_servers=("127.0.0.53",),
                                          **UID_GID),
     "outbound-ports-include": replace(BASE, outbound_ports=(32000, 31000)),
@@ -116,7 +116,7 @@ def test_a_jump_to_a_chain_istio_would_leave_empty_is_refused():
 
 def test_plain_options_build_and_nft_options_say_their_command():
     assert nftbuilder.build("1.27", builder.Options()) == nftbuilder.build("1.27", NftOptions())
-    options = NftOptions.from_mapping({"kube_virt_interfaces": ["eth1"], "drop_invalid": True}, "test")
+    options = NftOptions.from_mapping({"kubevirt_interfaces": ["eth1"], "drop_invalid": True}, "test")
     assert options.command().startswith("istio-iptables --native-nftables -p 15001 ")
     assert options.command().endswith(" -k eth1 (INVALID_DROP=true)")
 
@@ -228,7 +228,7 @@ def test_the_kernel_takes_a_profile_and_lists_it_back(name):
 
 @pytest.mark.kernel
 def test_the_kernel_takes_every_option_at_once():
-    options = NftOptions(mode="TPROXY", ipv6=True, exclude_interfaces=("eth9",), kube_virt_interfaces=("eth1",),
+    options = NftOptions(mode="TPROXY", ipv6=True, exclude_interfaces=("eth9",), kubevirt_interfaces=("eth1",),
                          drop_invalid=True, outbound_exclude_ports=(8443,), outbound_ports=(9000,),
                          outbound_cidrs=("10.96.0.0/16", "fd00:10:96::/112"),
                          outbound_exclude_cidrs=("10.96.0.1/32", "fd00:10:96::1/128"),

@@ -51,9 +51,9 @@ def profiles() -> dict[str, Profile]:
     return out
 
 
-def names(native_nftables: bool = False) -> list[str]:
-    """The iptables profiles, or the native nftables ones."""
-    return [name for name, p in profiles().items() if p.native_nftables == native_nftables]
+def names(native_nftables: bool | None = False) -> list[str]:
+    """The iptables profiles, or the native nftables ones (None: every profile, in file order)."""
+    return [name for name, p in profiles().items() if native_nftables in (None, p.native_nftables)]
 
 
 def get(name: str = DEFAULT) -> Profile:

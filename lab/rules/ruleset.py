@@ -1,16 +1,17 @@
 """The sidecar's rules as a lab applies them: a profile's, or a pod's own dump.
 
 What `--profile` and `--rules` give, checked before any lab exists, and everything the
-rest of the lab needs to know about them: the dumps per family, whose measured paths are
-the expectation, how inbound traffic reaches Envoy, and what the rules do besides.
+rest of the lab needs to know about them: the dumps per family (iptables), or a native
+nftables rule set (Istio's `nativeNftables`, an `nft -f` script or `nft list ruleset`
+output), whose measured paths are the expectation, how inbound traffic reaches Envoy, and
+what the rules do besides.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import LabError
-from . import annotations, builder, features, foreign, profiles
+from . import annotations, builder, features, foreign, nftbuilder, nftset, profiles
 from .save import Dump
 
 
@@ -24,19 +25,35 @@ class RuleSet:
     istio: tuple[int, int] | None = None  # the Istio version the rules are built for (None: a dump's)
     command: str = ""  # the istio-iptables command line the rules stand for (built rules only)
     annotations: str = ""  # the pod annotations they were built with, in one line ("" for none)
+    nft: nftset.RuleSet | None = None  # native nftables rules, applied as one nft -f transaction (nft backend only)
+
+    @property
+    def native(self) -> bool:
+        """The rules are nf_tables' own (not iptables'): only the nft backend can apply them."""
+        return self.nft is not None
 
     @property
     def dual_stack(self) -> bool:
-        """Istio installs ip6tables rules only in a pod with IPv6: only then is the lab dual-stack."""
-        return any(d.family == 6 for d in self.dumps)
+        """Istio installs ip6tables rules (native: ip6 rules) only in a pod with IPv6: only then
+        is the lab dual-stack."""
+        return any(d.family == 6 for d in self.dumps) or (self.nft is not None and features.nft_ipv6(self.nft))
 
     @property
     def inbound_mode(self) -> str:
-        return features.inbound_mode(self.dumps)
+        return features.inbound_mode(self.dumps, self.nft)
 
     @property
     def features(self) -> frozenset[str]:
-        return features.of(self.dumps)
+        return features.of(self.dumps, self.nft)
+
+    @property
+    def script(self) -> str:
+        """The native rules as the lab applies them: one nft -f transaction, a counter in every rule."""
+        return nftset.script(self.nft) if self.nft is not None else ""
+
+    def key(self) -> tuple:
+        """What makes two rule sets the same rules (the runner shares a lab between them)."""
+        return tuple(d.text() for d in self.dumps) + ((self.script,) if self.nft is not None else ())
 
     @property
     def summary(self) -> str:
@@ -51,6 +68,9 @@ class RuleSet:
 def profile(name: str = profiles.DEFAULT) -> RuleSet:
     """A profile's rules; an unknown name is one line (LabError)."""
     p = profiles.get(name)
+    if p.native_nftables:
+        return RuleSet(name, (), name, istio=builder.parse_version(p.istio), command=p.options.command(),
+                       nft=profiles.nft_rules(name))
     return RuleSet(name, tuple(profiles.dumps(name)), name, istio=builder.parse_version(p.istio),
                    command=p.options.command())
 
@@ -63,15 +83,17 @@ def from_annotations(pod: annotations.PodAnnotations, base: str = profiles.DEFAU
     annotations on this profile), else the profile's when the annotations change no rule,
     else none.  Bad annotations, or options that version cannot build, are one line (LabError)."""
     p = profiles.get(base)
-    if p.native_nftables:
-        raise LabError(f"{base} is a native nftables profile: annotations are built into iptables rules here")
     init = annotations.inject(pod, p.istio, p.options)
+    given = ", ".join(f"{key.rsplit('/', 1)[-1]}={value!r}" for key, value in pod.values.items()) or "none"
+    built = dict(name=f"{base} + {pod.source}", notes=init.notes, istio=builder.parse_version(p.istio),
+                 command=init.options.command(), annotations=f"annotations: {given}")
+    if p.native_nftables:  # the same options, as istio-iptables --native-nftables writes them
+        rules = nftbuilder.build(p.istio, init.options)
+        same = rules == profiles.nft_rules(base)
+        return RuleSet(dumps=(), profile=expect or (base if same else None), nft=rules, **built)
     dumps = tuple(d for d in (builder.build(p.istio, init.options, f) for f in (4, 6)) if d.tables)
     same = [d.text() for d in dumps] == [d.text() for d in profiles.dumps(base)]
-    given = ", ".join(f"{key.rsplit('/', 1)[-1]}={value!r}" for key, value in pod.values.items()) or "none"
-    return RuleSet(f"{base} + {pod.source}", dumps, expect or (base if same else None), notes=init.notes,
-                   istio=builder.parse_version(p.istio), command=init.options.command(),
-                   annotations=f"annotations: {given}")
+    return RuleSet(dumps=dumps, profile=expect or (base if same else None), **built)
 
 
 def from_file(file: str, **overrides: int | None) -> RuleSet:

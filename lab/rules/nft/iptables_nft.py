@@ -16,6 +16,7 @@ import re
 import subprocess
 
 from ...netfilter import BUILTIN_CHAINS, TABLES, RuleRef
+from .. import nftset
 from ..save import Dump, RuleLine, TableDump, parse
 from ..xtables import RESTORE_DEADLINE, NumberedRule, RuleError
 from . import libnft
@@ -93,6 +94,14 @@ def listing(ns: str, table: str, family: int = 4) -> list[NumberedRule]:
         numbers[rule.chain] = numbers.get(rule.chain, 0) + 1
         rules.append(NumberedRule(RuleRef(table, rule.chain, numbers[rule.chain]), str(rule), packets, nbytes))
     return rules
+
+
+def made(table: nftset.Table) -> bool:
+    """Is this nf_tables table one iptables-nft made (`ip nat` with its built-in chains by
+    their xtables names), as opposed to a native table that happens to share its name?"""
+    builtin = BUILTIN_CHAINS.get(table.name)
+    return table.family in FAMILY.values() and builtin is not None and all(
+        c.name in builtin for c in table.chains.values() if c.base)
 
 
 def present(ns: str, family: int = 4) -> list[str]:
