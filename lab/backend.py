@@ -185,6 +185,17 @@ class Nft:
     def listing(self, ns: str, table: str, family: int = 4) -> list[NumberedRule]:
         return iptables_nft.listing(ns, table, family)
 
+    def native_listing(self, ns: str) -> dict[tuple[str, str], list[NumberedRule]]:
+        """The rules of every table iptables-nft did not make (the lab's ilab-trace aside), in
+        nft's words with their counters: Istio's native tables, a user's nft rules."""
+        out = {}
+        for family in (4, 6):
+            for key, table in libnft.read(ns, family).tables.items():
+                if key != TRACE_TABLE and key not in out and not iptables_nft.made(table):
+                    out[key] = [NumberedRule(ref, r.text, r.packets or 0, r.bytes or 0)
+                                for ref, r in nftset.RuleSet({key: table}).numbered()]
+        return out
+
     def counters(self, ns: str, tables: tuple[str, ...], family: int = 4) -> dict[RuleRef, int]:
         """Each rule's packets in the named tables (iptables-nft's and native ones alike)."""
         present = [(fam, name) for fam, name in libnft.tables(ns)

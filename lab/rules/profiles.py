@@ -10,7 +10,7 @@ iptables profiles only; nft_rules and nft_text give a native nftables profile's 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from importlib import resources
 
 import yaml
@@ -83,6 +83,14 @@ def nft_rules(name: str) -> nftset.RuleSet:
     if not p.native_nftables:
         raise LabError(f"{name} is an iptables profile: it has no native nftables rules")
     return nftbuilder.build(p.istio, p.options)
+
+
+def iptables_counterpart(name: str) -> list[save.Dump]:
+    """A native nftables profile's iptables twin: what istio-iptables writes for the same
+    options without --native-nftables (IPv4, then IPv6 when it has any)."""
+    p = get(name)
+    options = builder.Options(**{f.name: getattr(p.options, f.name) for f in fields(builder.Options)})
+    return [d for d in (builder.build(p.istio, options, f) for f in (4, 6)) if d.tables]
 
 
 def nft_text(name: str) -> str:
