@@ -13,7 +13,7 @@ LAB = Path(__file__).resolve().parents[1] / "lab"
 LAYERS = [
     ("values", {"errors", "addr", "netfilter", "plan", "interrupts", "podspec"}),
     ("text formats", {"rules.save", "rules.builder", "rules.profiles", "rules.features", "rules.foreign",
-                      "rules.ruleset", "rules.nftset", "rules.nftbuilder", "rules.nftlisting", "rules.nftcompare", "rules.annotations", "rules.kubeproxy", "path", "dns",
+                      "rules.ruleset", "rules.nftset", "rules.nftbuilder", "rules.nftlisting", "rules.nftcompare", "rules.nftforeign", "rules.annotations", "rules.kubeproxy", "path", "dns",
                       "sidecar.httpio"}),
     ("kernel", {"netns", "procfs", "record", "world", "rules.xtables", "rules.routing", "trace", "preflight",
                 "nftrace", "rules.nft.libnft", "rules.nft.iptables_nft", "rules.nft.native",

@@ -16,7 +16,7 @@ from importlib import resources
 import yaml
 
 from ..errors import LabError
-from . import builder, nftbuilder, nftset, save
+from . import builder, nftbuilder, nftlisting, nftset, save
 
 DEFAULT = "istio-1.13"  # Istio 1.13 - 1.17, the article's era
 PROFILES = "profiles.yaml"
@@ -116,6 +116,16 @@ def text(name: str = DEFAULT, family: int = 4) -> str:
     p = get(name)
     header = (f"{summary(name)}.", p.options.command(), "Lines in iptables-save form, as the kernel reads them back.")
     return load(name, family).text(header)
+
+
+def match_nft(rules: nftset.RuleSet) -> str | None:
+    """The native profile whose rules these are exactly, however written (Istio's words or
+    nft's listing, with counters or without)."""
+    def canonical(r: nftset.RuleSet) -> nftset.RuleSet:
+        return nftlisting.listed(r.uncounted())
+
+    wanted = canonical(rules)
+    return next((name for name in names(native_nftables=True) if canonical(nft_rules(name)) == wanted), None)
 
 
 def match(dump: save.Dump) -> str | None:

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import annotations, builder, features, foreign, nftbuilder, nftset, profiles
+from ..errors import LabError
+from . import annotations, builder, features, foreign, nftbuilder, nftforeign, nftset, profiles
 from .save import Dump
 
 
@@ -97,7 +98,38 @@ def from_annotations(pod: annotations.PodAnnotations, base: str = profiles.DEFAU
 
 
 def from_file(file: str, **overrides: int | None) -> RuleSet:
-    """A pod's iptables-save dump, fitted to the lab (foreign.load; `overrides` are its
-    proxy_uid, proxy_gid, outbound_port, inbound_port)."""
-    pod = foreign.load(file, **overrides)
-    return RuleSet(file, (pod.dump,), pod.profile, file, tuple(pod.notes))
+    """A pod's own rules, fitted to the lab: an iptables-save dump (foreign.load), or nft
+    rules, `nft list ruleset` output or an `nft -f` script (nftforeign.load), whichever the
+    file holds; `overrides` are its proxy_uid, proxy_gid, outbound_port, inbound_port."""
+    if _format(file) == "iptables-save":
+        pod = foreign.load(file, **overrides)
+        return RuleSet(file, (pod.dump,), pod.profile, file, tuple(pod.notes))
+    with open(file) as f:
+        native = nftforeign.load(file, f.read(), **overrides)
+    return RuleSet(file, (), profiles.match_nft(native.rules), file, tuple(native.notes), nft=native.rules)
+
+
+NFT_WORDS = ("table", "add", "insert", "create", "flush", "delete", "chain", "define", "include", "destroy")
+
+
+def _format(file: str) -> str:
+    """"iptables-save" or "nft", by the file's first line that is not a comment: `*nat`,
+    `:CHAIN`, `-A ...` are iptables-save's; `table ...`, `add rule ...` nft's."""
+    try:
+        with open(file) as f:
+            lines = f.read().splitlines()
+    except OSError as e:
+        raise LabError(f"{file}: cannot read: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise LabError(f"{file}: not a text file (give iptables-save or nft list ruleset output)") from None
+    for number, line in enumerate(lines, 1):
+        text = line.strip()
+        if not text or text.startswith("#"):
+            continue
+        if text[0] in "*:-" or text == "COMMIT":
+            return "iptables-save"
+        if text.split()[0] in NFT_WORDS:
+            return "nft"
+        raise LabError(f"{file}:{number}: {text!r}: neither iptables-save output (*nat, -A ...) nor nft rules "
+                       f"(table ..., add rule ...)")
+    raise LabError(f"{file}: no rules in it (give iptables-save or nft list ruleset output)")
