@@ -42,10 +42,7 @@ def bring_up(lab: Lab, rules: RuleSet, backend: Backend) -> None:
     if lab.record.backend != backend.name:
         raise LabError(f"lab {lab.labid} was made for the {lab.record.backend} backend, not {backend.name}")
     try:
-        for dump in rules.dumps:
-            backend.apply(sidecar, dump)
-        if rules.nft is not None:
-            backend.apply_native(sidecar, rules.nft, rules.name)
+        backend.apply_rules(sidecar, rules)
     except RuleError as e:
         raise LabError(f"{rules.name}: {e}") from None
     with interrupts.held(), ipr(sidecar) as sock:
@@ -93,6 +90,8 @@ class Session:
                  spec: PodSpec = PodSpec()):
         self.rules = rules
         self.backend = backends.choose(backend, rules.native)[0] if isinstance(backend, str) else backend
+        if rules.written:  # rules written by both backends: the lab reads both
+            self.backend = backends.mixed(rules.written)
         self.lab = Lab(labid, ipv6=rules.dual_stack, spec=spec.resolved(rules.istio), backend=self.backend.name)
         self.witnesses: Witnesses | None = None
 

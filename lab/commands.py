@@ -334,7 +334,7 @@ def _lab_backend(labid: str, asked: str | None) -> Backend:
     name = lab.backend if lab else backends.LEGACY
     if asked not in (None, backends.AUTO, name):
         raise LabError(f"lab {labid} runs on the {name} backend, not {asked}")
-    return backends.BACKENDS[name]
+    return backends.get(name)
 
 
 def trace(args) -> int:

@@ -148,7 +148,8 @@ class Rules:
         if self.hook_of(e) and (role == "raw" or self.target(e.rule) not in BUILTIN_TARGETS):
             return None
         return Hop(paths.CHAIN, e.chain, e.table, e.rulenum, self.counts.get(e.rule.chain_ref, 2) > 1, packet(e),
-                   self.lines.get(e.rule, ""), role=role if role != e.table else "")
+                   self.lines.get(e.rule, ""), role=role if role != e.table else "",
+                   backend=self.layout.backend(e.table))
 
     def hook(self, name: str, syn: Sequence[TraceEvent], first: TraceEvent, owner: bool = False) -> Hop:
         """A hook the packet passed, with the nat rule of its built-in chain that it matched."""

@@ -84,6 +84,11 @@ class Layout:
 
     roles: tuple[tuple[str, str], ...] = ()  # (table, nat | mangle | raw | filter)
     hooks: tuple[tuple[str, str, str], ...] = ()  # (table, chain, PREROUTING | INPUT | ...)
+    backends: tuple[tuple[str, str], ...] = ()  # (table, legacy | nft): a pod whose rules both backends wrote
+
+    def backend(self, table: str) -> str:
+        """Which backend holds the table, in a pod whose rules both hold; "" otherwise."""
+        return dict(self.backends).get(table, "")
 
     def role(self, table: str) -> str:
         """The xtables table `table` plays: itself for an xtables table."""
@@ -96,11 +101,14 @@ class Layout:
         return chain if chain in HOOKS else None
 
     def merged(self, other: "Layout") -> "Layout":
-        return Layout(tuple(dict.fromkeys(self.roles + other.roles)), tuple(dict.fromkeys(self.hooks + other.hooks)))
+        return Layout(*(tuple(dict.fromkeys(mine + theirs)) for mine, theirs in
+                        ((self.roles, other.roles), (self.hooks, other.hooks), (self.backends, other.backends))))
 
     def as_json(self) -> dict:
-        return {"roles": dict(self.roles), "hooks": [list(h) for h in self.hooks]}
+        return {"roles": dict(self.roles), "hooks": [list(h) for h in self.hooks],
+                **({"backends": dict(self.backends)} if self.backends else {})}
 
     @classmethod
     def from_json(cls, data: dict) -> "Layout":
-        return cls(tuple(data.get("roles", {}).items()), tuple(tuple(h) for h in data.get("hooks", ())))
+        return cls(tuple(data.get("roles", {}).items()), tuple(tuple(h) for h in data.get("hooks", ())),
+                   tuple(data.get("backends", {}).items()))

@@ -61,6 +61,7 @@ class Hop:
     owner: tuple[int, int] | None = None  # a hook where a local socket sent it: (uid, gid) as the kernel saw it
     where: str = ""  # a chain hop's namespace when not the sidecar pod's: plan.NODE
     role: str = ""  # chains: the xtables table an nf_tables table plays (istio-proxy-nat: nat); "" for xtables
+    backend: str = ""  # chains: legacy or nft, in a pod whose rules both backends wrote; "" otherwise
 
     @property
     def rule(self) -> RuleRef | None:
@@ -75,7 +76,10 @@ class Hop:
     @property
     def qualifier(self) -> str:
         """What a chain hop says after its rule: its table if it plays no nat table's part, its
-        namespace if not the sidecar's."""
+        namespace if not the sidecar's; in a pod whose rules both backends wrote, the backend
+        that holds the rule (and the xtables table it is, if not nat: `(mangle, legacy)`)."""
+        if self.backend:
+            return ", ".join(q for q in (self.where, "" if self.plays == "nat" else self.plays, self.backend) if q)
         return ", ".join(q for q in (self.where, "" if self.plays == "nat" else self.table) if q)
 
     def __str__(self) -> str:
@@ -157,6 +161,7 @@ _AGENT_RE = re.compile(r"^pilot-agent\s+(\d+)\s*\((dns|loop)\)$", re.I)
 _CHAIN_RE = re.compile(r"^([A-Za-z_][A-Za-z0-9_-]*)(?:\s+RULE\s+(\d+))?(?:\s*\((.*)\))?$", re.I)
 _END_RE = re.compile(r"^(?:(.+?)\s+)?(\d+):\s*no listener, refused$", re.I)
 NODE = "node"  # plan.NODE: the qualifier of a node's rule
+BACKENDS = ("legacy", "nft")  # the qualifier of a rule in a pod whose rules both backends wrote
 _NFT_TABLE = re.compile(r"[a-z][a-z0-9_]*-[a-z0-9_-]+")  # an nf_tables table of its own: istio-proxy-mangle
 
 
@@ -196,10 +201,11 @@ def parse(text: str) -> Path:
             aside = [q.strip() for q in (chain.group(3) or "").split(",")]
             table = next((q for q in aside if q in TABLES or _NFT_TABLE.fullmatch(q)), "nat")  # else the article's aside
             where = NODE if NODE in aside else ""
+            backend = next((q for q in aside if q in BACKENDS), "")
             if name in HOOKS and number is None and not where:
                 hops.append(Hop(HOOK, name))
             else:
-                hops.append(Hop(CHAIN, name, table, number, where=where))
+                hops.append(Hop(CHAIN, name, table, number, where=where, backend=backend))
         else:
             raise ValueError(f"cannot read hop {token!r}")
     return of(hops)

@@ -35,6 +35,7 @@ _LAB_NETWORKS = [ipaddress.ip_network(n) for n in (plan.POD_SUBNET, plan.SERVICE
 GROUPS = {"types": "The article's traffic types", "variants": "Their variants",
           "dns": "DNS capture", "problems": "The problems people hit (Istio's most reported interception issues)",
           "other": "Other traffic"}
+BACKENDS = ("legacy", "nft")  # what may write a scenario's rules (lab.backend's names)
 ISSUE_RE = re.compile(r"^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+#\d+$")  # istio/istio#4286
 
 
@@ -138,6 +139,7 @@ class Scenario:
     profile: str | None = None  # the profile it is written for: `run` uses it when given no rules
     annotations: annotations.PodAnnotations | None = None  # its pod's own interception annotations
     pod: PodSpec = PodSpec()  # how its sidecar pod runs
+    backends: tuple[str, ...] = ()  # its pod's rules written by these backends, in order (legacy, nft); () the run's
 
     @property
     def own_rules(self) -> bool:
@@ -390,6 +392,16 @@ def _pod_spec(pod: _Fields) -> tuple[annotations.PodAnnotations | None, PodSpec]
     return own, PodSpec(stage, inbound, listens == "localhost", proxy, vm)
 
 
+def _backends(top: _Fields) -> tuple[str, ...]:
+    """`backends: [legacy, nft]`: the pod's rules written by each, in this order (the last
+    written captures first, where both hook at one priority)."""
+    given = top.get("backends", list, required=False, default=[])
+    if any(b not in BACKENDS for b in given) or len(set(given)) != len(given):
+        raise top.fail("backends", f"{given!r}: give {' and '.join(BACKENDS)}, each at most once, in the order "
+                                   f"they write the rules")
+    return tuple(given)
+
+
 def _group(top: _Fields, scenario_type: int | None, variant_of: str | None, feature: str | None) -> str:
     given = top.get("group", str, required=False)
     if given is not None:
@@ -406,7 +418,7 @@ def _group(top: _Fields, scenario_type: int | None, variant_of: str | None, feat
 def parse(data, file: str) -> Scenario:
     top = _Fields(data, file)
     top.unknown({"id", "title", "type", "variant_of", "article", "traffic", "expected", "explanation", "feature",
-                 "group", "issue", "profile", "pod"})
+                 "group", "issue", "profile", "pod", "backends"})
     claim, note = _article(top.sub("article"))
     feature = top.get("feature", str, required=False)
     if feature is not None and feature not in features.FEATURES:
@@ -438,6 +450,7 @@ def parse(data, file: str) -> Scenario:
         profile=written_for,
         annotations=own,
         pod=pod,
+        backends=_backends(top),
     )
 
 

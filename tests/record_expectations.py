@@ -1,13 +1,15 @@
 """Record the paths the kernel takes under a profile into the scenario files, measured:
 
-    sudo .venv/bin/python -m tests.record_expectations PROFILE...
+    sudo .venv/bin/python -m tests.record_expectations PROFILE... [--only ID,ID...]
 
 Every scenario (every group, named, so DNS queries run under rules that do not capture
 DNS) runs under the profile in the labs it needs; where the measured path is not the
 file's default path, it goes into `expected.profiles.PROFILE` (an IPv6 twin's, where it is
 not the IPv4 one's, into `expected.ipv6.PROFILE`), and an entry the kernel no longer needs
 goes.  A flow that could not be measured is printed, not written: its file needs an
-`expected.not_measured` that says why, in words.  Only a pass of every scenario afterwards
+`expected.not_measured` that says why, in words.  A scenario whose rules the profile cannot
+give (a TPROXY pod before 1.25, rules both backends write under a native profile) is left
+out, and printed.  Only a pass of every scenario afterwards
 (`istio-lab run --profile PROFILE ID...`) makes the record a record.
 """
 
@@ -18,14 +20,22 @@ import sys
 
 from lab import backend as backends
 from lab import dualstack, runner, scenario
+from lab.errors import LabError
 
 INDENT = "    "
 
 
-def measured(profile: str) -> tuple[dict, list[str]]:
+def measured(profile: str, only: list[str]) -> tuple[dict, list[str]]:
     """{scenario id: (IPv4 path, IPv6 twin's path or None)} and the flows not measured."""
-    every = scenario.load_all()
-    labs, skipped = runner.plan(every, runner.Choice(profile), named=True)
+    every = [s for s in scenario.load_all() if not only or s.id in only]
+    skipped = []
+    for s in list(every):
+        try:
+            runner.rules_for(s, runner.Choice(profile))
+        except LabError as e:
+            skipped.append(f"{s.id}: left out: {e}")
+            every.remove(s)
+    labs, _ = runner.plan(every, runner.Choice(profile), named=True)
     native = any(lab.rules.native for lab in labs)
     results, _ = runner.run(labs, every, backends.choose(backends.AUTO, native)[0])
     paths, missing = {}, list(skipped)
@@ -81,10 +91,10 @@ def write(file: str, key: str, profile: str, path: str | None, comment: str) -> 
     open(file, "w").write("\n".join(lines))
 
 
-def main(profiles: list[str]) -> None:
+def main(profiles: list[str], only: list[str]) -> None:
     by_id = {s.id: s for s in scenario.load_all()}
     for profile in profiles:
-        paths, missing = measured(profile)
+        paths, missing = measured(profile, only)
         for sid, (v4, v6) in sorted(paths.items()):
             s = by_id[sid]
             default = str(s.expected.default)
@@ -100,4 +110,6 @@ def main(profiles: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    args = sys.argv[1:]
+    only = args[args.index("--only") + 1].split(",") if "--only" in args else []
+    main([a for a in args if a != "--only" and a.split(",") != only], only)

@@ -27,6 +27,7 @@ class RuleSet:
     command: str = ""  # the istio-iptables command line the rules stand for (built rules only)
     annotations: str = ""  # the pod annotations they were built with, in one line ("" for none)
     nft: nftset.RuleSet | None = None  # native nftables rules, applied as one nft -f transaction (nft backend only)
+    written: tuple[str, ...] = ()  # the backends that write the dumps, in order, into one pod (legacy, nft); () the run's
 
     @property
     def native(self) -> bool:
@@ -54,10 +55,12 @@ class RuleSet:
 
     def key(self) -> tuple:
         """What makes two rule sets the same rules (the runner shares a lab between them)."""
-        return tuple(d.text() for d in self.dumps) + ((self.script,) if self.nft is not None else ())
+        return tuple(d.text() for d in self.dumps) + ((self.script,) if self.nft is not None else ()) + self.written
 
     @property
     def summary(self) -> str:
+        if self.written:
+            return f"{self.name}, written by {' and then by '.join(f'iptables-{b}' for b in self.written)} into one pod"
         if self.annotations:
             return f"{self.name}: {self.command}"
         if self.file is None:
