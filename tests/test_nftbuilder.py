@@ -1,11 +1,10 @@
-"""Istio's native nftables rules: the builder against Istio's own goldens, the profiles, and
-the kernel taking each profile's script."""
+"""Istio's native nftables rules: the builder against Istio's own expected rule sets (the
+lab's record of its goldens, tests/data/istio-goldens/), the profiles, and the kernel taking
+each profile's script."""
 
 import socket
 import subprocess
 from dataclasses import replace
-from pathlib import Path
-
 import pytest
 
 from lab import netns
@@ -14,7 +13,7 @@ from lab.netfilter import RuleRef
 from lab.rules import builder, nftbuilder, nftlisting, nftset, profiles
 from lab.rules.nftbuilder import NftOptions
 
-GOLDENS = Path(__file__).resolve().parent / "data/istio-nftables"
+from . import istio_record
 
 # Istio's run_test.go starts every case from no inbound ports, no excluded inbound ports and
 # no outbound ranges (uid and gid 1337), then sets the case's options; here in the lab's terms.
@@ -61,8 +60,7 @@ NOT_MODELLED = {"outbound-owner-groups", "outbound-owner-groups-exclude", "ipv6-
 NFT_PROFILES = profiles.names(native_nftables=True)
 
 
-def _golden(version: str, name: str) -> nftset.RuleSet:
-    return nftset.parse((GOLDENS / version / f"{name}.golden").read_text(), f"{version}/{name}.golden")
+_golden = istio_record.nftables
 
 
 def _chain(rules: nftset.RuleSet, chain: str, table: str = nftbuilder.NAT) -> list[str]:
@@ -77,7 +75,7 @@ def test_the_builder_writes_istios_golden(name, version):
 
 
 def test_every_golden_is_compared_or_said_to_be_out_of_reach():
-    goldens = {p.stem for p in (GOLDENS / "1.30").glob("*.golden")}
+    goldens = set(istio_record.nftables_names())
     assert goldens == set(GOLDEN_OPTIONS) | NOT_MODELLED and not set(GOLDEN_OPTIONS) & NOT_MODELLED
 
 

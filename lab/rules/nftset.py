@@ -253,6 +253,22 @@ def target(text: str) -> str | None:
     return None
 
 
+def text(rules: RuleSet) -> str:
+    """The rule set as `nft list ruleset` lays it out (table blocks, each chain's spec then its
+    rules), in the rules' own words: the lab's canonical form, which parse() reads back."""
+    out = []
+    for t in rules.tables.values():
+        out.append(f"table {t.family} {t.name} {{")
+        for c in t.chains.values():
+            out.append(f"\tchain {c.name} {{")
+            if c.base:
+                out.append(f"\t\t{c.base.spec()}")
+            out += [f"\t\t{r.text}" for r in c.rules]
+            out.append("\t}")
+        out.append("}")
+    return "\n".join(out) + "\n"
+
+
 def words(text: str) -> list[str]:
     """A rule's words: a quoted string or a `{ ... }` set is one word (a set as `{ a, b }`)."""
     return _fold([t.text for t in _tokens(text) if t.text != "\n"])
