@@ -80,7 +80,8 @@ def check(args) -> int:
     chosen, why = backends.choose(args.backend)
     preflight.check(chosen.name)
     pieces = {backends.LEGACY: "legacy xtables, owner, REDIRECT, TRACE, nfnetlink_log",
-              backends.NFT: "nf_tables, nftrace in a namespace, owner and REDIRECT through nft_compat"}
+              backends.NFT: "nf_tables, nftrace in a namespace, owner and REDIRECT through nft_compat, "
+                            "Istio's native nftables rules"}
     print(f"istio-lab: this machine can run the lab on the {chosen.name} backend ({why}): root, {pieces[chosen.name]}")
     return 0
 
