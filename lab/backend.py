@@ -166,6 +166,7 @@ class NftReader:
 
     def close(self) -> None:
         self.reader.close()
+        libnft.release(self.ns)  # the namespace's libnftables context, with its reader
 
 
 class Nft:

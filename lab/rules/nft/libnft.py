@@ -2,9 +2,17 @@
 
 A libnftables context opens its netlink socket when it is made (measured with 1.0.6: a
 context made in one namespace keeps reading and writing that namespace after the thread
-moves).  So each call makes its context inside the pod's namespace and frees it after
-(0.08 ms): none outlives the call, none keeps a deleted namespace alive, and none made in
-the harness's own namespace can be reused inside a pod, or the other way round.
+moves).  So a pod's context is made inside the pod's namespace, on its first call, and
+serves that namespace only, until release(); none made in the harness's own namespace can
+be reused inside a pod, or the other way round.  A scratch namespace's calls get a context
+each.
+
+Why not one per call: closing an nf_tables netlink socket while deleted rules wait to be
+destroyed (in any namespace: the kernel's destroy list is global) makes nf_tables finish
+that work first, an RCU grace period, holding the commit mutex (nft_rcv_nl_event on
+NETLINK_URELEASE): about 14 ms measured here each time a flow's trace rules were removed,
+and the next transaction waited as long.  Kept open, the sockets let the kernel destroy
+the rules in its own time; a lab's contexts go with its readers (release()).
 """
 
 from __future__ import annotations
@@ -85,9 +93,36 @@ def _quiet() -> Iterator[None]:
         os.close(devnull)
 
 
+_contexts: dict[str, tuple[int, object]] = {}  # a pod's namespace -> (its inode, its context made inside it)
+_contexts_lock = threading.Lock()
+
+
+def _cmd(ns: str | None, commands: str, **flags) -> tuple[int, str, str]:
+    """Run commands with the namespace's context (already entered: inside(ns)).  A context
+    made in a namespace of the same name that is gone (its inode differs) is not reused."""
+    if ns is None:  # a scratch namespace: a context for this call alone
+        return _context(**flags).cmd(commands)
+    with _contexts_lock:
+        here = _here()
+        inode, ctx = _contexts.get(ns, (None, None))
+        if inode != here:
+            ctx = _context()
+            _contexts[ns] = (here, ctx)
+        ctx.set_json_output(flags.get("json_output", False))
+        ctx.set_handle_output(flags.get("handles", False))
+        ctx.set_echo_output(flags.get("echo", False))
+        return ctx.cmd(commands)
+
+
+def release(ns: str) -> None:
+    """Free the namespace's context (its socket, which keeps the namespace alive)."""
+    with _contexts_lock:
+        _contexts.pop(ns, None)
+
+
 def _run(ns: str | None, commands: str, what: str, **flags) -> str:
     with inside(ns), _quiet():
-        rc, out, err = _context(**flags).cmd(commands)
+        rc, out, err = _cmd(ns, commands, **flags)
     if rc:
         raise NftError(f"{what}: {_first_error(err)}")
     return out
@@ -116,7 +151,7 @@ def _script(ns: str | None, script: str, source: str, **flags) -> str:
         os.write(fd, script.encode())
         path = f"/proc/self/fd/{fd}"
         with inside(ns):
-            rc, out, err = _context(**flags).cmd(f'include "{path}"')
+            rc, out, err = _cmd(ns, f'include "{path}"', **flags)
     finally:
         os.close(fd)
     if rc:
