@@ -196,7 +196,7 @@ class Nft:
             if iptables_nft.made(table):
                 lines |= {r.ref: r.line for r in iptables_nft.listing(ns, table.name, family)}
             else:
-                lines |= nftset.RuleSet({key: table}).lines()
+                lines |= libnft.read(ns, family, [key], words=True).lines()
         return lines, layout
 
     def listing(self, ns: str, table: str, family: int = 4) -> list[NumberedRule]:
@@ -210,7 +210,7 @@ class Nft:
             for key, table in libnft.read(ns, family).tables.items():
                 if key != TRACE_TABLE and key not in out and not iptables_nft.made(table):
                     out[key] = [NumberedRule(ref, r.text, r.packets or 0, r.bytes or 0)
-                                for ref, r in nftset.RuleSet({key: table}).numbered()]
+                                for ref, r in libnft.read(ns, family, [key], words=True).numbered()]
         return out
 
     def counters(self, ns: str, tables: tuple[str, ...], family: int = 4) -> dict[RuleRef, int]:

@@ -12,6 +12,7 @@ the events naming it, and no other nat counter moved.
 from __future__ import annotations
 
 import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -189,3 +190,34 @@ def test_mixed_backends_the_nat_table_written_last_captures_the_syn(pair, first:
     assert seen[APP][other] == ([], {})
     for backend in (captor, other):
         assert seen[PROXY][backend] == ([4], {"OUTPUT#1": 1, "ISTIO_OUTPUT#4": 1})
+
+
+XTABLES_AFTER_A_LISTING = """
+import sys
+from lab import netns
+from lab.rules import profiles, xtables
+from lab.rules.nft import iptables_nft, libnft
+with libnft.scratch():
+    iptables_nft.apply(None, profiles.dumps("istio-1.25-ipv6")[1])  # ip6 nat: REDIRECT through xt
+    libnft.read(None, 6, words=sys.argv[1] == "words")
+with netns.scratch():
+    try:
+        xtables.apply(None, profiles.load("istio-1.13"))  # IPv4 REDIRECT through python-iptables
+    except xtables.RuleError as e:
+        print(e)
+"""
+
+
+@pytest.mark.parametrize("how", ["json", "words"])
+def test_a_listing_of_iptables_nft_rules_leaves_python_iptables_its_extensions(how) -> None:
+    """libnftables prints an xt rule by asking libxtables to translate it, and libxtables keeps
+    what it loads registered for that IP family, for the process: after a text listing of an
+    ip6 table python-iptables finds no REDIRECT for IPv4.  So the lab lists by JSON, which
+    translates nothing, and reads text only of tables without xt rules (native ones)."""
+    done = subprocess.run([sys.executable, "-c", XTABLES_AFTER_A_LISTING, how], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1], timeout=60)
+    assert done.returncode == 0, done.stderr
+    if how == "json":
+        assert done.stdout == ""
+    else:
+        assert "can't find target REDIRECT" in done.stdout

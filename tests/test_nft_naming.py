@@ -164,3 +164,22 @@ def test_the_labs_trace_table_witnesses_each_hook_once() -> None:
 def test_an_event_whose_walk_start_was_not_read_is_left_out() -> None:
     headless = dataclasses.replace(event("ip", "nat", "ISTIO_OUTPUT", 25), src=None, dst=None, sport=None, dport=None)
     assert naming.trace_events([headless], listing(IPTABLES_NFT)) == []
+
+
+def test_the_json_listing_gives_the_same_handles_positions_and_counters() -> None:
+    """libnft.read lists by JSON (nothing translated through libxtables): the same model, no words."""
+    items = [{"metainfo": {"json_schema_version": 1}},
+             {"table": {"family": "ip", "name": "nat", "handle": 3}},
+             {"chain": {"family": "ip", "table": "nat", "name": "OUTPUT", "handle": 2, "type": "nat",
+                        "hook": "output", "prio": -100, "policy": "accept"}},
+             {"chain": {"family": "ip", "table": "nat", "name": "ISTIO_OUTPUT", "handle": 5}},
+             {"rule": {"family": "ip", "table": "nat", "chain": "OUTPUT", "handle": 10,
+                       "expr": [{"counter": {"packets": 2, "bytes": 120}}, {"jump": {"target": "ISTIO_OUTPUT"}}]}},
+             *({"rule": {"family": "ip", "table": "nat", "chain": "ISTIO_OUTPUT", "handle": h,
+                         "expr": [{"counter": {"packets": int(h in (20, 25)), "bytes": 60 * (h in (20, 25))}},
+                                  {"return": None}]}} for h in range(17, 26))]
+    from_json, from_text = nftset.from_json(items).seen_by(4), listing(IPTABLES_NFT)
+    assert from_json.handles() == {k: v for k, v in from_text.handles().items() if v.chain != "ISTIO_REDIRECT"}
+    assert from_json.packet_counts() == {k: v for k, v in from_text.packet_counts().items() if k.chain != "ISTIO_REDIRECT"}
+    assert from_json.layout() == listing(IPTABLES_NFT.split("\tchain ISTIO_REDIRECT")[0] + "}\n").layout()
+    assert {rule.text for _, rule in from_json.numbered()} == {""}  # JSON gives expressions, not words

@@ -335,6 +335,30 @@ def _tokens(text: str, fail=None) -> list[_Token]:
     return out
 
 
+def from_json(items: list[dict]) -> RuleSet:
+    """The rule set of libnftables' JSON listing (`nft -j -a list ...`): tables, chains (base
+    chains with their type, hook, priority and policy), rules in chain order with their
+    handles and counters.  JSON gives a rule's expressions, not its words: each rule's text
+    is "" (read `nft -a list` where the words matter).  What it is for: handles, positions
+    and counters of any table, without the text listing's translation of iptables-nft's xt
+    rules, for which libnftables calls into libxtables, and libxtables keeps the extensions
+    it loads registered for one IP family per process (python-iptables then finds no
+    REDIRECT for IPv4 once an ip6 table was listed)."""
+    rules = RuleSet()
+    for item in items:
+        if t := item.get("table"):
+            rules.tables.setdefault((t["family"], t["name"]), Table(t["family"], t["name"]))
+        elif c := item.get("chain"):
+            base = BaseChain(c["type"], c["hook"], c["prio"], c.get("policy", "accept")) if "hook" in c else None
+            rules.tables[c["family"], c["table"]].chains[c["name"]] = Chain(c["name"], base)
+        elif r := item.get("rule"):
+            counter = next((e["counter"] for e in r.get("expr", ()) if isinstance(e, dict)
+                            and isinstance(e.get("counter"), dict)), {})
+            rules.tables[r["family"], r["table"]].chains[r["chain"]].rules.append(
+                Rule("", handle=r["handle"], packets=counter.get("packets"), bytes=counter.get("bytes")))
+    return rules
+
+
 def parse(text: str, source: str = "<nft>") -> RuleSet:
     """Read an `nft -f` script or `nft list ruleset` output, applied to an empty rule set."""
     return _Reader(text, source).read()

@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import sys
 import threading
 from typing import Iterable, Iterator
 
@@ -75,24 +74,6 @@ def _context(json_output: bool = False, handles: bool = False, echo: bool = Fals
     return ctx
 
 
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """Listing a rule iptables-nft wrote through the xt compatibility layer, libnftables asks
-    libxtables to translate it, and libxtables prints to the process's stderr when it cannot
-    (`XT target DNAT not found` for ip6 nat, `Warning: Extension owner is not supported`):
-    noise, not errors, that nothing can route through libnftables' error buffer.  fd 2 goes
-    to /dev/null for the call (the harness writes nothing meanwhile)."""
-    sys.stderr.flush()
-    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
-
-
 _contexts: dict[str, tuple[int, object]] = {}  # a pod's namespace -> (its inode, its context made inside it)
 _contexts_lock = threading.Lock()
 
@@ -121,7 +102,7 @@ def release(ns: str) -> None:
 
 
 def _run(ns: str | None, commands: str, what: str, **flags) -> str:
-    with inside(ns), _quiet():
+    with inside(ns):
         rc, out, err = _cmd(ns, commands, **flags)
     if rc:
         raise NftError(f"{what}: {_first_error(err)}")
@@ -188,15 +169,19 @@ def tables(ns: str | None) -> list[tuple[str, str]]:
     return [(t["family"], t["name"]) for item in listing(ns, "tables") if (t := item.get("table"))]
 
 
-def read(ns: str | None, ip_version: int = 4, only: Iterable[tuple[str, str]] | None = None) -> nftset.RuleSet:
+def read(ns: str | None, ip_version: int = 4, only: Iterable[tuple[str, str]] | None = None,
+         words: bool = False) -> nftset.RuleSet:
     """The rule set of `ns` as an IPv4 or IPv6 packet meets it (the `ip` or `ip6` tables and
-    the `inet` ones), or only the tables named by (family, name): read from `nft -a list`,
-    with each rule's handle and counter."""
-    if only is None:
-        listed = text(ns)
-    else:
-        listed = "\n".join(text(ns, f"table {family} {name}") for family, name in only)
+    the `inet` ones), or only the tables named by (family, name), with each rule's handle and
+    counter.  From the JSON listing (no rule text: nftset.from_json says why); with `words`,
+    from `nft -a list`, each rule in the words nft prints, for tables that hold no rule of
+    iptables-nft's (whose xt expressions nft would translate through libxtables)."""
+    targets = ["ruleset"] if only is None else [f"table {family} {name}" for family, name in only]
     try:
-        return nftset.parse(listed, "nft list ruleset").seen_by(ip_version)
+        if words:
+            listed = nftset.parse("\n".join(text(ns, what) for what in targets), "nft list ruleset")
+        else:
+            listed = nftset.from_json([item for what in targets for item in listing(ns, what)])
+        return listed.seen_by(ip_version)
     except nftset.NftFormatError as e:  # nft printed something the model does not hold
         raise NftError(f"{ns}: {e}") from None

@@ -30,5 +30,5 @@ def delete(ns: str, tables: list[TableId]) -> None:
 def listing(ns: str, table: TableId, ip_version: int = 4) -> list[NumberedRule]:
     """Every rule of a table, numbered by its position in its chain, with its text as `nft
     list` prints it (counter values left out) and its counters."""
-    rules = libnft.read(ns, ip_version, [table])
+    rules = libnft.read(ns, ip_version, [table], words=True)
     return [NumberedRule(ref, rule.text, rule.packets or 0, rule.bytes or 0) for ref, rule in rules.numbered()]
