@@ -215,7 +215,7 @@ def explain_nft_rules(measured: Path, rules: RuleSet, profile: str, marks: bool 
     numbers it, beside the iptables chain it mirrors; then where the two rule sets differ."""
     matched = {(h.table, h.name, h.number) for h in measured.chains} if marks else set()
     nat = next(t.name for t in rules.nft.tables.values() if nftset.role(t) == "nat")
-    counterpart = profiles.iptables_counterpart(profile)
+    counterpart = list(rules.counterpart)  # istio-iptables' rules for the same options
     out = [f"The rules it passes: {rules.command}", ""]
     for table, chain, where in dict.fromkeys((h.table, h.name, h.where) for h in measured.chains):
         if where:  # the node's kube-proxy rules are iptables' under every profile
@@ -239,8 +239,9 @@ def explain_nft_rules(measured: Path, rules: RuleSet, profile: str, marks: bool 
             out.append(f"   {tool}: {pair.xt_chain} ({pair.xt_table} table)" + ("" if xt_rules else ": no such rules"))
             out += [f"    {num:>2}  {rule.spec}" for num, rule in enumerate(xt_rules, 1)]
         out.append("")
-    out.append("Where these nft rules differ from the iptables ones (docs/profiles.md says more):")
-    out += [f"  - {line}" for line in nftcompare.differences(rules.nft, tuple(counterpart))]
+    if counterpart:
+        out.append("Where these nft rules differ from the iptables ones (docs/profiles.md says more):")
+        out += [f"  - {line}" for line in nftcompare.differences(rules.nft, tuple(counterpart))]
     return "\n".join(out) + "\n"
 
 

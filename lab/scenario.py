@@ -429,8 +429,9 @@ def parse(data, file: str) -> Scenario:
     if scenario_type is not None and not 1 <= scenario_type <= 6:
         raise top.fail("type", f"the article has traffic types 1-6, not {scenario_type}")
     written_for = top.get("profile", str, required=False)
-    if written_for is not None and written_for not in profiles.names():
-        raise top.fail("profile", f"unknown profile {written_for!r} (profiles: {', '.join(profiles.names())})")
+    if written_for is not None and written_for not in profiles.names(native_nftables=None):
+        raise top.fail("profile", f"unknown profile {written_for!r} "
+                                  f"(profiles: {', '.join(profiles.names(native_nftables=None))})")
     own, pod = _pod_spec(top.sub("pod")) if "pod" in top.data else (None, PodSpec())
     variant_of = top.get("variant_of", str, required=False)
     return Scenario(

@@ -150,3 +150,17 @@ def test_every_scenario_passes_under_the_native_profile_on_nft(profile):
 def test_native_rules_under_the_legacy_backend_are_refused_before_any_lab():
     with pytest.raises(LabError, match="use --backend nft"):
         api.Session(ruleset.profile("istio-1.27-nft"), backend.LEGACY)
+
+
+def test_explain_shows_nfts_chains_beside_iptables_and_what_differs():
+    import sys
+    out = subprocess.run([sys.executable, "-m", "lab.cli", "explain", "type4-local-to-local", "--profile",
+                          "istio-1.27-nft-ipv6"], capture_output=True, text=True, check=True).stdout
+    assert "istio-output (table inet istio-proxy-nat: its nat table, IPv4 and IPv6)" in out
+    assert " > 13  jump istio-redirect" in out and "   iptables: ISTIO_OUTPUT (nat table)" in out
+    assert "   ip6tables: ISTIO_OUTPUT (nat table)" in out
+    assert "  - numbering: IPv6's rules of ip6tables' ISTIO_OUTPUT 1-9 are istio-output 2, 4, 5, 6, 8, 9, 10, 12, 13" in out
+    listed = subprocess.run([sys.executable, "-m", "lab.cli", "profiles"], capture_output=True, text=True,
+                            check=True).stdout.splitlines()
+    assert [line.split()[:3] for line in listed if "-nft" in line.split()[0]] == [
+        [name, "1.27", "nft"] for name in NATIVE]

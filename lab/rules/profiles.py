@@ -85,12 +85,16 @@ def nft_rules(name: str) -> nftset.RuleSet:
     return nftbuilder.build(p.istio, p.options)
 
 
+def plain(options: builder.Options) -> builder.Options:
+    """istio-iptables' options alone, without those only the native rules model."""
+    return builder.Options(**{f.name: getattr(options, f.name) for f in fields(builder.Options)})
+
+
 def iptables_counterpart(name: str) -> list[save.Dump]:
     """A native nftables profile's iptables twin: what istio-iptables writes for the same
     options without --native-nftables (IPv4, then IPv6 when it has any)."""
     p = get(name)
-    options = builder.Options(**{f.name: getattr(p.options, f.name) for f in fields(builder.Options)})
-    return [d for d in (builder.build(p.istio, options, f) for f in (4, 6)) if d.tables]
+    return [d for d in (builder.build(p.istio, plain(p.options), f) for f in (4, 6)) if d.tables]
 
 
 def nft_text(name: str) -> str:

@@ -28,6 +28,7 @@ class RuleSet:
     annotations: str = ""  # the pod annotations they were built with, in one line ("" for none)
     nft: nftset.RuleSet | None = None  # native nftables rules, applied as one nft -f transaction (nft backend only)
     written: tuple[str, ...] = ()  # the backends that write the dumps, in order, into one pod (legacy, nft); () the run's
+    counterpart: tuple[Dump, ...] = ()  # native rules built from options: istio-iptables' rules for the same options
 
     @property
     def native(self) -> bool:
@@ -74,7 +75,7 @@ def profile(name: str = profiles.DEFAULT) -> RuleSet:
     p = profiles.get(name)
     if p.native_nftables:
         return RuleSet(name, (), name, istio=builder.parse_version(p.istio), command=p.options.command(),
-                       nft=profiles.nft_rules(name))
+                       nft=profiles.nft_rules(name), counterpart=tuple(profiles.iptables_counterpart(name)))
     return RuleSet(name, tuple(profiles.dumps(name)), name, istio=builder.parse_version(p.istio),
                    command=p.options.command())
 
@@ -94,7 +95,8 @@ def from_annotations(pod: annotations.PodAnnotations, base: str = profiles.DEFAU
     if p.native_nftables:  # the same options, as istio-iptables --native-nftables writes them
         rules = nftbuilder.build(p.istio, init.options)
         same = rules == profiles.nft_rules(base)
-        return RuleSet(dumps=(), profile=expect or (base if same else None), nft=rules, **built)
+        iptables = tuple(d for d in (builder.build(p.istio, profiles.plain(init.options), f) for f in (4, 6)) if d.tables)
+        return RuleSet(dumps=(), profile=expect or (base if same else None), nft=rules, counterpart=iptables, **built)
     dumps = tuple(d for d in (builder.build(p.istio, init.options, f) for f in (4, 6)) if d.tables)
     same = [d.text() for d in dumps] == [d.text() for d in profiles.dumps(base)]
     return RuleSet(dumps=dumps, profile=expect or (base if same else None), **built)
