@@ -42,13 +42,14 @@ def bring_up(lab: Lab, rules: RuleSet, backend: Backend) -> None:
     if lab.record.backend != backend.name:
         raise LabError(f"lab {lab.labid} was made for the {lab.record.backend} backend, not {backend.name}")
     try:
-        for dump in rules.dumps:
-            backend.apply(sidecar, dump)
+        backend.apply_rules(sidecar, rules)
     except RuleError as e:
         raise LabError(f"{rules.name}: {e}") from None
     with interrupts.held(), ipr(sidecar) as sock:
         for dump in rules.dumps:
             routing.apply(sock, dump)
+        if rules.nft is not None:
+            routing.apply_native(sock, rules.nft, (4, 6) if lab.ipv6 else (4,))
     processes.start(lab, rules.inbound_mode, dns_proxy="dns-capture" in rules.features)
 
 
@@ -88,7 +89,9 @@ class Session:
     def __init__(self, rules: RuleSet, backend: Backend | str = backends.AUTO, labid: str | None = None,
                  spec: PodSpec = PodSpec()):
         self.rules = rules
-        self.backend = backends.choose(backend)[0] if isinstance(backend, str) else backend
+        self.backend = backends.choose(backend, rules.native)[0] if isinstance(backend, str) else backend
+        if rules.written:  # rules written by both backends: the lab reads both
+            self.backend = backends.mixed(rules.written)
         self.lab = Lab(labid, ipv6=rules.dual_stack, spec=spec.resolved(rules.istio), backend=self.backend.name)
         self.witnesses: Witnesses | None = None
 

@@ -36,7 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     rule_set = run.add_mutually_exclusive_group()
     rule_set.add_argument("--profile", metavar="NAME", help="the sidecar's rules: a profile (istio-lab profiles; "
                           "default istio-1.13, the article's)")
-    rule_set.add_argument("--rules", metavar="FILE", help="the sidecar's rules: an iptables-save dump of a real pod")
+    rule_set.add_argument("--rules", metavar="FILE", help="the sidecar's rules: an iptables-save dump of a real pod, "
+                          "or its nft rules (nft list ruleset output, or an nft -f script; run on the nft backend)")
     run.add_argument("--group", metavar="NAME", help="only the scenarios of a group (istio-lab list shows them), "
                      "e.g. problems")
     for flag, what in (("--proxy-uid", "uid"), ("--proxy-gid", "gid"), ("--outbound-port", "outbound port"),

@@ -14,7 +14,7 @@ from .backend import Backend
 from .errors import LabError
 from .netfilter import PATH_TABLES
 from .path import Path
-from .rules import annotations, kubeproxy, profiles, ruleset, xtables
+from .rules import annotations, kubeproxy, nftcompare, nftset, profiles, ruleset, xtables
 from .rules.ruleset import RuleSet
 from .scenario import Scenario
 from .world import Lab
@@ -44,6 +44,7 @@ def _console():
 # How to read a pod's rules by hand, per backend (`up` prints it).
 LISTING = {backends.LEGACY: "iptables-legacy -t nat -L -n -v --line-numbers",
            backends.NFT: "iptables-nft -t nat -L -n -v --line-numbers   (or: nft list ruleset)"}
+NFT_LISTING = "nft -a list ruleset   (Istio's native tables: inet istio-proxy-nat, -mangle, -raw)"
 
 
 def _ready_machine(backend: Backend) -> None:
@@ -79,7 +80,8 @@ def check(args) -> int:
     chosen, why = backends.choose(args.backend)
     preflight.check(chosen.name)
     pieces = {backends.LEGACY: "legacy xtables, owner, REDIRECT, TRACE, nfnetlink_log",
-              backends.NFT: "nf_tables, nftrace in a namespace, owner and REDIRECT through nft_compat"}
+              backends.NFT: "nf_tables, nftrace in a namespace, owner and REDIRECT through nft_compat, "
+                            "Istio's native nftables rules"}
     print(f"istio-lab: this machine can run the lab on the {chosen.name} backend ({why}): root, {pieces[chosen.name]}")
     return 0
 
@@ -103,8 +105,8 @@ def run(args) -> int:
     if not labs:  # a lab that would run nothing: say so instead of passing
         raise LabError(f"none of the scenarios applies to {rules.name}'s rules (name one to run it anyway)")
     report_dir = html_report.prepare(args.report) if args.report is not None else None
+    backend, _ = backends.choose(args.backend, native=any(lab.rules.native for lab in labs))
     preflight.check_root()
-    backend, _ = backends.choose(args.backend)
     _ready_machine(backend)
     console = _console()
     status = console.status("building the lab") if not args.json else contextlib.nullcontext()
@@ -165,6 +167,9 @@ def explain(args) -> int:
         console.print(f"(The explanation is written for {written_for}{whose}; "
                       f"docs/profiles.md tells what {profile} changes.)", markup=False)
     console.print()
+    if rules.native:
+        console.print(explain_nft_rules(measured, rules, profile, marks=rules.profile is not None), markup=False, end="")
+        return 0
     console.print(explain_rules(measured, rules.dumps[0], profile, rules.command if rules.annotations else "",
                                 marks=rules.profile is not None), markup=False, end="")
     return 0
@@ -205,12 +210,48 @@ def explain_rules(measured: Path, dump, profile: str = profiles.DEFAULT, built_b
     return "\n".join(out) + "\n"
 
 
+def explain_nft_rules(measured: Path, rules: RuleSet, profile: str, marks: bool = True) -> str:
+    """explain_rules for native nftables rules: each chain the path passes, numbered as nft
+    numbers it, beside the iptables chain it mirrors; then where the two rule sets differ."""
+    matched = {(h.table, h.name, h.number) for h in measured.chains} if marks else set()
+    nat = next(t.name for t in rules.nft.tables.values() if nftset.role(t) == "nat")
+    counterpart = list(rules.counterpart)  # istio-iptables' rules for the same options
+    out = [f"The rules it passes: {rules.command}", ""]
+    for table, chain, where in dict.fromkeys((h.table, h.name, h.where) for h in measured.chains):
+        if where:  # the node's kube-proxy rules are iptables' under every profile
+            out.append(explain_rules(Path(tuple(h for h in measured.chains if h.where)), counterpart[0],
+                                     profile, marks=marks).split("\n", 2)[2].rstrip("\n"))
+            out.append("")
+            continue
+        name = nat if table == "nat" else table
+        t = next(t for t in rules.nft.tables.values() if t.name == name)
+        listed = t.chains[chain].rules
+        families = {"inet": "IPv4 and IPv6", "ip": "IPv4", "ip6": "IPv6"}.get(t.family, t.family)
+        out.append(f"{chain} (table {t.family} {t.name}: its {nftset.role(t)} table, {families})")
+        for num, rule in enumerate(listed, 1):
+            mark = ">" if (table, chain, num) in matched or len(listed) == 1 and marks else " "
+            out.append(f" {mark} {num:>2}  {rule.text}")
+        pair = next(p for p in nftcompare.counterparts(rules.nft) if (p.table, p.chain) == (name, chain))
+        for dump in counterpart:
+            xt = dump.tables.get(pair.xt_table)
+            xt_rules = xt.chain_rules(pair.xt_chain) if xt else []
+            tool = "ip6tables" if dump.family == 6 else "iptables"
+            out.append(f"   {tool}: {pair.xt_chain} ({pair.xt_table} table)" + ("" if xt_rules else ": no such rules"))
+            out += [f"    {num:>2}  {rule.spec}" for num, rule in enumerate(xt_rules, 1)]
+        out.append("")
+    if counterpart:
+        out.append("Where these nft rules differ from the iptables ones (docs/profiles.md says more):")
+        out += [f"  - {line}" for line in nftcompare.differences(rules.nft, tuple(counterpart))]
+    return "\n".join(out) + "\n"
+
+
 def list_profiles(args) -> int:
     console = _console()
-    for name in profiles.names():
+    for name in profiles.names(native_nftables=None):
         p = profiles.get(name)
         default = "  (default)" if name == profiles.DEFAULT else ""
-        console.print(f"{name:<18} {p.versions:<12} {p.summary}{default}", markup=False, highlight=False)
+        backend = "nft" if p.native_nftables else "any"
+        console.print(f"{name:<22} {p.versions:<12} {backend:<4} {p.summary}{default}", markup=False, highlight=False)
     return 0
 
 
@@ -235,8 +276,8 @@ def up(args) -> int:
     pod = _annotations(args)
     rules = ruleset.from_annotations(pod, args.profile or profiles.DEFAULT) if pod else \
         ruleset.profile(args.profile or profiles.DEFAULT)
+    backend, _ = backends.choose(args.backend, native=rules.native)
     preflight.check_root()
-    backend, _ = backends.choose(args.backend)
     _ready_machine(backend)
     lab = Lab(args.labid, detached=not args.hold, ipv6=rules.dual_stack, backend=backend.name)
     try:
@@ -254,7 +295,7 @@ def up(args) -> int:
         raise
     console.print(f"\nLab [bold]{lab.labid}[/] is up. Enter a pod, e.g.:")
     console.print(f"  ip netns exec {lab.pod('sidecar').ns} bash")
-    console.print(f"  ip netns exec {lab.pod('sidecar').ns} {LISTING[backend.name]}")
+    console.print(f"  ip netns exec {lab.pod('sidecar').ns} {NFT_LISTING if rules.native else LISTING[backend.name]}")
     console.print(f"  ip netns exec {lab.pod('sidecar').ns} curl -s http://10.244.0.20:9080/")
     console.print(f"Rules and counters: istio-lab rules {lab.labid}   TRACE events: istio-lab trace {lab.labid}")
     console.print(f"A guided tour: docs/manual-lab.md   Remove it: istio-lab down {lab.labid}")
@@ -295,7 +336,7 @@ def _lab_backend(labid: str, asked: str | None) -> Backend:
     name = lab.backend if lab else backends.LEGACY
     if asked not in (None, backends.AUTO, name):
         raise LabError(f"lab {labid} runs on the {name} backend, not {asked}")
-    return backends.BACKENDS[name]
+    return backends.get(name)
 
 
 def trace(args) -> int:
@@ -319,16 +360,21 @@ def rules(args) -> int:
         tool = {4: "", 6: "ip6tables "}[family]
         for table in PATH_TABLES:
             listing = backend.listing(ns, table, family)
-            if not listing and (table != "nat" or family == 6):
+            if not listing and (table != "nat" or family == 6 or backend.name == backends.NFT):
                 continue
             policies = xtables.chain_policies(ns, table) if backend.name == backends.LEGACY and family == 4 else {}
             console.print(f"[bold]# {tool}table {table}[/] (pod {ns}, {backend.name})")
             console.print(render_listing(listing, policies), end="", markup=False)
+        if backend.name == backends.NFT and family == 4:  # native tables (inet: both families at once)
+            for (fam, name), listing in backend.native_listing(ns).items():
+                console.print(f"[bold]# nft table {fam} {name}[/] (pod {ns}, nft: its own rules, nft's words)")
+                console.print(render_listing(listing, {}, nft=True), end="", markup=False)
     return 0
 
 
-def render_listing(listing, policies) -> str:
-    """Chains and numbered rules with counters, laid out like `iptables -L -v --line-numbers`."""
+def render_listing(listing, policies, nft: bool = False) -> str:
+    """Chains and numbered rules with counters, laid out like `iptables -L -v --line-numbers`
+    (`nft`: rules in nft's words, not iptables-save's `-A CHAIN ...`)."""
     chains: dict[str, list] = {name: [] for name in policies}
     for rule in listing:
         chains.setdefault(rule.ref.chain, []).append(rule)
@@ -341,7 +387,7 @@ def render_listing(listing, policies) -> str:
             out.append(f"Chain {chain}")
         out.append(f"{'num':<4} {'pkts':>6} {'bytes':>7}  rule")
         for r in rows:
-            out.append(f"{r.ref.number:<4} {r.packets:>6} {r.bytes:>7}  {r.line.split(' ', 2)[2]}")
+            out.append(f"{r.ref.number:<4} {r.packets:>6} {r.bytes:>7}  {r.line if nft else r.line.split(' ', 2)[2]}")
         out.append("")
     return "\n".join(out) + "\n"
 

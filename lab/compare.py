@@ -16,13 +16,20 @@ from .scenario import ArticleClaim
 AGREES, DIFFERS, NO_CLAIM, NOT_MEASURED = "agrees", "differs", "no claim", "-"
 
 
+def _chain(name: str) -> str:
+    """A chain's name as iptables spells it: nft's istio-output mirrors ISTIO_OUTPUT."""
+    return name.upper().replace("-", "_")
+
+
 def same(claim: Hop, measured: Hop) -> bool:
-    """One hop of a claimed path and one of the kernel's say the same thing."""
+    """One hop of a claimed path and one of the kernel's say the same thing.  A chain of
+    Istio's native nftables rules is the iptables chain it mirrors (istio-output is
+    ISTIO_OUTPUT; istio-proxy-nat plays nat), so the article's iptables words compare."""
     if claim.kind != measured.kind:
         return False
     if claim.kind == paths.ENDPOINT:
         return claim.name.lower() == measured.name.lower()
-    if claim.name != measured.name or claim.table != measured.table or claim.where != measured.where:
+    if _chain(claim.name) != _chain(measured.name) or claim.plays != measured.plays or claim.where != measured.where:
         return False
     return claim.number is None or claim.number == measured.number  # a claim may leave a rule unnamed
 

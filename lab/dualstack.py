@@ -4,8 +4,10 @@ A scenario file names pods, Services and 127.0.0.1; the address plan gives each 
 twin (10.244.0.10 -> fd00:10:244::10, 10.96.0.80 -> fd00:10:96::80, 127.0.0.1 -> ::1), so
 one file describes the traffic for both families.  The twin's id is the scenario's with
 "@ipv6"; its expected path is the scenario's under the same profile: over IPv6 the kernel
-was measured to take the IPv4 path rule for rule (only the rules' addresses differ), and
-a run where it does not fails.
+was measured to take the IPv4 path rule for rule under ip6tables (only the rules' addresses
+differ), and a run where it does not fails.  Istio's native nftables rules keep both
+families in one inet chain, each IPv4 address rule followed by its IPv6 twin, so there the
+numbers differ: the file's `expected.ipv6` holds the twin's own measured path.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ def over_ipv6(scenario: Scenario) -> Scenario:
     except ValueError as e:  # 127.0.0.2, say: IPv6 has one loopback address
         raise ScenarioError(f"{scenario.file}: traffic.to: {e}, so it cannot run over IPv6") from None
     traffic = dataclasses.replace(scenario.traffic, to=Address(twin, scenario.traffic.to.port))
-    return dataclasses.replace(scenario, id=scenario.id + SUFFIX, traffic=traffic)
+    expected = scenario.expected.over_ipv6() if scenario.expected else None
+    return dataclasses.replace(scenario, id=scenario.id + SUFFIX, traffic=traffic, expected=expected)
 
 
 def both_families(scenarios: list[Scenario]) -> list[Scenario]:

@@ -130,7 +130,7 @@ def _place(v: ScenarioView, i: int, hop: paths.Hop) -> tuple[str, str]:
 
 def _node(v: ScenarioView, i: int, hop: paths.Hop) -> str:
     if hop.kind == paths.CHAIN:
-        table = f"  ({hop.table} table)" if hop.table != "nat" else ""
+        table = f"  ({hop.table} table)" if hop.table != "nat" else ""  # Istio's nft tables name themselves
         return _label(f"{hop.name}  rule {hop.number}{table}", mono=_rule_text(hop.line))
     if hop.kind == paths.HOOK:
         owner = f"sent by a socket of uid {hop.owner[0]} gid {hop.owner[1]}" if hop.owner else ""
@@ -150,7 +150,10 @@ def _box_label(pod: str, box: str, v: ScenarioView) -> str:
     if box == KUBE_PROXY:
         return "kube-proxy's Service rules: nat table"
     if box == NETFILTER:
-        tables = sorted({h.table for h in v.measured.chains if not h.where} | {"nat"}, key=TABLES.index)
+        played = {h.table: h.plays for h in v.measured.chains if not h.where}
+        if "nat" not in played.values():
+            played["nat"] = "nat"
+        tables = sorted(played, key=lambda t: TABLES.index(played[t]) if played[t] in TABLES else len(TABLES))
         return f"netfilter: {' and '.join(tables)} table{'s' if len(tables) > 1 else ''}"
     if (pod, box) == (v.source.pod, v.source.process):
         return f"{box} (uid {v.sender_uid})"

@@ -32,9 +32,10 @@ from typing import Iterable, Sequence
 from . import plan
 from . import path as paths
 from .addr import Address
-from .netfilter import HOOKS, PATH_TABLES, BUILTIN_TARGETS, RuleRef
+from .netfilter import PATH_TABLES, BUILTIN_TARGETS, Layout, RuleRef
 from .path import Hop, Packet, Path
 from .proxylogs import ProxyLine
+from .rules import nftset
 from .rules.save import RuleLine
 from .trace import TraceEvent
 
@@ -110,11 +111,21 @@ def packet(e: TraceEvent) -> Packet:
 
 
 class Rules:
-    """The sidecar's rules as applied: each one's line, and how many each chain holds."""
+    """The sidecar's rules as applied: each one's line (iptables-save's `-A ...`, or nft's rule
+    text), how many each chain holds, and where each table and base chain sits (Layout)."""
 
-    def __init__(self, lines: dict[RuleRef, str]):
+    def __init__(self, lines: dict[RuleRef, str], layout: Layout = Layout()):
         self.lines = lines
+        self.layout = layout
         self.counts = Counter(ref.chain_ref for ref in lines)
+
+    def hook_of(self, e: TraceEvent) -> str | None:
+        """The hook an event's chain is attached to (a built-in or base chain), else None."""
+        return self.layout.hook(e.table, e.chain)
+
+    def plays(self, e: TraceEvent) -> str:
+        """The xtables table the event's table is or plays (nat, mangle, raw, ...)."""
+        return self.layout.role(e.table)
 
     def matched(self, e: TraceEvent) -> bool:
         """Did the event's rule match?  A `rule` event says so; so does a `return` or `policy`
@@ -125,20 +136,24 @@ class Rules:
 
     def target(self, ref: RuleRef) -> str | None:
         line = self.lines.get(ref)
-        return RuleLine.parse(line).target if line else None
+        if not line:
+            return None
+        return RuleLine.parse(line).target if line.startswith("-A ") else nftset.target(line)
 
     def hop(self, e: TraceEvent) -> Hop | None:
         """The hop a matched rule makes, or None (a built-in chain's jump, a TRACE rule)."""
-        if not self.matched(e) or e.table not in PATH_TABLES:
+        role = self.plays(e)
+        if not self.matched(e) or role not in PATH_TABLES:
             return None
-        if e.chain in HOOKS and (e.table == "raw" or self.target(e.rule) not in BUILTIN_TARGETS):
+        if self.hook_of(e) and (role == "raw" or self.target(e.rule) not in BUILTIN_TARGETS):
             return None
         return Hop(paths.CHAIN, e.chain, e.table, e.rulenum, self.counts.get(e.rule.chain_ref, 2) > 1, packet(e),
-                   self.lines.get(e.rule, ""))
+                   self.lines.get(e.rule, ""), role=role if role != e.table else "",
+                   backend=self.layout.backend(e.table))
 
     def hook(self, name: str, syn: Sequence[TraceEvent], first: TraceEvent, owner: bool = False) -> Hop:
         """A hook the packet passed, with the nat rule of its built-in chain that it matched."""
-        jump = next((e for e in syn if self.matched(e) and e.table == "nat" and e.chain == name), None)
+        jump = next((e for e in syn if self.matched(e) and self.plays(e) == "nat" and self.hook_of(e) == name), None)
         return Hop(paths.HOOK, name, packet=packet(first), entry=jump.rule if jump else None,
                    line=self.lines.get(jump.rule, "") if jump else "",
                    owner=(first.uid, first.gid) if owner and first.uid is not None else None)
@@ -152,9 +167,9 @@ def leg_hops(events: Sequence[TraceEvent], leg: Leg, rules: Rules, node: Sequenc
     syn = first_packet(events, leg)
     if not syn:
         return []
-    entry = next((e.chain for e in syn if e.chain in ("OUTPUT", "PREROUTING")), syn[0].chain)
+    entry = next((rules.hook_of(e) for e in syn if rules.hook_of(e) in ("OUTPUT", "PREROUTING")), syn[0].chain)
     hops = [rules.hook(entry, syn, syn[0], owner=entry == "OUTPUT")]
-    sent = [i for i, e in enumerate(syn) if e.chain == "POSTROUTING"] if entry == "OUTPUT" else []
+    sent = [i for i, e in enumerate(syn) if rules.hook_of(e) == "POSTROUTING"] if entry == "OUTPUT" else []
     out, back = (syn[:sent[0]], syn[sent[-1] + 1:]) if sent else (syn, [])
     hops += [h for h in map(rules.hop, out) if h]
     back_hops = [h for h in map(rules.hop, back) if h]
@@ -166,7 +181,7 @@ def leg_hops(events: Sequence[TraceEvent], leg: Leg, rules: Rules, node: Sequenc
     if died is not None and died.redirected:  # the redirect's port: nothing behind it
         return hops + [paths.refused(died.port)]
     exit_hook = "INPUT" if entry == "PREROUTING" or back_hops else "POSTROUTING"
-    last = next((e for e in reversed(syn) if e.chain == exit_hook), None)
+    last = next((e for e in reversed(syn) if rules.hook_of(e) == exit_hook), None)
     if last is not None:
         hops.append(rules.hook(exit_hook, (), last))
     hops += node
@@ -235,13 +250,13 @@ def death(events: Sequence[TraceEvent], leg: Leg, rules: Rules, error: str | Non
     pod, address = delivered
     redirected = pod == "sidecar" and any(
         rules.target(e.rule) in ("REDIRECT", "TPROXY") for e in first_packet(events, leg)
-        if e.pod == "sidecar" and rules.matched(e) and e.table in PATH_TABLES)
+        if e.pod == "sidecar" and rules.matched(e) and rules.plays(e) in PATH_TABLES)
     return Death(pod, address.port, redirected)
 
 
 def rule_hits(events: Sequence[TraceEvent], found: list[Leg], rules: Rules) -> list[RuleRef]:
     """The nat rules each leg's first packet matched, in order (built-in jumps included)."""
-    return [e.rule for leg in found for e in first_packet(events, leg) if e.table == "nat" and rules.matched(e)]
+    return [e.rule for leg in found for e in first_packet(events, leg) if rules.plays(e) == "nat" and rules.matched(e)]
 
 
 def reached(events: Sequence[TraceEvent], leg: Leg, alias: Address | None = None) -> tuple[str, Address] | None:

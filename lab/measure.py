@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from . import join, plan
 from .addr import Address
 from .join import Leg
-from .netfilter import RuleRef
+from .netfilter import Layout, RuleRef
 from .observe import Observation, exact, witnessed
 from .path import Path
 from .proxylogs import ProxyLine
@@ -47,6 +47,7 @@ class Measurement:
     sidecar: plan.Identity
     ending: str = "reached"  # "reached", or how the path ends otherwise: "died" (refused), "loop"
     error: str | None = None  # what the client was told when the flow failed
+    layout: Layout = Layout()  # where the sidecar's nf_tables tables sit (netfilter.Layout)
 
     @property
     def disagreements(self) -> list[RuleRef]:
@@ -54,7 +55,7 @@ class Measurement:
         out = []
         for ref in dict.fromkeys([*self.counters, *self.trace_counts]):
             moved, seen = self.counters.get(ref, 0), self.trace_counts.get(ref, 0)
-            if moved != seen if exact(ref) else moved < seen:
+            if moved != seen if exact(ref, self.layout) else moved < seen:
                 out.append(ref)
         return out
 
@@ -75,8 +76,8 @@ def measure(flow: Traffic, seen: Observation) -> Measurement:
     before, after = seen.counters_before, seen.counters_after
     moved = {ref: n - before.get(ref, 0) for ref, n in after.items() if n != before.get(ref, 0)}
     sidecar = seen.events.get("sidecar", [])
-    rules = join.Rules(seen.rules)
-    traced = Counter(e.rule for e in sidecar if rules.matched(e) and witnessed(e.rule))
+    rules = join.Rules(seen.rules, seen.layout)
+    traced = Counter(e.rule for e in sidecar if rules.matched(e) and witnessed(e.rule, seen.layout))
     everywhere = [e for events in seen.events.values() for e in events]
     legs = join.legs(_client(seen.response.local, everywhere), flow.to, seen.proxy_lines)
     node_rules, node_events = join.Rules(seen.node_rules), seen.events.get(plan.NODE, [])
@@ -107,4 +108,5 @@ def measure(flow: Traffic, seen: Observation) -> Measurement:
         sidecar=seen.sidecar,
         ending=ending,
         error=seen.error,
+        layout=seen.layout,
     )

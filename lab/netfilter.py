@@ -54,7 +54,7 @@ class RuleRef:
     def chain_ref(self) -> tuple[str, str]:
         return self.table, self.chain
 
-    _TEXT = re.compile(r"^(?:(?P<table>[a-z]+):)?(?P<chain>.+)#(?P<number>\d+)$")
+    _TEXT = re.compile(r"^(?:(?P<table>[a-z][a-z0-9-]*):)?(?P<chain>.+)#(?P<number>\d+)$")
 
     @classmethod
     def parse(cls, text: str) -> "RuleRef":
@@ -63,3 +63,52 @@ class RuleRef:
         if not m:
             raise ValueError(f"not a rule reference: {text!r}")
         return cls(m["table"] or "nat", m["chain"], int(m["number"]))
+
+
+# The xtables table whose part an nf_tables table plays, by its base chains: a `nat` chain
+# makes a nat table; otherwise the earliest priority says it (raw -300, mangle -150).
+ROLE_PRIORITIES = (("raw", -300), ("mangle", -150))
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a rule set's tables and chains sit in netfilter, so the path joiner can read
+    events of any rule set.
+
+    xtables (legacy, and what iptables-nft makes) need none: a table's name is its part
+    (nat, mangle, raw) and a chain named after a hook is that hook's built-in chain.  An
+    nf_tables table of its own (Istio's `inet istio-proxy-nat`) names itself and its base
+    chains as it likes: `roles` says which xtables table each plays, `hooks` which hook
+    each base chain is (`("istio-proxy-nat", "output") -> "OUTPUT"`).
+    """
+
+    roles: tuple[tuple[str, str], ...] = ()  # (table, nat | mangle | raw | filter)
+    hooks: tuple[tuple[str, str, str], ...] = ()  # (table, chain, PREROUTING | INPUT | ...)
+    backends: tuple[tuple[str, str], ...] = ()  # (table, legacy | nft): a pod whose rules both backends wrote
+
+    def backend(self, table: str) -> str:
+        """Which backend holds the table, in a pod whose rules both hold; "" otherwise."""
+        return dict(self.backends).get(table, "")
+
+    def role(self, table: str) -> str:
+        """The xtables table `table` plays: itself for an xtables table."""
+        return dict(self.roles).get(table, table)
+
+    def hook(self, table: str, chain: str) -> str | None:
+        """The hook a base chain is attached to; None for a chain entered by a jump."""
+        if table in dict(self.roles):
+            return next((hook for t, c, hook in self.hooks if (t, c) == (table, chain)), None)
+        return chain if chain in HOOKS else None
+
+    def merged(self, other: "Layout") -> "Layout":
+        return Layout(*(tuple(dict.fromkeys(mine + theirs)) for mine, theirs in
+                        ((self.roles, other.roles), (self.hooks, other.hooks), (self.backends, other.backends))))
+
+    def as_json(self) -> dict:
+        return {"roles": dict(self.roles), "hooks": [list(h) for h in self.hooks],
+                **({"backends": dict(self.backends)} if self.backends else {})}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Layout":
+        return cls(tuple(data.get("roles", {}).items()), tuple(tuple(h) for h in data.get("hooks", ())),
+                   tuple(data.get("backends", {}).items()))

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from . import interrupts, plan, processes, proxylogs, traffic
 from .addr import Address
 from .backend import Backend, Reader, TracedPorts
-from .netfilter import PATH_TABLES, RuleRef, is_builtin_chain
+from .netfilter import Layout, RuleRef
 from .proxylogs import ProxyLine
 from .rules import kubeproxy
 from .scenario import Traffic
@@ -28,14 +28,16 @@ from .world import Lab
 DEATH_GRACE = 0.05  # seconds a failed flow waits to see whether a lab process died under it
 
 
-def witnessed(ref: RuleRef) -> bool:
+def witnessed(ref: RuleRef, layout: Layout = Layout()) -> bool:
     """Is this rule's counter checked against TRACE's events?  nat's and mangle's rules, and
     the raw table's own chains (DNS capture's conntrack zones); raw's built-in chains hold
-    the TRACE rules themselves."""
-    return ref.table in ("nat", "mangle") or ref.table == "raw" and not is_builtin_chain("raw", ref.chain)
+    legacy's TRACE rules themselves, and see every packet (an nft raw table's base chains
+    too).  `layout` says which part an nf_tables table of its own plays."""
+    role = layout.role(ref.table)
+    return role in ("nat", "mangle") or role == "raw" and layout.hook(ref.table, ref.chain) is None
 
 
-def exact(ref: RuleRef) -> bool:
+def exact(ref: RuleRef, layout: Layout = Layout()) -> bool:
     """Must this rule's counter equal its TRACE events, or only cover them?
 
     nat judges a connection's first packet only, and raw's zone rules see the flow's
@@ -43,7 +45,7 @@ def exact(ref: RuleRef) -> bool:
     in the pod, and a connection's last ACK may pass after its events were read: its
     counter must have moved by at least as many packets as TRACE reported, never fewer.
     """
-    return ref.table != "mangle"
+    return layout.role(ref.table) != "mangle"
 
 
 @dataclass(frozen=True)
@@ -81,11 +83,13 @@ class Witnesses:
         self.readers: list[Reader] = []
         families = (4, 6) if lab.ipv6 else (4,)
         sidecar = lab.pod("sidecar").ns
-        self.rules = {f: {r.ref: r.line for table in PATH_TABLES for r in backend.listing(sidecar, table, f)}
-                      for f in families}
+        self.rules: dict[int, dict[RuleRef, str]] = {}
+        self.layouts: dict[int, Layout] = {}
+        for f in families:
+            self.rules[f], self.layouts[f] = backend.rules(sidecar, f)
         # Only tables holding a witnessed rule are read per flow: a table read costs a
         # handle, and the default profile has rules in nat alone.
-        self.counted_tables = {f: tuple(t for t in PATH_TABLES if any(r.table == t and witnessed(r) for r in rules))
+        self.counted_tables = {f: tuple(dict.fromkeys(r.table for r in rules if witnessed(r, self.layouts[f])))
                                for f, rules in self.rules.items()}
         # The node's kube-proxy rules: a VIP's DNAT there is a hop of the path (read, not counted).
         self.node_rules = {f: {r.ref: r.line for r in backend.listing(lab.node, "nat", f)} for f in families}
@@ -109,7 +113,7 @@ class Witnesses:
     def counters(self, family: int) -> dict[RuleRef, int]:
         sidecar = self.lab.pod("sidecar").ns
         return {ref: n for ref, n in self.backend.counters(sidecar, self.counted_tables[family], family).items()
-                if witnessed(ref)}
+                if witnessed(ref, self.layouts[family])}
 
     @contextlib.contextmanager
     def tracing(self, chosen: TracePlan, family: int):
@@ -140,6 +144,7 @@ class Observation:
     sidecar: plan.Identity  # who Envoy and pilot-agent run as
     error: str | None = None  # what the client was told when the flow died ("ECONNREFUSED: ..."), else None
     node_rules: dict[RuleRef, str] = dataclasses.field(default_factory=dict)  # the node's nat rules
+    layout: Layout = Layout()  # where the sidecar's nf_tables tables sit (none for xtables' own names)
 
     def as_json(self) -> dict:
         """The recorded form (tests/data): rule references and addresses as text."""
@@ -155,6 +160,7 @@ class Observation:
             "sidecar": [self.sidecar.uid, self.sidecar.gid, list(self.sidecar.capabilities)],
             **({"error": self.error} if self.error else {}),
             **({"node_rules": {str(ref): line for ref, line in self.node_rules.items()}} if self.node_rules else {}),
+            **({"layout": self.layout.as_json()} if self.layout != Layout() else {}),
         }
 
     @classmethod
@@ -172,6 +178,7 @@ class Observation:
             plan.Identity(data["sidecar"][0], data["sidecar"][1], tuple(data["sidecar"][2])),
             data.get("error"),
             {RuleRef.parse(ref): line for ref, line in data.get("node_rules", {}).items()},
+            Layout.from_json(data.get("layout", {})),
         )
 
 
@@ -215,7 +222,7 @@ def observe(lab: Lab, witnesses: Witnesses, flow: Traffic) -> Observation:
     return Observation(response, events, before, after, witnesses.rules[flow.family],
                        proxylogs.proxy_lines(lab.run_dir, since=logged),
                        flow.source.identity(lab.record.inbound_mode, lab.sidecar_identity), lab.sidecar_identity,
-                       error, witnesses.node_rules[flow.family])
+                       error, witnesses.node_rules[flow.family], witnesses.layouts[flow.family])
 
 
 def died(e: traffic.RequestError) -> str:

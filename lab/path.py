@@ -60,6 +60,8 @@ class Hop:
     entry: RuleRef | None = None  # a hook: the built-in chain's rule the packet matched, if any
     owner: tuple[int, int] | None = None  # a hook where a local socket sent it: (uid, gid) as the kernel saw it
     where: str = ""  # a chain hop's namespace when not the sidecar pod's: plan.NODE
+    role: str = ""  # chains: the xtables table an nf_tables table plays (istio-proxy-nat: nat); "" for xtables
+    backend: str = ""  # chains: legacy or nft, in a pod whose rules both backends wrote; "" otherwise
 
     @property
     def rule(self) -> RuleRef | None:
@@ -67,9 +69,18 @@ class Hop:
         return RuleRef(self.table, self.name, self.number) if self.kind == CHAIN and self.number else None
 
     @property
+    def plays(self) -> str:
+        """The xtables table the hop's table is or plays: `nat` for Istio's `istio-proxy-nat`."""
+        return self.role or self.table
+
+    @property
     def qualifier(self) -> str:
-        """What a chain hop says after its rule: its table if not nat, its namespace if not the sidecar's."""
-        return ", ".join(q for q in (self.where, "" if self.table == "nat" else self.table) if q)
+        """What a chain hop says after its rule: its table if it plays no nat table's part, its
+        namespace if not the sidecar's; in a pod whose rules both backends wrote, the backend
+        that holds the rule (and the xtables table it is, if not nat: `(mangle, legacy)`)."""
+        if self.backend:
+            return ", ".join(q for q in (self.where, "" if self.plays == "nat" else self.plays, self.backend) if q)
+        return ", ".join(q for q in (self.where, "" if self.plays == "nat" else self.table) if q)
 
     def __str__(self) -> str:
         text = self.name
@@ -108,15 +119,16 @@ class Path:
     def short(self) -> str:
         """The rules and proxies it passes, e.g. `ISTIO_OUTPUT 9 › 15001 › ISTIO_OUTPUT 4`.
 
-        The REDIRECT chains are left out: the proxy port after them says the same.  A hop of
-        another table than nat keeps its table: `ISTIO_INBOUND 8 (mangle)`.
+        The REDIRECT chains (nft's istio-redirect, istio-in-redirect) are left out: the proxy
+        port after them says the same.  A hop of another table than nat keeps its table:
+        `ISTIO_INBOUND 8 (mangle)`.
         """
         parts = []
         for hop in self.hops:
             if hop.kind == PROXY:
                 port = hop.name.split()[1]
                 parts.append(f"{port} ({LOOP})" if hop.name.endswith(f"({LOOP})") else port)
-            elif hop.kind == CHAIN and not hop.name.endswith("REDIRECT"):
+            elif hop.kind == CHAIN and not hop.name.upper().endswith("REDIRECT"):
                 name = f"{hop.name} {hop.number}" if hop.number and hop.numbered else hop.name
                 parts.append(f"{name} ({hop.qualifier})" if hop.qualifier else name)
             elif hop.kind == END:
@@ -149,6 +161,8 @@ _AGENT_RE = re.compile(r"^pilot-agent\s+(\d+)\s*\((dns|loop)\)$", re.I)
 _CHAIN_RE = re.compile(r"^([A-Za-z_][A-Za-z0-9_-]*)(?:\s+RULE\s+(\d+))?(?:\s*\((.*)\))?$", re.I)
 _END_RE = re.compile(r"^(?:(.+?)\s+)?(\d+):\s*no listener, refused$", re.I)
 NODE = "node"  # plan.NODE: the qualifier of a node's rule
+BACKENDS = ("legacy", "nft")  # the qualifier of a rule in a pod whose rules both backends wrote
+_NFT_TABLE = re.compile(r"[a-z][a-z0-9_]*-[a-z0-9_-]+")  # an nf_tables table of its own: istio-proxy-mangle
 
 
 def parse(text: str) -> Path:
@@ -180,15 +194,18 @@ def parse(text: str) -> Path:
         elif agent and agent.group(2).lower() != LOOP:
             hops.append(Hop(PROXY, proxy_name(int(agent.group(1)))))
         elif chain:
-            name = _TYPOS.get(chain.group(1).upper(), chain.group(1).upper())
+            written = chain.group(1)
+            # nft's chains keep their own lower-case names (istio-output, output); iptables' are upper case
+            name = written if written.islower() else _TYPOS.get(written.upper(), written.upper())
             number = int(chain.group(2)) if chain.group(2) else None
             aside = [q.strip() for q in (chain.group(3) or "").split(",")]
-            table = next((q for q in aside if q in TABLES), "nat")  # else the article's aside
+            table = next((q for q in aside if q in TABLES or _NFT_TABLE.fullmatch(q)), "nat")  # else the article's aside
             where = NODE if NODE in aside else ""
+            backend = next((q for q in aside if q in BACKENDS), "")
             if name in HOOKS and number is None and not where:
                 hops.append(Hop(HOOK, name))
             else:
-                hops.append(Hop(CHAIN, name, table, number, where=where))
+                hops.append(Hop(CHAIN, name, table, number, where=where, backend=backend))
         else:
             raise ValueError(f"cannot read hop {token!r}")
     return of(hops)

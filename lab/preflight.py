@@ -49,6 +49,9 @@ def check(backend: str = "legacy") -> None:
         raise PreflightError(["no network namespaces: this kernel lacks CONFIG_NET_NS"])
     if backend == "nft":
         _check_nft()
+    elif backend.startswith("mixed:"):  # rules written by both: both must be there
+        _check_legacy()
+        _check_nft()
     else:
         _check_legacy()
 
@@ -69,8 +72,9 @@ def _check_legacy() -> None:
 
 def _check_nft() -> None:
     """The nf_tables backend's pieces: nf_tables, nftrace read in a namespace, the owner
-    match and REDIRECT through nft_compat."""
-    problems = [f.line for f in (probes.nf_tables(), probes.nftrace(), probes.owner_through_compat()) if not f.ok]
+    match and REDIRECT through nft_compat, and Istio's native nftables expressions."""
+    problems = [f.line for f in (probes.nf_tables(), probes.nftrace(), probes.owner_through_compat(),
+                                  probes.native_rules()) if not f.ok]
     if problems:
         raise PreflightError(problems)
 

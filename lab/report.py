@@ -9,9 +9,7 @@ from .path import Hop
 from .rules import profiles
 from .view import RunView, ScenarioView
 
-COUNTED = (("nat", "nat rules whose counters moved:"),
-           ("raw", "raw rules whose counters moved (queries and answers):"),
-           ("mangle", "mangle rules whose counters moved (every packet, not only the SYN):"))
+COUNTED = (("nat", ""), ("raw", " (queries and answers)"), ("mangle", " (every packet, not only the SYN)"))
 
 
 def hop_json(hop: Hop) -> dict:
@@ -92,10 +90,11 @@ def render(console, run: RunView) -> None:
             console.print("  [green]the kernel agrees with the article[/]")
         for d in v.article.differences:
             console.print(f"  [yellow]differs[/]: {escape(d)}")
-        for table, heading in COUNTED:
+        for table, aside in COUNTED:
             rows = v.counters_in(table)
-            if rows:
-                console.print(f"  {heading}")
+            if rows:  # named as the rules name it: nat, or Istio's istio-proxy-nat
+                console.print(f"  {' and '.join(dict.fromkeys(r.rule.table for r in rows))} rules whose counters "
+                              f"moved{aside}:")
             for row in rows:
                 name = f"{row.rule.chain}#{row.rule.number}"
                 console.print(f"    {name:<20} +{row.moved:<3} {escape(row.line)}")

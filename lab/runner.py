@@ -46,8 +46,18 @@ class Lab:
 
 
 def rules_for(s: Scenario, choice: Choice, cache: dict | None = None) -> RuleSet:
-    """The rules a scenario runs under (LabError when they cannot be built)."""
-    cache = {} if cache is None else cache
+    """The rules a scenario runs under (LabError when they cannot be built); a scenario whose
+    rules both backends write gets them so (RuleSet.written)."""
+    rules = _rules_for(s, choice, {} if cache is None else cache)
+    if not s.backends:
+        return rules
+    if rules.native:
+        raise LabError(f"its rules are written by {' and '.join(s.backends)}: iptables rules, "
+                       f"not {rules.name}'s native nftables ones")
+    return dataclasses.replace(rules, written=s.backends)
+
+
+def _rules_for(s: Scenario, choice: Choice, cache: dict) -> RuleSet:
     if choice.dump is not None:
         if s.own_rules:
             raise LabError(f"{s.id}: its pod's annotations need a profile's options, and --rules gives a dump")
@@ -72,7 +82,7 @@ def _build(s: Scenario, choice: Choice, base: str) -> RuleSet:
                                       choice.annotations.notes + s.annotations.notes)
     own = ruleset.from_annotations(s.annotations, base, expect=base)
     merged = ruleset.from_annotations(both, base)
-    same = [d.text() for d in merged.dumps] == [d.text() for d in own.dumps]
+    same = merged.key() == own.key()
     return dataclasses.replace(merged, profile=base if same else None)
 
 
@@ -100,7 +110,7 @@ def plan(scenarios: list[Scenario], choice: Choice, named: bool = False) -> tupl
             skipped.append(f"{s.id}: left out under {rules.profile}: {why}")
             continue
         spec = s.pod.resolved(rules.istio)
-        key = (tuple(d.text() for d in rules.dumps), rules.profile, spec)
+        key = (rules.key(), rules.profile, spec)
         lab = labs.setdefault(key, Lab(rules, spec))
         lab.scenarios.append(s)
         lab.rules_of[s.id] = rules
@@ -122,7 +132,7 @@ def run(labs: list[Lab], order: list[Scenario], backend: Backend, show_rules: st
             for result in session.run_all(lab.scenarios):
                 own = lab.rules_of[result.scenario.id.removesuffix(dualstack.SUFFIX)]
                 shown = {"pod": lab.spec.describe()}  # as the lab ran it: "as-released" made one era's
-                if own.name != show_rules:
+                if own.name != show_rules or own.written:
                     shown["rules"] = own.summary
                 result = dataclasses.replace(result, view=dataclasses.replace(result.view, **shown))
                 by_id.setdefault(result.scenario.id.removesuffix(dualstack.SUFFIX), []).append(result)

@@ -35,6 +35,7 @@ _LAB_NETWORKS = [ipaddress.ip_network(n) for n in (plan.POD_SUBNET, plan.SERVICE
 GROUPS = {"types": "The article's traffic types", "variants": "Their variants",
           "dns": "DNS capture", "problems": "The problems people hit (Istio's most reported interception issues)",
           "other": "Other traffic"}
+BACKENDS = ("legacy", "nft")  # what may write a scenario's rules (lab.backend's names)
 ISSUE_RE = re.compile(r"^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+#\d+$")  # istio/istio#4286
 
 
@@ -95,9 +96,16 @@ class Expectation:
     default: Path
     by_profile: tuple[tuple[str, Path], ...] = ()
     not_measured: tuple[tuple[str, str], ...] = ()  # profile -> why no path is recorded under it
+    ipv6: tuple[tuple[str, Path], ...] = ()  # profile -> the IPv6 twin's path where it is not the IPv4 one's
 
     def path(self, profile: str) -> Path:
         return dict(self.by_profile).get(profile, self.default)
+
+    def over_ipv6(self) -> "Expectation":
+        """The IPv6 twin's expectation: the IPv4 path under each profile, but where the IPv6
+        packet takes other rules (one inet table numbers both families' rules in one chain)."""
+        return Expectation(self.default, tuple({**dict(self.by_profile), **dict(self.ipv6)}.items()),
+                           self.not_measured)
 
 
 @dataclass(frozen=True)
@@ -131,6 +139,7 @@ class Scenario:
     profile: str | None = None  # the profile it is written for: `run` uses it when given no rules
     annotations: annotations.PodAnnotations | None = None  # its pod's own interception annotations
     pod: PodSpec = PodSpec()  # how its sidecar pod runs
+    backends: tuple[str, ...] = ()  # its pod's rules written by these backends, in order (legacy, nft); () the run's
 
     @property
     def own_rules(self) -> bool:
@@ -254,7 +263,7 @@ def _path(f: _Fields, key: str, text: str) -> Path:
 def _expectation(expected: _Fields) -> Expectation:
     """expected.path, and expected.profiles: {profile name: path} where a profile's path differs."""
     given = expected.get("profiles", dict, required=False, default={})
-    known = profiles.names()
+    known = profiles.names(native_nftables=None)
     by_profile = []
     for name, text in given.items():
         if name not in known:
@@ -270,8 +279,16 @@ def _expectation(expected: _Fields) -> Expectation:
             raise expected.fail(f"not_measured.{name}", "say why no path is recorded under it")
         if name in given:
             raise expected.fail(f"not_measured.{name}", "has a path in expected.profiles too")
+    twins = expected.get("ipv6", dict, required=False, default={})
+    ipv6 = []
+    for name, text in twins.items():
+        if name not in known:
+            raise expected.fail("ipv6", f"unknown profile {name!r} (profiles: {', '.join(known)})")
+        if not isinstance(text, str) or not text.strip():
+            raise expected.fail(f"ipv6.{name}", "expected the IPv6 twin's path in the article's notation")
+        ipv6.append((name, _path(expected, f"ipv6.{name}", text)))
     return Expectation(_path(expected, "path", expected.get("path", str)), tuple(by_profile),
-                       tuple((name, " ".join(why.split())) for name, why in unmeasured.items()))
+                       tuple((name, " ".join(why.split())) for name, why in unmeasured.items()), tuple(ipv6))
 
 
 def _article(article: _Fields) -> tuple[ArticleClaim | None, str]:
@@ -375,6 +392,16 @@ def _pod_spec(pod: _Fields) -> tuple[annotations.PodAnnotations | None, PodSpec]
     return own, PodSpec(stage, inbound, listens == "localhost", proxy, vm)
 
 
+def _backends(top: _Fields) -> tuple[str, ...]:
+    """`backends: [legacy, nft]`: the pod's rules written by each, in this order (the last
+    written captures first, where both hook at one priority)."""
+    given = top.get("backends", list, required=False, default=[])
+    if any(b not in BACKENDS for b in given) or len(set(given)) != len(given):
+        raise top.fail("backends", f"{given!r}: give {' and '.join(BACKENDS)}, each at most once, in the order "
+                                   f"they write the rules")
+    return tuple(given)
+
+
 def _group(top: _Fields, scenario_type: int | None, variant_of: str | None, feature: str | None) -> str:
     given = top.get("group", str, required=False)
     if given is not None:
@@ -391,19 +418,20 @@ def _group(top: _Fields, scenario_type: int | None, variant_of: str | None, feat
 def parse(data, file: str) -> Scenario:
     top = _Fields(data, file)
     top.unknown({"id", "title", "type", "variant_of", "article", "traffic", "expected", "explanation", "feature",
-                 "group", "issue", "profile", "pod"})
+                 "group", "issue", "profile", "pod", "backends"})
     claim, note = _article(top.sub("article"))
     feature = top.get("feature", str, required=False)
     if feature is not None and feature not in features.FEATURES:
         raise top.fail("feature", f"{feature!r} is not one of {', '.join(features.FEATURES)}")
     expected = top.sub("expected")
-    expected.unknown({"path", "profiles", "not_measured"})
+    expected.unknown({"path", "profiles", "not_measured", "ipv6"})
     scenario_type = top.get("type", int, required=not note)
     if scenario_type is not None and not 1 <= scenario_type <= 6:
         raise top.fail("type", f"the article has traffic types 1-6, not {scenario_type}")
     written_for = top.get("profile", str, required=False)
-    if written_for is not None and written_for not in profiles.names():
-        raise top.fail("profile", f"unknown profile {written_for!r} (profiles: {', '.join(profiles.names())})")
+    if written_for is not None and written_for not in profiles.names(native_nftables=None):
+        raise top.fail("profile", f"unknown profile {written_for!r} "
+                                  f"(profiles: {', '.join(profiles.names(native_nftables=None))})")
     own, pod = _pod_spec(top.sub("pod")) if "pod" in top.data else (None, PodSpec())
     variant_of = top.get("variant_of", str, required=False)
     return Scenario(
@@ -423,6 +451,7 @@ def parse(data, file: str) -> Scenario:
         profile=written_for,
         annotations=own,
         pod=pod,
+        backends=_backends(top),
     )
 
 

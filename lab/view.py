@@ -28,6 +28,7 @@ class CounterRow:
     moved: int
     traced: int
     line: str
+    plays: str = ""  # the xtables table the rule's table is or plays (nat for istio-proxy-nat)
 
 
 @dataclass(frozen=True)
@@ -101,7 +102,8 @@ class ScenarioView:
         return f"{self.reached_pod} {self.reached}" if self.reached else ""
 
     def counters_in(self, table: str) -> list[CounterRow]:
-        return [row for row in self.counters if row.rule.table == table and row.moved]
+        """The rules that moved in the tables that are or play `table` (nat, raw, mangle)."""
+        return [row for row in self.counters if (row.plays or row.rule.table) == table and row.moved]
 
 
 @dataclass(frozen=True)
@@ -130,7 +132,7 @@ def _counter_rows(measured: Measurement) -> tuple[CounterRow, ...]:
     refs = list(dict.fromkeys([*(r for r in measured.rule_hits if r in measured.counters),
                                *sorted(measured.counters), *sorted(measured.trace_counts)]))
     return tuple(CounterRow(ref, measured.counters.get(ref, 0), measured.trace_counts.get(ref, 0),
-                            measured.rules.get(ref, "")) for ref in refs)
+                            measured.rules.get(ref, ""), measured.layout.role(ref.table)) for ref in refs)
 
 
 def _problems(verdict: Verdict, measured: Measurement | None, profile: str | None) -> tuple[str, ...]:

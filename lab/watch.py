@@ -21,9 +21,11 @@ from . import netns, plan, record
 from .backend import Backend, Reader, TracedPorts
 from .errors import LabError
 from .netfilter import TABLES
+from .rules.nftbuilder import MANGLE, NAT, RAW
 from .trace import TraceError, TraceEvent, TraceLost
 
 MAX_PORTS = 15  # the multiport match's limit
+NATIVE_TABLES = (RAW, MANGLE, NAT)  # Istio's native nftables tables
 
 
 def check(pods: list[str], ports: list[int], tables: list[str], count: int | None, seconds: float | None) -> None:
@@ -37,8 +39,8 @@ def check(pods: list[str], ports: list[int], tables: list[str], count: int | Non
     if len(ports) > MAX_PORTS:
         raise LabError(f"at most {MAX_PORTS} ports (the multiport match's limit), not {len(ports)}")
     for table in tables:
-        if table not in TABLES:
-            raise LabError(f"no table {table!r} (tables: {', '.join(TABLES)})")
+        if table not in TABLES and table not in NATIVE_TABLES:
+            raise LabError(f"no table {table!r} (tables: {', '.join(TABLES + NATIVE_TABLES)})")
     if count is not None and count < 1:
         raise LabError(f"--count must be at least 1, not {count}")
     if seconds is not None and not seconds > 0:  # not `<= 0`: nan would pass and never end
@@ -53,8 +55,12 @@ class _RuleText:
         self.cache: dict[tuple[str, str], dict[tuple[str, int], str]] = {}
 
     def load(self, ns: str, table: str) -> None:
-        self.cache[ns, table] = {(r.ref.chain, r.ref.number): r.line.split(" ", 2)[2]
-                                 for r in self.backend.listing(ns, table)}
+        """Every table's rules of the pod (iptables' and nft's alike, through the backend)."""
+        for family in (4, 6):
+            for ref, line in self.backend.rules(ns, family)[0].items():
+                text = line.split(" ", 2)[2] if line.startswith("-A ") else line  # nft's words as they are
+                self.cache.setdefault((ns, ref.table), {})[ref.chain, ref.number] = text
+        self.cache.setdefault((ns, table), {})
 
     def __call__(self, ns: str, e: TraceEvent) -> str:
         if e.kind != "rule":

@@ -196,7 +196,7 @@ class Lab:
         through the lab's backend, as kube-proxy writes with the node's iptables."""
         for family in (4, 6) if self.ipv6 else (4,):
             try:
-                backends.BACKENDS[self.record.backend].apply(self.node, kubeproxy.dump(family))
+                backends.get(self.record.backend).apply(self.node, kubeproxy.dump(family))
             except RuleError as e:
                 raise LabError(f"the node's kube-proxy rules: {e}") from None
 

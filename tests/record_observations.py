@@ -4,6 +4,9 @@ every problem scenario in the lab it needs, under the profile it is written for
 (tests/test_problems.py).
 
     sudo .venv/bin/python -m tests.record_observations   # rewrites tests/data/observations/
+    sudo .venv/bin/python -m tests.record_observations istio-1.27-nft ...   # those profiles only
+
+Native nftables profiles are recorded on the nft backend (the only one that takes them).
 """
 
 import json
@@ -27,10 +30,10 @@ def load(profile: str) -> dict:
         return json.load(f)
 
 
-def main() -> None:
+def main(only: list[str] | None = None) -> None:
     os.makedirs(OUT, exist_ok=True)
     every = [s for s in scenario.load_all() if s.group != "problems"]  # each problem needs a lab of its own
-    for name in profiles.names():
+    for name in only or profiles.names(native_nftables=None):
         rules = ruleset.profile(name)
         chosen = scenario.for_features(every, rules.features)
         if rules.dual_stack:
@@ -40,7 +43,8 @@ def main() -> None:
         with open(path(name), "w") as f:
             json.dump(recorded, f, sort_keys=True, separators=(",", ":"))
         print(f"recorded {len(recorded)} scenarios under {name} to {path(name)}")
-    record_problems()
+    if not only:
+        record_problems()
 
 
 def record_problems() -> None:
@@ -61,4 +65,4 @@ def record_problems() -> None:
 if __name__ == "__main__":
     import sys
 
-    record_problems() if sys.argv[1:] == [PROBLEMS] else main()
+    record_problems() if sys.argv[1:] == [PROBLEMS] else main(sys.argv[1:])

@@ -4,9 +4,10 @@ Two kinds of facts from istio/istio are held here as data:
 - the injector's: a pod's annotations and the istio-init arguments Istio's injection tests
   expect for them (pkg/kube/inject/testdata/inject/*.yaml{,.injected}, Istio 1.30.0);
 - istio-iptables': the rule sets of its capture tests (tools/istio-iptables/pkg/capture/
-  testdata/*.golden, copied verbatim to tests/data/istio-capture/, see its README), each
-  with the options its test table (run_test.go) sets, written here as the pod annotations
-  that make the injector pass the same options.
+  testdata/*.golden), recorded in the lab's own form in tests/data/istio-goldens/
+  istio-iptables.yaml (see the README there), each with the options its test table
+  (run_test.go) sets, written here as the pod annotations that make the injector pass the
+  same options.
 """
 
 import subprocess
@@ -16,7 +17,8 @@ import pytest
 from lab import netns
 from lab.rules import annotations as a
 from lab.rules import builder, profiles, xtables
-from . import istio_goldens
+
+from . import istio_record
 
 T = a.TRAFFIC
 
@@ -56,8 +58,9 @@ GOLDENS = {
                     f"{T}includeOutboundIPRanges=2001:db8::/32", True, "1.25"),
     "ipv6-outbound-ports": (NO_CAPTURE + f"{T}includeOutboundPorts=32000,31000", True, "1.25"),
 }
+_golden = istio_record.iptables
 CASES = [(era, name, version) for era, versions in ERAS.items() for name in GOLDENS for version in versions
-         if istio_goldens.path(era, name).exists()
+         if era in istio_record.iptables_names().get(name, [])
          and builder.parse_version(version) >= builder.parse_version(GOLDENS[name][2])]
 
 
@@ -71,7 +74,7 @@ def _built(text: str, version: str, ipv6: bool) -> dict[int, object]:
 
 
 def test_every_golden_held_is_tested():
-    held = {(path.parent.name, path.stem) for path in istio_goldens.DIR.glob("*/*.golden")}
+    held = {(era, name) for name, eras in istio_record.iptables_names().items() for era in eras}
     assert {(era, name) for era, name, _ in CASES} == held
     assert {name for _, name in held} == set(GOLDENS)
 
@@ -79,7 +82,7 @@ def test_every_golden_held_is_tested():
 @pytest.mark.parametrize("era, name, version", CASES)
 def test_annotations_give_istios_own_rules(era, name, version):
     text, ipv6, _ = GOLDENS[name]
-    golden = istio_goldens.read(istio_goldens.path(era, name).read_text())
+    golden = _golden(era, name)
     built = _built(text, version, ipv6)
     assert set(golden) == ({4, 6} if ipv6 else {4})
     for family, dump in golden.items():
@@ -403,33 +406,15 @@ def test_an_annotation_built_rule_set_reads_back_identical():
 
 
 @pytest.mark.kernel
-@pytest.mark.parametrize("era", ["1.23", "1.25"])  # istio-iptables' commands, then its restore input
-def test_the_goldens_are_read_as_the_kernel_reads_them(era):
-    """Each golden, run as istio-iptables runs it in a fresh namespace, is what istio_goldens reads."""
-    for golden in sorted((istio_goldens.DIR / era).glob("*.golden")):
-        text = golden.read_text()
-        expected = istio_goldens.read(text)
+@pytest.mark.parametrize("era", ["1.12", "1.18", "1.22", "1.23", "1.24", "1.25"])
+def test_the_record_is_what_the_kernel_reads_back(era):
+    """Each recorded rule set, restored by iptables-legacy into a fresh namespace, saves back
+    line for line: the record is in the form the kernel reads back."""
+    for name in sorted(n for n, eras in istio_record.iptables_names().items() if era in eras):
+        golden = _golden(era, name)
         with netns.scratch():
-            _run_golden(text)
-            saved = {(f, name): _saved(f, name) for f, d in expected.items() for name in d.tables}
-        assert saved == {(f, name): t.lines() for f, d in expected.items() for name, t in d.tables.items()}, golden
-
-
-def _run_golden(text: str) -> None:
-    """Commands as commands (iptables-legacy); restore blocks through iptables-legacy-restore, IPv4's first."""
-    blocks: list[list[str]] = []
-    seen: set[str] = set()
-    for line in text.splitlines():
-        if line.startswith(("iptables -", "ip6tables -")):
-            tool, *args = line.split()
-            subprocess.run([f"{tool}-legacy", *args], check=True, capture_output=True, timeout=60)
-        elif line.startswith("*"):
-            table = line.lstrip("* ")
-            family = 6 if table in seen else 4
-            seen.add(table)
-            blocks.append([f"{'ip6tables' if family == 6 else 'iptables'}-legacy-restore", "--noflush", line])
-        elif blocks and blocks[-1][-1] != "COMMIT":
-            blocks[-1].append(line)
-    for tool, flag, *lines in blocks:
-        subprocess.run([tool, flag], input="\n".join(lines) + "\n", text=True, check=True, capture_output=True,
-                       timeout=60)
+            for family, dump in golden.items():
+                tool = "iptables-legacy-restore" if family == 4 else "ip6tables-legacy-restore"
+                subprocess.run([tool], input=dump.text(), text=True, check=True, capture_output=True, timeout=60)
+            saved = {(f, table): _saved(f, table) for f, d in golden.items() for table in d.tables}
+        assert saved == {(f, table): t.lines() for f, d in golden.items() for table, t in d.tables.items()}, name

@@ -13,10 +13,10 @@ LAB = Path(__file__).resolve().parents[1] / "lab"
 LAYERS = [
     ("values", {"errors", "addr", "netfilter", "plan", "interrupts", "podspec"}),
     ("text formats", {"rules.save", "rules.builder", "rules.profiles", "rules.features", "rules.foreign",
-                      "rules.ruleset", "rules.nftset", "rules.nftbuilder", "rules.nftlisting", "rules.annotations", "rules.kubeproxy", "path", "dns",
+                      "rules.ruleset", "rules.nftset", "rules.nftbuilder", "rules.nftlisting", "rules.nftcompare", "rules.nftforeign", "rules.annotations", "rules.kubeproxy", "path", "dns",
                       "sidecar.httpio"}),
     ("kernel", {"netns", "procfs", "record", "world", "rules.xtables", "rules.routing", "trace", "preflight",
-                "nftrace", "rules.nft.libnft", "rules.nft.ruleset", "rules.nft.iptables_nft", "rules.nft.native",
+                "nftrace", "rules.nft.libnft", "rules.nft.iptables_nft", "rules.nft.native",
                 "rules.nft.tracing", "rules.nft.naming", "rules.nft.probes", "backend"}),
     ("processes", {"sidecar.envoy", "sidecar.agent", "sidecar.dnsproxy", "workloads", "proxylogs", "processes",
                    "traffic"}),

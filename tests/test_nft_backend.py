@@ -12,6 +12,7 @@ the events naming it, and no other nat counter moved.
 from __future__ import annotations
 
 import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -54,7 +55,7 @@ def pair():
 def syn_as(pair, uid: int, reader: NftraceReader, counted: list[tuple[str, str]]):
     """One connection from the sidecar to the remote app as `uid`: the nftrace events of its
     SYN in the lab's words, and how far each counter of the `counted` tables moved."""
-    before = libnft.read(pair.sidecar, 4, counted).counters()
+    before = libnft.read(pair.sidecar, 4, counted).packet_counts()
     reader.drain(settle=0)
     sock = traffic.connect(pair.sidecar, REMOTE_IP, APP_PORT, uid=uid, gid=uid)
     try:
@@ -62,7 +63,7 @@ def syn_as(pair, uid: int, reader: NftraceReader, counted: list[tuple[str, str]]
         events = reader.drain()
     finally:
         sock.close()
-    after = libnft.read(pair.sidecar, 4, counted).counters()
+    after = libnft.read(pair.sidecar, 4, counted).packet_counts()
     named = naming.trace_events(events, libnft.read(pair.sidecar, 4))
     syn = [e for e in named if e.tcp_flags == "S" and e.sport == port]
     return syn, {ref: after[ref] - before.get(ref, 0) for ref in after if after[ref] != before.get(ref, 0)}
@@ -81,7 +82,6 @@ def agree(events, moved: dict[RuleRef, int], table: str) -> None:
 def test_iptables_nft_istio_rules_name_istio_output_9_for_the_app_and_4_for_the_proxy(pair) -> None:
     dump = profiles.dumps("istio-1.13")[0]
     iptables_nft.apply(pair.sidecar, dump)
-    iptables_nft.touch(pair.sidecar)
     tracing.ensure_table(pair.sidecar)
     traced = tracing.add(pair.sidecar, [tracing.Flow("tcp", (APP_PORT,))])
     with NftraceReader(pair.sidecar, "sidecar") as reader:
@@ -92,7 +92,7 @@ def test_iptables_nft_istio_rules_name_istio_output_9_for_the_app_and_4_for_the_
     assert rules_hit(app, "nat", "ISTIO_OUTPUT") == [9]
     assert rules_hit(app, "nat", "ISTIO_REDIRECT") == [1]
     assert rules_hit(proxy, "nat", "ISTIO_OUTPUT") == [4]
-    assert app[0].prefix.startswith("sidecar ip raw OUTPUT")  # touch(): raw's policy event opens the walk
+    assert app[0].prefix.startswith("sidecar ip nat OUTPUT rule")  # the only xtables table iptables-nft made
     agree(app, app_moved, "nat")
     agree(proxy, proxy_moved, "nat")
     assert "ISTIO_OUTPUT#9" in {str(r) for r in app_moved} and "ISTIO_OUTPUT#4" in {str(r) for r in proxy_moved}
@@ -189,3 +189,34 @@ def test_mixed_backends_the_nat_table_written_last_captures_the_syn(pair, first:
     assert seen[APP][other] == ([], {})
     for backend in (captor, other):
         assert seen[PROXY][backend] == ([4], {"OUTPUT#1": 1, "ISTIO_OUTPUT#4": 1})
+
+
+XTABLES_AFTER_A_LISTING = """
+import sys
+from lab import netns
+from lab.rules import profiles, xtables
+from lab.rules.nft import iptables_nft, libnft
+with libnft.scratch():
+    iptables_nft.apply(None, profiles.dumps("istio-1.25-ipv6")[1])  # ip6 nat: REDIRECT through xt
+    libnft.read(None, 6, words=sys.argv[1] == "words")
+with netns.scratch():
+    try:
+        xtables.apply(None, profiles.load("istio-1.13"))  # IPv4 REDIRECT through python-iptables
+    except xtables.RuleError as e:
+        print(e)
+"""
+
+
+@pytest.mark.parametrize("how", ["json", "words"])
+def test_a_listing_of_iptables_nft_rules_leaves_python_iptables_its_extensions(how) -> None:
+    """libnftables prints an xt rule by asking libxtables to translate it, and libxtables keeps
+    what it loads registered for that IP family, for the process: after a text listing of an
+    ip6 table python-iptables finds no REDIRECT for IPv4.  So the lab lists by JSON, which
+    translates nothing, and reads text only of tables without xt rules (native ones)."""
+    done = subprocess.run([sys.executable, "-c", XTABLES_AFTER_A_LISTING, how], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1], timeout=60)
+    assert done.returncode == 0, done.stderr
+    if how == "json":
+        assert done.stdout == ""
+    else:
+        assert "can't find target REDIRECT" in done.stdout

@@ -16,8 +16,10 @@ def test_naming_no_namespace_outside_a_scratch_one_is_refused() -> None:
 @pytest.mark.kernel
 def test_this_machine_has_every_piece_and_auto_picks_legacy(monkeypatch) -> None:
     monkeypatch.delenv(backend.ENVIRONMENT, raising=False)  # what auto finds, not what CI names
-    for finding in (probes.nf_tables(), probes.nftrace(), probes.owner_through_compat(), probes.legacy_xtables()):
+    for finding in (probes.nf_tables(), probes.nftrace(), probes.owner_through_compat(), probes.native_rules(),
+                    probes.legacy_xtables()):
         assert finding.ok, finding.line
     preflight.check("nft")
+    preflight.check("mixed:legacy,nft")
     picked, why = backend.choose(backend.AUTO)
     assert (picked.name, why) == ("legacy", "auto: legacy (legacy xtables: the nat table loads)")

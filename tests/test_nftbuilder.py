@@ -1,11 +1,10 @@
-"""Istio's native nftables rules: the builder against Istio's own goldens, the profiles, and
-the kernel taking each profile's script."""
+"""Istio's native nftables rules: the builder against Istio's own expected rule sets (the
+lab's record of its goldens, tests/data/istio-goldens/), the profiles, and the kernel taking
+each profile's script."""
 
 import socket
 import subprocess
 from dataclasses import replace
-from pathlib import Path
-
 import pytest
 
 from lab import netns
@@ -14,7 +13,7 @@ from lab.netfilter import RuleRef
 from lab.rules import builder, nftbuilder, nftlisting, nftset, profiles
 from lab.rules.nftbuilder import NftOptions
 
-GOLDENS = Path(__file__).resolve().parent / "data/istio-nftables"
+from . import istio_record
 
 # Istio's run_test.go starts every case from no inbound ports, no excluded inbound ports and
 # no outbound ranges (uid and gid 1337), then sets the case's options; here in the lab's terms.
@@ -33,20 +32,20 @@ GOLDEN_OPTIONS = {
     "inbound-ports-wildcard": replace(BASE, inbound_ports=("*",)),
     "ip-range": replace(BASE, outbound_exclude_cidrs=("1.1.0.0/16",), outbound_cidrs=("9.9.0.0/16",),
                         dns_servers=("127.0.0.53",), **UID_GID),
-    "ipnets-with-kube-virt-interfaces": replace(BASE, kube_virt_interfaces=("eth1", "eth2"),
+    "ipnets-with-kube-virt-interfaces": replace(BASE, kubevirt_interfaces=("eth1", "eth2"),
                                                 outbound_cidrs=("10.0.0.0/8",)),
     "ipnets": replace(BASE, outbound_cidrs=("10.0.0.0/8",)),
     "ipv6-dns-uid-gid": replace(BASE, ipv6=True, **UID_GID),  # DNS asked for, but no resolver: none
     "ipv6-empty-inbound-ports": replace(BASE, ipv6=True),
     "ipv6-inbound-ports": replace(BASE, inbound_ports=("4000", "5000"), ipv6=True),
     "ipv6-ipnets": replace(BASE, inbound_ports=("4000", "5000"), inbound_exclude_ports=(6000, 7000),
-                           kube_virt_interfaces=("eth0", "eth1"), ipv6=True, **V6_NETS),
+                           kubevirt_interfaces=("eth0", "eth1"), ipv6=True, **V6_NETS),
     "ipv6-outbound-ports": replace(BASE, outbound_ports=(32000, 31000), ipv6=True),
     "ipv6-uid-gid": replace(BASE, inbound_ports=("4000", "5000"), inbound_exclude_ports=(6000, 7000),
-                            kube_virt_interfaces=("eth0", "eth1"), ipv6=True, **V6_NETS, **UID_GID),
-    "ipv6-virt-interfaces": replace(BASE, inbound_ports=("4000", "5000"), kube_virt_interfaces=("eth0", "eth1"),
+                            kubevirt_interfaces=("eth0", "eth1"), ipv6=True, **V6_NETS, **UID_GID),
+    "ipv6-virt-interfaces": replace(BASE, inbound_ports=("4000", "5000"), kubevirt_interfaces=("eth0", "eth1"),
                                     ipv6=True),
-    "kube-virt-interfaces": replace(BASE, kube_virt_interfaces=("eth1", "eth2"), outbound_cidrs=("*",)),
+    "kube-virt-interfaces": replace(BASE, kubevirt_interfaces=("eth1", "eth2"), outbound_cidrs=("*",)),
     "loopback-outbound-iprange": replace(BASE, outbound_cidrs=("127.1.2.3/32",), dns_servers=("127.0.0.53",),
                                          **UID_GID),
     "outbound-ports-include": replace(BASE, outbound_ports=(32000, 31000)),
@@ -61,8 +60,7 @@ NOT_MODELLED = {"outbound-owner-groups", "outbound-owner-groups-exclude", "ipv6-
 NFT_PROFILES = profiles.names(native_nftables=True)
 
 
-def _golden(version: str, name: str) -> nftset.RuleSet:
-    return nftset.parse((GOLDENS / version / f"{name}.golden").read_text(), f"{version}/{name}.golden")
+_golden = istio_record.nftables
 
 
 def _chain(rules: nftset.RuleSet, chain: str, table: str = nftbuilder.NAT) -> list[str]:
@@ -77,7 +75,7 @@ def test_the_builder_writes_istios_golden(name, version):
 
 
 def test_every_golden_is_compared_or_said_to_be_out_of_reach():
-    goldens = {p.stem for p in (GOLDENS / "1.30").glob("*.golden")}
+    goldens = set(istio_record.nftables_names())
     assert goldens == set(GOLDEN_OPTIONS) | NOT_MODELLED and not set(GOLDEN_OPTIONS) & NOT_MODELLED
 
 
@@ -116,7 +114,7 @@ def test_a_jump_to_a_chain_istio_would_leave_empty_is_refused():
 
 def test_plain_options_build_and_nft_options_say_their_command():
     assert nftbuilder.build("1.27", builder.Options()) == nftbuilder.build("1.27", NftOptions())
-    options = NftOptions.from_mapping({"kube_virt_interfaces": ["eth1"], "drop_invalid": True}, "test")
+    options = NftOptions.from_mapping({"kubevirt_interfaces": ["eth1"], "drop_invalid": True}, "test")
     assert options.command().startswith("istio-iptables --native-nftables -p 15001 ")
     assert options.command().endswith(" -k eth1 (INVALID_DROP=true)")
 
@@ -228,7 +226,7 @@ def test_the_kernel_takes_a_profile_and_lists_it_back(name):
 
 @pytest.mark.kernel
 def test_the_kernel_takes_every_option_at_once():
-    options = NftOptions(mode="TPROXY", ipv6=True, exclude_interfaces=("eth9",), kube_virt_interfaces=("eth1",),
+    options = NftOptions(mode="TPROXY", ipv6=True, exclude_interfaces=("eth9",), kubevirt_interfaces=("eth1",),
                          drop_invalid=True, outbound_exclude_ports=(8443,), outbound_ports=(9000,),
                          outbound_cidrs=("10.96.0.0/16", "fd00:10:96::/112"),
                          outbound_exclude_cidrs=("10.96.0.1/32", "fd00:10:96::1/128"),

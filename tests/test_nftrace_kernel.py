@@ -77,7 +77,7 @@ def send(pair, *destinations: str) -> None:
 
 def handles(ns: str) -> dict[tuple[str, int], int]:
     """(chain, position) -> handle, from the listing."""
-    return {(r.chain, r.position): r.handle for r in libnft.read(ns).table_rules("inet", "probe")}
+    return {(ref.chain, ref.number): rule.handle for ref, rule in libnft.read(ns).numbered() if ref.table == "probe"}
 
 
 def steps(events) -> list[tuple]:
@@ -118,7 +118,7 @@ def test_the_trace_bit_survives_lo_and_a_veth_clears_it(pair) -> None:
     assert back and back[0].indev == "lo" and out[0].outdev == "lo"  # traced again on the way in, with no rule there
     assert back[0].trace_id != out[0].trace_id  # the id hashes skb_iif, which lo's receive sets...
     assert back[0].ct_id == out[0].ct_id is not None  # ...the conntrack id joins the two walks
-    witness = libnft.read(pair.remote).table_rules("inet", "probe")
+    witness = [rule for ref, rule in libnft.read(pair.remote).numbered() if ref.table == "probe"]
     assert [r.packets for r in witness] == [1]  # the datagram did reach the remote pod, untraced
 
 

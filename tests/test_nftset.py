@@ -10,12 +10,16 @@ from lab.netfilter import RuleRef
 from lab.rules import nftlisting, nftset
 from lab.rules.nftset import BaseChain, Rule
 
-GOLDENS = Path(__file__).resolve().parent / "data/istio-nftables"
-EVERY_GOLDEN = sorted(p.relative_to(GOLDENS).as_posix() for p in GOLDENS.glob("*/*.golden"))
+from . import istio_record
+
+DATA = Path(__file__).resolve().parent / "data" / "nft"
+EVERY_GOLDEN = [f"{v}/{name}" for v in istio_record.nftables_versions() for name in istio_record.nftables_names()]
 
 
 def _golden(name: str) -> nftset.RuleSet:
-    return nftset.parse((GOLDENS / name).read_text(), name)
+    """`1.27/tproxy`: the rule set Istio expects, as the lab records it."""
+    version, option_set = name.split("/")
+    return istio_record.nftables(version, option_set)
 
 
 def _chain(rules: nftset.RuleSet, table: str, chain: str) -> list[str]:
@@ -24,13 +28,13 @@ def _chain(rules: nftset.RuleSet, table: str, chain: str) -> list[str]:
 
 # ------------------------------------------------------------------ reading
 @pytest.mark.parametrize("name", EVERY_GOLDEN)
-def test_every_golden_reads(name):
+def test_every_recorded_rule_set_reads(name):
     rules = _golden(name)
     assert ("inet", "istio-proxy-nat") in rules.tables
     assert _chain(rules, "istio-proxy-nat", "istio-inbound")[0].startswith("meta l4proto tcp tcp dport 15008")
 
 
-@pytest.mark.parametrize("name", sorted(p.name for p in GOLDENS.glob("1.30/*.golden")))
+@pytest.mark.parametrize("name", istio_record.nftables_names())
 def test_130_is_127_with_a_counter_in_every_rule(name):
     """The one change between Istio's two sets of goldens (1.28 made it)."""
     newer, older = _golden(f"1.30/{name}"), _golden(f"1.27/{name}")
@@ -40,11 +44,28 @@ def test_130_is_127_with_a_counter_in_every_rule(name):
     assert older.counted() == newer  # the lab's counters go where Istio's went
 
 
+# istio-nftables' transaction for TPROXY's mangle istio-inbound: four rules appended, then its
+# guards inserted at indexes 0, 1 (IPv4's), 1 (IPv6's) and 2, in the order Run() makes them.
+TPROXY_INBOUND = """add table inet istio-proxy-mangle
+add chain inet istio-proxy-mangle istio-divert
+add chain inet istio-proxy-mangle istio-tproxy
+add chain inet istio-proxy-mangle istio-inbound
+add rule inet istio-proxy-mangle istio-inbound meta l4proto tcp ct state related,established jump istio-divert
+add rule inet istio-proxy-mangle istio-inbound meta l4proto tcp jump istio-tproxy
+insert rule inet istio-proxy-mangle istio-inbound index 0 meta l4proto tcp mark 1337 return
+insert rule inet istio-proxy-mangle istio-inbound index 1 iifname lo meta l4proto tcp ip saddr 127.0.0.6/32 return
+insert rule inet istio-proxy-mangle istio-inbound index 1 iifname lo meta l4proto tcp ip6 saddr ::6/128 return
+insert rule inet istio-proxy-mangle istio-inbound index 2 iifname lo meta l4proto tcp mark != 1338 return
+"""
+
+
 def test_a_script_is_read_by_doing_what_nft_does():
-    """`add ... index N` goes after the rule at N, `insert ... index N` before it (from 0); the
-    kernel put tproxy.golden's mangle istio-inbound in this order (tproxy.listed)."""
-    rules = _golden("1.27/tproxy.golden")
-    assert _chain(rules, "istio-proxy-mangle", "istio-inbound") == [
+    """`add ... index N` goes after the rule at N, `insert ... index N` before it (from 0): read
+    so, istio-nftables' inserts leave mangle istio-inbound in the order the kernel put it in
+    (the record of Istio's tproxy golden, which the kernel test below applies)."""
+    rules = nftset.parse(TPROXY_INBOUND)
+    assert _chain(rules, "istio-proxy-mangle", "istio-inbound") == _chain(
+        _golden("1.27/tproxy"), "istio-proxy-mangle", "istio-inbound") == [
         "meta l4proto tcp mark 1337 return",
         "iifname lo meta l4proto tcp ip6 saddr ::6/128 return",  # inserted at 1 after the IPv4 one
         "iifname lo meta l4proto tcp mark != 1338 return",
@@ -52,9 +73,10 @@ def test_a_script_is_read_by_doing_what_nft_does():
         "meta l4proto tcp ct state related,established jump istio-divert",
         "meta l4proto tcp jump istio-tproxy",
     ]
-    assert rules.table("istio-proxy-nat").chains["output"].base == BaseChain("nat", "output", -100)
-    assert rules.table("istio-proxy-mangle").chains["output"].base == BaseChain("route", "output", -150)
-    assert rules.table("istio-proxy-raw").chains["istio-inbound"].base is None
+    recorded = _golden("1.27/tproxy")
+    assert recorded.table("istio-proxy-nat").chains["output"].base == BaseChain("nat", "output", -100)
+    assert recorded.table("istio-proxy-mangle").chains["output"].base == BaseChain("route", "output", -150)
+    assert recorded.table("istio-proxy-raw").chains["istio-inbound"].base is None
 
 
 def test_add_and_insert_at_an_index():
@@ -69,13 +91,13 @@ def test_add_and_insert_at_an_index():
 
 
 def test_a_listing_reads_with_handles_and_without_counter_state():
-    rules = nftset.parse((GOLDENS / "tproxy.listed").read_text())
+    rules = nftset.parse((DATA / "tproxy.listed").read_text())
     nat = rules.table("istio-proxy-nat")
     assert nat.chains["prerouting"].base == BaseChain("nat", "prerouting", -100)  # `priority dstnat`
     assert rules.table("istio-proxy-raw").chains["output"].base == BaseChain("filter", "output", -300)  # `raw`
     assert nat.chains["output"].rules == [Rule('oifname "not-istio-nic" counter return'),
                                           Rule("counter jump istio-output")]
-    assert rules.handles()["istio-proxy-nat", 13] == RuleRef("istio-proxy-nat", "output", 2)
+    assert rules.handles()["inet", "istio-proxy-nat", 13] == RuleRef("istio-proxy-nat", "output", 2)
     assert rules.rule(RuleRef("istio-proxy-nat", "istio-output", 3)).text == (
         'oifname "lo" ip daddr != 127.0.0.1 tcp dport != { 53, 15008 } meta skuid 1337 counter jump istio-in-redirect')
 
@@ -85,15 +107,16 @@ def test_a_listings_counters_say_how_many_packets_each_rule_took():
                "  counter packets 0 bytes 0 return # handle 5\n  drop # handle 6\n }\n}\n")
     rules = nftset.parse(listing)
     assert rules.packet_counts() == {RuleRef("t", "c", 1): 3, RuleRef("t", "c", 2): 0}
-    assert rules.handles() == {("t", 4): RuleRef("t", "c", 1), ("t", 5): RuleRef("t", "c", 2),
-                               ("t", 6): RuleRef("t", "c", 3)}
+    assert rules.handles() == {("inet", "t", 4): RuleRef("t", "c", 1), ("inet", "t", 5): RuleRef("t", "c", 2),
+                               ("inet", "t", 6): RuleRef("t", "c", 3)}
+    assert rules.rule(RuleRef("t", "c", 1)).bytes == 180
 
 
 def test_the_listing_is_what_nft_prints_for_the_golden():
-    """nftlisting.listed() against the kernel's own words for one golden (the kernel test
-    below checks every golden and profile)."""
-    listed = nftset.parse((GOLDENS / "tproxy.listed").read_text())
-    assert nftlisting.listed(_golden("1.30/tproxy.golden")) == listed
+    """nftlisting.listed() against the kernel's own words for one recorded rule set (the
+    kernel test below checks every one, and every profile)."""
+    listed = nftset.parse((DATA / "tproxy.listed").read_text())
+    assert nftlisting.listed(_golden("1.30/tproxy")) == listed
 
 
 def test_nested_blocks_may_jump_forward_and_commands_may_not():
@@ -168,7 +191,7 @@ def test_a_written_script_reads_back_the_same(name):
 
 
 def test_a_script_replaces_each_table_whole():
-    script = nftset.script(_golden("1.27/empty.golden"), header=("empty",))
+    script = nftset.script(_golden("1.27/empty"), header=("empty",))
     assert script.splitlines()[:6] == [
         "# empty",
         "add table inet istio-proxy-nat",
@@ -179,7 +202,7 @@ def test_a_script_replaces_each_table_whole():
     ]
     before = nftset.parse("add table inet istio-proxy-nat\nadd chain inet istio-proxy-nat stale\n")
     assert nftset.parse("add table inet istio-proxy-nat\nadd chain inet istio-proxy-nat stale\n" + script) \
-        == _golden("1.27/empty.golden").counted() != before
+        == _golden("1.27/empty").counted() != before
 
 
 # ------------------------------------------------------------------ what nft prints
@@ -211,9 +234,10 @@ def test_nft_prints_back_what_nftlisting_says():
 
 @pytest.mark.kernel
 @pytest.mark.parametrize("name", [n for n in EVERY_GOLDEN if "owner-groups" not in n])  # names groups this host lacks
-def test_the_kernel_takes_every_golden_as_read(name):
-    """The golden applied as Istio applies it: what the kernel lists is the rule set read
-    from the script (index arithmetic included), in the words nftlisting.py predicts."""
-    text = (GOLDENS / name).read_text()
-    kernel = nftset.parse(_nft_in_scratch(("-f -", text), ("-a list ruleset", "")))
-    assert kernel == nftlisting.listed(_golden(name))
+def test_the_kernel_takes_every_recorded_rule_set(name):
+    """Each recorded rule set written as the lab writes it (one nft -f transaction): what the
+    kernel lists is the record, in the words nftlisting.py predicts."""
+    rules = _golden(name)
+    kernel = nftset.parse(_nft_in_scratch(("-f -", nftset.script(rules, counters=False)), ("-a list ruleset", "")))
+    assert kernel == nftlisting.listed(rules)
+    assert nftset.parse(nftset.text(rules)) == rules  # the record's own form reads back

@@ -80,7 +80,8 @@ def _preflight_denying(syscall: str, err: int, *conds: tuple[int, int, int], bac
 @pytest.mark.kernel
 @pytest.mark.parametrize("backend, pieces", [
     ("legacy", "legacy xtables, owner, REDIRECT, TRACE, nfnetlink_log"),
-    ("nft", "nf_tables, nftrace in a namespace, owner and REDIRECT through nft_compat"),
+    ("nft", "nf_tables, nftrace in a namespace, owner and REDIRECT through nft_compat, "
+             "Istio's native nftables rules"),
 ])
 def test_preflight_passes_on_this_machine(backend, pieces) -> None:
     result = _preflight(backend=backend)

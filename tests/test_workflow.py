@@ -89,6 +89,8 @@ def test_it_runs_the_tests_and_the_scenarios_as_root_and_keeps_what_they_say() -
     runs = [step.get("run", "") for step in job["steps"]]
     assert "sudo .ci/run" in runs  # ./scripts/test in CI mode: a skipped kernel test fails
     assert "sudo ./scripts/istio-lab run --json --report report > result.json" in runs
+    native = next(r for r in runs if "istio-1.27-nft-tproxy" in r)  # Istio's native nftables profiles too
+    assert all(p in native for p in ("istio-1.27-nft ", "istio-1.27-nft-dns", "istio-1.27-nft-ipv6"))
     summary = next(r for r in runs if "GITHUB_STEP_SUMMARY" in r)
     assert 'cat report/summary.md >> "$GITHUB_STEP_SUMMARY"' in summary
     (upload,) = [s for s in job["steps"] if s.get("uses", "").startswith("actions/upload-artifact@")]

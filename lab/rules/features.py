@@ -1,7 +1,8 @@
 """What a rule set does beyond the article's rules, read from the rules themselves.
 
 A scenario about such a feature (scenario `feature:`) is what `istio-lab run` picks only
-when the rules have it; a profile and a pod's own dump are read the same way.  The
+when the rules have it; a profile and a pod's own dump are read the same way, and so are
+native nftables rule sets (`redirect to :15053`, `tproxy ... meta mark set 1337`).  The
 inbound mode is read the same way: the mark a TPROXY rule sets is what the routing and
 Envoy's listeners must follow.
 """
@@ -11,15 +12,20 @@ from __future__ import annotations
 from typing import Iterable
 
 from .. import plan
+from .nftset import RuleSet as NftRules
 from .save import Dump
 
 DNS_CAPTURE = "dns-capture"  # nat sends DNS to pilot-agent's proxy (ISTIO_META_DNS_CAPTURE)
 FEATURES = (DNS_CAPTURE,)
 
 
-def of(dumps: Iterable[Dump]) -> frozenset[str]:
-    """The features the rule sets have."""
+def of(dumps: Iterable[Dump], nft: NftRules | None = None) -> frozenset[str]:
+    """The features the rule sets have (iptables dumps, and native nft rules)."""
     found = set()
+    for _, rule in nft.numbered() if nft else ():
+        w = rule.words
+        if "redirect" in w and w[w.index("redirect") + 1:w.index("redirect") + 3] == ["to", f":{plan.Port.DNS_PROXY}"]:
+            found.add(DNS_CAPTURE)
     for dump in dumps:
         nat = dump.tables.get("nat")
         for rule in nat.rules if nat else ():
@@ -37,6 +43,24 @@ def tproxy_mark(dump: Dump) -> int | None:
     return None
 
 
-def inbound_mode(dumps: Iterable[Dump]) -> str:
+def nft_tproxy_mark(rules: NftRules) -> int | None:
+    """The mark the first `tproxy` rule sets (`tproxy ip to :15006 meta mark set 1337`), if any."""
+    for _, rule in rules.numbered():
+        w = rule.words
+        if "tproxy" in w:
+            at = next((i for i in range(w.index("tproxy"), len(w) - 1) if w[i:i + 2] == ["mark", "set"]), None)
+            return int(w[at + 2], 0) if at is not None and at + 2 < len(w) else None
+    return None
+
+
+def nft_ipv6(rules: NftRules) -> bool:
+    """Do native nft rules say anything of IPv6 (an `ip6` match, a `tproxy ip6`)?  Istio
+    writes its IPv6 rules only for a pod that has IPv6."""
+    return any("ip6" in rule.words or "ipv6" in rule.words for _, rule in rules.numbered())
+
+
+def inbound_mode(dumps: Iterable[Dump], nft: NftRules | None = None) -> str:
     """REDIRECT or TPROXY: how the rules hand inbound connections to Envoy."""
+    if nft is not None and nft_tproxy_mark(nft) is not None:
+        return "TPROXY"
     return "TPROXY" if any(tproxy_mark(d) is not None for d in dumps) else "REDIRECT"

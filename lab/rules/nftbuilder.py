@@ -48,15 +48,12 @@ CHAINS: dict[str, dict[str, BaseChain | None]] = {
 
 @dataclass(frozen=True)
 class NftOptions(Options):
-    """istio-iptables' options and two that only the nft rule sets model so far."""
+    """istio-iptables' options and one that only the nft rule sets model so far."""
 
-    kube_virt_interfaces: tuple[str, ...] = ()  # -k: KubeVirt's interfaces, their traffic sent to Envoy outbound
     drop_invalid: bool = False  # INVALID_DROP: conntrack-invalid TCP dropped in mangle (istio-drop)
 
     def command(self) -> str:
         argv = [super().command().replace("istio-iptables ", "istio-iptables --native-nftables ", 1)]
-        if self.kube_virt_interfaces:
-            argv.append(f"-k {','.join(self.kube_virt_interfaces)}")
         if self.drop_invalid:
             argv.append("(INVALID_DROP=true)")
         return " ".join(argv)
@@ -157,7 +154,7 @@ def _build(o: NftOptions) -> _Transaction:
         for nic in o.exclude_interfaces:
             t.add(MANGLE, "prerouting", f"iifname {nic} counter return")
             t.add(MANGLE, "output", f"oifname {nic} counter return")
-    for nic in o.kube_virt_interfaces:
+    for nic in o.kubevirt_interfaces:
         t.insert(NAT, "prerouting", 0, f"iifname {nic} counter return")
     if o.drop_invalid:
         t.add(MANGLE, "prerouting", "meta l4proto tcp ct state invalid counter jump istio-drop")
@@ -199,12 +196,12 @@ def _build(o: NftOptions) -> _Transaction:
         t.add(NAT, "istio-output", f"tcp dport {port} counter jump istio-redirect")
     if wildcard:
         t.add(NAT, "istio-output", "counter jump istio-redirect")
-        for nic in o.kube_virt_interfaces:
+        for nic in o.kubevirt_interfaces:
             t.insert(NAT, "prerouting", 0, f"iifname {nic} counter jump istio-redirect")
     else:
         for family, ip, insert, add in ((4, "ip", t.insert, t.add), (6, "ip6", t.insert_v6, t.add_v6)):
             for cidr in include[family]:
-                for nic in o.kube_virt_interfaces:
+                for nic in o.kubevirt_interfaces:
                     insert(NAT, "prerouting", 0, f"iifname {nic} {ip} daddr {cidr} counter jump istio-redirect")
                 add(NAT, "istio-output", f"{ip} daddr {cidr} counter jump istio-redirect")
     if tproxy:

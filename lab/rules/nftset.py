@@ -14,13 +14,16 @@ every rule: the counters are one of the lab's witnesses.
 
 from __future__ import annotations
 
+import functools
+import re
 from dataclasses import dataclass, field, replace
 from typing import Iterator
 
 from ..errors import LabError
-from ..netfilter import RuleRef
+from ..netfilter import ROLE_PRIORITIES, Layout, RuleRef
 
 FAMILIES = ("ip", "ip6", "inet", "arp", "bridge", "netdev")
+IP_FAMILIES = {4: ("ip", "inet"), 6: ("ip6", "inet")}  # the tables a packet of each IP version meets
 # nft's names for the standard priorities (`priority mangle`, `priority dstnat - 5`).
 PRIORITIES = {"raw": -300, "mangle": -150, "dstnat": -100, "filter": 0, "security": 50, "srcnat": 100}
 VERDICTS = frozenset({"accept", "drop", "return", "jump", "goto", "continue", "queue", "reject"})
@@ -34,6 +37,10 @@ class NftFormatError(LabError):
 
     def __init__(self, source: str, lineno: int, line: str, problem: str):
         super().__init__(f"{source}:{lineno}: {problem}: {line.strip()!r}")
+
+
+class RuleSetError(LabError):
+    """A rule set the lab cannot name rules in (two tables of one name that one packet meets)."""
 
 
 @dataclass(frozen=True)
@@ -57,9 +64,10 @@ class Rule:
     text: str
     handle: int | None = field(default=None, compare=False)  # from `nft -a list ruleset`
     packets: int | None = field(default=None, compare=False)  # a listed counter's packets
+    bytes: int | None = field(default=None, compare=False)  # and bytes
     lineno: int = field(default=0, compare=False)  # where the text had it (0: built)
 
-    @property
+    @functools.cached_property
     def words(self) -> list[str]:
         return words(self.text)
 
@@ -138,9 +146,43 @@ class RuleSet:
         """RuleRef -> packets, for the rules of a listing whose counters said how many."""
         return {ref: rule.packets for ref, rule in self.numbered() if rule.packets is not None}
 
-    def handles(self) -> dict[tuple[str, int], RuleRef]:
-        """(table, handle) -> RuleRef for a listing read with handles (`nft -a list ruleset`)."""
-        return {(ref.table, rule.handle): ref for ref, rule in self.numbered() if rule.handle is not None}
+    def handles(self) -> dict[tuple[str, str, int], RuleRef]:
+        """(family, table, handle) -> RuleRef for a listing read with handles (`nft -a list
+        ruleset`): what a trace event names.  A handle is unique within its table."""
+        out = {}
+        for t in self.tables.values():
+            for chain in t.chains.values():
+                for number, rule in enumerate(chain.rules, 1):
+                    if rule.handle is not None:
+                        out[t.family, t.name, rule.handle] = RuleRef(t.name, chain.name, number)
+        return out
+
+    def seen_by(self, ip_version: int) -> "RuleSet":
+        """The tables an IPv4 (or IPv6) packet meets: `ip` (or `ip6`) and `inet`.  Two of them
+        with one name (`ip nat` and `inet nat`) would give two rules one RuleRef: refused."""
+        families = IP_FAMILIES[ip_version]
+        mine = {key: t for key, t in self.tables.items() if t.family in families}
+        names: dict[str, str] = {}
+        for t in mine.values():
+            if names.setdefault(t.name, t.family) != t.family:
+                raise RuleSetError(f"tables {names[t.name]} {t.name} and {t.family} {t.name} both hold rules an "
+                                   f"IPv{ip_version} packet meets: their rules would share names")
+        return RuleSet(mine)
+
+    def lines(self) -> dict[RuleRef, str]:
+        """Each rule's text by RuleRef, counter state left out: what reports quote."""
+        return {ref: rule.text for ref, rule in self.numbered()}
+
+    def layout(self, skip: tuple[tuple[str, str], ...] = ()) -> Layout:
+        """Which xtables table each table plays and which hook each base chain is (netfilter.Layout);
+        tables in `skip` (family, name) are left out."""
+        roles, hooks = [], []
+        for key, t in self.tables.items():
+            if key in skip:
+                continue
+            roles.append((t.name, role(t)))
+            hooks += [(t.name, c.name, c.base.hook.upper()) for c in t.chains.values() if c.base]
+        return Layout(tuple(roles), tuple(hooks))
 
     def map_rules(self, change) -> "RuleSet":
         """A copy with `change(rule)` in place of every rule."""
@@ -169,6 +211,61 @@ def script(rules: RuleSet, counters: bool = True, header: tuple[str, ...] = ()) 
             out.append(f"add chain {where} {c.name}" + (f" {{ {c.base.spec()} }}" if c.base else ""))
         for c in t.chains.values():
             out += [f"add rule {where} {c.name} {r.text}" for r in c.rules]
+    return "\n".join(out) + "\n"
+
+
+def role(table: Table) -> str:
+    """The xtables table an nf_tables table plays: nat if it has a nat base chain, else by its
+    earliest base chain's priority (raw at -300 or before, mangle up to -150), else filter.  A
+    table without a base chain is never entered by a packet: it plays no part ("")."""
+    bases = [c.base for c in table.chains.values() if c.base]
+    if not bases:
+        return ""
+    if any(b.type == "nat" for b in bases):
+        return "nat"
+    first = min(b.priority for b in bases)
+    return next((name for name, at in ROLE_PRIORITIES if first <= at), "filter")
+
+
+# A rule's first statement in xtables' words: what it does, as an iptables target says it.
+TARGETS = {"redirect": "REDIRECT", "tproxy": "TPROXY", "dnat": "DNAT", "snat": "SNAT", "masquerade": "MASQUERADE",
+           "accept": "ACCEPT", "drop": "DROP", "return": "RETURN", "reject": "REJECT", "queue": "QUEUE",
+           "log": "LOG", "notrack": "CT"}
+
+
+def target(text: str) -> str | None:
+    """What a rule does, as an iptables rule's target would name it: the chain of a jump or
+    goto, REDIRECT, TPROXY, MARK (`meta mark set`), CONNMARK (`ct mark set`), CT (`ct zone
+    set`), ACCEPT, RETURN, ...; None for a rule that only counts."""
+    w = words(text)
+    for i in range(_first_statement(w), len(w)):
+        word = w[i]
+        if word in ("jump", "goto"):
+            return w[i + 1] if i + 1 < len(w) else None
+        if word in TARGETS:
+            return TARGETS[word]
+        if word == "ct" and w[i + 2:i + 3] == ["set"]:
+            return "CONNMARK" if w[i + 1] == "mark" else "CT"
+        if (word == "meta" and w[i + 1:i + 3] == ["mark", "set"]) or (word == "mark" and w[i + 1:i + 2] == ["set"]):
+            return "MARK"
+        if word == "meta" and w[i + 1:i + 3] == ["nftrace", "set"]:
+            return "TRACE"
+    return None
+
+
+def text(rules: RuleSet) -> str:
+    """The rule set as `nft list ruleset` lays it out (table blocks, each chain's spec then its
+    rules), in the rules' own words: the lab's canonical form, which parse() reads back."""
+    out = []
+    for t in rules.tables.values():
+        out.append(f"table {t.family} {t.name} {{")
+        for c in t.chains.values():
+            out.append(f"\tchain {c.name} {{")
+            if c.base:
+                out.append(f"\t\t{c.base.spec()}")
+            out += [f"\t\t{r.text}" for r in c.rules]
+            out.append("\t}")
+        out.append("}")
     return "\n".join(out) + "\n"
 
 
@@ -215,37 +312,51 @@ class _Token:
     handle: int | None = None  # `# handle N` after it on its line (nft -a)
 
 
+_TOKEN = re.compile(r'(#.*)|([{};])|("[^"]*"?)|([^\s{};"#]+)')  # blanks match nothing: skipped
+
+
 def _tokens(text: str, fail=None) -> list[_Token]:
     out: list[_Token] = []
     for lineno, line in enumerate(text.splitlines(), 1):
-        i, n = 0, len(line)
-        while i < n:
-            ch = line[i]
-            if ch.isspace():
-                i += 1
-            elif ch == "#":
-                comment = line[i + 1:].split()
-                if comment[:1] == ["handle"] and len(comment) == 2 and comment[1].isdigit() and out:
-                    out[-1] = replace(out[-1], handle=int(comment[1]))
-                break
-            elif ch in "{};":
-                out.append(_Token(ch, lineno))
-                i += 1
-            elif ch == '"':
-                end = line.find('"', i + 1)
-                if end < 0 and fail:
-                    raise fail(lineno, "a quoted string never ends")
-                end = n - 1 if end < 0 else end
-                out.append(_Token(line[i:end + 1], lineno))
-                i = end + 1
-            else:
-                j = i
-                while j < n and not line[j].isspace() and line[j] not in '{};"#':
-                    j += 1
-                out.append(_Token(line[i:j], lineno))
-                i = j
+        for m in _TOKEN.finditer(line):
+            comment, punct, quoted, word = m.groups()
+            if word or punct:
+                out.append(_Token(word or punct, lineno))
+            elif quoted:
+                if len(quoted) == 1 or not quoted.endswith('"'):
+                    if fail:
+                        raise fail(lineno, "a quoted string never ends")
+                out.append(_Token(quoted, lineno))
+            elif comment:
+                said = comment[1:].split()
+                if said[:1] == ["handle"] and len(said) == 2 and said[1].isdigit() and out:
+                    out[-1] = replace(out[-1], handle=int(said[1]))
         out.append(_Token("\n", lineno))
     return out
+
+
+def from_json(items: list[dict]) -> RuleSet:
+    """The rule set of libnftables' JSON listing (`nft -j -a list ...`): tables, chains (base
+    chains with their type, hook, priority and policy), rules in chain order with their
+    handles and counters.  JSON gives a rule's expressions, not its words: each rule's text
+    is "" (read `nft -a list` where the words matter).  What it is for: handles, positions
+    and counters of any table, without the text listing's translation of iptables-nft's xt
+    rules, for which libnftables calls into libxtables, and libxtables keeps the extensions
+    it loads registered for one IP family per process (python-iptables then finds no
+    REDIRECT for IPv4 once an ip6 table was listed)."""
+    rules = RuleSet()
+    for item in items:
+        if t := item.get("table"):
+            rules.tables.setdefault((t["family"], t["name"]), Table(t["family"], t["name"]))
+        elif c := item.get("chain"):
+            base = BaseChain(c["type"], c["hook"], c["prio"], c.get("policy", "accept")) if "hook" in c else None
+            rules.tables[c["family"], c["table"]].chains[c["name"]] = Chain(c["name"], base)
+        elif r := item.get("rule"):
+            counter = next((e["counter"] for e in r.get("expr", ()) if isinstance(e, dict)
+                            and isinstance(e.get("counter"), dict)), {})
+            rules.tables[r["family"], r["table"]].chains[r["chain"]].rules.append(
+                Rule("", handle=r["handle"], packets=counter.get("packets"), bytes=counter.get("bytes")))
+    return rules
 
 
 def parse(text: str, source: str = "<nft>") -> RuleSet:
@@ -510,8 +621,12 @@ class _Reader:
             raise self._fail(start.lineno, "an empty rule")
         at = texts.index("counter") if "counter" in texts else -1
         packets = texts[at + 2] if texts[at + 1:at + 2] == ["packets"] and at >= 0 else ""
-        return Rule(" ".join(_fold(texts)), handle=handle, packets=int(packets) if packets.isdigit() else None,
-                    lineno=start.lineno)
+        nbytes = texts[at + 4] if packets and texts[at + 3:at + 4] == ["bytes"] else ""
+        folded = _fold(texts)
+        rule = Rule(" ".join(folded), handle=handle, packets=int(packets) if packets.isdigit() else None,
+                    bytes=int(nbytes) if nbytes.isdigit() else None, lineno=start.lineno)
+        rule.__dict__["words"] = folded  # what Rule.words would read again from the text
+        return rule
 
     def check_jumps(self, table: Table, rules: list[Rule], still: str) -> None:
         for rule in rules:

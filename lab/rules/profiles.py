@@ -10,13 +10,13 @@ iptables profiles only; nft_rules and nft_text give a native nftables profile's 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from importlib import resources
 
 import yaml
 
 from ..errors import LabError
-from . import builder, nftbuilder, nftset, save
+from . import builder, nftbuilder, nftlisting, nftset, save
 
 DEFAULT = "istio-1.13"  # Istio 1.13 - 1.17, the article's era
 PROFILES = "profiles.yaml"
@@ -51,9 +51,9 @@ def profiles() -> dict[str, Profile]:
     return out
 
 
-def names(native_nftables: bool = False) -> list[str]:
-    """The iptables profiles, or the native nftables ones."""
-    return [name for name, p in profiles().items() if p.native_nftables == native_nftables]
+def names(native_nftables: bool | None = False) -> list[str]:
+    """The iptables profiles, or the native nftables ones (None: every profile, in file order)."""
+    return [name for name, p in profiles().items() if native_nftables in (None, p.native_nftables)]
 
 
 def get(name: str = DEFAULT) -> Profile:
@@ -85,6 +85,18 @@ def nft_rules(name: str) -> nftset.RuleSet:
     return nftbuilder.build(p.istio, p.options)
 
 
+def plain(options: builder.Options) -> builder.Options:
+    """istio-iptables' options alone, without those only the native rules model."""
+    return builder.Options(**{f.name: getattr(options, f.name) for f in fields(builder.Options)})
+
+
+def iptables_counterpart(name: str) -> list[save.Dump]:
+    """A native nftables profile's iptables twin: what istio-iptables writes for the same
+    options without --native-nftables (IPv4, then IPv6 when it has any)."""
+    p = get(name)
+    return [d for d in (builder.build(p.istio, plain(p.options), f) for f in (4, 6)) if d.tables]
+
+
 def nft_text(name: str) -> str:
     """A native nftables profile as the `nft -f` script the lab applies (a counter in every
     rule), with a header saying what it is."""
@@ -108,6 +120,16 @@ def text(name: str = DEFAULT, family: int = 4) -> str:
     p = get(name)
     header = (f"{summary(name)}.", p.options.command(), "Lines in iptables-save form, as the kernel reads them back.")
     return load(name, family).text(header)
+
+
+def match_nft(rules: nftset.RuleSet) -> str | None:
+    """The native profile whose rules these are exactly, however written (Istio's words or
+    nft's listing, with counters or without)."""
+    def canonical(r: nftset.RuleSet) -> nftset.RuleSet:
+        return nftlisting.listed(r.uncounted())
+
+    wanted = canonical(rules)
+    return next((name for name in names(native_nftables=True) if canonical(nft_rules(name)) == wanted), None)
 
 
 def match(dump: save.Dump) -> str | None:

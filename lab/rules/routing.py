@@ -6,8 +6,9 @@
 TPROXY hands a packet to a local socket but leaves its destination alone; only a
 route of type local makes the kernel deliver a packet for another address (the app's
 port on the pod IP is local anyway; a reply to a client whose address Envoy borrowed is
-not).  The mark comes from the dump's own TPROXY rule, so a pod's rules (`--rules`)
-get the routing their rules ask for.
+not).  The mark comes from the rules' own TPROXY rule, so a pod's rules (`--rules`)
+get the routing their rules ask for.  Istio adds the same routes for its native nftables
+rules (`tproxy ip to :15006 meta mark set 1337`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from __future__ import annotations
 import socket
 
 from ..netns import LO_INDEX
-from .features import tproxy_mark
+from .features import nft_tproxy_mark, tproxy_mark
+from .nftset import RuleSet as NftRules
 from .save import Dump
 
 ROUTE_TABLE = 133  # istio-iptables' INBOUND_TPROXY_ROUTE_TABLE
@@ -28,10 +30,23 @@ def apply(ipr, dump: Dump) -> None:
     `ipr` is a pyroute2 IPRoute socket opened inside the pod.
     """
     mark = tproxy_mark(dump)
-    if mark is None:
-        return
-    family = socket.AF_INET if dump.family == 4 else socket.AF_INET6
-    anywhere = "0.0.0.0/0" if dump.family == 4 else "::/0"
+    if mark is not None:
+        route(ipr, dump.family, mark)
+
+
+def apply_native(ipr, rules: NftRules, families: tuple[int, ...]) -> None:
+    """The same for native nft rules: one inet table serves both families, so each of the
+    pod's families gets the route when a tproxy rule marks."""
+    mark = nft_tproxy_mark(rules)
+    if mark is not None:
+        for family in families:
+            route(ipr, family, mark)
+
+
+def route(ipr, ip_version: int, mark: int) -> None:
+    """`ip rule add fwmark MARK lookup 133` and the local default route in table 133."""
+    family = socket.AF_INET if ip_version == 4 else socket.AF_INET6
+    anywhere = "0.0.0.0/0" if ip_version == 4 else "::/0"
     ipr.rule("add", family=family, fwmark=mark, table=ROUTE_TABLE, priority=RULE_PRIORITY)
-    scope = {"scope": "host"} if dump.family == 4 else {}  # what `ip` gives a local route
+    scope = {"scope": "host"} if ip_version == 4 else {}  # what `ip` gives a local route
     ipr.route("add", family=family, dst=anywhere, type="local", oif=LO_INDEX, table=ROUTE_TABLE, **scope)

@@ -1,7 +1,7 @@
 """The nf_tables backend: rule sets in nf_tables, read back by handle, traced with nftrace.
 
-- libnft: libnftables contexts made inside a pod's namespace (apply, list, JSON).
-- ruleset: a JSON listing as typed chains and rules; handle -> RuleRef; counters.
+- libnft: libnftables contexts made inside a pod's namespace (apply, list); a listing read
+  as lab.rules.nftset, the one model of an nft rule set (handles, positions, counters).
 - iptables_nft: an iptables-save rule set applied and read back as iptables-nft does.
 - native: an `nft -f` script applied atomically, its rules listed, its tables deleted.
 - tracing: the lab's `inet ilab-trace` table and its `meta nftrace set 1` rules.

@@ -15,8 +15,9 @@ from __future__ import annotations
 import re
 import subprocess
 
-from ...netfilter import BUILTIN_CHAINS, TABLES, RuleRef
-from ..save import Dump, RuleLine, TableDump, parse
+from ...netfilter import BUILTIN_CHAINS, RuleRef
+from .. import nftset
+from ..save import Dump, RuleLine, parse
 from ..xtables import RESTORE_DEADLINE, NumberedRule, RuleError
 from . import libnft
 
@@ -69,14 +70,6 @@ def _rule_at(dump: Dump, text: str, number: int) -> tuple[str, RuleLine] | None:
     return None
 
 
-def touch(ns: str, family: int = 4) -> None:
-    """Make every xtables table exist in nf_tables with its built-in chains, leaving any
-    rules in place: only a chain that exists reports nftrace events, and legacy's TRACE
-    names each built-in chain's policy (`filter:INPUT:policy`), which the paths use."""
-    empty = Dump({name: TableDump(name) for name in TABLES}, family)
-    _tool(ns, [TOOLS[family][0], "--noflush"], empty.text())
-
-
 def listing(ns: str, table: str, family: int = 4) -> list[NumberedRule]:
     """Every rule of a table in `ns`, numbered per chain, as iptables-nft-save prints it,
     with its counters.  An absent table lists no rule."""
@@ -95,12 +88,9 @@ def listing(ns: str, table: str, family: int = 4) -> list[NumberedRule]:
     return rules
 
 
-def present(ns: str, family: int = 4) -> list[str]:
-    """The xtables tables iptables-nft made in `ns` for one family."""
-    return [name for fam, name in libnft.tables(ns) if fam == FAMILY[family] and name in BUILTIN_CHAINS]
-
-
-def packet_counts(ns: str, tables: tuple[str, ...], family: int = 4) -> dict[RuleRef, int]:
-    """Each rule's packet counter in the named tables, read from nf_tables' listing (one
-    libnftables call per table, no iptables-nft-save): what a scenario reads twice."""
-    return libnft.read(ns, family, [(FAMILY[family], t) for t in tables]).counters()
+def made(table: nftset.Table) -> bool:
+    """Is this nf_tables table one iptables-nft made (`ip nat` with its built-in chains by
+    their xtables names), as opposed to a native table that happens to share its name?"""
+    builtin = BUILTIN_CHAINS.get(table.name)
+    return table.family in FAMILY.values() and builtin is not None and all(
+        c.name in builtin for c in table.chains.values() if c.base)

@@ -2,9 +2,17 @@
 
 A libnftables context opens its netlink socket when it is made (measured with 1.0.6: a
 context made in one namespace keeps reading and writing that namespace after the thread
-moves).  So each call makes its context inside the pod's namespace and frees it after
-(0.08 ms): none outlives the call, none keeps a deleted namespace alive, and none made in
-the harness's own namespace can be reused inside a pod, or the other way round.
+moves).  So a pod's context is made inside the pod's namespace, on its first call, and
+serves that namespace only, until release(); none made in the harness's own namespace can
+be reused inside a pod, or the other way round.  A scratch namespace's calls get a context
+each.
+
+Why not one per call: closing an nf_tables netlink socket while deleted rules wait to be
+destroyed (in any namespace: the kernel's destroy list is global) makes nf_tables finish
+that work first, an RCU grace period, holding the commit mutex (nft_rcv_nl_event on
+NETLINK_URELEASE): about 14 ms measured here each time a flow's trace rules were removed,
+and the next transaction waited as long.  Kept open, the sockets let the kernel destroy
+the rules in its own time; a lab's contexts go with its readers (release()).
 """
 
 from __future__ import annotations
@@ -16,8 +24,8 @@ import threading
 from typing import Iterable, Iterator
 
 from ... import netns
+from .. import nftset
 from ..xtables import RuleError
-from .ruleset import Ruleset
 
 
 class NftError(RuleError):
@@ -66,9 +74,36 @@ def _context(json_output: bool = False, handles: bool = False, echo: bool = Fals
     return ctx
 
 
+_contexts: dict[str, tuple[int, object]] = {}  # a pod's namespace -> (its inode, its context made inside it)
+_contexts_lock = threading.Lock()
+
+
+def _cmd(ns: str | None, commands: str, **flags) -> tuple[int, str, str]:
+    """Run commands with the namespace's context (already entered: inside(ns)).  A context
+    made in a namespace of the same name that is gone (its inode differs) is not reused."""
+    if ns is None:  # a scratch namespace: a context for this call alone
+        return _context(**flags).cmd(commands)
+    with _contexts_lock:
+        here = _here()
+        inode, ctx = _contexts.get(ns, (None, None))
+        if inode != here:
+            ctx = _context()
+            _contexts[ns] = (here, ctx)
+        ctx.set_json_output(flags.get("json_output", False))
+        ctx.set_handle_output(flags.get("handles", False))
+        ctx.set_echo_output(flags.get("echo", False))
+        return ctx.cmd(commands)
+
+
+def release(ns: str) -> None:
+    """Free the namespace's context (its socket, which keeps the namespace alive)."""
+    with _contexts_lock:
+        _contexts.pop(ns, None)
+
+
 def _run(ns: str | None, commands: str, what: str, **flags) -> str:
     with inside(ns):
-        rc, out, err = _context(**flags).cmd(commands)
+        rc, out, err = _cmd(ns, commands, **flags)
     if rc:
         raise NftError(f"{what}: {_first_error(err)}")
     return out
@@ -97,7 +132,7 @@ def _script(ns: str | None, script: str, source: str, **flags) -> str:
         os.write(fd, script.encode())
         path = f"/proc/self/fd/{fd}"
         with inside(ns):
-            rc, out, err = _context(**flags).cmd(f'include "{path}"')
+            rc, out, err = _cmd(ns, f'include "{path}"', **flags)
     finally:
         os.close(fd)
     if rc:
@@ -134,12 +169,19 @@ def tables(ns: str | None) -> list[tuple[str, str]]:
     return [(t["family"], t["name"]) for item in listing(ns, "tables") if (t := item.get("table"))]
 
 
-def read(ns: str | None, ip_version: int = 4, only: Iterable[tuple[str, str]] | None = None) -> Ruleset:
+def read(ns: str | None, ip_version: int = 4, only: Iterable[tuple[str, str]] | None = None,
+         words: bool = False) -> nftset.RuleSet:
     """The rule set of `ns` as an IPv4 or IPv6 packet meets it (the `ip` or `ip6` tables and
-    the `inet` ones), or only the tables named by (family, name)."""
-    if only is None:
-        return Ruleset(listing(ns), ip_version)
-    items = []
-    for family, name in only:
-        items += listing(ns, f"table {family} {name}")
-    return Ruleset(items, ip_version)
+    the `inet` ones), or only the tables named by (family, name), with each rule's handle and
+    counter.  From the JSON listing (no rule text: nftset.from_json says why); with `words`,
+    from `nft -a list`, each rule in the words nft prints, for tables that hold no rule of
+    iptables-nft's (whose xt expressions nft would translate through libxtables)."""
+    targets = ["ruleset"] if only is None else [f"table {family} {name}" for family, name in only]
+    try:
+        if words:
+            listed = nftset.parse("\n".join(text(ns, what) for what in targets), "nft list ruleset")
+        else:
+            listed = nftset.from_json([item for what in targets for item in listing(ns, what)])
+        return listed.seen_by(ip_version)
+    except nftset.NftFormatError as e:  # nft printed something the model does not hold
+        raise NftError(f"{ns}: {e}") from None

@@ -7,17 +7,10 @@ their text as `nft list` prints it; the tables it made can be deleted again.
 
 from __future__ import annotations
 
-import re
-
 from ..xtables import NumberedRule
 from . import libnft
-from .ruleset import Ruleset
 
 TableId = tuple[str, str]  # (family, name), as nft names a table: `inet istio-proxy-nat`
-
-_CHAIN = re.compile(r"^\s*chain (?P<name>\S+) \{")
-_RULE = re.compile(r"^\s*(?P<text>.*\S)\s+# handle (?P<handle>\d+)$")
-_COUNTER = re.compile(r"counter packets \d+ bytes \d+")
 
 
 def apply(ns: str, script: str, source: str = "<rules>") -> list[TableId]:
@@ -34,22 +27,8 @@ def delete(ns: str, tables: list[TableId]) -> None:
         libnft.run(ns, "".join(f"delete table {family} {name}\n" for family, name in tables), "delete tables")
 
 
-def rule_texts(ns: str, table: TableId) -> dict[int, str]:
-    """Each rule's text by handle, as `nft list` prints it (counter values left out)."""
-    texts, in_chain = {}, False
-    for line in libnft.text(ns, f"table {table[0]} {table[1]}").splitlines():
-        if _CHAIN.match(line):
-            in_chain = True
-        elif line.strip() == "}":
-            in_chain = False
-        elif in_chain and (m := _RULE.match(line)):
-            texts[int(m["handle"])] = _COUNTER.sub("counter", m["text"])
-    return texts
-
-
 def listing(ns: str, table: TableId, ip_version: int = 4) -> list[NumberedRule]:
-    """Every rule of a table, numbered by its position in its chain, with its text and counters."""
-    texts = rule_texts(ns, table)
-    rules = Ruleset(libnft.listing(ns, f"table {table[0]} {table[1]}"), ip_version).table_rules(*table)
-    return [NumberedRule(r.ref, texts.get(r.handle, ""), r.packets or 0, r.bytes or 0)
-            for r in rules]
+    """Every rule of a table, numbered by its position in its chain, with its text as `nft
+    list` prints it (counter values left out) and its counters."""
+    rules = libnft.read(ns, ip_version, [table], words=True)
+    return [NumberedRule(ref, rule.text, rule.packets or 0, rule.bytes or 0) for ref, rule in rules.numbered()]

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from ... import netns
 from ...nftrace import NftraceReader
-from .. import xtables
+from .. import nftbuilder, nftset, xtables
 from ..save import parse
 from . import iptables_nft, libnft
 
@@ -75,6 +75,21 @@ def owner_through_compat() -> Finding:
         return Finding(False, f"iptables-nft cannot load the owner match or REDIRECT ({e}): "
                               "CONFIG_NFT_COMPAT, CONFIG_NETFILTER_XT_MATCH_OWNER, CONFIG_NETFILTER_XT_TARGET_REDIRECT")
     return Finding(True, "iptables-nft: -m owner and REDIRECT load through nft_compat")
+
+
+def native_rules() -> Finding:
+    """Istio's native nftables rules load: one rule set with every expression they use
+    (redirect, tproxy, ct zone and ct mark, meta skuid/skgid and mark), as one nft -f."""
+    options = nftbuilder.NftOptions(mode="TPROXY", dns_servers=("10.96.0.10",), ipv6=True)
+    try:
+        with libnft.scratch():
+            libnft.run(None, nftset.script(nftbuilder.build(nftbuilder.COUNTERS, options)), "istio-native")
+    except libnft.NftError as e:
+        return Finding(False, f"the kernel refuses Istio's native nftables rules ({e}): CONFIG_NFT_REDIR, "
+                              "CONFIG_NFT_TPROXY, CONFIG_NFT_CT, CONFIG_NFT_NAT")
+    except (ImportError, OSError) as e:
+        return Finding(False, f"libnftables cannot be used ({e}): run scripts/setup")
+    return Finding(True, "native nftables: Istio's redirect, tproxy, ct zone and skuid rules load")
 
 
 def legacy_xtables() -> Finding:

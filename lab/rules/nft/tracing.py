@@ -2,12 +2,18 @@
 
 They live in a table of the lab's own, `inet ilab-trace`, never in the rule set under
 test, so they work the same whether the pod holds iptables-nft tables, native ones or
-both, and removing them cannot touch a rule of Istio's.  Its two base chains hook
-prerouting and output at priority raw - 1 (-301): after defragmentation (-400), before
+both, and removing them cannot touch a rule of Istio's.  Its prerouting and output base
+chains hold the rules, at priority raw - 1 (-301): after defragmentation (-400), before
 every raw table (-300: iptables-nft's, Istio's `istio-proxy-raw`) and before conntrack
 (-200), so the first chain a traced packet is reported from is the first of the rule set.
-`inet` covers IPv4 and IPv6; a flow's rules say which (`meta nfproto`).  The reader
-drops this table's own events (lab.nftrace.TRACE_TABLE).
+`inet` covers IPv4 and IPv6; a flow's rules say which (`meta nfproto`).
+
+Its four base chains, one at each hook a path crosses (input and postrouting empty, at
+priority 500: after every table iptables-nft makes there), are the hook witnesses: a
+traced packet reports each chain's policy, which says the hook it passed
+(lab.rules.nft.naming), whatever hooks the rule set under test has.  Istio's native
+tables have base chains at prerouting and output only, so without them a path could not
+tell where a packet was delivered or left.
 
 Like legacy's `-p tcp -m multiport --ports P`, a flow is traced in both directions: one
 rule for its destination ports, one for its source ports, in each chain.
@@ -21,8 +27,10 @@ from ...nftrace import TRACE_TABLE
 from . import libnft
 
 FAMILY, TABLE = TRACE_TABLE
-CHAINS = ("prerouting", "output")
+CHAINS = ("prerouting", "output")  # where the trace rules go
+WITNESSES = ("input", "postrouting")  # empty: their policy events witness the hook
 PRIORITY = "raw - 1"
+WITNESS_PRIORITY = 500
 NFPROTO = {4: "ipv4", 6: "ipv6"}
 
 
@@ -51,9 +59,9 @@ class TraceRules:
 
 
 def ensure_table(ns: str) -> None:
-    """Make `inet ilab-trace` and its two empty base chains exist in `ns` (no-op if they do)."""
-    chains = "".join(f"add chain {FAMILY} {TABLE} {chain} {{ type filter hook {chain} priority {PRIORITY}; }}\n"
-                     for chain in CHAINS)
+    """Make `inet ilab-trace` and its four base chains exist in `ns` (no-op if they do)."""
+    chains = "".join(f"add chain {FAMILY} {TABLE} {chain} {{ type filter hook {chain} priority {priority}; }}\n"
+                     for chain, priority in [(c, PRIORITY) for c in CHAINS] + [(c, WITNESS_PRIORITY) for c in WITNESSES])
     libnft.run(ns, f"add table {FAMILY} {TABLE}\n{chains}", TABLE)
 
 
