@@ -208,7 +208,8 @@ def test_every_command_in_the_guide_runs() -> None:
 @pytest.mark.parametrize("args, message", [
     (["--port", "0"], "istio-lab: port 0 is out of range 1-65535\n"),
     (["--pod", "nope"], "istio-lab: no pod 'nope' in a lab (pods: sidecar, remote, istiod, prometheus, kube-dns)\n"),
-    (["--table", "bogus"], "istio-lab: no table 'bogus' (tables: raw, mangle, nat, filter, security)\n"),
+    (["--table", "bogus"], "istio-lab: no table 'bogus' (tables: raw, mangle, nat, filter, security, istio-proxy-raw, "
+                             "istio-proxy-mangle, istio-proxy-nat)\n"),
     (["--count", "0"], "istio-lab: --count must be at least 1, not 0\n"),
     (["--port"] + " --port ".join(map(str, range(1, 17))).split(),
      "istio-lab: at most 15 ports (the multiport match's limit), not 16\n"),
