@@ -62,6 +62,8 @@ class Backend(Protocol):
 
     def counters(self, ns: str, tables: tuple[str, ...], family: int = 4) -> dict[RuleRef, int]: ...
 
+    def saved(self, ns: str, family: int = 4) -> Dump: ...
+
     def prepare(self, ns: str, family: int = 4) -> None: ...
 
     def tracing(self, namespaces: list[str], ports: TracedPorts, family: int = 4): ...
@@ -87,6 +89,10 @@ class Legacy:
 
     def counters(self, ns: str, tables: tuple[str, ...], family: int = 4) -> dict[RuleRef, int]:
         return {ref: n for table in tables for ref, n in xtables.packet_counts(ns, table, family).items()}
+
+    def saved(self, ns: str, family: int = 4) -> Dump:
+        """The namespace's rule set as its save tool prints it (policies included)."""
+        return xtables.saved(ns, family)
 
     def prepare(self, ns: str, family: int = 4) -> None:
         xtables.touch(ns, family)
@@ -152,6 +158,9 @@ class Nft:
     def counters(self, ns: str, tables: tuple[str, ...], family: int = 4) -> dict[RuleRef, int]:
         present = set(iptables_nft.present(ns, family))
         return iptables_nft.packet_counts(ns, tuple(t for t in tables if t in present), family) if present else {}
+
+    def saved(self, ns: str, family: int = 4) -> Dump:
+        return iptables_nft.saved(ns, family)
 
     def prepare(self, ns: str, family: int = 4) -> None:
         iptables_nft.touch(ns, family)

@@ -11,18 +11,19 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno as errno_module
+import socket
 from dataclasses import dataclass
 
 from . import interrupts, plan, processes, proxylogs, traffic
 from .addr import Address
 from .backend import Backend, Reader, TracedPorts
-from .netfilter import PATH_TABLES, RuleRef, is_builtin_chain
+from .netfilter import PATH_TABLES, TABLES, RuleRef, is_builtin_chain
 from .proxylogs import ProxyLine
 from .rules import kubeproxy
 from .scenario import Traffic
 from .trace import TraceEvent
 from .traffic import Response
-from .world import Lab
+from .world import Lab, ipr
 
 
 DEATH_GRACE = 0.05  # seconds a failed flow waits to see whether a lab process died under it
@@ -63,9 +64,24 @@ def trace_plan(flow: Traffic) -> TracePlan:
     udp = tuple(sorted({flow.to.port, plan.Port.DNS_PROXY} | ({service.target_port} if service else set()))) \
         if flow.transport == "udp" else ()
     pods = ["sidecar", flow.endpoint_pod]
-    if service and service in kubeproxy.dnatted():  # a VIP Envoy does not take is DNATed in the node
-        pods.append(plan.NODE)
+    if service and service in kubeproxy.dnatted() or plan.pod_at(flow.to.ip) is None and not _loopback(flow.to.ip):
+        pods.append(plan.NODE)  # a VIP Envoy does not take is DNATed there; an address no pod holds dies there
     return TracePlan(tuple(dict.fromkeys(pods)), TracedPorts(tuple(sorted(ports)), udp))
+
+
+def _loopback(ip: str) -> bool:
+    return ip == "::1" or ip.startswith("127.")
+
+
+def routes(ns: str, families: tuple[int, ...]) -> tuple[str, ...]:
+    """The namespace's main routing table, as prefixes (what it can forward to)."""
+    out = []
+    with ipr(ns) as sock:
+        for family in families:
+            for route in sock.get_routes(family=socket.AF_INET6 if family == 6 else socket.AF_INET, table=254):
+                dst = route.get_attr("RTA_DST") or ("::" if family == 6 else "0.0.0.0")
+                out.append(f"{dst}/{route['dst_len']}")
+    return tuple(out)
 
 
 class Witnesses:
@@ -81,14 +97,18 @@ class Witnesses:
         self.readers: list[Reader] = []
         families = (4, 6) if lab.ipv6 else (4,)
         sidecar = lab.pod("sidecar").ns
-        self.rules = {f: {r.ref: r.line for table in PATH_TABLES for r in backend.listing(sidecar, table, f)}
+        # Every table's rules (filter's too: a rule there may drop a flow), and the built-in
+        # chains' policies other than ACCEPT, as the namespace's save tool prints them.
+        self.rules = {f: {r.ref: r.line for table in TABLES for r in backend.listing(sidecar, table, f)}
                       for f in families}
+        self.policies = {f: _policies(backend.saved(sidecar, f)) for f in families}
         # Only tables holding a witnessed rule are read per flow: a table read costs a
         # handle, and the default profile has rules in nat alone.
         self.counted_tables = {f: tuple(t for t in PATH_TABLES if any(r.table == t and witnessed(r) for r in rules))
                                for f, rules in self.rules.items()}
         # The node's kube-proxy rules: a VIP's DNAT there is a hop of the path (read, not counted).
         self.node_rules = {f: {r.ref: r.line for r in backend.listing(lab.node, "nat", f)} for f in families}
+        self.node_routes = routes(lab.node, families)  # a flow the node cannot route dies there
         try:
             for pod in lab.pods.values():
                 for family in families:
@@ -126,6 +146,11 @@ class Witnesses:
         return {reader.pod: reader.drain(settle=0) for reader in self.readers}
 
 
+def _policies(dump) -> dict[tuple[str, str], str]:
+    return {(t.name, chain): policy for t in dump.tables.values() for chain, policy in t.policies.items()
+            if policy != "ACCEPT"}
+
+
 @dataclass
 class Observation:
     """What the witnesses saw of one flow: enough to judge it again offline."""
@@ -140,6 +165,8 @@ class Observation:
     sidecar: plan.Identity  # who Envoy and pilot-agent run as
     error: str | None = None  # what the client was told when the flow died ("ECONNREFUSED: ..."), else None
     node_rules: dict[RuleRef, str] = dataclasses.field(default_factory=dict)  # the node's nat rules
+    policies: dict[tuple[str, str], str] = dataclasses.field(default_factory=dict)  # the sidecar's, not ACCEPT
+    node_routes: tuple[str, ...] | None = None  # the node's main routing table (None: not read)
 
     def as_json(self) -> dict:
         """The recorded form (tests/data): rule references and addresses as text."""
@@ -155,6 +182,8 @@ class Observation:
             "sidecar": [self.sidecar.uid, self.sidecar.gid, list(self.sidecar.capabilities)],
             **({"error": self.error} if self.error else {}),
             **({"node_rules": {str(ref): line for ref, line in self.node_rules.items()}} if self.node_rules else {}),
+            **({"policies": {f"{t}:{c}": p for (t, c), p in self.policies.items()}} if self.policies else {}),
+            **({"node_routes": list(self.node_routes)} if self.node_routes is not None else {}),
         }
 
     @classmethod
@@ -172,6 +201,8 @@ class Observation:
             plan.Identity(data["sidecar"][0], data["sidecar"][1], tuple(data["sidecar"][2])),
             data.get("error"),
             {RuleRef.parse(ref): line for ref, line in data.get("node_rules", {}).items()},
+            {tuple(k.split(":", 1)): p for k, p in data.get("policies", {}).items()},
+            tuple(data["node_routes"]) if "node_routes" in data else None,
         )
 
 
@@ -215,7 +246,8 @@ def observe(lab: Lab, witnesses: Witnesses, flow: Traffic) -> Observation:
     return Observation(response, events, before, after, witnesses.rules[flow.family],
                        proxylogs.proxy_lines(lab.run_dir, since=logged),
                        flow.source.identity(lab.record.inbound_mode, lab.sidecar_identity), lab.sidecar_identity,
-                       error, witnesses.node_rules[flow.family])
+                       error, witnesses.node_rules[flow.family], witnesses.policies[flow.family],
+                       witnesses.node_routes)
 
 
 def died(e: traffic.RequestError) -> str:

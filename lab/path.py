@@ -97,10 +97,11 @@ class Path:
 
     @property
     def ending(self) -> str:
-        """How the path ends: "reached" (an endpoint, or a proxy that answered), "loop", or "died"."""
+        """How the path ends: "reached" (an endpoint, or a proxy that answered), "loop", "closed"
+        (a proxy closed it), or "died"."""
         last = self.hops[-1] if self.hops else None
         if last is not None and last.kind == END:
-            return "died"
+            return "closed" if last.name.endswith(", closed") else "died"
         if last is not None and last.kind == PROXY and last.name.endswith(f"({LOOP})"):
             return LOOP
         return "reached"
@@ -148,6 +149,9 @@ _PROXY_RE = re.compile(r"^envoy\s*(\d+)\s*\((outbound|inbound|loop)[^)]*\)$", re
 _AGENT_RE = re.compile(r"^pilot-agent\s+(\d+)\s*\((dns|loop)\)$", re.I)
 _CHAIN_RE = re.compile(r"^([A-Za-z_][A-Za-z0-9_-]*)(?:\s+RULE\s+(\d+))?(?:\s*\((.*)\))?$", re.I)
 _END_RE = re.compile(r"^(?:(.+?)\s+)?(\d+):\s*no listener, refused$", re.I)
+_ENDING_RE = re.compile(r"^(DROP|REJECT|.+,\s*(unreachable|closed|dropped|refused))$")  # how a path that died ends
+_POLICY_RE = re.compile(r"^([A-Za-z_][A-Za-z0-9_-]*) POLICY(?:\s*\((.*)\))?$")
+_WHOSE_RE = re.compile(r"^([A-Za-z][A-Za-z -]*?):\s+(.+)$")  # `Remote Pod: INPUT RULE 1 (filter)`
 NODE = "node"  # plan.NODE: the qualifier of a node's rule
 
 
@@ -171,11 +175,23 @@ def parse(text: str) -> Path:
         if end and last and i:  # where the flow died
             hops.append(refused(int(end.group(2)), end.group(1) or ""))
             continue
+        if last and i and _ENDING_RE.match(token):
+            hops.append(Hop(END, token))
+            continue
         if i in (0, len(tokens) - 1):
             hops.append(Hop(ENDPOINT, token))
             continue
+        whose = _WHOSE_RE.match(token)
+        label = ""
+        if whose and not proxy and not agent:  # a rule of another namespace than the sidecar's
+            label, token = f"{whose.group(1)}: ", whose.group(2)
         chain = _CHAIN_RE.match(token)
-        if proxy and proxy.group(2).lower() != LOOP:
+        policy = _POLICY_RE.match(token)
+        if policy:  # a built-in chain's policy that killed it
+            aside = [q.strip() for q in (policy.group(2) or "").split(",")]
+            table = next((q for q in aside if q in TABLES), "filter")
+            hops.append(Hop(CHAIN, f"{label}{policy.group(1).upper()} POLICY", table, None, False))
+        elif proxy and proxy.group(2).lower() != LOOP:
             hops.append(Hop(PROXY, f"Envoy {proxy.group(1)} ({proxy.group(2).capitalize()})"))
         elif agent and agent.group(2).lower() != LOOP:
             hops.append(Hop(PROXY, proxy_name(int(agent.group(1)))))
@@ -185,10 +201,10 @@ def parse(text: str) -> Path:
             aside = [q.strip() for q in (chain.group(3) or "").split(",")]
             table = next((q for q in aside if q in TABLES), "nat")  # else the article's aside
             where = NODE if NODE in aside else ""
-            if name in HOOKS and number is None and not where:
+            if name in HOOKS and number is None and not where and not label:
                 hops.append(Hop(HOOK, name))
             else:
-                hops.append(Hop(CHAIN, name, table, number, where=where))
+                hops.append(Hop(CHAIN, label + name, table, number, where=where))
         else:
             raise ValueError(f"cannot read hop {token!r}")
     return of(hops)

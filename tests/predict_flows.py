@@ -31,9 +31,8 @@ def scenario_flow(s: Scenario, mode: str) -> Flow:
     """A scenario's traffic as a Flow, its source as the lab runs it under the inbound mode
     (the istio-proxy container is uid 0, gid 1337 in TPROXY mode)."""
     traffic, who = s.traffic, s.traffic.source.identity(mode)
-    dns = traffic.protocol == "dns"
     return Flow(traffic.source.pod, traffic.to.ip, traffic.to.port, who.uid, who.gid,
-                transport=traffic.transport if dns else "tcp", query=traffic.query or None,
+                transport=traffic.transport, query=traffic.query or None,
                 source_label=traffic.source.label, destination_label=traffic.label)
 
 

@@ -287,7 +287,7 @@ def test_goto_returns_past_its_caller() -> None:
     here to OUTPUT's policy, so rule 2 of OUTPUT is never reached."""
     flow = Flow("sidecar", "10.96.0.90", 9080)
     text = BASE + "-A OUTPUT -g A\n-A OUTPUT -j ISTIO_REDIRECT\n-A A -j RETURN\nCOMMIT\n"
-    assert path(text, flow) == "Local Pod -> OUTPUT -> A -> POSTROUTING -> node: no route to 10.96.0.90, unreachable"
+    assert path(text, flow) == "Local Pod -> OUTPUT -> A -> POSTROUTING -> KUBE-SEP-REMOTE RULE 2 (node) -> Remote Pod"
     jumped = text.replace("-A OUTPUT -g A", "-A OUTPUT -j A")
     assert path(jumped, flow).startswith("Local Pod -> OUTPUT -> A -> ISTIO_REDIRECT -> Envoy 15001 (Outbound)")
 

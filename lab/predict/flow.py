@@ -38,7 +38,7 @@ class Flow:
     destination_label: str | None = None
 
     def __post_init__(self) -> None:
-        if self.source not in plan.PODS:
+        if self.source not in plan.PODS and self.source != plan.VM:
             raise ValueError(f"no pod {self.source!r} (pods: {', '.join(plan.PODS)})")
         if self.transport not in ("tcp", "udp"):
             raise ValueError(f"transport {self.transport!r} is not tcp or udp")

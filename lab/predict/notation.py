@@ -48,11 +48,13 @@ class Mark:
     packet: str = ""
     line: str = ""
     owner: str = ""
+    where: str = ""  # a chain hop's namespace when not the sidecar's: "node"
 
 
 def to_path(marks: list[Mark]) -> Path:
     """The one place that knows lab.path's types."""
-    return paths.of(Hop(m.kind, m.name, m.table, m.rule, m.numbered, _packet(m.packet), m.line) for m in marks)
+    return paths.of(Hop(m.kind, m.name, m.table, m.rule, m.numbered, _packet(m.packet), m.line, where=m.where)
+                    for m in marks)
 
 
 def _packet(text: str) -> Packet | None:
@@ -80,22 +82,76 @@ def marks(walk: Walk) -> list[Mark]:
 
 
 def _leg(leg: Leg, looped: bool) -> list[Mark]:
-    passes = [ps for ps in leg.passes if ps.namespace == SHOWN]
+    """One leg's marks: each stay in the sidecar (a packet the node sends back in, a pod's own
+    Service hairpinned, stays again), the node's rewrites between (`KUBE-SEP-APP RULE 2
+    (node)`), and how the leg ended."""
+    visits = _visits(leg.passes)
     end = leg.end
     killer = end.cause if isinstance(end, Death) else None
-    out, back = _hops(passes, killer)
-    if leg.proxy is not None:
-        name = f"{leg.proxy.process} {leg.proxy.port} (loop)" if looped else leg.proxy.name
-        return out + [Mark("proxy", name, packet=leg.packet.text())]
-    if _refused_where_redirected(end):  # where the proxy would be: the port alone
-        return out + [Mark("end", f"{end.packet.dport}: no listener, refused")]
+    out: list[Mark] = []
+    stays = [i for i, (ns, _) in enumerate(visits) if ns == SHOWN]
+    if not stays:  # the sidecar never saw it: the node's rewrites are all there is
+        out = [m for _, passes in visits for m in _node_marks(passes)]
+        if isinstance(end, Death):
+            out += _ending(end, killer, [], None)
+        return out
+    out += [m for _, passes in visits[:stays[0]] for m in _node_marks(passes)]  # rewritten before it came in
+    for k, i in enumerate(stays):
+        passes = visits[i][1]
+        marks, back = _hops(passes, killer)
+        out += marks
+        after = [m for _, later in visits[i + 1:stays[k + 1] if k + 1 < len(stays) else None] for m in _node_marks(later)]
+        if k + 1 < len(stays):  # sent out, and the node sends it back in
+            out += _exit(passes, back) + after
+            continue
+        if leg.proxy is not None:
+            name = f"{leg.proxy.process} {leg.proxy.port} (loop)" if looped else leg.proxy.name
+            return out + [Mark("proxy", name, packet=leg.packet.text())]
+        if _refused_where_redirected(end):  # where the proxy would be: the port alone
+            return out + [Mark("end", f"{end.packet.dport}: no listener, refused")]
+        out += _exit(passes, back) + after
+        if isinstance(end, Death):
+            out += _ending(end, killer, passes, back)
+    return out
+
+
+def _visits(passes) -> list[tuple[str, list[HookPass]]]:
+    """The leg's passes grouped by namespace, one group per stay, in order."""
+    out: list[tuple[str, list[HookPass]]] = []
+    for ps in passes:
+        if out and out[-1][0] == ps.namespace:
+            out[-1][1].append(ps)
+        else:
+            out.append((ps.namespace, [ps]))
+    return out
+
+
+def _exit(passes: list[HookPass], back: list[Mark]) -> list[Mark]:
+    """The hook the packet left the sidecar's rules by: INPUT (delivered here) or POSTROUTING."""
     entry = passes[0].hook if passes else None
     exit_hook = "INPUT" if entry == "PREROUTING" or back else "POSTROUTING"
     exit_pass = next((ps for ps in reversed(passes) if ps.hook == exit_hook), None)
-    if exit_pass is not None:
-        out.append(Mark("hook", exit_hook, packet=exit_pass.packet.text()))
-    if isinstance(end, Delivered):
-        return out
+    return [Mark("hook", exit_hook, packet=exit_pass.packet.text())] if exit_pass is not None else []
+
+
+REWRITES = ("DNAT", "MASQUERADE")  # what the node's kube-proxy rules do to a packet (lab.join's)
+
+
+def _node_marks(passes: list[HookPass]) -> list[Mark]:
+    """The node's rules that rewrote the packet: kube-proxy's DNAT, a hairpin's masquerade."""
+    out = []
+    for ps in passes:
+        if ps.namespace != NODE:
+            continue
+        for step in _steps(ps):
+            if isinstance(step, Hit) and step.rule.ref.table == "nat" and step.rule.target is not None \
+                    and step.rule.target.name in REWRITES:
+                out.append(replace(_hit(step), where=NODE))
+    return out
+
+
+def _ending(end: Death, killer: Hit | Policy | None, passes: list[HookPass], back: list[Mark]) -> list[Mark]:
+    out = []
     shown = any(step is killer for ps in passes if ps.hook != "POSTROUTING" for step in _steps(ps))
     if killer is not None and not shown:
         hop = _killer(killer)

@@ -307,6 +307,22 @@ def _listing6(ns: str, table_name: str) -> list[NumberedRule]:
     return out
 
 
+SAVE_TOOLS = {4: "iptables-legacy-save", 6: "ip6tables-legacy-save"}
+
+
+def saved(ns: str | None, family: int = 4) -> Dump:
+    """Every legacy table of `ns` as `iptables-legacy-save` prints it (policies included)."""
+    tool = SAVE_TOOLS[family]
+    try:
+        with netns.entered(ns) if ns else contextlib.nullcontext():
+            done = subprocess.run([tool], capture_output=True, text=True, timeout=RESTORE_DEADLINE)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise RuleError(f"{tool}: {e}") from None
+    if done.returncode:
+        raise RuleError(f"{tool}: {' '.join(done.stderr.split())}")
+    return parse(done.stdout, tool, family)
+
+
 def chain_policies(ns: str, table_name: str) -> dict[str, tuple[str, int, int]]:
     """Builtin chains' policy and counters (what `-L` prints on the chain line)."""
     out = {}

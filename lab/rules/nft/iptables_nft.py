@@ -95,6 +95,11 @@ def listing(ns: str, table: str, family: int = 4) -> list[NumberedRule]:
     return rules
 
 
+def saved(ns: str, family: int = 4) -> Dump:
+    """Every xtables table iptables-nft made in `ns`, as iptables-nft-save prints it."""
+    return parse(_tool(ns, [TOOLS[family][1]]), TOOLS[family][1], family)
+
+
 def present(ns: str, family: int = 4) -> list[str]:
     """The xtables tables iptables-nft made in `ns` for one family."""
     return [name for fam, name in libnft.tables(ns) if fam == FAMILY[family] and name in BUILTIN_CHAINS]
