@@ -54,6 +54,7 @@ class Leg:
     error: str | None = None  # what its dialer was told, when it failed (a proxy's "upstream connect ... failed")
     loop: bool = False  # the proxy that took it had dialed it itself: the flow came back (the proxy closed it)
     closed: str | None = None  # the proxy closed it without dialling, and why: "blackhole, closed"
+    role: str | None = None  # the side of Envoy that took it, where the log says (one listener for both)
 
 
 @dataclass(frozen=True)
@@ -115,7 +116,8 @@ def legs(client: Address, server: Address, lines: Iterable[ProxyLine]) -> list[L
             break
         stopped = line.upstream_local is None or line.upstream_peer is None
         closed = closed_why(line.error) if stopped and not line.loop else None
-        found.append(Leg(client, line.original_dst or server, line.listener, loop=line.loop, closed=closed))
+        found.append(Leg(client, line.original_dst or server, line.listener, loop=line.loop, closed=closed,
+                         role=line.role))
         if stopped:
             break
         client, server, error = line.upstream_local, line.upstream_peer, line.error
@@ -218,7 +220,7 @@ def leg_hops(events: Sequence[TraceEvent], leg: Leg, rules: Rules, node: Sequenc
     if back_hops:
         hops += [rules.hook("POSTROUTING", syn, syn[sent[0]]), rules.hook("PREROUTING", back, back[0])] + back_hops
     if leg.proxy is not None:
-        hops.append(Hop(paths.PROXY, paths.proxy_name(leg.proxy, loop=leg.loop), packet=packet(syn[0])))
+        hops.append(Hop(paths.PROXY, paths.proxy_name(leg.proxy, loop=leg.loop, role=leg.role), packet=packet(syn[0])))
         if leg.closed:
             hops.append(Hop(paths.END, leg.closed))
         return hops

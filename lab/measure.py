@@ -47,6 +47,7 @@ class Measurement:
     sidecar: plan.Identity
     ending: str = "reached"  # "reached", or how the path ends otherwise: "died", "closed" (by a proxy), "loop"
     error: str | None = None  # what the client was told when the flow failed
+    transport: str = "tcp"  # "udp": a datagram delivered to a socket is a path, answered or not
 
     @property
     def disagreements(self) -> list[RuleRef]:
@@ -124,4 +125,5 @@ def measure(flow: Traffic, seen: Observation) -> Measurement:
         sidecar=seen.sidecar,
         ending=ending,
         error=seen.error,
+        transport=flow.transport,
     )

@@ -64,6 +64,7 @@ def trace_plan(flow: Traffic) -> TracePlan:
     udp = tuple(sorted({flow.to.port, plan.Port.DNS_PROXY} | ({service.target_port} if service else set()))) \
         if flow.transport == "udp" else ()
     pods = ["sidecar", flow.endpoint_pod]
+    pods += [pod for pod, vips in plan.HELD_VIPS.items() if flow.to.ip in vips]  # a VIP a pod holds itself
     if service and service in kubeproxy.dnatted() or plan.pod_at(flow.to.ip) is None and not _loopback(flow.to.ip):
         pods.append(plan.NODE)  # a VIP Envoy does not take is DNATed there; an address no pod holds dies there
     return TracePlan(tuple(dict.fromkeys(pods)), TracedPorts(tuple(sorted(ports)), udp))
@@ -215,11 +216,11 @@ def fire(lab: Lab, flow: Traffic) -> Response:
     ns = lab.pod(flow.source.pod).ns
     if flow.protocol == "dns":
         return traffic.dns_query(ns, flow.to.ip, flow.to.port, flow.query, transport=flow.transport,
-                                 uid=who.uid, gid=who.gid)
+                                 uid=who.uid, gid=who.gid, timeout=flow.timeout)
     if flow.protocol == "udp":
-        return traffic.datagram(ns, flow.to.ip, flow.to.port, uid=who.uid, gid=who.gid)
+        return traffic.datagram(ns, flow.to.ip, flow.to.port, uid=who.uid, gid=who.gid, timeout=flow.timeout)
     send = traffic.request if flow.protocol == "http" else traffic.stream
-    return send(ns, flow.to.ip, flow.to.port, uid=who.uid, gid=who.gid)
+    return send(ns, flow.to.ip, flow.to.port, uid=who.uid, gid=who.gid, timeout=flow.timeout)
 
 
 def observe(lab: Lab, witnesses: Witnesses, flow: Traffic) -> Observation:

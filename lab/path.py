@@ -125,11 +125,12 @@ class Path:
         return " › ".join(parts)
 
 
-def proxy_name(port: int, loop: bool = False) -> str:
-    """`Envoy 15001 (Outbound)`; a proxy the flow came back into, `Envoy 15006 (loop)`."""
+def proxy_name(port: int, loop: bool = False, role: str | None = None) -> str:
+    """`Envoy 15001 (Outbound)`; a proxy the flow came back into, `Envoy 15006 (loop)`; `role`:
+    the side of Envoy that took it where one listener serves both (`Envoy 15001 (Inbound)`)."""
     if port in AGENT_PROXIES:
         return f"pilot-agent {port} ({LOOP if loop else AGENT_PROXIES[port]})"
-    return f"Envoy {port} ({LOOP if loop else PROXIES.get(port, 'Listener')})"
+    return f"Envoy {port} ({LOOP if loop else role or PROXIES.get(port, 'Listener')})"
 
 
 def refused(port: int, label: str = "") -> Hop:

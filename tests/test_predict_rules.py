@@ -222,12 +222,12 @@ def test_the_misses_of_a_flow_are_the_rules_it_passed_in_order() -> None:
 # --- what predict refuses ---------------------------------------------------------------------------
 
 def test_an_unknown_match_is_refused_when_the_kernel_would_run_it() -> None:
-    rules_text = """*nat
+    rules_text = """*filter
 :OUTPUT ACCEPT [0:0]
 -A OUTPUT -p tcp -m statistic --mode random --probability 0.5 -j DROP
 COMMIT
 """
-    with pytest.raises(CannotPredict, match=r"^cannot predict: rule 1 of OUTPUT uses -m statistic$"):
+    with pytest.raises(CannotPredict, match=r"^cannot predict: rule 1 of OUTPUT \(filter\) uses -m statistic$"):
         path(rules_text, Flow("sidecar", "10.96.0.90", 9080))
     # a UDP packet fails -p tcp first: the kernel never asks the statistic match, nor does predict
     assert path(rules_text, Flow("sidecar", "10.244.0.50", 53, transport="udp")) == \
@@ -238,8 +238,21 @@ def test_an_unknown_option_of_a_known_match_and_an_unknown_target_are_refused() 
     with pytest.raises(CannotPredict, match="rule 1 of OUTPUT uses -m conntrack --ctorigdst"):
         path("*nat\n:OUTPUT ACCEPT [0:0]\n-A OUTPUT -m conntrack --ctorigdst 10.0.0.1 -j DROP\nCOMMIT\n",
              Flow("sidecar", "10.96.0.90", 9080))
-    with pytest.raises(CannotPredict, match="rule 1 of OUTPUT uses -j QUEUE"):
-        path("*nat\n:OUTPUT ACCEPT [0:0]\n-A OUTPUT -j QUEUE\nCOMMIT\n", Flow("sidecar", "10.96.0.90", 9080))
+    with pytest.raises(CannotPredict, match=r"rule 1 of OUTPUT \(mangle\) uses -j QUEUE"):
+        path("*mangle\n:OUTPUT ACCEPT [0:0]\n-A OUTPUT -j QUEUE\nCOMMIT\n", Flow("sidecar", "10.96.0.90", 9080))
+
+
+def test_nat_is_walked_only_where_some_rule_tracks_connections() -> None:
+    """An empty nat table, or one with no NAT target, is walked by nothing: conntrack is on in a
+    namespace only while a rule needs it (a NAT or CT target, a conntrack match)."""
+    counted = "*nat\n:OUTPUT ACCEPT [0:0]\n-A OUTPUT -p tcp -j RETURN\nCOMMIT\n"
+    assert path(counted, Flow("sidecar", "10.244.0.20", 9080)) == "Local Pod -> OUTPUT -> POSTROUTING -> Remote Pod"
+    tracked = counted.replace("COMMIT", "-A OUTPUT -p udp -j REDIRECT --to-ports 1\nCOMMIT")
+    assert path(tracked, Flow("sidecar", "10.244.0.20", 9080)) == \
+        "Local Pod -> OUTPUT -> OUTPUT RULE 1 -> POSTROUTING -> Remote Pod"
+    # with nothing tracked, Envoy's listener has no original destination to read
+    assert path(counted, Flow("sidecar", "10.244.0.10", 15001)) == \
+        "Local Pod -> OUTPUT -> Envoy 15001 (Outbound) -> no original destination, closed"
 
 
 @pytest.mark.parametrize("rules_text,problem", [
@@ -321,7 +334,7 @@ def test_the_first_ct_rule_decides_the_zone() -> None:
     assert str(prediction.path) == "Local Pod -> OUTPUT -> Z RULE 1 (raw) -> Z RULE 2 (raw) -> POSTROUTING -> kube-dns"
     sidecar = next(ps for ps in prediction.walk.legs[0].passes if ps.hook == "POSTROUTING")
     assert sidecar.packet.conn.zone == 1
-    assert prediction.walk.legs[0].end.packet.conn.zone == 0  # kube-dns tracks it afresh, in its own zone 0
+    assert prediction.walk.legs[0].end.packet.conn is None  # kube-dns has no rule that tracks connections
 
 
 def test_tproxy_without_a_transparent_listener_drops() -> None:
@@ -336,7 +349,7 @@ def test_mangle_output_routes_again_after_a_mark() -> None:
     text = ("*mangle\n:PREROUTING ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n"
             "-A OUTPUT -p tcp -j MARK --set-xmark 0x539/0xffffffff\n"
             "-A PREROUTING -p tcp -j TPROXY --on-port 15006 --on-ip 0.0.0.0 --tproxy-mark 0x539/0xffffffff\nCOMMIT\n"
-            "*nat\n:OUTPUT ACCEPT [0:0]\n-A OUTPUT -o lo -j RETURN\nCOMMIT\n")
+            "*nat\n:OUTPUT ACCEPT [0:0]\n-A OUTPUT -o lo -j REDIRECT --to-ports 9\nCOMMIT\n")
     walk = Predictor([dump(text)]).predict(Flow("sidecar", "10.244.0.20", 9080)).walk
     nat = next(t for ps in walk.legs[0].passes if ps.hook == "OUTPUT" for name, t in ps.walks if name == "nat")
     assert nat.steps[0].rule.ref.number == 1 and nat.packet.oif == "lo"

@@ -19,6 +19,7 @@ that could match it (and the rules that need none of these), in order, so 10,000
 
 from __future__ import annotations
 
+import functools
 from bisect import bisect_left
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -59,12 +60,28 @@ class Table:
     policies: dict[str, str]
 
 
+# What makes the kernel track connections in a namespace (nf_ct_netns_get in a checkentry):
+# conntrack is per namespace and family, and only on while some rule needs it.  Without it
+# there is no connection, so no nat (an empty nat table is walked by nothing) and no
+# SO_ORIGINAL_DST.
+CONNTRACK_TARGETS = frozenset({"REDIRECT", "DNAT", "SNAT", "MASQUERADE", "NETMAP", "CT", "NOTRACK", "CONNMARK",
+                               "CONNSECMARK"})
+CONNTRACK_MATCHES = frozenset({"conntrack", "state", "connmark", "helper", "connbytes", "connlimit"})
+
+
 @dataclass
 class RuleSet:
     """One family's rules (an iptables-save or ip6tables-save dump), ready to walk."""
 
     family: int
     tables: dict[str, Table]
+
+    @functools.cached_property
+    def tracks_connections(self) -> bool:
+        """Does any rule make the kernel track connections (a NAT or CT target, a conntrack match)?"""
+        return any((rule.target is not None and rule.target.name in CONNTRACK_TARGETS)
+                   or rule.modules & CONNTRACK_MATCHES
+                   for table in self.tables.values() for chain in table.chains.values() for rule in chain.rules)
 
 
 def load(dump: Dump) -> RuleSet:

@@ -29,7 +29,7 @@ from ..podspec import PodSpec
 from ..rules import features, kubeproxy
 from ..rules.save import Dump
 from . import chains, inet
-from .packet import Owner, Socket
+from .packet import Owner, Packet, Socket
 from .stack import InterfaceAddress, Namespace, Route
 
 NODE = "node"
@@ -63,6 +63,7 @@ class Topology:
         self.proxy_owner = Owner(sidecar.uid, sidecar.gid)
         self.dual_stack = any(d.family == 6 for d in dumps)
         self.dns_proxy = features.DNS_CAPTURE in features.of(dumps)
+        self.one_listener = features.one_listener(dumps)  # Envoy serves inbound on its outbound port too
         rules = {d.family: chains.load(d) for d in dumps}
         marked: dict[int, list[Route]] = {}
         for d in dumps:
@@ -83,11 +84,18 @@ class Topology:
         """Who answers ARP (or neighbour discovery) for `address` on the bridge, on which device."""
         return self._neighbours.get((family, address))
 
-    def proxy(self, namespace: str, sock: Socket) -> Proxy | None:
+    def proxy(self, namespace: str, sock: Socket, packet: Packet | None = None) -> Proxy | None:
+        """The proxy a socket is, and the side of it that takes `packet`: with one listener for
+        both sides, the side its original destination names (the pod's own address: inbound)."""
         if namespace != "sidecar" or sock.port not in ROLES:
             return None
         process, role = ROLES[sock.port]
-        return Proxy(process, sock.port, role) if sock.process == process.lower() else None
+        if sock.process != process.lower():
+            return None
+        if self.one_listener and sock.port == plan.Port.OUTBOUND and packet is not None and packet.conn is not None:
+            own = {inet.parse(ip)[1] for ip in (plan.PODS["sidecar"], plan.PODS6["sidecar"])}
+            role = "Inbound" if packet.conn.original_dst in own else "Outbound"
+        return Proxy(process, sock.port, role)
 
     # --- building ---------------------------------------------------------------------------
 

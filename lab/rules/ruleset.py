@@ -35,6 +35,11 @@ class RuleSet:
         return features.inbound_mode(self.dumps)
 
     @property
+    def one_listener(self) -> bool:
+        """Inbound and outbound redirected to one port: Envoy tells them apart itself."""
+        return features.one_listener(self.dumps)
+
+    @property
     def features(self) -> frozenset[str]:
         return features.of(self.dumps)
 
@@ -74,8 +79,9 @@ def from_annotations(pod: annotations.PodAnnotations, base: str = profiles.DEFAU
                    annotations=f"annotations: {given}")
 
 
-def from_file(file: str, **overrides: int | None) -> RuleSet:
+def from_file(file: str, scenarios: bool = True, **overrides: int | None) -> RuleSet:
     """A pod's iptables-save dump, fitted to the lab (foreign.load; `overrides` are its
-    proxy_uid, proxy_gid, outbound_port, inbound_port)."""
-    pod = foreign.load(file, **overrides)
+    proxy_uid, proxy_gid, outbound_port, inbound_port).  `scenarios`: refuse a dump the
+    article's scenarios would mean nothing under (one flow's question takes any)."""
+    pod = foreign.load(file, scenarios=scenarios, **overrides)
     return RuleSet(file, (pod.dump,), pod.profile, file, tuple(pod.notes))
