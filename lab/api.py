@@ -27,6 +27,10 @@ from .trace import TraceError
 from .world import Lab, ipr
 
 
+class RulesRefused(LabError):
+    """The kernel (or the backend's tool) refused a rule of the rule set: bad input."""
+
+
 def ready_machine(backend: Backend) -> list[str]:
     """Preflight for the backend (PreflightError names every missing piece), then reap the
     labs whose owner died (a SIGKILLed run, say); returns the ids of the labs reaped."""
@@ -45,7 +49,7 @@ def bring_up(lab: Lab, rules: RuleSet, backend: Backend) -> None:
         for dump in rules.dumps:
             backend.apply(sidecar, dump)
     except RuleError as e:
-        raise LabError(f"{rules.name}: {e}") from None
+        raise RulesRefused(f"{rules.name}: {e}") from None
     with interrupts.held(), ipr(sidecar) as sock:
         for dump in rules.dumps:
             routing.apply(sock, dump)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 from .path import Hop
+from .predict import Prediction
 from .rules import profiles
 from .view import RunView, ScenarioView
 
@@ -14,8 +15,16 @@ COUNTED = (("nat", "nat rules whose counters moved:"),
            ("mangle", "mangle rules whose counters moved (every packet, not only the SYN):"))
 
 
+def packet_text(packet) -> str:
+    """`SYN 10.244.0.10:23840 > 10.244.0.20:9080`; a source port predict leaves to the kernel (0) is `*`."""
+    if packet is None:
+        return ""
+    src = packet.src
+    return str(packet).replace(f" {src} ", f" {str(src)[:-2]}:* ", 1) if src.port == 0 else str(packet)
+
+
 def hop_json(hop: Hop) -> dict:
-    out = {"kind": hop.kind, "name": hop.name, "rule": hop.number, "packet": str(hop.packet) if hop.packet else None,
+    out = {"kind": hop.kind, "name": hop.name, "rule": hop.number, "packet": packet_text(hop.packet) or None,
            "line": hop.line, "owner": f"uid {hop.owner[0]} gid {hop.owner[1]}" if hop.owner else None,
            "entry": str(hop.entry) if hop.entry else None, "table": hop.table if hop.kind == "chain" else None,
            "where": hop.where}
@@ -56,6 +65,7 @@ def as_json(v: ScenarioView) -> dict:
         **({"pod": v.pod} if v.pod else {}),
         **({"rules": v.rules} if v.rules else {}),
         "ending": v.ending,
+        **({"client_error": v.told} if v.told else {}),
     }
 
 
@@ -113,3 +123,83 @@ def render(console, run: RunView) -> None:
         table.add_row(v.id, escape(v.article_short), escape(v.measured.short() if v.measured else "") or "-",
                       "[yellow]differs[/]" if v.agreement == "differs" else v.agreement, _verdict(v))
     console.print(table)
+
+
+# --- one flow: probe and predict -------------------------------------------------------------
+
+def _hop_detail(hop: Hop) -> str:
+    """What stands beside a hop: a rule's text, a hook's jump into Istio's chains, a packet."""
+    if hop.kind == "chain" and hop.line:
+        return hop.line
+    if hop.kind == "hook" and hop.line:
+        return hop.line + (f"  (uid {hop.owner[0]} gid {hop.owner[1]})" if hop.owner else "")
+    detail = packet_text(hop.packet)
+    if hop.owner:
+        detail += f"  (uid {hop.owner[0]} gid {hop.owner[1]})"
+    return detail
+
+
+def _hops(console, hops) -> None:
+    from rich.markup import escape
+
+    width = max((len(str(h)) for h in hops), default=0)
+    for hop in hops:
+        mark = "[red]" if hop.kind == "end" or hop.name.endswith("(loop)") else ""
+        name = f"{mark}{escape(str(hop)):<{width}}{'[/]' if mark else ''}"
+        console.print(f"    {name}  {escape(_hop_detail(hop))}".rstrip())
+
+
+def render_flow(console, v: ScenarioView, backend: str = "legacy") -> None:
+    """probe: the measured path, each hop with its rule, and the counters beside TRACE."""
+    from rich.markup import escape
+
+    console.print(f"  kernel : {escape(v.measured_text or '(not measured)')}")
+    if v.measured:
+        console.print("  hops (each with the rule it matched, as the kernel lists it):")
+        _hops(console, v.measured.hops)
+    if v.failure:
+        console.print(f"  [red]not measured: {escape(v.failure)}[/]")
+        for line in v.evidence[:40]:
+            console.print(f"    {escape(line)}")
+        return
+    rows = [row for row in v.counters if row.moved or row.traced]
+    console.print(f"  counters vs TRACE ({backend}): " + ("agree" if v.counters_agree else "[red]DISAGREE[/]"))
+    for row in rows:
+        console.print(f"    {str(row.rule):<24} counter +{row.moved:<3} TRACE {row.traced:<3} {escape(row.line)}")
+    ended = {"reached": "reached", "died": "died", "closed": "closed", "loop": "looped"}.get(v.ending, v.ending)
+    console.print(f"  {ended}: {escape(v.reached_text or '-')}" + (f";  the client was told: {escape(v.told)}"
+                                                                     if v.told else ""))
+
+
+def prediction_json(prediction: Prediction) -> dict:
+    path = prediction.path
+    return {"predicted_path": str(path), "ending": prediction.walk.ending.kind,
+            "hops": [hop_json(h) for h in path.hops],
+            "misses": [{"leg": m.leg, "rule": str(m.rule), "namespace": m.namespace, "needs": m.needs, "has": m.has,
+                        "text": str(m)} for m in prediction.misses()]}
+
+
+def render_prediction(console, prediction: Prediction, path: bool = True) -> None:
+    """predict: the path, each hop with its rule, and beside each rule passed without matching,
+    why: what it needs, and what this packet has instead (`path` False: the misses only)."""
+    from rich.markup import escape
+
+    if path:
+        console.print(f"  predict: {escape(str(prediction.path))}")
+        console.print("  hops (each with the rule it matches):")
+        _hops(console, prediction.path.hops)
+    misses = prediction.misses()
+    if not misses:
+        return
+    console.print("  rules passed without matching, and why:")
+    legs = prediction.walk.legs
+    for i, leg in enumerate(legs):
+        mine = [m for m in misses if m.leg == i]
+        if not mine:
+            continue
+        who = "the client's connection" if i == 0 else f"{legs[i - 1].proxy.name}'s own connection"
+        console.print(f"    leg {i + 1}, {who} ({escape(leg.packet.text())}):")
+        for m in mine:
+            where = m.rule.chain + ("" if m.rule.table == "nat" else f" ({m.rule.table})")
+            where += " (node)" if m.namespace == "node" else ""
+            console.print(f"      {escape(where):<28} {escape(str(m))}")

@@ -64,6 +64,7 @@ class ScenarioView:
     pod: str = ""  # how its sidecar pod ran, where not as a running default pod (PodSpec.describe)
     rules: str = ""  # its rules, where not the run's own (a scenario's own pod annotations, its profile)
     ending: str = "reached"  # how the measured path ends: "reached", "died", "closed", "loop"
+    told: str = ""  # what the client was told when its flow failed (a timeout, a refusal)
 
     @property
     def verdict(self) -> str:
@@ -184,6 +185,7 @@ def scenario(s: Scenario, profile: str | None, measured: Measurement | None, ver
         evidence=_evidence(measured) if measured and not verdict.passed else (),
         group=s.group, issues=s.issues, pod=s.pod.describe(),
         ending=measured.ending if measured else "reached",
+        told=measured.error or "" if measured else "",
     )
 
 

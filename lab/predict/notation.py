@@ -53,8 +53,14 @@ class Mark:
 
 def to_path(marks: list[Mark]) -> Path:
     """The one place that knows lab.path's types."""
-    return paths.of(Hop(m.kind, m.name, m.table, m.rule, m.numbered, _packet(m.packet), m.line, where=m.where)
-                    for m in marks)
+    return paths.of(Hop(m.kind, m.name, m.table, m.rule, m.numbered, _packet(m.packet), m.line,
+                        owner=_owner(m.owner), where=m.where) for m in marks)
+
+
+def _owner(text: str) -> tuple[int, int] | None:
+    """"uid 1000 gid 1000" as (1000, 1000)."""
+    words = text.split()
+    return (int(words[1]), int(words[3])) if len(words) == 4 else None
 
 
 def _packet(text: str) -> Packet | None:
@@ -63,9 +69,14 @@ def _packet(text: str) -> Packet | None:
     if len(words) != 4 or words[0] not in ("SYN", "UDP"):
         return None
     try:
-        return Packet("udp" if words[0] == "UDP" else "tcp", Address.parse(words[1]), Address.parse(words[3]))
-    except ValueError:  # a port the walk leaves open ("10.244.0.10:*": the kernel's to pick)
+        return Packet("udp" if words[0] == "UDP" else "tcp", _address(words[1]), Address.parse(words[3]))
+    except ValueError:
         return None
+
+
+def _address(text: str) -> Address:
+    """An endpoint; a port the walk leaves open ("10.244.0.10:*": the kernel's to pick) is 0."""
+    return Address.parse(text[:-1] + "0" if text.endswith(":*") else text)
 
 
 def marks(walk: Walk) -> list[Mark]:
@@ -168,15 +179,27 @@ def _hops(passes: list[HookPass], killer: Hit | Policy | None) -> tuple[list[Mar
         return [], []
     first = passes[0].packet
     owner = f"uid {first.owner.uid} gid {first.owner.gid}" if first.owner else ""
-    out = [Mark("hook", passes[0].hook, packet=first.text(), owner=owner)]
+    out = [Mark("hook", passes[0].hook, packet=first.text(), owner=owner, line=_entry(passes[0]))]
     sent = [i for i, ps in enumerate(passes) if ps.hook == "POSTROUTING"] if passes[0].hook == "OUTPUT" else []
     before, after = (passes[:sent[0]], passes[sent[-1] + 1:]) if sent else (passes, [])
     out += _rules(before, killer)
     back = _rules(after, killer)
     if back:
         out += [Mark("hook", "POSTROUTING", packet=passes[sent[0]].packet.text()),
-                Mark("hook", "PREROUTING", packet=after[0].packet.text())] + back
+                Mark("hook", "PREROUTING", packet=after[0].packet.text(), line=_entry(after[0]))] + back
     return out, back
+
+
+def _entry(ps: HookPass) -> str:
+    """The rule of the hook's nat chain that the packet matched (its jump into Istio's chains),
+    as the measured hook hop names it."""
+    for name, walked in ps.walks:
+        if name != "nat":
+            continue
+        for step in walked.steps:
+            if isinstance(step, Hit) and step.chain.builtin and step.chain.name == ps.hook:
+                return step.rule.line
+    return ""
 
 
 def _refused_where_redirected(end: Delivered | Death) -> bool:
@@ -239,6 +262,7 @@ class Miss:
     rule: RuleRef
     needs: str
     has: str
+    namespace: str = SHOWN  # whose rule: the sidecar's, or the node's (kube-proxy's)
 
     def __str__(self) -> str:
         return f"rule {self.rule.number}: needs {self.needs}; {self.has}"
@@ -255,5 +279,6 @@ def misses(walk: Walk, topology: Topology) -> list[Miss]:
                     if isinstance(step, Passed):
                         for rule in step.chain.rules[step.start:step.stop]:
                             condition = rule.first_miss(step.packet, ns)
-                            out.append(Miss(i, rule.ref, condition.needs(), condition.has(step.packet, ns)))
+                            out.append(Miss(i, rule.ref, condition.needs(), condition.has(step.packet, ns),
+                                            ps.namespace))
     return out
