@@ -10,7 +10,7 @@ import json
 import sys
 from dataclasses import dataclass
 
-from . import api, plan
+from . import api, attach, attached, plan
 from . import backend as backends
 from . import html_report, interrupts, preflight, record, report, runner, scenario, view, watch
 from .addr import Address
@@ -57,6 +57,8 @@ LISTING = {backends.LEGACY: "iptables-legacy -t nat -L -n -v --line-numbers",
 def _ready_machine(backend: Backend) -> None:
     for labid in api.ready_machine(backend):
         print(f"istio-lab: removed lab {labid} left behind by a process that died", file=sys.stderr)
+    for where in attached.reap_orphans():
+        print(f"istio-lab: put back {where}, left marked by a probe that died", file=sys.stderr)
 
 
 def _annotations(args) -> annotations.PodAnnotations | None:
@@ -481,9 +483,9 @@ def explain_flow(args) -> int:
 
 def probe(args) -> int:
     """One flow, fired in a lab built for it and measured by the kernel."""
-    q = question(args)
     if args.netns:
-        return attach_probe(args, q)
+        return attach_probe(args)
+    q = question(args)
     rules = _flow_rules(args, q)
     preflight.check_root()
     backend, _ = backends.choose(args.backend)
@@ -533,5 +535,56 @@ def predict_flow(args) -> int:
     return 0
 
 
-def attach_probe(args, q: Question) -> int:
-    raise LabError("--netns: not yet")
+def _attach_question(args) -> tuple[int, int, Address]:
+    """--from [NAME:]UID[:GID] and --to IP:PORT, as attach mode reads them (a pod of your own
+    has no lab names: NAME is only a label, the address is an address)."""
+    parts = args.source.split(":")
+    if parts and not parts[0].isdigit():
+        parts = parts[1:]
+    if not parts or len(parts) > 2:
+        raise LabError(f"--from {args.source!r}: with --netns write UID, UID:GID or NAME:UID[:GID]")
+    uid = _id(parts[0], "uid")
+    gid = _id(parts[1], "gid") if len(parts) > 1 else uid
+    host, sep, port = args.to.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        raise LabError(f"--to {args.to!r}: with --netns write IP:PORT ([IPv6]:PORT): the pod's own addresses, "
+                       "not the lab's names") from None
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise LabError(f"--to {args.to!r}: write IP:PORT")
+    if args.ipv6 and ip.version != 6:
+        raise LabError(f"--ipv6, but --to names an IPv4 address ({ip})")
+    return uid, gid, Address(str(ip), int(port))
+
+
+def attach_probe(args) -> int:
+    """probe --netns PATH: one flow traced in a namespace the lab does not own, left as it was."""
+    given = [flag for flag, value in (("--profile", args.profile), ("--rules", args.rules),
+                                      ("--annotations", args.annotations), ("--query", args.query)) if value]
+    if given:
+        raise LabError(f"--netns measures the pod's own rules as they are: {given[0]} does not apply")
+    uid, gid, to = _attach_question(args)
+    preflight.check_root()
+    for where in attached.reap_orphans():
+        print(f"istio-lab: put back {where}, left marked by a probe that died", file=sys.stderr)
+    transport = "udp" if args.udp else "tcp"
+    found = attach.probe(args.netns, uid, gid, to, transport)
+    flow = f"{args.netns} (uid {uid}, gid {gid}) -> {to} over {transport.upper()}"
+    if args.json:
+        print(json.dumps({"netns": found.netns, "flow": flow, "tables": list(found.backends),
+                          "measured_path": str(found.path), "ending": found.ending,
+                          "hops": [report.hop_json(h) for h in found.path.hops],
+                          "counters": {str(r): moved for r, moved, _, _ in found.rows if moved},
+                          "trace_rule_events": {str(r): seen for r, _, seen, _ in found.rows if seen},
+                          "counters_cover_trace": found.counters_cover_trace, "listener": found.listener or None,
+                          **({"client_error": found.error} if found.error else {})}, indent=2))
+    else:
+        console = _console()
+        console.print(f"Attached to {found.netns} (its {' and '.join(found.backends) or 'no'} tables; traced for "
+                      f"this probe only, then put back as they were)", markup=False)
+        console.print(f"Flow: {flow}", markup=False)
+        report.render_attached(console, found.path, found.rows, found.counters_cover_trace, found.ending,
+                               found.listener, found.error)
+    return 0 if found.path.hops else EXIT_NOT_MEASURED

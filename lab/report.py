@@ -203,3 +203,27 @@ def render_prediction(console, prediction: Prediction, path: bool = True) -> Non
             where = m.rule.chain + ("" if m.rule.table == "nat" else f" ({m.rule.table})")
             where += " (node)" if m.namespace == "node" else ""
             console.print(f"      {escape(where):<28} {escape(str(m))}")
+
+
+def render_attached(console, path, rows, cover: bool, ending: str, listener: str, error: str | None) -> None:
+    """probe --netns: the client's own leg in a pod of your own, its rules, the counters."""
+    from rich.markup import escape
+
+    if not path.hops:
+        console.print("  [red]not measured: no traced packet of the flow was seen in the namespace[/]")
+        if error:
+            console.print(f"  the client was told: {escape(error)}")
+        return
+    console.print(f"  kernel : {escape(str(path))}")
+    console.print("  hops (each with the rule it matched, as the pod's save tool prints it):")
+    _hops(console, path.hops)
+    console.print("  counters vs TRACE (other traffic of a live pod moves counters too: at least TRACE's): "
+                  + ("cover it" if cover else "[red]FEWER than TRACE saw[/]"))
+    for rule, moved, traced, line in rows:
+        console.print(f"    {str(rule):<24} counter +{moved:<3} TRACE {traced:<3} {escape(line)}")
+    said = {"proxy": "taken by a proxy", "reached": "delivered in the pod", "died": f"died: {path.hops[-1]}",
+            "sent": "sent out of the pod"}.get(ending, ending)
+    console.print(f"  {said}" + (f": {escape(listener)} listens there" if listener else "")
+                  + (f";  the client was told: {escape(error)}" if error else ""))
+    if ending == "proxy":
+        console.print("  (the proxy's own connection onward is not measured: only the client's leg is traced here)")
