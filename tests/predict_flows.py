@@ -132,18 +132,18 @@ def _insert(text: str, table: str, chain: str, rule: str) -> str:
 
 @st.composite
 def edited(draw):
-    """An edit a user makes to a pod's dump, as (text -> (text, what it did)): none; a DROP or
-    REJECT on top of ISTIO_OUTPUT, or in filter OUTPUT or INPUT, written the short way
+    """An edit a user makes to a pod's dump, as (text -> (text, what it did)): none; a DROP in
+    mangle OUTPUT, a REJECT in filter OUTPUT, a DROP in filter INPUT, written the short way
     (`-p tcp --dport N`, no `-m tcp`); inbound sent to the outbound port; an Istio 1.0 pod's
     dump instead; or Istio's chains gone (an uninjected pod)."""
-    kind = draw(st.sampled_from(("none", "none", "istio-drop", "filter-reject", "filter-drop-in", "uninjected",
+    kind = draw(st.sampled_from(("none", "none", "mangle-drop", "filter-reject", "filter-drop-in", "uninjected",
                                  "one-port", "istio-1.0")))
     port = draw(st.sampled_from(EDIT_PORTS))
     reject = draw(st.sampled_from(("", " --reject-with tcp-reset", " --reject-with icmp-port-unreachable")))
 
     def edit(text: str) -> tuple[str, str]:
-        if kind == "istio-drop":
-            return _insert(text, "nat", "ISTIO_OUTPUT", f"-p tcp --dport {port} -j DROP"), f"; DROP {port} first"
+        if kind == "mangle-drop":  # not nat: iptables refuses DROP there (the legacy loader alone takes it)
+            return _insert(text, "mangle", "OUTPUT", f"-p tcp --dport {port} -j DROP"), f"; mangle OUTPUT DROP {port}"
         if kind == "filter-reject":
             return _insert(text, "filter", "OUTPUT", f"-p tcp --dport {port} -j REJECT{reject}"), \
                 f"; filter OUTPUT REJECT{reject} {port}"

@@ -72,9 +72,12 @@ def _rule_at(dump: Dump, text: str, number: int) -> tuple[str, RuleLine] | None:
 def touch(ns: str, family: int = 4) -> None:
     """Make every xtables table exist in nf_tables with its built-in chains, leaving any
     rules in place: only a chain that exists reports nftrace events, and legacy's TRACE
-    names each built-in chain's policy (`filter:INPUT:policy`), which the paths use."""
-    empty = Dump({name: TableDump(name) for name in TABLES}, family)
-    _tool(ns, [TOOLS[family][0], "--noflush"], empty.text())
+    names each built-in chain's policy (`filter:INPUT:policy`), which the paths use.  Only the
+    tables absent are made: a table's chain lines would set its policies back to ACCEPT."""
+    made = set(present(ns, family))
+    empty = Dump({name: TableDump(name) for name in TABLES if name not in made}, family)
+    if empty.tables:
+        _tool(ns, [TOOLS[family][0], "--noflush"], empty.text())
 
 
 def listing(ns: str, table: str, family: int = 4) -> list[NumberedRule]:
