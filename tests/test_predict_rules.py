@@ -359,20 +359,22 @@ RULE_PARTS = st.lists(st.sampled_from([
     "-d 10.96.0.0/16", "-d 10.96.0.90/32", "! -d 10.96.0.0/16", "-d 10.244.0.0/24", "-s 10.244.0.10/32",
     "-s 127.0.0.6/32", "-o lo", "-p tcp", "-p udp", "-p tcp -m tcp --dport 9080", "-p tcp -m tcp --dport 9000:9100",
     "-p tcp -m multiport --dports 53,9080,15008", "-p tcp -m tcp ! --dport 9080", "-m owner --uid-owner 1337",
-    "-m owner ! --uid-owner 1337", "-m owner --gid-owner 1000", "-m mark --mark 0x539"]), max_size=3)
+    "-m owner ! --uid-owner 1337", "-m owner --gid-owner 1000", "-m mark --mark 0x539", "-m mark --mark 0x53a",
+    "-m mark ! --mark 0x539", "-m mark --mark 0x500/0xf00"]), max_size=3)
 
 
 @settings(max_examples=60, deadline=None, database=None)
 @given(chain=st.lists(RULE_PARTS, min_size=chains.INDEXED + 1, max_size=60),
        dst=st.sampled_from(["10.96.0.90", "10.96.0.80", "10.244.0.20", "127.0.0.1"]),
        dport=st.sampled_from([9080, 9050, 53, 15008, 8080]), proto=st.sampled_from(["tcp", "udp"]),
-       owner=st.sampled_from([APP, PROXY, None]), oif=st.sampled_from(["eth0", "lo"]))
-def test_the_index_offers_every_rule_that_matches_in_order(chain, dst, dport, proto, owner, oif) -> None:
+       owner=st.sampled_from([APP, PROXY, None]), oif=st.sampled_from(["eth0", "lo"]),
+       mark=st.sampled_from([0, 0x539, 0x53a]))
+def test_the_index_offers_every_rule_that_matches_in_order(chain, dst, dport, proto, owner, oif, mark) -> None:
     """Whatever the rules, the first candidate the index offers that matches is the first rule
     that matches, and every rule that matches is a candidate."""
     lines = "\n".join(f"-A X {' '.join(parts)} -j RETURN" for parts in chain)
     indexed = chains.load(dump(f"*nat\n:OUTPUT ACCEPT [0:0]\n:X - [0:0]\n{lines}\nCOMMIT\n")).tables["nat"].chains["X"]
-    p = packet(dst=dst, dport=dport, proto=proto, owner=owner, oif=oif)
+    p = packet(dst=dst, dport=dport, proto=proto, owner=owner, oif=oif, mark=mark)
     matching = [i for i, r in enumerate(indexed.rules) if r.test(p, SIDECAR)]
     assert set(matching) <= set(indexed.candidates(p))
     assert list(indexed.candidates(p)) == sorted(indexed.candidates(p))
