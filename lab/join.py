@@ -325,7 +325,8 @@ def death(events: Sequence[TraceEvent], leg: Leg, rules: dict[str, Rules], error
     that TRACE names, the sidecar's and the node's):
       - a rule (or a built-in chain's policy) that dropped or rejected it;
       - a TPROXY rule after which it went nowhere: no transparent socket took it;
-      - delivered to a pod's port with no listener (the dialer was refused);
+      - delivered to a pod's port with no listener (the dialer was refused, or TRACE saw the
+        kernel's reset, or no SYN-ACK: a dialer using another's address may hear nothing);
       - seen by the node, which forwarded it nowhere and has no route to its destination.
     None when none of these explains the failure."""
     if not error:
@@ -344,7 +345,7 @@ def death(events: Sequence[TraceEvent], leg: Leg, rules: dict[str, Rules], error
             port = RuleLine.parse(sidecar.lines[mine[-1].rule]).option("--on-port")
             return Death("sidecar", int(port) if port and port.isdigit() else 0, kind="dropped", killer=mine[-1])
     if delivered is not None:
-        if not any(word in error for word in REFUSED):
+        if not any(word in error for word in REFUSED) and not _no_socket(events, leg, delivered[1]):
             return None
         pod, address = delivered
         redirected = pod == "sidecar" and any(
@@ -361,6 +362,16 @@ def death(events: Sequence[TraceEvent], leg: Leg, rules: dict[str, Rules], error
         if not node_routes.route(to):
             return Death(plan.NODE, at_node[-1].dport or 0, kind="unreachable", to=to)
     return None
+
+
+def _no_socket(events: Sequence[TraceEvent], leg: Leg, at: Address) -> bool:
+    """Did no socket take the leg's SYN where it was delivered?  The kernel answered it with a
+    reset, or with nothing at all: no SYN-ACK ever left that address for the dialer.  (A
+    dialer may never hear the reset: one to a source address it borrowed, TPROXY's
+    original_src, is routed to that address's owner, or nowhere.)"""
+    back = [e.tcp_flags or "" for e in events if e.source == at and e.destination == leg.client]
+    return any("R" in flags for flags in back) or (leg.client.port != 0 and not any(
+        "S" in flags and "A" in flags for flags in back) and any(e.proto == "tcp" for e in first_packet(events, leg)))
 
 
 def _dnat_address(line: str) -> str | None:
