@@ -11,12 +11,15 @@ from the witnesses, the scenario files and the article give them as text.
 Hops are the sidecar pod's, where Istio's rules are, with two additions:
   - a rule of the node's (the namespace playing the node, kube-proxy's Service DNAT) says
     where it is: `... -> POSTROUTING -> KUBE-SEP-REMOTE RULE 2 (node) -> Remote Pod`;
-  - a flow that dies ends where it died, in an end hop instead of the destination: a SYN
-    redirected to a port nobody listens on, `... -> ISTIO_REDIRECT -> 15001: no listener,
-    refused`; one delivered to a pod's port nobody listens on, `... -> POSTROUTING ->
-    Local Pod 8080: no listener, refused`;
-  - a flow that a proxy's own connection brings back into that proxy ends at the proxy's
-    second pass, `... -> Envoy 15006 (loop)`: the loop is stopped there.
+  - a flow that dies ends where it died, in an end hop instead of the destination: after
+    the rule that dropped or rejected it (a hop whatever its table; a policy is
+    `OUTPUT POLICY (filter)`), `DROP` or `REJECT`; a SYN redirected to a port nobody
+    listens on, `... -> ISTIO_REDIRECT -> 15001: no listener, refused`; one delivered to a
+    pod's port nobody listens on, `... -> POSTROUTING -> Local Pod 8080: no listener,
+    refused`; one the node cannot route, `node: no route to 10.96.0.99, unreachable`; one
+    a proxy closed without dialling, `... -> Envoy 15006 (Inbound) -> blackhole, closed`;
+  - a flow that a proxy's own connection brings back into a side of it the flow passed
+    ends at that second pass, `... -> Envoy 15006 (loop)`: the loop is stopped there.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ chain has more than one rule; a packet back in over lo shows `POSTROUTING -> PRE
 before its hops there; a leg ends at the proxy that took it, or at INPUT (delivered here)
 or POSTROUTING (sent on).  The path ends at the destination.
 
-Endings the measured path does not have yet, written the same way:
+How a flow ends, written as the lab measures it (lab.join reads each from TRACE):
   - a rule that drops or rejects is a hop whatever its table, then `DROP` or `REJECT`
     (`... -> ISTIO_OUTPUT RULE 1 -> DROP`; a policy: `OUTPUT POLICY (filter) -> DROP`);
   - no socket: where a proxy would be, the port (`... -> ISTIO_REDIRECT -> 15001: no
