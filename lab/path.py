@@ -205,7 +205,7 @@ def parse(text: str) -> Path:
             aside = [q.strip() for q in (chain.group(3) or "").split(",")]
             table = next((q for q in aside if q in TABLES), "nat")  # else the article's aside
             where = NODE if NODE in aside else ""
-            if name in HOOKS and number is None and not where and not label:
+            if name in HOOKS and number is None and not where and not label and not any(q in TABLES for q in aside):
                 hops.append(Hop(HOOK, name))
             else:
                 hops.append(Hop(CHAIN, label + name, table, number, where=where))
