@@ -27,6 +27,10 @@ from .trace import TraceError
 from .world import Lab, ipr
 
 
+class RulesRefused(LabError):
+    """The kernel (or the backend's tool) refused a rule of the rule set: bad input."""
+
+
 def ready_machine(backend: Backend) -> list[str]:
     """Preflight for the backend (PreflightError names every missing piece), then reap the
     labs whose owner died (a SIGKILLed run, say); returns the ids of the labs reaped."""
@@ -44,40 +48,52 @@ def bring_up(lab: Lab, rules: RuleSet, backend: Backend) -> None:
     try:
         backend.apply_rules(sidecar, rules)
     except RuleError as e:
-        raise LabError(f"{rules.name}: {e}") from None
+        raise RulesRefused(f"{rules.name}: {e}") from None
     with interrupts.held(), ipr(sidecar) as sock:
         for dump in rules.dumps:
             routing.apply(sock, dump)
         if rules.nft is not None:
             routing.apply_native(sock, rules.nft, (4, 6) if lab.ipv6 else (4,))
-    processes.start(lab, rules.inbound_mode, dns_proxy="dns-capture" in rules.features)
+    processes.start(lab, rules.inbound_mode, dns_proxy="dns-capture" in rules.features,
+                    one_listener=rules.one_listener)
 
 
 @dataclass(frozen=True)
 class Flow:
-    """A flow asked about by address, not by scenario file (the plugin's, a probe's)."""
+    """A flow asked about by address, not by scenario file (the plugin's, a probe's).
+
+    protocol "http": one GET; "tcp": a stream opened, half-closed and read to its end; "udp":
+    one datagram (an echo answers it where one listens; a datagram delivered to a socket that
+    does not answer is still a path); "dns": one query for `query`, over `transport`."""
 
     source: str  # a pod
     to: Address
     uid: int = plan.APP_UID
     gid: int = plan.APP_GID
     protocol: str = "http"
+    query: str = ""  # "dns": the name asked
+    transport: str = ""  # "dns": "udp" or "tcp" (default udp); the others imply theirs
+    timeout: float = 2.0  # seconds the client waits for each step
+    source_label: str = ""  # how the path names its ends (default: the lab's pod labels)
+    destination_label: str = ""
 
     def scenario(self, expect: str = "") -> Scenario:
         if self.source not in plan.PODS:
             raise LabError(f"no pod {self.source!r} (pods: {', '.join(plan.PODS)})")
-        streams = [p for p in PROTOCOLS if p != "dns"]  # a DNS query needs a name: a scenario file says it
-        if self.protocol not in streams:
-            raise LabError(f"protocol {self.protocol!r} is not one of {', '.join(streams)} "
-                           "(DNS queries: a scenario file)")
+        if self.protocol not in PROTOCOLS:
+            raise LabError(f"protocol {self.protocol!r} is not one of {', '.join(PROTOCOLS)}")
+        if self.protocol == "dns" and not self.query:
+            raise LabError("a DNS query needs the name it asks (query)")
         try:
             expected = Expectation(paths.parse(expect)) if expect else None
         except ValueError as e:  # a path the notation cannot read fails here, not as a wrong verdict
             raise LabError(f"expect: {e}") from None
         service = plan.service_at(self.to.ip, self.to.port)
         to = service.pod if service else plan.pod_at(self.to.ip) or self.source
-        source = Source(self.source, plan.POD_LABELS[self.source], "", self.uid, self.gid)
-        traffic = Traffic(source, self.to, plan.POD_LABELS[to], self.protocol, "udp" if self.protocol == "udp" else "tcp")
+        transport = (self.transport or "udp") if self.protocol == "dns" else "udp" if self.protocol == "udp" else "tcp"
+        source = Source(self.source, self.source_label or plan.POD_LABELS[self.source], "", self.uid, self.gid)
+        traffic = Traffic(source, self.to, self.destination_label or plan.POD_LABELS[to], self.protocol, transport,
+                          self.query, timeout=self.timeout)
         return Scenario(id="flow", title=f"{self.source} as {self.uid}:{self.gid} -> {self.to}", type=None,
                         variant_of=None, traffic=traffic, expected=expected, article=None, explanation="", file="")
 
@@ -136,8 +152,10 @@ class Session:
         return [self.run(s) for s in scenarios]
 
     def request(self, source: str, address: str, port: int, *, uid: int = plan.APP_UID, gid: int | None = None,
-                protocol: str = "http", expect: str = "") -> Result:
+                protocol: str = "http", expect: str = "", query: str = "", transport: str = "",
+                timeout: float = 2.0) -> Result:
         """One flow from a pod as uid/gid (gid defaults to uid) to address:port; with `expect`
         (a path in the article's notation) its verdict says whether the kernel took it."""
-        flow = Flow(source, Address(address, port), uid, uid if gid is None else gid, protocol)
+        flow = Flow(source, Address(address, port), uid, uid if gid is None else gid, protocol, query, transport,
+                    timeout)
         return self.run(flow.scenario(expect))

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import Iterator, Protocol
 
 from .errors import LabError
-from .netfilter import BUILTIN_CHAINS, HOOKS, PATH_TABLES, Layout, RuleRef
+from .netfilter import BUILTIN_CHAINS, HOOKS, TABLES, Layout, RuleRef
 from .nftrace import TRACE_TABLE, NftraceReader
 from .rules import nftset, xtables
 from .rules.nft import iptables_nft, libnft, naming, native, probes, tracing
@@ -78,6 +78,8 @@ class Backend(Protocol):
 
     def counters(self, ns: str, tables: tuple[str, ...], family: int = 4) -> dict[RuleRef, int]: ...
 
+    def policies(self, ns: str, family: int = 4) -> dict[tuple[str, str], str]: ...
+
     def prepare(self, ns: str, family: int = 4) -> None: ...
 
     def tracing(self, namespaces: list[str], ports: TracedPorts, family: int = 4): ...
@@ -107,14 +109,20 @@ class Legacy:
             self.apply(ns, dump)
 
     def rules(self, ns: str, family: int = 4) -> tuple[dict[RuleRef, str], Layout]:
-        """The path tables' rules in iptables-save form; xtables name their own places."""
-        return {r.ref: r.line for table in PATH_TABLES for r in self.listing(ns, table, family)}, Layout()
+        """Every table's rules in iptables-save form (filter's too: a rule there may drop a
+        flow); xtables name their own places."""
+        return {r.ref: r.line for table in TABLES for r in self.listing(ns, table, family)}, Layout()
 
     def listing(self, ns: str, table: str, family: int = 4) -> list[NumberedRule]:
         return xtables.listing(ns, table, family)
 
     def counters(self, ns: str, tables: tuple[str, ...], family: int = 4) -> dict[RuleRef, int]:
         return {ref: n for table in tables for ref, n in xtables.packet_counts(ns, table, family).items()}
+
+    def policies(self, ns: str, family: int = 4) -> dict[tuple[str, str], str]:
+        """(table, chain) -> DROP for each built-in chain whose policy is not ACCEPT."""
+        return {(t.name, chain): policy for t in xtables.saved(ns, family).tables.values()
+                for chain, policy in t.policies.items() if policy != "ACCEPT"}
 
     def prepare(self, ns: str, family: int = 4) -> None:
         xtables.touch(ns, family)
@@ -184,14 +192,14 @@ class Nft:
             native.apply(ns, rules.script, rules.name)
 
     def rules(self, ns: str, family: int = 4) -> tuple[dict[RuleRef, str], Layout]:
-        """Every rule of the tables that play raw, mangle or nat, and where each table sits.
-        iptables-nft's tables read as iptables-nft-save prints them (`-A ...`, as legacy's);
-        the others in nft's words, as `nft list ruleset` prints them."""
+        """Every rule of every table (filter's too: a rule there may drop a flow), and where
+        each table sits.  iptables-nft's tables read as iptables-nft-save prints them (`-A ...`,
+        as legacy's); the others in nft's words, as `nft list ruleset` prints them."""
         listed = libnft.read(ns, family)
         layout = listed.layout(skip=(TRACE_TABLE,))
         lines: dict[RuleRef, str] = {}
         for key, table in listed.tables.items():
-            if key == TRACE_TABLE or layout.role(table.name) not in PATH_TABLES:
+            if key == TRACE_TABLE:
                 continue
             if iptables_nft.made(table):
                 lines |= {r.ref: r.line for r in iptables_nft.listing(ns, table.name, family)}
@@ -218,6 +226,11 @@ class Nft:
         present = [(fam, name) for fam, name in libnft.tables(ns)
                    if name in tables and fam in nftset.IP_FAMILIES[family]]
         return libnft.read(ns, family, present).packet_counts() if present else {}
+
+    def policies(self, ns: str, family: int = 4) -> dict[tuple[str, str], str]:
+        """(table, chain) -> DROP for each base chain whose policy is drop (ilab-trace's aside)."""
+        return {(t.name, c.name): c.base.policy.upper() for key, t in libnft.read(ns, family).tables.items()
+                if key != TRACE_TABLE for c in t.chains.values() if c.base and c.base.policy != "accept"}
 
     def prepare(self, ns: str, family: int = 4) -> None:
         tracing.ensure_table(ns)  # inet: both families; its base chains witness every hook
@@ -373,6 +386,10 @@ class Mixed:
                 out |= {RuleRef(t, ref.chain, ref.number): n for ref, n in
                         self.legacy.counters(ns, (t.removeprefix(LEGACY_PREFIX),), family).items()}
         return out
+
+    def policies(self, ns: str, family: int = 4) -> dict[tuple[str, str], str]:
+        return ({(LEGACY_PREFIX + table, chain): p for (table, chain), p in self.legacy.policies(ns, family).items()}
+                | self.nft.policies(ns, family))
 
     def prepare(self, ns: str, family: int = 4) -> None:
         self.legacy.prepare(ns, family)  # every legacy table at every hook: TRACE names each

@@ -47,7 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     lst = sub.add_parser("list", help="list the scenarios, by group")
     lst.add_argument("--group", metavar="NAME", help="only one group's")
     explain = sub.add_parser("explain", help="print a scenario's explanation and the rules it names")
-    explain.add_argument("id", metavar="ID")
+    explain.add_argument("id", metavar="ID", nargs="?", help="a scenario (or --from and --to: a flow of your own)")
     explain.add_argument("--profile", metavar="NAME", help="the path under a profile's rules (default: the rules the explanation is written for, istio-1.13 or for DNS istio-1.25-dns)")
     for command in (run, lst, explain):
         command.add_argument("--scenarios", metavar="DIR", default=None,
@@ -87,7 +87,52 @@ def _parser() -> argparse.ArgumentParser:
                              "and nftrace), or auto: legacy where the kernel has it, else nft (default: "
                              + ("the lab's own)" if command in (rules, trace) else "auto)"))
     sub.add_parser("profiles", help="list the rule profiles: Istio versions and what sets them apart")
+
+    probe = sub.add_parser("probe", help="one flow of your own, measured by the kernel in a lab built for it "
+                           "(or, with --netns, in a pod of your own)")
+    predict = sub.add_parser("predict", help="one flow of your own, predicted from the rules alone "
+                             "(no root, no namespaces)")
+    for command in (probe, predict):
+        _flow_arguments(command)
+    probe.add_argument("--backend", choices=backend.CHOICES, default=backend.AUTO,
+                       help="the netfilter backend of the lab (default: auto)")
+    probe.add_argument("--netns", metavar="PATH", help="attach mode: send the flow from this network namespace "
+                       "(/proc/PID/ns/net, /run/netns/NAME) as the --from uid, tracing it there for the probe only "
+                       "(its rules are left as they were); --from names the uid, --to any address")
+    explain.add_argument("--from", dest="source", metavar="POD[:UID[:GID]]",
+                         help="explain a flow of your own instead of a scenario (with --to): predict's path, the "
+                         "rules it passes and why the others did not match")
+    explain.add_argument("--to", metavar="HOST:PORT", help="with --from: where the flow goes")
+    explain.add_argument("--udp", action="store_true", help="with --from: a UDP datagram")
+    explain.add_argument("--ipv6", action="store_true", help="with --from: over IPv6")
+    explain.add_argument("--rules", metavar="FILE", help="with --from: a pod's own iptables-save dump")
     return p
+
+
+def _flow_arguments(command: argparse.ArgumentParser) -> None:
+    """The arguments of one flow's question, the same for probe and predict."""
+    rules = command.add_mutually_exclusive_group()
+    rules.add_argument("--profile", metavar="NAME", help="the sidecar's rules: a profile (default istio-1.13)")
+    rules.add_argument("--rules", metavar="FILE", help="the sidecar's rules: an iptables-save dump of a real pod "
+                       "(any: an uninjected pod's too)")
+    command.add_argument("--annotations", metavar="FILE", help="a pod's interception annotations on the "
+                         "profile's options, as Istio's injector hands them to istio-init")
+    command.add_argument("--from", dest="source", required=True, metavar="POD[:UID[:GID]]",
+                         help="the pod the flow starts in, and the uid and gid of its socket (default 1000, "
+                         "the gid the uid), e.g. sidecar:1337")
+    command.add_argument("--to", required=True, metavar="HOST:PORT",
+                         help="where it goes: a pod name, an IP address (a Service VIP too) or localhost, and a port")
+    command.add_argument("--udp", action="store_true", help="one UDP datagram instead of a TCP connection")
+    command.add_argument("--ipv6", action="store_true", help="over IPv6: a pod name is its IPv6 address "
+                         "(the rules must be dual-stack, e.g. istio-1.25-ipv6)")
+    command.add_argument("--query", metavar="NAME", help="a DNS query for NAME (to port 53, or pilot-agent's 15053)")
+    command.add_argument("--json", action="store_true", help="one JSON document")
+    for flag, what in (("--proxy-uid", "uid"), ("--proxy-gid", "gid"), ("--outbound-port", "outbound port"),
+                       ("--inbound-port", "inbound port")):
+        command.add_argument(flag, type=int, metavar="N", help=f"with --rules: the proxy's {what} in the dump "
+                             "(default: read from the dump)")
+    if command.prog.endswith("predict"):
+        command.set_defaults(netns=None, backend=None)
 
 
 def main(argv: list[str] | None = None) -> int:

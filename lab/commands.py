@@ -5,15 +5,21 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ipaddress
+import json
 import sys
+from dataclasses import dataclass
 
-from . import api
+from . import api, attach, attached, plan
 from . import backend as backends
 from . import html_report, interrupts, preflight, record, report, runner, scenario, view, watch
+from .addr import Address
 from .backend import Backend
 from .errors import LabError
 from .netfilter import PATH_TABLES
 from .path import Path
+from .predict import CannotPredict, Predictor
+from .predict import Flow as PredictedFlow
 from .rules import annotations, kubeproxy, nftcompare, nftset, profiles, ruleset, xtables
 from .rules.ruleset import RuleSet
 from .scenario import Scenario
@@ -31,6 +37,8 @@ def dispatch(args: argparse.Namespace) -> int:
         "preflight": check,
         "trace": trace,
         "profiles": list_profiles,
+        "probe": probe,
+        "predict": predict_flow,
     }[args.command]
     return handler(args)
 
@@ -50,6 +58,8 @@ NFT_LISTING = "nft -a list ruleset   (Istio's native tables: inet istio-proxy-na
 def _ready_machine(backend: Backend) -> None:
     for labid in api.ready_machine(backend):
         print(f"istio-lab: removed lab {labid} left behind by a process that died", file=sys.stderr)
+    for where in attached.reap_orphans():
+        print(f"istio-lab: put back {where}, left marked by a probe that died", file=sys.stderr)
 
 
 def _annotations(args) -> annotations.PodAnnotations | None:
@@ -57,8 +67,10 @@ def _annotations(args) -> annotations.PodAnnotations | None:
     return annotations.read(args.annotations) if getattr(args, "annotations", None) else None
 
 
-def _rule_set(args) -> RuleSet:
-    """--profile or --rules (or --annotations on the profile), checked before any lab."""
+def _rule_set(args, scenarios: bool = True) -> RuleSet:
+    """--profile or --rules (or --annotations on the profile), checked before any lab.
+    `scenarios`: the article's scenarios will run under them (a dump must hold Istio's chains);
+    one flow's question takes any dump."""
     pod = _annotations(args)
     if pod is not None:
         if getattr(args, "rules", None):
@@ -71,7 +83,7 @@ def _rule_set(args) -> RuleSet:
         if given:  # a profile's rules are known: the flag would be silently ignored
             raise LabError(f"{given[0]} describes a dump given with --rules; a profile needs none")
         return ruleset.profile(args.profile or profiles.DEFAULT)
-    return ruleset.from_file(args.rules, proxy_uid=args.proxy_uid, proxy_gid=args.proxy_gid,
+    return ruleset.from_file(args.rules, scenarios=scenarios, proxy_uid=args.proxy_uid, proxy_gid=args.proxy_gid,
                              outbound_port=args.outbound_port, inbound_port=args.inbound_port)
 
 
@@ -137,6 +149,10 @@ def run(args) -> int:
 
 
 def explain(args) -> int:
+    if args.source or args.to:
+        return explain_flow(args)
+    if args.id is None:
+        raise LabError("explain: name a scenario (istio-lab list), or a flow with --from and --to")
     s = scenario.select(scenario.load_all(args.scenarios), [args.id])[0]
     written_for = _explained_profile(s)
     profile = profiles.get(args.profile or written_for).name
@@ -201,7 +217,9 @@ def explain_rules(measured: Path, dump, profile: str = profiles.DEFAULT, built_b
                 out.append(f" {mark} {num:>2}  {rule.spec}")
             out.append("")
             continue
-        rules = dump.tables[table].chain_rules(chain)
+        rules = dump.tables[table].chain_rules(chain) if table in dump.tables else []
+        if not rules:  # a policy, another namespace's rule: nothing of this dump to list
+            continue
         out.append(f"{chain} ({table} table)")
         for num, rule in enumerate(rules, 1):
             mark = ">" if (table, chain, num) in matched or len(rules) == 1 and marks else " "
@@ -401,3 +419,218 @@ def _show(console, lab: Lab) -> None:
     for row in lab.describe():
         table.add_row(*row)
     console.print(table)
+
+
+# --- one flow: probe (the kernel) and predict (the rules alone) --------------------------------
+
+EXIT_NOT_MEASURED = 1  # probe: the flow could not be measured
+EXIT_CANNOT_PREDICT = 3  # predict: the rules use something predict does not model
+
+
+@dataclass(frozen=True)
+class Question:
+    """One flow asked about on the command line: --from POD[:UID[:GID]] --to HOST:PORT."""
+
+    source: str
+    uid: int
+    gid: int
+    to: Address
+    transport: str  # "tcp" | "udp"
+    query: str = ""  # a DNS name to ask, for a query to port 53 or pilot-agent's 15053
+
+    def __str__(self) -> str:
+        what = f"DNS {self.query} over {self.transport.upper()}" if self.query else self.transport.upper()
+        return f"{self.source} (uid {self.uid}, gid {self.gid}) -> {self.to} over {what}"
+
+
+def _id(text: str, what: str) -> int:
+    if not text.isdigit() or int(text) > 0xFFFFFFFE:
+        raise LabError(f"--from: {what} {text!r} is not a number (uid and gid are numbers, 0 to 4294967294)")
+    return int(text)
+
+
+def question(args) -> Question:
+    """--from, --to, --udp, --ipv6 and --query read into a Question, or one line (LabError)."""
+    source, *ids = args.source.split(":")
+    if source not in plan.PODS:
+        raise LabError(f"--from: no pod {source!r} (pods: {', '.join(plan.PODS)})")
+    if len(ids) > 2:
+        raise LabError(f"--from {args.source!r}: write POD, POD:UID or POD:UID:GID")
+    uid = _id(ids[0], "uid") if ids else plan.APP_UID
+    gid = _id(ids[1], "gid") if len(ids) > 1 else uid
+    host, sep, port = args.to.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise LabError(f"--to {args.to!r}: write HOST:PORT (a pod name, an IP or a Service VIP; [IPv6]:PORT)")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    family = 6 if args.ipv6 else 4
+    if host in plan.PODS:
+        address = (plan.PODS6 if family == 6 else plan.PODS)[host]
+    elif host == "localhost":
+        address = plan.LOCALHOST[family]
+    else:
+        try:
+            parsed = ipaddress.ip_address(host)
+        except ValueError:
+            raise LabError(f"--to: {host!r} is not a pod ({', '.join(plan.PODS)}), an IP address or localhost") from None
+        if args.ipv6 and parsed.version != 6:
+            raise LabError(f"--ipv6, but --to names an IPv4 address ({host})")
+        address = str(parsed)
+    query = getattr(args, "query", None) or ""
+    transport = "udp" if args.udp else "tcp"
+    return Question(source, uid, gid, Address(address, int(port)), transport, query)
+
+
+def _flow_rules(args, q: Question) -> RuleSet:
+    rules = _rule_set(args, scenarios=False)
+    if q.to.family == 6 and not rules.dual_stack:
+        raise LabError(f"an IPv6 flow, but {rules.name} has no ip6tables rules (a dual-stack profile: "
+                       f"istio-1.25-ipv6)")
+    return rules
+
+
+def _show_rules(console, rules: RuleSet) -> None:
+    if rules.annotations:
+        _show_built(console, rules)
+    elif rules.file:
+        console.print(rules.summary, markup=False)
+        for note in rules.notes:
+            console.print(f"  note: {note}", markup=False)
+    else:
+        console.print(f"Rules: {rules.summary}", markup=False)
+
+
+def explain_flow(args) -> int:
+    """explain --from ... --to ...: any flow, through predict: its path, every chain it passes
+    with the rules numbered as applied ('>' the one it matched), and why the others did not."""
+    if args.id is not None:
+        raise LabError("explain: a scenario ID or --from and --to, not both")
+    if not (args.source and args.to):
+        raise LabError("explain: --from and --to go together")
+    args.query, args.proxy_uid, args.proxy_gid, args.outbound_port, args.inbound_port = None, None, None, None, None
+    q = question(args)
+    rules = _flow_rules(args, q)
+    flow = PredictedFlow(q.source, q.to.ip, q.to.port, q.uid, q.gid, transport=q.transport)
+    try:
+        prediction = Predictor(rules.dumps).predict(flow)
+    except CannotPredict as e:
+        print(f"istio-lab: {e}", file=sys.stderr)
+        return EXIT_CANNOT_PREDICT
+    console = _console()
+    console.print(f"{q}", style="bold", markup=False)
+    _show_rules(console, rules)
+    console.print(f"predict: {prediction.path}   (no lab: istio-lab probe measures it)", markup=False)
+    console.print()
+    console.print(explain_rules(prediction.path, rules.dumps[1 if q.to.family == 6 and len(rules.dumps) > 1 else 0],
+                                rules.profile or profiles.DEFAULT, rules.command if rules.annotations else
+                                (rules.summary if rules.file else "")), markup=False, end="")
+    report.render_prediction(console, prediction, path=False)
+    return 0
+
+
+def probe(args) -> int:
+    """One flow, fired in a lab built for it and measured by the kernel."""
+    if args.netns:
+        return attach_probe(args)
+    q = question(args)
+    rules = _flow_rules(args, q)
+    preflight.check_root()
+    backend, _ = backends.choose(args.backend)
+    _ready_machine(backend)
+    protocol = "dns" if q.query else "udp" if q.transport == "udp" else "tcp"
+    try:
+        with api.Session(rules, backend) as session:
+            result = session.request(q.source, q.to.ip, q.to.port, uid=q.uid, gid=q.gid, protocol=protocol,
+                                     query=q.query, transport=q.transport)
+    except api.RulesRefused:
+        raise  # bad input: the kernel refused a rule of the dump
+    except LabError as e:  # the lab could not come up under these rules, or a process died
+        print(f"istio-lab: not measured: {e}", file=sys.stderr)
+        return EXIT_NOT_MEASURED
+    if args.json:
+        print(json.dumps({"lab": session.lab.labid, "profile": rules.profile, "backend": backend.name,
+                          **({"rules": rules.name} if rules.name != rules.profile else {}),
+                          "flow": str(q), **result.as_json()}, indent=2))
+    else:
+        console = _console()
+        _show_rules(console, rules)
+        console.print(f"Flow: {q}", markup=False)
+        report.render_flow(console, result.view, backend.name)
+    return 0 if result.failure is None else EXIT_NOT_MEASURED
+
+
+def predict_flow(args) -> int:
+    """One flow, predicted from the rules alone: no root, no namespaces, no kernel."""
+    q = question(args)
+    if args.netns:
+        raise LabError("--netns measures a live pod: that is probe's, predict reads rules (--rules FILE)")
+    rules = _flow_rules(args, q)
+    flow = PredictedFlow(q.source, q.to.ip, q.to.port, q.uid, q.gid, transport=q.transport, query=q.query or None)
+    try:
+        prediction = Predictor(rules.dumps).predict(flow)
+    except CannotPredict as e:
+        print(f"istio-lab: {e}", file=sys.stderr)
+        return EXIT_CANNOT_PREDICT
+    if args.json:
+        print(json.dumps({"profile": rules.profile, **({"rules": rules.name} if rules.name != rules.profile else {}),
+                          "flow": str(q), **report.prediction_json(prediction)}, indent=2))
+        return 0
+    console = _console()
+    _show_rules(console, rules)
+    console.print(f"Flow: {q}", markup=False)
+    report.render_prediction(console, prediction)
+    return 0
+
+
+def _attach_question(args) -> tuple[int, int, Address]:
+    """--from [NAME:]UID[:GID] and --to IP:PORT, as attach mode reads them (a pod of your own
+    has no lab names: NAME is only a label, the address is an address)."""
+    parts = args.source.split(":")
+    if parts and not parts[0].isdigit():
+        parts = parts[1:]
+    if not parts or len(parts) > 2:
+        raise LabError(f"--from {args.source!r}: with --netns write UID, UID:GID or NAME:UID[:GID]")
+    uid = _id(parts[0], "uid")
+    gid = _id(parts[1], "gid") if len(parts) > 1 else uid
+    host, sep, port = args.to.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        raise LabError(f"--to {args.to!r}: with --netns write IP:PORT ([IPv6]:PORT): the pod's own addresses, "
+                       "not the lab's names") from None
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise LabError(f"--to {args.to!r}: write IP:PORT")
+    if args.ipv6 and ip.version != 6:
+        raise LabError(f"--ipv6, but --to names an IPv4 address ({ip})")
+    return uid, gid, Address(str(ip), int(port))
+
+
+def attach_probe(args) -> int:
+    """probe --netns PATH: one flow traced in a namespace the lab does not own, left as it was."""
+    given = [flag for flag, value in (("--profile", args.profile), ("--rules", args.rules),
+                                      ("--annotations", args.annotations), ("--query", args.query)) if value]
+    if given:
+        raise LabError(f"--netns measures the pod's own rules as they are: {given[0]} does not apply")
+    uid, gid, to = _attach_question(args)
+    preflight.check_root()
+    for where in attached.reap_orphans():
+        print(f"istio-lab: put back {where}, left marked by a probe that died", file=sys.stderr)
+    transport = "udp" if args.udp else "tcp"
+    found = attach.probe(args.netns, uid, gid, to, transport)
+    flow = f"{args.netns} (uid {uid}, gid {gid}) -> {to} over {transport.upper()}"
+    if args.json:
+        print(json.dumps({"netns": found.netns, "flow": flow, "tables": list(found.backends),
+                          "measured_path": str(found.path), "ending": found.ending,
+                          "hops": [report.hop_json(h) for h in found.path.hops],
+                          "counters": {str(r): moved for r, moved, _, _ in found.rows if moved},
+                          "trace_rule_events": {str(r): seen for r, _, seen, _ in found.rows if seen},
+                          "counters_cover_trace": found.counters_cover_trace, "listener": found.listener or None,
+                          **({"client_error": found.error} if found.error else {})}, indent=2))
+    else:
+        console = _console()
+        console.print(f"Attached to {found.netns} (its {' and '.join(found.backends) or 'no'} tables; traced for "
+                      f"this probe only, then put back as they were)", markup=False)
+        console.print(f"Flow: {flow}", markup=False)
+        report.render_attached(console, found.path, found.rows, found.counters_cover_trace, found.ending,
+                               found.listener, found.error)
+    return 0 if found.path.hops else EXIT_NOT_MEASURED

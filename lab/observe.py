@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno as errno_module
+import socket
 from dataclasses import dataclass
 
 from . import interrupts, plan, processes, proxylogs, traffic
@@ -22,7 +23,7 @@ from .rules import kubeproxy
 from .scenario import Traffic
 from .trace import TraceEvent
 from .traffic import Response
-from .world import Lab
+from .world import Lab, ipr
 
 
 DEATH_GRACE = 0.05  # seconds a failed flow waits to see whether a lab process died under it
@@ -65,9 +66,25 @@ def trace_plan(flow: Traffic) -> TracePlan:
     udp = tuple(sorted({flow.to.port, plan.Port.DNS_PROXY} | ({service.target_port} if service else set()))) \
         if flow.transport == "udp" else ()
     pods = ["sidecar", flow.endpoint_pod]
-    if service and service in kubeproxy.dnatted():  # a VIP Envoy does not take is DNATed in the node
-        pods.append(plan.NODE)
+    pods += [pod for pod, vips in plan.HELD_VIPS.items() if flow.to.ip in vips]  # a VIP a pod holds itself
+    if service and service in kubeproxy.dnatted() or plan.pod_at(flow.to.ip) is None and not _loopback(flow.to.ip):
+        pods.append(plan.NODE)  # a VIP Envoy does not take is DNATed there; an address no pod holds dies there
     return TracePlan(tuple(dict.fromkeys(pods)), TracedPorts(tuple(sorted(ports)), udp))
+
+
+def _loopback(ip: str) -> bool:
+    return ip == "::1" or ip.startswith("127.")
+
+
+def routes(ns: str, families: tuple[int, ...]) -> tuple[str, ...]:
+    """The namespace's main routing table, as prefixes (what it can forward to)."""
+    out = []
+    with ipr(ns) as sock:
+        for family in families:
+            for route in sock.get_routes(family=socket.AF_INET6 if family == 6 else socket.AF_INET, table=254):
+                dst = route.get_attr("RTA_DST") or ("::" if family == 6 else "0.0.0.0")
+                out.append(f"{dst}/{route['dst_len']}")
+    return tuple(out)
 
 
 class Witnesses:
@@ -83,16 +100,20 @@ class Witnesses:
         self.readers: list[Reader] = []
         families = (4, 6) if lab.ipv6 else (4,)
         sidecar = lab.pod("sidecar").ns
+        # Every table's rules (filter's too: a rule there may drop a flow) and where each table
+        # sits, and the built-in chains' policies other than ACCEPT.
         self.rules: dict[int, dict[RuleRef, str]] = {}
         self.layouts: dict[int, Layout] = {}
         for f in families:
             self.rules[f], self.layouts[f] = backend.rules(sidecar, f)
+        self.policies = {f: backend.policies(sidecar, f) for f in families}
         # Only tables holding a witnessed rule are read per flow: a table read costs a
         # handle, and the default profile has rules in nat alone.
         self.counted_tables = {f: tuple(dict.fromkeys(r.table for r in rules if witnessed(r, self.layouts[f])))
                                for f, rules in self.rules.items()}
         # The node's kube-proxy rules: a VIP's DNAT there is a hop of the path (read, not counted).
         self.node_rules = {f: {r.ref: r.line for r in backend.listing(lab.node, "nat", f)} for f in families}
+        self.node_routes = routes(lab.node, families)  # a flow the node cannot route dies there
         try:
             for pod in lab.pods.values():
                 for family in families:
@@ -145,6 +166,8 @@ class Observation:
     error: str | None = None  # what the client was told when the flow died ("ECONNREFUSED: ..."), else None
     node_rules: dict[RuleRef, str] = dataclasses.field(default_factory=dict)  # the node's nat rules
     layout: Layout = Layout()  # where the sidecar's nf_tables tables sit (none for xtables' own names)
+    policies: dict[tuple[str, str], str] = dataclasses.field(default_factory=dict)  # the sidecar's, not ACCEPT
+    node_routes: tuple[str, ...] | None = None  # the node's main routing table (None: not read)
 
     def as_json(self) -> dict:
         """The recorded form (tests/data): rule references and addresses as text."""
@@ -161,6 +184,8 @@ class Observation:
             **({"error": self.error} if self.error else {}),
             **({"node_rules": {str(ref): line for ref, line in self.node_rules.items()}} if self.node_rules else {}),
             **({"layout": self.layout.as_json()} if self.layout != Layout() else {}),
+            **({"policies": {f"{t}:{c}": p for (t, c), p in self.policies.items()}} if self.policies else {}),
+            **({"node_routes": list(self.node_routes)} if self.node_routes is not None else {}),
         }
 
     @classmethod
@@ -179,6 +204,8 @@ class Observation:
             data.get("error"),
             {RuleRef.parse(ref): line for ref, line in data.get("node_rules", {}).items()},
             Layout.from_json(data.get("layout", {})),
+            {tuple(k.split(":", 1)): p for k, p in data.get("policies", {}).items()},
+            tuple(data["node_routes"]) if "node_routes" in data else None,
         )
 
 
@@ -191,11 +218,11 @@ def fire(lab: Lab, flow: Traffic) -> Response:
     ns = lab.pod(flow.source.pod).ns
     if flow.protocol == "dns":
         return traffic.dns_query(ns, flow.to.ip, flow.to.port, flow.query, transport=flow.transport,
-                                 uid=who.uid, gid=who.gid)
+                                 uid=who.uid, gid=who.gid, timeout=flow.timeout)
     if flow.protocol == "udp":
-        return traffic.datagram(ns, flow.to.ip, flow.to.port, uid=who.uid, gid=who.gid)
+        return traffic.datagram(ns, flow.to.ip, flow.to.port, uid=who.uid, gid=who.gid, timeout=flow.timeout)
     send = traffic.request if flow.protocol == "http" else traffic.stream
-    return send(ns, flow.to.ip, flow.to.port, uid=who.uid, gid=who.gid)
+    return send(ns, flow.to.ip, flow.to.port, uid=who.uid, gid=who.gid, timeout=flow.timeout)
 
 
 def observe(lab: Lab, witnesses: Witnesses, flow: Traffic) -> Observation:
@@ -222,7 +249,8 @@ def observe(lab: Lab, witnesses: Witnesses, flow: Traffic) -> Observation:
     return Observation(response, events, before, after, witnesses.rules[flow.family],
                        proxylogs.proxy_lines(lab.run_dir, since=logged),
                        flow.source.identity(lab.record.inbound_mode, lab.sidecar_identity), lab.sidecar_identity,
-                       error, witnesses.node_rules[flow.family], witnesses.layouts[flow.family])
+                       error, witnesses.node_rules[flow.family], witnesses.layouts[flow.family],
+                       witnesses.policies[flow.family], witnesses.node_routes)
 
 
 def died(e: traffic.RequestError) -> str:

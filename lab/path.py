@@ -11,12 +11,15 @@ from the witnesses, the scenario files and the article give them as text.
 Hops are the sidecar pod's, where Istio's rules are, with two additions:
   - a rule of the node's (the namespace playing the node, kube-proxy's Service DNAT) says
     where it is: `... -> POSTROUTING -> KUBE-SEP-REMOTE RULE 2 (node) -> Remote Pod`;
-  - a flow that dies ends where it died, in an end hop instead of the destination: a SYN
-    redirected to a port nobody listens on, `... -> ISTIO_REDIRECT -> 15001: no listener,
-    refused`; one delivered to a pod's port nobody listens on, `... -> POSTROUTING ->
-    Local Pod 8080: no listener, refused`;
-  - a flow that a proxy's own connection brings back into that proxy ends at the proxy's
-    second pass, `... -> Envoy 15006 (loop)`: the loop is stopped there.
+  - a flow that dies ends where it died, in an end hop instead of the destination: after
+    the rule that dropped or rejected it (a hop whatever its table; a policy is
+    `OUTPUT POLICY (filter)`), `DROP` or `REJECT`; a SYN redirected to a port nobody
+    listens on, `... -> ISTIO_REDIRECT -> 15001: no listener, refused`; one delivered to a
+    pod's port nobody listens on, `... -> POSTROUTING -> Local Pod 8080: no listener,
+    refused`; one the node cannot route, `node: no route to 10.96.0.99, unreachable`; one
+    a proxy closed without dialling, `... -> Envoy 15006 (Inbound) -> blackhole, closed`;
+  - a flow that a proxy's own connection brings back into a side of it the flow passed
+    ends at that second pass, `... -> Envoy 15006 (loop)`: the loop is stopped there.
 """
 
 from __future__ import annotations
@@ -108,10 +111,11 @@ class Path:
 
     @property
     def ending(self) -> str:
-        """How the path ends: "reached" (an endpoint, or a proxy that answered), "loop", or "died"."""
+        """How the path ends: "reached" (an endpoint, or a proxy that answered), "loop", "closed"
+        (a proxy closed it), or "died"."""
         last = self.hops[-1] if self.hops else None
         if last is not None and last.kind == END:
-            return "died"
+            return "closed" if last.name.endswith(", closed") else "died"
         if last is not None and last.kind == PROXY and last.name.endswith(f"({LOOP})"):
             return LOOP
         return "reached"
@@ -136,11 +140,12 @@ class Path:
         return " › ".join(parts)
 
 
-def proxy_name(port: int, loop: bool = False) -> str:
-    """`Envoy 15001 (Outbound)`; a proxy the flow came back into, `Envoy 15006 (loop)`."""
+def proxy_name(port: int, loop: bool = False, role: str | None = None) -> str:
+    """`Envoy 15001 (Outbound)`; a proxy the flow came back into, `Envoy 15006 (loop)`; `role`:
+    the side of Envoy that took it where one listener serves both (`Envoy 15001 (Inbound)`)."""
     if port in AGENT_PROXIES:
         return f"pilot-agent {port} ({LOOP if loop else AGENT_PROXIES[port]})"
-    return f"Envoy {port} ({LOOP if loop else PROXIES.get(port, 'Listener')})"
+    return f"Envoy {port} ({LOOP if loop else role or PROXIES.get(port, 'Listener')})"
 
 
 def refused(port: int, label: str = "") -> Hop:
@@ -160,6 +165,9 @@ _PROXY_RE = re.compile(r"^envoy\s*(\d+)\s*\((outbound|inbound|loop)[^)]*\)$", re
 _AGENT_RE = re.compile(r"^pilot-agent\s+(\d+)\s*\((dns|loop)\)$", re.I)
 _CHAIN_RE = re.compile(r"^([A-Za-z_][A-Za-z0-9_-]*)(?:\s+RULE\s+(\d+))?(?:\s*\((.*)\))?$", re.I)
 _END_RE = re.compile(r"^(?:(.+?)\s+)?(\d+):\s*no listener, refused$", re.I)
+_ENDING_RE = re.compile(r"^(DROP|REJECT|.+,\s*(unreachable|closed|dropped|refused))$")  # how a path that died ends
+_POLICY_RE = re.compile(r"^([A-Za-z_][A-Za-z0-9_-]*) POLICY(?:\s*\((.*)\))?$")
+_WHOSE_RE = re.compile(r"^([A-Za-z][A-Za-z -]*?):\s+(.+)$")  # `Remote Pod: INPUT RULE 1 (filter)`
 NODE = "node"  # plan.NODE: the qualifier of a node's rule
 BACKENDS = ("legacy", "nft")  # the qualifier of a rule in a pod whose rules both backends wrote
 _NFT_TABLE = re.compile(r"[a-z][a-z0-9_]*-[a-z0-9_-]+")  # an nf_tables table of its own: istio-proxy-mangle
@@ -185,11 +193,23 @@ def parse(text: str) -> Path:
         if end and last and i:  # where the flow died
             hops.append(refused(int(end.group(2)), end.group(1) or ""))
             continue
+        if last and i and _ENDING_RE.match(token):
+            hops.append(Hop(END, token))
+            continue
         if i in (0, len(tokens) - 1):
             hops.append(Hop(ENDPOINT, token))
             continue
+        whose = _WHOSE_RE.match(token)
+        label = ""
+        if whose and not proxy and not agent:  # a rule of another namespace than the sidecar's
+            label, token = f"{whose.group(1)}: ", whose.group(2)
         chain = _CHAIN_RE.match(token)
-        if proxy and proxy.group(2).lower() != LOOP:
+        policy = _POLICY_RE.match(token)
+        if policy:  # a built-in chain's policy that killed it
+            aside = [q.strip() for q in (policy.group(2) or "").split(",")]
+            table = next((q for q in aside if q in TABLES), "filter")
+            hops.append(Hop(CHAIN, f"{label}{policy.group(1).upper()} POLICY", table, None, False))
+        elif proxy and proxy.group(2).lower() != LOOP:
             hops.append(Hop(PROXY, f"Envoy {proxy.group(1)} ({proxy.group(2).capitalize()})"))
         elif agent and agent.group(2).lower() != LOOP:
             hops.append(Hop(PROXY, proxy_name(int(agent.group(1)))))
@@ -202,10 +222,10 @@ def parse(text: str) -> Path:
             table = next((q for q in aside if q in TABLES or _NFT_TABLE.fullmatch(q)), "nat")  # else the article's aside
             where = NODE if NODE in aside else ""
             backend = next((q for q in aside if q in BACKENDS), "")
-            if name in HOOKS and number is None and not where:
+            if name in HOOKS and number is None and not where and not label and not any(q in TABLES for q in aside):
                 hops.append(Hop(HOOK, name))
             else:
-                hops.append(Hop(CHAIN, name, table, number, where=where, backend=backend))
+                hops.append(Hop(CHAIN, label + name, table, number, where=where, backend=backend))
         else:
             raise ValueError(f"cannot read hop {token!r}")
     return of(hops)

@@ -67,14 +67,14 @@ def scrape_targets(lab: Lab) -> tuple[tuple[str, int, str], ...]:
     return ((ip, plan.Port.STATS, "/stats/prometheus"), (ip, plan.Port.AGENT, "/stats/prometheus"))
 
 
-def _servers(lab: Lab, dns_proxy: bool) -> list[Spec]:
+def _servers(lab: Lab, dns_proxy: bool, one_listener: bool = False) -> list[Spec]:
     P, run_dir = plan.Port, lab.run_dir
     mode = lab.record.inbound_mode
     proxy = lab.sidecar_identity
     families = (4, 6) if lab.ipv6 else (4,)
     envoy_config = envoy.Config(os.path.join(run_dir, ACCESS_LOG), envoy.endpoints_from(), inbound_mode=mode,
                                 families=families, inbound=lab.spec.envoy_inbound,
-                                service_ports=envoy.pod_service_ports("sidecar"))
+                                service_ports=envoy.pod_service_ports("sidecar"), one_listener=one_listener)
     istiod = lab.pods["istiod"]
     dns_config = dnsproxy.Config(os.path.join(run_dir, DNS_PROXY_LOG), dns.service_names()) if dns_proxy else None
     dns_listens = (dns_config.listen,) if dns_config else ()
@@ -126,12 +126,14 @@ def _scraper(lab: Lab) -> Spec:
                 functools.partial(workloads.run_scraper, config))
 
 
-def start(lab: Lab, inbound_mode: str = "REDIRECT", timeout: float = 3.0, dns_proxy: bool = False) -> None:
+def start(lab: Lab, inbound_mode: str = "REDIRECT", timeout: float = 3.0, dns_proxy: bool = False,
+          one_listener: bool = False) -> None:
     """Spawn every process, record their pids, and return once all are ready.
 
     `inbound_mode` is the sidecar rules' (routing.inbound_mode): Envoy's inbound listener
     and the sidecar's identity follow it, as Istio's injection does.  `dns_proxy`: pilot-agent
-    runs its DNS proxy, as when the pod's rules capture DNS.
+    runs its DNS proxy, as when the pod's rules capture DNS.  `one_listener`: the rules send
+    inbound traffic to Envoy's outbound port, and Envoy tells the two apart there.
 
     All or nothing: on any failure the processes this call spawned are killed by pid and
     reaped before the error (LabError, or ProcessDied naming the one that died) goes up.
@@ -143,21 +145,21 @@ def start(lab: Lab, inbound_mode: str = "REDIRECT", timeout: float = 3.0, dns_pr
         raise LabError(f"lab {lab.labid} already runs {', '.join(lab.record.pids)}")
     lab.record.inbound_mode = inbound_mode
     try:
-        _start(lab, time.monotonic() + timeout, dns_proxy)
+        _start(lab, time.monotonic() + timeout, dns_proxy, one_listener)
     except BaseException:
         for name in lab.record.pids:
             _kill(lab, name)
         raise
 
 
-def _start(lab: Lab, deadline: float, dns_proxy: bool) -> None:
+def _start(lab: Lab, deadline: float, dns_proxy: bool, one_listener: bool = False) -> None:
     proxy = lab.sidecar_identity
     for name, uid, gid in ((ACCESS_LOG, proxy.uid, proxy.gid), (DNS_PROXY_LOG, proxy.uid, proxy.gid),
                            (ISTIOD_LOG, ISTIOD_UID, ISTIOD_GID), (SCRAPE_LOG, PROMETHEUS_UID, PROMETHEUS_GID),
                            (KUBE_DNS_LOG, KUBE_DNS_UID, KUBE_DNS_GID)):
         proxylogs.create(lab.run_dir, name, uid, gid)
 
-    specs = _servers(lab, dns_proxy)
+    specs = _servers(lab, dns_proxy, one_listener)
     if lab.spec.stage == podspec.INIT:  # only istio-init has run in the sidecar pod: its containers are not up
         specs = [s for s in specs if s.pod != "sidecar"]
     listeners, dialers = [s for s in specs if not s.dials], [s for s in specs if s.dials]

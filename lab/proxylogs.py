@@ -34,6 +34,7 @@ class ProxyLine:
     upstream_peer: Address | None
     error: str | None = None
     loop: bool = False  # the connection was the proxy's own upstream, sent back to it (the proxy closed it)
+    role: str | None = None  # Envoy's side that took it ("Outbound", "Inbound"): with one listener for both
 
     @classmethod
     def from_json(cls, line: dict) -> "ProxyLine":
@@ -41,10 +42,12 @@ class ProxyLine:
             return Address.parse(line[key]) if line.get(key) else None
 
         return cls(line["listener"], address("downstream_peer"), address("original_dst"),
-                   address("upstream_local"), address("upstream_peer"), line.get("error"), bool(line.get("loop")))
+                   address("upstream_local"), address("upstream_peer"), line.get("error"), bool(line.get("loop")),
+                   line.get("role"))
 
     def as_json(self) -> dict:
         return {"listener": self.listener, "error": self.error, **({"loop": True} if self.loop else {}),
+                **({"role": self.role} if self.role else {}),
                 **{key: str(value) if value else None for key, value in (
                     ("downstream_peer", self.downstream_peer), ("original_dst", self.original_dst),
                     ("upstream_local", self.upstream_local), ("upstream_peer", self.upstream_peer))}}

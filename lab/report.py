@@ -6,14 +6,23 @@ from __future__ import annotations
 import json
 
 from .path import Hop
+from .predict import Prediction
 from .rules import profiles
 from .view import RunView, ScenarioView
 
 COUNTED = (("nat", ""), ("raw", " (queries and answers)"), ("mangle", " (every packet, not only the SYN)"))
 
 
+def packet_text(packet) -> str:
+    """`SYN 10.244.0.10:23840 > 10.244.0.20:9080`; a source port predict leaves to the kernel (0) is `*`."""
+    if packet is None:
+        return ""
+    src = packet.src
+    return str(packet).replace(f" {src} ", f" {str(src)[:-2]}:* ", 1) if src.port == 0 else str(packet)
+
+
 def hop_json(hop: Hop) -> dict:
-    out = {"kind": hop.kind, "name": hop.name, "rule": hop.number, "packet": str(hop.packet) if hop.packet else None,
+    out = {"kind": hop.kind, "name": hop.name, "rule": hop.number, "packet": packet_text(hop.packet) or None,
            "line": hop.line, "owner": f"uid {hop.owner[0]} gid {hop.owner[1]}" if hop.owner else None,
            "entry": str(hop.entry) if hop.entry else None, "table": hop.table if hop.kind == "chain" else None,
            "where": hop.where}
@@ -54,6 +63,7 @@ def as_json(v: ScenarioView) -> dict:
         **({"pod": v.pod} if v.pod else {}),
         **({"rules": v.rules} if v.rules else {}),
         "ending": v.ending,
+        **({"client_error": v.told} if v.told else {}),
     }
 
 
@@ -112,3 +122,107 @@ def render(console, run: RunView) -> None:
         table.add_row(v.id, escape(v.article_short), escape(v.measured.short() if v.measured else "") or "-",
                       "[yellow]differs[/]" if v.agreement == "differs" else v.agreement, _verdict(v))
     console.print(table)
+
+
+# --- one flow: probe and predict -------------------------------------------------------------
+
+def _hop_detail(hop: Hop) -> str:
+    """What stands beside a hop: a rule's text, a hook's jump into Istio's chains, a packet."""
+    if hop.kind == "chain" and hop.line:
+        return hop.line
+    if hop.kind == "hook" and hop.line:
+        return hop.line + (f"  (uid {hop.owner[0]} gid {hop.owner[1]})" if hop.owner else "")
+    detail = packet_text(hop.packet)
+    if hop.owner:
+        detail += f"  (uid {hop.owner[0]} gid {hop.owner[1]})"
+    return detail
+
+
+def _hops(console, hops) -> None:
+    from rich.markup import escape
+
+    width = max((len(str(h)) for h in hops), default=0)
+    for hop in hops:
+        mark = "[red]" if hop.kind == "end" or hop.name.endswith("(loop)") else ""
+        name = f"{mark}{escape(str(hop)):<{width}}{'[/]' if mark else ''}"
+        console.print(f"    {name}  {escape(_hop_detail(hop))}".rstrip())
+
+
+def render_flow(console, v: ScenarioView, backend: str = "legacy") -> None:
+    """probe: the measured path, each hop with its rule, and the counters beside TRACE."""
+    from rich.markup import escape
+
+    console.print(f"  kernel : {escape(v.measured_text or '(not measured)')}")
+    if v.measured:
+        console.print("  hops (each with the rule it matched, as the kernel lists it):")
+        _hops(console, v.measured.hops)
+    if v.failure:
+        console.print(f"  [red]not measured: {escape(v.failure)}[/]")
+        for line in v.evidence[:40]:
+            console.print(f"    {escape(line)}")
+        return
+    rows = [row for row in v.counters if row.moved or row.traced]
+    console.print(f"  counters vs TRACE ({backend}): " + ("agree" if v.counters_agree else "[red]DISAGREE[/]"))
+    for row in rows:
+        console.print(f"    {str(row.rule):<24} counter +{row.moved:<3} TRACE {row.traced:<3} {escape(row.line)}")
+    ended = {"reached": "reached", "died": "died", "closed": "closed", "loop": "looped"}.get(v.ending, v.ending)
+    console.print(f"  {ended}: {escape(v.reached_text or '-')}" + (f";  the client was told: {escape(v.told)}"
+                                                                     if v.told else ""))
+
+
+def prediction_json(prediction: Prediction) -> dict:
+    path = prediction.path
+    return {"predicted_path": str(path), "ending": prediction.walk.ending.kind,
+            "hops": [hop_json(h) for h in path.hops],
+            "misses": [{"leg": m.leg, "rule": str(m.rule), "namespace": m.namespace, "needs": m.needs, "has": m.has,
+                        "text": str(m)} for m in prediction.misses()]}
+
+
+def render_prediction(console, prediction: Prediction, path: bool = True) -> None:
+    """predict: the path, each hop with its rule, and beside each rule passed without matching,
+    why: what it needs, and what this packet has instead (`path` False: the misses only)."""
+    from rich.markup import escape
+
+    if path:
+        console.print(f"  predict: {escape(str(prediction.path))}")
+        console.print("  hops (each with the rule it matches):")
+        _hops(console, prediction.path.hops)
+    misses = prediction.misses()
+    if not misses:
+        return
+    console.print("  rules passed without matching, and why:")
+    legs = prediction.walk.legs
+    for i, leg in enumerate(legs):
+        mine = [m for m in misses if m.leg == i]
+        if not mine:
+            continue
+        who = "the client's connection" if i == 0 else f"{legs[i - 1].proxy.name}'s own connection"
+        console.print(f"    leg {i + 1}, {who} ({escape(leg.packet.text())}):")
+        for m in mine:
+            where = m.rule.chain + ("" if m.rule.table == "nat" else f" ({m.rule.table})")
+            where += " (node)" if m.namespace == "node" else ""
+            console.print(f"      {escape(where):<28} {escape(str(m))}")
+
+
+def render_attached(console, path, rows, cover: bool, ending: str, listener: str, error: str | None) -> None:
+    """probe --netns: the client's own leg in a pod of your own, its rules, the counters."""
+    from rich.markup import escape
+
+    if not path.hops:
+        console.print("  [red]not measured: no traced packet of the flow was seen in the namespace[/]")
+        if error:
+            console.print(f"  the client was told: {escape(error)}")
+        return
+    console.print(f"  kernel : {escape(str(path))}")
+    console.print("  hops (each with the rule it matched, as the pod's save tool prints it):")
+    _hops(console, path.hops)
+    console.print("  counters vs TRACE (other traffic of a live pod moves counters too: at least TRACE's): "
+                  + ("cover it" if cover else "[red]FEWER than TRACE saw[/]"))
+    for rule, moved, traced, line in rows:
+        console.print(f"    {str(rule):<24} counter +{moved:<3} TRACE {traced:<3} {escape(line)}")
+    said = {"proxy": "taken by a proxy", "reached": "delivered in the pod", "died": f"died: {path.hops[-1]}",
+            "sent": "sent out of the pod"}.get(ending, ending)
+    console.print(f"  {said}" + (f": {escape(listener)} listens there" if listener else "")
+                  + (f";  the client was told: {escape(error)}" if error else ""))
+    if ending == "proxy":
+        console.print("  (the proxy's own connection onward is not measured: only the client's leg is traced here)")

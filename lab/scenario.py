@@ -76,6 +76,7 @@ class Traffic:
     transport: str = "tcp"  # "udp" for a DNS query over UDP, and for "udp"
     query: str = ""  # the name a DNS query asks for
     trigger: str = "client"  # "client": the lab dials; "pilot-agent-redial": the real agent re-dials istiod
+    timeout: float = 2.0  # seconds the client waits for each step (connect, an answer)
 
     @property
     def family(self) -> int:

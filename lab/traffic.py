@@ -162,8 +162,10 @@ def stream(ns: str, dst_ip: str, port: int, *, uid: int, gid: int, timeout: floa
             chunks = []
             while chunk := sock.recv(65536):
                 chunks.append(chunk)
+        except socket.timeout:
+            raise RequestError(f"stream to {peer}: no answer within {timeout}s", local, peer, errno.ETIMEDOUT) from None
         except OSError as e:
-            raise RequestError(f"stream to {peer}: {e.strerror or e}") from None
+            raise RequestError(f"stream to {peer}: {e.strerror or e}", local, peer, e.errno) from None
         return Response(0, b"".join(chunks).decode(errors="replace"), local, peer)
 
 
@@ -185,6 +187,7 @@ def dns_query(ns: str, dst_ip: str, port: int, name: str, *, transport: str, uid
         raise RequestError(f"{where}: {e.strerror or e}") from None
     with sock:
         sock.settimeout(timeout)
+        local, peer = None, Address(dst_ip, port)
         try:
             sock.connect((dst_ip, port))
             local, peer = Address.of(sock.getsockname()), Address.of(sock.getpeername())
@@ -200,9 +203,12 @@ def dns_query(ns: str, dst_ip: str, port: int, name: str, *, transport: str, uid
                 reply = dns.unframe(b"".join(chunks))
             answer = dns.parse(reply)
         except socket.timeout:
-            raise RequestError(f"{where}: no answer within {timeout}s") from None
+            local = local or _local(sock)
+            raise RequestError(f"{where}: no answer within {timeout}s", local, peer, errno.ETIMEDOUT) from None
         except (OSError, dns.DnsFormatError) as e:
-            raise RequestError(f"{where}: {getattr(e, 'strerror', None) or e}") from None
+            local = local or _local(sock)
+            raise RequestError(f"{where}: {getattr(e, 'strerror', None) or e}", local, peer,
+                               getattr(e, "errno", None)) from None
     if not answer.response or answer.id != dns.parse(query).id:
         raise RequestError(f"{where}: the answer is not a response to the query")
     return Response(answer.rcode, json.dumps(dns.describe(reply)), local, peer)

@@ -30,7 +30,8 @@ def judge(measured: Measurement | None, expected: Path | None, failure: str | No
     leg was delivered nowhere fails too: a path that ends nowhere is not a path."""
     if measured is None:
         return Verdict(expected, failure or "not measured")
-    if measured.ending == "reached" and measured.error:  # it died, and nothing witnessed says where
+    delivered = measured.transport == "udp" and measured.reached is not None and "no answer" in (measured.error or "")
+    if measured.ending == "reached" and measured.error and not delivered:  # it died, and nothing witnessed says where
         return Verdict(expected, measured.error.split(": ", 1)[-1])
     if measured.reached is None and measured.ending == "reached":
         last = measured.legs[-1]

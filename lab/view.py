@@ -64,7 +64,8 @@ class ScenarioView:
     issues: tuple[str, ...] = ()  # the upstream issues the scenario shows
     pod: str = ""  # how its sidecar pod ran, where not as a running default pod (PodSpec.describe)
     rules: str = ""  # its rules, where not the run's own (a scenario's own pod annotations, its profile)
-    ending: str = "reached"  # how the measured path ends: "reached", "died", "loop"
+    ending: str = "reached"  # how the measured path ends: "reached", "died", "closed", "loop"
+    told: str = ""  # what the client was told when its flow failed (a timeout, a refusal)
 
     @property
     def verdict(self) -> str:
@@ -95,7 +96,7 @@ class ScenarioView:
 
     @property
     def reached_text(self) -> str:
-        if self.ending == "died" and self.measured:
+        if self.ending in ("died", "closed") and self.measured:
             return str(self.measured.hops[-1])
         if self.ending == "loop" and self.measured:
             return f"looped back into {self.measured.hops[-1].name.split(' (')[0]}"
@@ -186,6 +187,7 @@ def scenario(s: Scenario, profile: str | None, measured: Measurement | None, ver
         evidence=_evidence(measured) if measured and not verdict.passed else (),
         group=s.group, issues=s.issues, pod=s.pod.describe(),
         ending=measured.ending if measured else "reached",
+        told=measured.error or "" if measured else "",
     )
 
 

@@ -3,18 +3,19 @@ and what the lab's measurement can say about a flow today.
 
 Generated flows are issue 16's: from any pod, as uids and gids among 0, 1000, 1337 and
 65534, to a pod, a Service VIP, 127.0.0.1, the pod's own IP or istiod, on the ports Istio
-treats specially and the lab's own.  Generated options are istio-iptables': include and
+treats specially and the lab's own; TCP, and one in five UDP.  Generated options are istio-iptables': include and
 exclude, inbound and outbound, ports and CIDRs, the proxy's uid and gid, DNS capture,
 TPROXY, IPv6, across the versions the builder models.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from hypothesis import strategies as st
 
 from lab import plan
 from lab.predict import Flow, Prediction
-from lab.predict.notation import marks, to_path
 from lab.predict.stack import Death
 from lab.predict.topology import NODE
 from lab.rules import builder
@@ -31,9 +32,8 @@ def scenario_flow(s: Scenario, mode: str) -> Flow:
     """A scenario's traffic as a Flow, its source as the lab runs it under the inbound mode
     (the istio-proxy container is uid 0, gid 1337 in TPROXY mode)."""
     traffic, who = s.traffic, s.traffic.source.identity(mode)
-    dns = traffic.protocol == "dns"
     return Flow(traffic.source.pod, traffic.to.ip, traffic.to.port, who.uid, who.gid,
-                transport=traffic.transport if dns else "tcp", query=traffic.query or None,
+                transport=traffic.transport, query=traffic.query or None,
                 source_label=traffic.source.label, destination_label=traffic.label)
 
 
@@ -57,7 +57,8 @@ def flows(draw, dual_stack: bool = False) -> Flow:
         address = plan.PODS["istiod"]
     if dual_stack and draw(st.booleans()):
         address = plan.ipv6_twin(address)
-    return Flow(source, address, port, draw(st.sampled_from(IDS)), draw(st.sampled_from(IDS)))
+    transport = draw(st.sampled_from(("tcp", "tcp", "tcp", "tcp", "udp")))
+    return Flow(source, address, port, draw(st.sampled_from(IDS)), draw(st.sampled_from(IDS)), transport=transport)
 
 
 def _some(items: tuple) -> st.SearchStrategy[tuple]:
@@ -93,45 +94,68 @@ def options(draw, single_owner: bool = False) -> tuple[str, builder.Options]:
     return version, chosen
 
 
-# --- what the lab's measurement says today ----------------------------------------------------------
-
-def measurable_today(prediction: Prediction, protocol: str = "tcp") -> str | None:
-    """The path as the lab measures it today, or None where it measures nothing but a failure.
-
-    The lab ends a path where the flow died when it was refused (no listener) and marks a
-    loop; a flow killed by a DROP or REJECT rule, or with no route, is still only a failure.
-    A leg a proxy opened that dies so leaves no access-log upstream, and a proxy that closes
-    leaves none either: a stream (protocol "tcp": opened, half-closed, read to EOF) is then
-    measured to that proxy; a request that wants an answer (HTTP, DNS) fails.
-    """
-    ms = marks(prediction.walk)
-    ending = prediction.walk.ending.kind
-    refused = ending == "died" and prediction.walk.legs[-1].end.kind == "refused"
-    if ending in ("died", "closed") and not refused:
-        last = max((i for i, m in enumerate(ms) if m.kind == "proxy"), default=None)
-        if last is None or protocol != "tcp":
-            return None
-        ms = ms[:last + 1]
-    return str(to_path(ms))
-
-
-def failure_words(prediction: Prediction) -> tuple[str, ...]:
-    """What the lab's failure message may say for this flow: always, where measurable_today gives
-    no path; "timed out" also where a leg finds no route at the node, which answers
-    "unreachable" only while its ICMP rate limit allows (ip_error: a small burst, then about
-    one a second), so a client or Envoy may wait out its timeout instead."""
-    walk = prediction.walk
-    late = ("timed out", "no answer within")
-    if walk.ending.kind == "loop":
-        return late  # the stub Envoy dials itself until the client gives up
-    if len(walk.legs) > 1 or walk.ending.kind == "closed":  # a proxy took it, then closed it
-        words = ("no answer", "not connected", "reset", "closed")
-    else:
-        words = {"refused": ("refused",), "unreachable": ("unreachable", "No route"),
-                 "REJECT": ("refused", "unreachable"), "DROP": late}[walk.legs[-1].end.kind]
-    return words + late if unreachable_at_node(prediction) else words
-
+# --- what the kernel can show ----------------------------------------------------------------
 
 def unreachable_at_node(prediction: Prediction) -> bool:
+    """A leg the node has no route for: the node answers "unreachable" only while its ICMP rate
+    limit allows (ip_error: a small burst, then about one a second); past it the dialer waits
+    out its timeout.  TRACE shows where the SYN died either way, so the path is the same; only
+    the time differs."""
     return any(isinstance(leg.end, Death) and leg.end.kind == "unreachable" and leg.end.namespace == NODE
                for leg in prediction.walk.legs)
+
+
+def dies_silently(prediction: Prediction) -> bool:
+    """A leg whose first packet is dropped without a word (a DROP rule or policy, TPROXY with no
+    socket): its dialer learns nothing until its timeout."""
+    return any(isinstance(leg.end, Death) and leg.end.kind == "DROP" for leg in prediction.walk.legs)
+
+
+# --- rule sets edited by hand, as users do ---------------------------------------------------
+
+ISTIO_1_0 = Path(__file__).parent / "data" / "dumps" / "istio-1.0.rules"
+EDIT_PORTS = (9080, 8080, 22, 15008)  # not 15012: pilot-agent must reach istiod for the lab to come up
+
+
+def _insert(text: str, table: str, chain: str, rule: str) -> str:
+    """The dump with `-A chain rule` first in its chain (the table made, with only that rule, if absent)."""
+    lines = text.splitlines()
+    if f"*{table}" not in lines:
+        return text + f"*{table}\n:{chain} ACCEPT [0:0]\n-A {chain} {rule}\nCOMMIT\n"
+    start = lines.index(f"*{table}")
+    end = next(i for i in range(start, len(lines)) if lines[i] == "COMMIT")
+    first = next((i for i in range(start, end) if lines[i].startswith(f"-A {chain} ")), None)
+    if first is None:  # after the last rule of the table
+        first = next((i + 1 for i in range(end - 1, start, -1) if lines[i].startswith(("-A ", ":"))), end)
+    return "\n".join(lines[:first] + [f"-A {chain} {rule}"] + lines[first:]) + "\n"
+
+
+@st.composite
+def edited(draw):
+    """An edit a user makes to a pod's dump, as (text -> (text, what it did)): none; a DROP in
+    mangle OUTPUT, a REJECT in filter OUTPUT, a DROP in filter INPUT, written the short way
+    (`-p tcp --dport N`, no `-m tcp`); inbound sent to the outbound port; an Istio 1.0 pod's
+    dump instead; or Istio's chains gone (an uninjected pod)."""
+    kind = draw(st.sampled_from(("none", "none", "mangle-drop", "filter-reject", "filter-drop-in", "uninjected",
+                                 "one-port", "istio-1.0")))
+    port = draw(st.sampled_from(EDIT_PORTS))
+    reject = draw(st.sampled_from(("", " --reject-with tcp-reset", " --reject-with icmp-port-unreachable")))
+
+    def edit(text: str) -> tuple[str, str]:
+        if kind == "mangle-drop":  # not nat: iptables refuses DROP there (the legacy loader alone takes it)
+            return _insert(text, "mangle", "OUTPUT", f"-p tcp --dport {port} -j DROP"), f"; mangle OUTPUT DROP {port}"
+        if kind == "filter-reject":
+            return _insert(text, "filter", "OUTPUT", f"-p tcp --dport {port} -j REJECT{reject}"), \
+                f"; filter OUTPUT REJECT{reject} {port}"
+        if kind == "filter-drop-in":
+            return _insert(text, "filter", "INPUT", f"-p tcp --dport {port} -j DROP"), f"; filter INPUT DROP {port}"
+        if kind == "one-port" and "--to-ports 15006" in text:  # inbound to the outbound port, as Istio 1.0, 1.1
+            return text.replace("--to-ports 15006", "--to-ports 15001"), "; inbound redirected to 15001"
+        if kind == "istio-1.0":
+            return ISTIO_1_0.read_text(), "; replaced by an Istio 1.0 pod's dump"
+        if kind == "uninjected":
+            return "*nat\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n" \
+                   ":POSTROUTING ACCEPT [0:0]\nCOMMIT\n", "; uninjected (no Istio chain)"
+        return text, ""
+
+    return edit

@@ -256,3 +256,99 @@ def test_article_words_are_quoted_verbatim(s):
     assert s.article.sentence in article
     if s.article.path_text:
         assert s.article.path_text in article.splitlines()
+
+
+# --- every ending, from hand-made TRACE events -------------------------------------------------
+
+def _ev(pod, table, chain, rulenum, kind="rule", src="10.244.0.10", sport=40000, dst="10.244.0.20", dport=9080,
+        flags="S", outdev=None):
+    return TraceEvent(pod, table, chain, kind, rulenum, None, outdev, src, dst, "tcp", sport, dport, flags, None, None,
+                      None, "")
+
+
+CLIENT, SERVER = Address("10.244.0.10", 40000), Address("10.244.0.20", 9080)
+ISTIO = {RuleRef("nat", "OUTPUT", 1): "-A OUTPUT -p tcp -j ISTIO_OUTPUT",
+         **{RuleRef("nat", "ISTIO_OUTPUT", n): "-A ISTIO_OUTPUT -j RETURN" for n in range(1, 10)}}
+
+
+def _path(events, rules, error, node_rules=None, routes=None, leg=None):
+    leg = leg or join.Leg(CLIENT, SERVER)
+    died = join.death(events, leg, {"sidecar": rules, "node": node_rules or join.Rules({})}, error, routes)
+    return str(join.path("Local Pod", "Remote Pod", [leg], [e for e in events if e.pod == "sidecar"], rules,
+                         died=died)), died
+
+
+def test_a_drop_rule_in_any_table_is_a_hop_then_the_verdict():
+    lines = ISTIO | {RuleRef("filter", "OUTPUT", 1): "-A OUTPUT -p tcp -m tcp --dport 9080 -j DROP"}
+    events = [_ev("sidecar", "raw", "OUTPUT", 2, "policy"), _ev("sidecar", "nat", "OUTPUT", 1),
+              _ev("sidecar", "nat", "ISTIO_OUTPUT", 4), _ev("sidecar", "filter", "OUTPUT", 1)]
+    text, died = _path(events, join.Rules(lines), "ETIMEDOUT: connect timed out")
+    assert died.kind == "DROP" and text == "Local Pod -> OUTPUT -> ISTIO_OUTPUT RULE 4 -> OUTPUT (filter) -> DROP"
+    # the same SYN sent again after a second: one packet, one path
+    again, _ = _path(events + events, join.Rules(lines), "ETIMEDOUT: connect timed out")
+    assert again == text
+
+
+def test_a_policy_that_drops_is_named_as_one():
+    rules = join.Rules(ISTIO | {RuleRef("filter", "OUTPUT", 1): "-A OUTPUT -o lo -j ACCEPT"},
+                       policies={("filter", "OUTPUT"): "DROP"})
+    events = [_ev("sidecar", "nat", "OUTPUT", 1), _ev("sidecar", "nat", "ISTIO_OUTPUT", 4),
+              _ev("sidecar", "filter", "OUTPUT", 2, "policy")]
+    text, _ = _path(events, rules, "ETIMEDOUT: connect timed out")
+    assert text == "Local Pod -> OUTPUT -> ISTIO_OUTPUT RULE 4 -> OUTPUT POLICY (filter) -> DROP"
+    assert path.parse(text).hops[-2].name == "OUTPUT POLICY" and path.parse(text).ending == "died"
+
+
+def test_the_node_with_no_route_is_where_the_flow_died():
+    to = Address("10.96.0.99", 80)
+    events = [_ev("sidecar", "nat", "OUTPUT", 1, dst=to.ip, dport=80), _ev("sidecar", "nat", "ISTIO_OUTPUT", 4, dst=to.ip, dport=80),
+              _ev("sidecar", "nat", "POSTROUTING", 1, "policy", dst=to.ip, dport=80),
+              _ev("node", "raw", "PREROUTING", 1, dst=to.ip, dport=80),
+              _ev("node", "nat", "KUBE-SERVICES", 5, "return", dst=to.ip, dport=80)]
+    routes = join.Routes(["10.244.0.0/24", "10.96.0.10/32"])
+    text, died = _path(events, join.Rules(ISTIO), "EHOSTUNREACH: No route to host", routes=routes,
+                       leg=join.Leg(CLIENT, to))
+    assert died.kind == "unreachable" and text.endswith("-> POSTROUTING -> node: no route to 10.96.0.99, unreachable")
+    # a node that forwarded it did not kill it: nothing explains the failure, so no path
+    forwarded = events + [_ev("node", "filter", "FORWARD", 1, "policy", dst=to.ip, dport=80)]
+    assert join.death(forwarded, join.Leg(CLIENT, to), {"sidecar": join.Rules(ISTIO)}, "ETIMEDOUT", routes) is None
+
+
+def test_a_syn_delivered_with_nothing_answering_it_met_no_listener():
+    """TPROXY's original_src dial from an address the pod does not own: the kernel's reset cannot
+    reach the dialer, which times out; no SYN-ACK ever left, so no socket took it."""
+    delivered = [_ev("remote", "filter", "INPUT", 1, "policy")]
+    _, died = _path(delivered, join.Rules(ISTIO), "timeout")
+    assert died.kind == "refused" and died.text() == "Remote Pod 9080: no listener, refused"
+    answered = delivered + [_ev("remote", "filter", "OUTPUT", 1, "policy", src=SERVER.ip, sport=SERVER.port,
+                                dst=CLIENT.ip, dport=CLIENT.port, flags="SA")]
+    assert join.death(answered, join.Leg(CLIENT, SERVER), {"sidecar": join.Rules(ISTIO)}, "timeout") is None
+
+
+def test_a_proxy_that_closes_and_one_listener_for_both_sides():
+    closed = ProxyLine(15006, CLIENT, Address("10.244.0.10", 15006), None, None, "blackhole: connection addressed to "
+                       "the proxy port itself", role="Inbound")
+    legs = join.legs(CLIENT, Address("10.244.0.10", 15006), [closed])
+    assert legs[0].closed == "blackhole, closed"
+    events = [_ev("sidecar", "nat", "OUTPUT", 1, dst="10.244.0.10", dport=15006)]
+    hops = join.leg_hops(events, legs[0], join.Rules(ISTIO))
+    assert [str(h) for h in hops][-2:] == ["Envoy 15006 (Inbound)", "blackhole, closed"]
+    inbound = ProxyLine(15001, CLIENT, Address("10.244.0.10", 8080), Address("127.0.0.6", 41000),
+                        Address("10.244.0.10", 8080), role="Inbound")
+    legs = join.legs(CLIENT, Address("10.244.0.10", 8080), [inbound])
+    hops = join.leg_hops([_ev("sidecar", "nat", "OUTPUT", 1, dst="10.244.0.10", dport=8080)], legs[0], join.Rules(ISTIO))
+    assert str(hops[-1]) == "Envoy 15001 (Inbound)"
+
+
+def test_every_ending_reads_back_from_its_text():
+    for text in ("Local Pod -> OUTPUT -> ISTIO_OUTPUT RULE 1 -> DROP",
+                 "Local Pod -> OUTPUT -> OUTPUT POLICY (filter) -> DROP",
+                 "Local Pod -> OUTPUT -> ISTIO_OUTPUT RULE 4 -> OUTPUT (filter) -> REJECT",
+                 "Local Pod -> OUTPUT -> ISTIO_OUTPUT RULE 4 -> POSTROUTING -> node: no route to 10.96.0.99, unreachable",
+                 "Local Pod -> OUTPUT -> ISTIO_OUTPUT RULE 2 -> ISTIO_IN_REDIRECT -> Envoy 15006 (Inbound) -> blackhole, closed",
+                 "Remote Pod -> PREROUTING -> Local Pod: INPUT RULE 1 (filter) -> REJECT",
+                 "Remote Pod -> PREROUTING -> ISTIO_TPROXY (mangle) -> 15006: no transparent listener, dropped",
+                 "Remote Pod -> PREROUTING -> ISTIO_INBOUND -> ISTIO_IN_REDIRECT -> Envoy 15001 (Inbound) -> OUTPUT -> "
+                 "ISTIO_OUTPUT RULE 1 -> ISTIO_REDIRECT -> Envoy 15001 (loop)"):
+        assert str(path.parse(text)) == text
+    assert path.parse("A -> OUTPUT -> Envoy 15001 (Outbound) -> blackhole, closed").ending == "closed"

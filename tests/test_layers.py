@@ -17,7 +17,7 @@ LAYERS = [
                       "sidecar.httpio"}),
     ("kernel", {"netns", "procfs", "record", "world", "rules.xtables", "rules.routing", "trace", "preflight",
                 "nftrace", "rules.nft.libnft", "rules.nft.iptables_nft", "rules.nft.native",
-                "rules.nft.tracing", "rules.nft.naming", "rules.nft.probes", "backend"}),
+                "rules.nft.tracing", "rules.nft.naming", "rules.nft.probes", "backend", "attached"}),
     ("processes", {"sidecar.envoy", "sidecar.agent", "sidecar.dnsproxy", "workloads", "proxylogs", "processes",
                    "traffic"}),
     ("input", {"scenario", "dualstack"}),
@@ -29,7 +29,7 @@ LAYERS = [
     ("view", {"view"}),
     ("render", {"report", "markdown_report", "html_report"}),
     ("result", {"result"}),
-    ("library", {"api", "runner"}),
+    ("library", {"api", "runner", "attach"}),
     ("edges", {"commands", "cli", "pytest_plugin"}),
 ]
 LAYER = {module: n for n, (_, modules) in enumerate(LAYERS) for module in modules}

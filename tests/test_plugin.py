@@ -61,7 +61,8 @@ def test_a_flow_of_your_own_names_pods_as_the_article_does() -> None:
 
 @pytest.mark.parametrize("flow, expect, problem", [
     (api.Flow("nowhere", Address("10.96.0.90", 9080)), "", "no pod 'nowhere'"),
-    (api.Flow("sidecar", Address("10.96.0.10", 53), protocol="dns"), "", "protocol 'dns' is not one of http, tcp"),
+    (api.Flow("sidecar", Address("10.96.0.10", 53), protocol="dns"), "", "a DNS query needs the name it asks"),
+    (api.Flow("sidecar", Address("10.96.0.10", 53), protocol="ftp"), "", "protocol 'ftp' is not one of http, tcp"),
     (api.Flow("sidecar", Address("10.96.0.90", 9080)), "A -> ??? -> B", "expect: cannot read hop '???'"),
 ])
 def test_a_bad_flow_is_one_line(flow, expect, problem) -> None:

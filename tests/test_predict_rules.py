@@ -222,12 +222,12 @@ def test_the_misses_of_a_flow_are_the_rules_it_passed_in_order() -> None:
 # --- what predict refuses ---------------------------------------------------------------------------
 
 def test_an_unknown_match_is_refused_when_the_kernel_would_run_it() -> None:
-    rules_text = """*nat
+    rules_text = """*filter
 :OUTPUT ACCEPT [0:0]
 -A OUTPUT -p tcp -m statistic --mode random --probability 0.5 -j DROP
 COMMIT
 """
-    with pytest.raises(CannotPredict, match=r"^cannot predict: rule 1 of OUTPUT uses -m statistic$"):
+    with pytest.raises(CannotPredict, match=r"^cannot predict: rule 1 of OUTPUT \(filter\) uses -m statistic$"):
         path(rules_text, Flow("sidecar", "10.96.0.90", 9080))
     # a UDP packet fails -p tcp first: the kernel never asks the statistic match, nor does predict
     assert path(rules_text, Flow("sidecar", "10.244.0.50", 53, transport="udp")) == \
@@ -238,8 +238,21 @@ def test_an_unknown_option_of_a_known_match_and_an_unknown_target_are_refused() 
     with pytest.raises(CannotPredict, match="rule 1 of OUTPUT uses -m conntrack --ctorigdst"):
         path("*nat\n:OUTPUT ACCEPT [0:0]\n-A OUTPUT -m conntrack --ctorigdst 10.0.0.1 -j DROP\nCOMMIT\n",
              Flow("sidecar", "10.96.0.90", 9080))
-    with pytest.raises(CannotPredict, match="rule 1 of OUTPUT uses -j QUEUE"):
-        path("*nat\n:OUTPUT ACCEPT [0:0]\n-A OUTPUT -j QUEUE\nCOMMIT\n", Flow("sidecar", "10.96.0.90", 9080))
+    with pytest.raises(CannotPredict, match=r"rule 1 of OUTPUT \(mangle\) uses -j QUEUE"):
+        path("*mangle\n:OUTPUT ACCEPT [0:0]\n-A OUTPUT -j QUEUE\nCOMMIT\n", Flow("sidecar", "10.96.0.90", 9080))
+
+
+def test_nat_is_walked_only_where_some_rule_tracks_connections() -> None:
+    """An empty nat table, or one with no NAT target, is walked by nothing: conntrack is on in a
+    namespace only while a rule needs it (a NAT or CT target, a conntrack match)."""
+    counted = "*nat\n:OUTPUT ACCEPT [0:0]\n-A OUTPUT -p tcp -j RETURN\nCOMMIT\n"
+    assert path(counted, Flow("sidecar", "10.244.0.20", 9080)) == "Local Pod -> OUTPUT -> POSTROUTING -> Remote Pod"
+    tracked = counted.replace("COMMIT", "-A OUTPUT -p udp -j REDIRECT --to-ports 1\nCOMMIT")
+    assert path(tracked, Flow("sidecar", "10.244.0.20", 9080)) == \
+        "Local Pod -> OUTPUT -> OUTPUT RULE 1 -> POSTROUTING -> Remote Pod"
+    # with nothing tracked, Envoy's listener has no original destination to read
+    assert path(counted, Flow("sidecar", "10.244.0.10", 15001)) == \
+        "Local Pod -> OUTPUT -> Envoy 15001 (Outbound) -> no original destination, closed"
 
 
 @pytest.mark.parametrize("rules_text,problem", [
@@ -287,7 +300,7 @@ def test_goto_returns_past_its_caller() -> None:
     here to OUTPUT's policy, so rule 2 of OUTPUT is never reached."""
     flow = Flow("sidecar", "10.96.0.90", 9080)
     text = BASE + "-A OUTPUT -g A\n-A OUTPUT -j ISTIO_REDIRECT\n-A A -j RETURN\nCOMMIT\n"
-    assert path(text, flow) == "Local Pod -> OUTPUT -> A -> POSTROUTING -> node: no route to 10.96.0.90, unreachable"
+    assert path(text, flow) == "Local Pod -> OUTPUT -> A -> POSTROUTING -> KUBE-SEP-REMOTE RULE 2 (node) -> Remote Pod"
     jumped = text.replace("-A OUTPUT -g A", "-A OUTPUT -j A")
     assert path(jumped, flow).startswith("Local Pod -> OUTPUT -> A -> ISTIO_REDIRECT -> Envoy 15001 (Outbound)")
 
@@ -321,7 +334,7 @@ def test_the_first_ct_rule_decides_the_zone() -> None:
     assert str(prediction.path) == "Local Pod -> OUTPUT -> Z RULE 1 (raw) -> Z RULE 2 (raw) -> POSTROUTING -> kube-dns"
     sidecar = next(ps for ps in prediction.walk.legs[0].passes if ps.hook == "POSTROUTING")
     assert sidecar.packet.conn.zone == 1
-    assert prediction.walk.legs[0].end.packet.conn.zone == 0  # kube-dns tracks it afresh, in its own zone 0
+    assert prediction.walk.legs[0].end.packet.conn is None  # kube-dns has no rule that tracks connections
 
 
 def test_tproxy_without_a_transparent_listener_drops() -> None:
@@ -336,7 +349,7 @@ def test_mangle_output_routes_again_after_a_mark() -> None:
     text = ("*mangle\n:PREROUTING ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n"
             "-A OUTPUT -p tcp -j MARK --set-xmark 0x539/0xffffffff\n"
             "-A PREROUTING -p tcp -j TPROXY --on-port 15006 --on-ip 0.0.0.0 --tproxy-mark 0x539/0xffffffff\nCOMMIT\n"
-            "*nat\n:OUTPUT ACCEPT [0:0]\n-A OUTPUT -o lo -j RETURN\nCOMMIT\n")
+            "*nat\n:OUTPUT ACCEPT [0:0]\n-A OUTPUT -o lo -j REDIRECT --to-ports 9\nCOMMIT\n")
     walk = Predictor([dump(text)]).predict(Flow("sidecar", "10.244.0.20", 9080)).walk
     nat = next(t for ps in walk.legs[0].passes if ps.hook == "OUTPUT" for name, t in ps.walks if name == "nat")
     assert nat.steps[0].rule.ref.number == 1 and nat.packet.oif == "lo"
@@ -346,20 +359,22 @@ RULE_PARTS = st.lists(st.sampled_from([
     "-d 10.96.0.0/16", "-d 10.96.0.90/32", "! -d 10.96.0.0/16", "-d 10.244.0.0/24", "-s 10.244.0.10/32",
     "-s 127.0.0.6/32", "-o lo", "-p tcp", "-p udp", "-p tcp -m tcp --dport 9080", "-p tcp -m tcp --dport 9000:9100",
     "-p tcp -m multiport --dports 53,9080,15008", "-p tcp -m tcp ! --dport 9080", "-m owner --uid-owner 1337",
-    "-m owner ! --uid-owner 1337", "-m owner --gid-owner 1000", "-m mark --mark 0x539"]), max_size=3)
+    "-m owner ! --uid-owner 1337", "-m owner --gid-owner 1000", "-m mark --mark 0x539", "-m mark --mark 0x53a",
+    "-m mark ! --mark 0x539", "-m mark --mark 0x500/0xf00"]), max_size=3)
 
 
 @settings(max_examples=60, deadline=None, database=None)
 @given(chain=st.lists(RULE_PARTS, min_size=chains.INDEXED + 1, max_size=60),
        dst=st.sampled_from(["10.96.0.90", "10.96.0.80", "10.244.0.20", "127.0.0.1"]),
        dport=st.sampled_from([9080, 9050, 53, 15008, 8080]), proto=st.sampled_from(["tcp", "udp"]),
-       owner=st.sampled_from([APP, PROXY, None]), oif=st.sampled_from(["eth0", "lo"]))
-def test_the_index_offers_every_rule_that_matches_in_order(chain, dst, dport, proto, owner, oif) -> None:
+       owner=st.sampled_from([APP, PROXY, None]), oif=st.sampled_from(["eth0", "lo"]),
+       mark=st.sampled_from([0, 0x539, 0x53a]))
+def test_the_index_offers_every_rule_that_matches_in_order(chain, dst, dport, proto, owner, oif, mark) -> None:
     """Whatever the rules, the first candidate the index offers that matches is the first rule
     that matches, and every rule that matches is a candidate."""
     lines = "\n".join(f"-A X {' '.join(parts)} -j RETURN" for parts in chain)
     indexed = chains.load(dump(f"*nat\n:OUTPUT ACCEPT [0:0]\n:X - [0:0]\n{lines}\nCOMMIT\n")).tables["nat"].chains["X"]
-    p = packet(dst=dst, dport=dport, proto=proto, owner=owner, oif=oif)
+    p = packet(dst=dst, dport=dport, proto=proto, owner=owner, oif=oif, mark=mark)
     matching = [i for i, r in enumerate(indexed.rules) if r.test(p, SIDECAR)]
     assert set(matching) <= set(indexed.candidates(p))
     assert list(indexed.candidates(p)) == sorted(indexed.candidates(p))

@@ -2,6 +2,7 @@
 otherwise (an init container's time, an app on localhost, another proxy user, a VM), the
 scenario files that show each problem, and a pod's annotations as input."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -178,8 +179,13 @@ def test_a_scenario_whose_pod_cannot_be_built_is_left_out_or_refused_when_named(
 
 
 def test_a_scenario_with_no_path_under_a_profile_is_left_out_with_why():
-    labs, skipped = runner.plan([BY_ID["problem-kubevirt-vm"]], runner.Choice(profile="istio-1.25-tproxy"))
-    assert labs == [] and skipped[0].startswith("problem-kubevirt-vm: left out under istio-1.25-tproxy: In TPROXY mode")
+    """(No scenario needs expected.not_measured since every ending is measured: the kubevirt VM
+    under TPROXY, once left out, has its path.  The mechanism stays, for what a lab cannot build.)"""
+    s = BY_ID["problem-kubevirt-vm"]
+    unmeasured = dataclasses.replace(s, expected=dataclasses.replace(
+        s.expected, not_measured=(("istio-1.25-tproxy", "In TPROXY mode, say why"),)))
+    labs, skipped = runner.plan([unmeasured], runner.Choice(profile="istio-1.25-tproxy"))
+    assert labs == [] and skipped[0] == "problem-kubevirt-vm: left out under istio-1.25-tproxy: In TPROXY mode, say why"
 
 
 def test_a_pods_own_dump_cannot_take_a_scenarios_annotations(tmp_path):

@@ -103,3 +103,10 @@ def test_istio_lab_run_has_the_options_the_workflow_gives() -> None:
     usage = subprocess.run([sys.executable, "-m", "lab.cli", "run", "--help"], cwd=REPO, capture_output=True,
                            text=True, check=True).stdout
     assert "--json" in usage and "--report DIR" in usage
+
+
+def test_ci_judges_predict_on_2000_flows_on_one_backend():
+    """The differential kernel test's size in CI is what .ci/run exports, not a default."""
+    text = (REPO / ".ci" / "run").read_text()
+    assert "flows=2000" in text and 'export PREDICT_FLOWS="$flows"' in text
+    assert text.index("flows=2000") < text.index("./scripts/test")

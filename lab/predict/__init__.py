@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from ..path import Path
+from ..podspec import PodSpec
 from ..rules.save import Dump
 from .errors import CannotPredict
 from .flow import Flow, Walk, walk
@@ -44,12 +45,12 @@ class Predictor:
     """A rule set (one dump per family: iptables-save, and ip6tables-save for a dual-stack pod)
     in the lab's world, read once and asked about any number of flows."""
 
-    def __init__(self, dumps: Sequence[Dump]):
-        self.topology = Topology(dumps)
+    def __init__(self, dumps: Sequence[Dump], spec: PodSpec = PodSpec()):
+        self.topology = Topology(dumps, spec)
 
     def predict(self, flow: Flow) -> Prediction:
         return Prediction(walk(self.topology, flow), self.topology)
 
 
-def predict(dumps: Sequence[Dump], flow: Flow) -> Prediction:
-    return Predictor(dumps).predict(flow)
+def predict(dumps: Sequence[Dump], flow: Flow, spec: PodSpec = PodSpec()) -> Prediction:
+    return Predictor(dumps, spec).predict(flow)

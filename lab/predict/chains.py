@@ -12,13 +12,14 @@ reachable from elsewhere; such a rule set is refused, so predict says so instead
 walking rules no kernel would run.
 
 Long chains are indexed by what a rule needs of the packet: a destination or source
-prefix, a destination port, a socket owner's uid or gid.  A packet is tested only against the rules
+prefix, a destination port, a socket owner's uid or gid, the packet's whole mark.  A packet is tested only against the rules
 that could match it (and the rules that need none of these), in order, so 10,000
 `-d CIDR -j RETURN` rules cost a handful of dictionary lookups.
 """
 
 from __future__ import annotations
 
+import functools
 from bisect import bisect_left
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -59,12 +60,28 @@ class Table:
     policies: dict[str, str]
 
 
+# What makes the kernel track connections in a namespace (nf_ct_netns_get in a checkentry):
+# conntrack is per namespace and family, and only on while some rule needs it.  Without it
+# there is no connection, so no nat (an empty nat table is walked by nothing) and no
+# SO_ORIGINAL_DST.
+CONNTRACK_TARGETS = frozenset({"REDIRECT", "DNAT", "SNAT", "MASQUERADE", "NETMAP", "CT", "NOTRACK", "CONNMARK",
+                               "CONNSECMARK"})
+CONNTRACK_MATCHES = frozenset({"conntrack", "state", "connmark", "helper", "connbytes", "connlimit"})
+
+
 @dataclass
 class RuleSet:
     """One family's rules (an iptables-save or ip6tables-save dump), ready to walk."""
 
     family: int
     tables: dict[str, Table]
+
+    @functools.cached_property
+    def tracks_connections(self) -> bool:
+        """Does any rule make the kernel track connections (a NAT or CT target, a conntrack match)?"""
+        return any((rule.target is not None and rule.target.name in CONNTRACK_TARGETS)
+                   or rule.modules & CONNTRACK_MATCHES
+                   for table in self.tables.values() for chain in table.chains.values() for rule in chain.rules)
 
 
 def load(dump: Dump) -> RuleSet:
@@ -131,7 +148,7 @@ class _Index:
     """Rule positions by the destination or source prefix (-d, -s), destination ports (--dport,
     --dports) or owner (--uid-owner, --gid-owner) a rule needs, and the rules that need none."""
 
-    __slots__ = ("always", "by_prefix", "by_port", "by_block", "by_uid", "by_gid")
+    __slots__ = ("always", "by_prefix", "by_port", "by_block", "by_uid", "by_gid", "by_mark")
     BLOCK = 8  # a port range is filed under each 256-port block it touches
 
     def __init__(self, rules: list[r.Rule]):
@@ -142,6 +159,7 @@ class _Index:
         self.by_block: dict[int, list[int]] = {}
         self.by_uid: dict[int, list[int]] = {}
         self.by_gid: dict[int, list[int]] = {}
+        self.by_mark: dict[int, list[int]] = {}  # the packet's own mark, matched whole (mask 0xffffffff)
         for i, rule in enumerate(rules):
             net = next((c for c in rule.conditions if type(c) in (m.Destination, m.Source) and not c.negated
                         and c.net.prefix), None)
@@ -165,6 +183,8 @@ class _Index:
         keys = [(self.by_port, p.dport), (self.by_block, p.dport >> self.BLOCK)]
         if p.owner is not None:
             keys += [(self.by_uid, p.owner.uid)] + [(self.by_gid, gid) for gid in (p.owner.gid, *p.owner.groups)]
+        if self.by_mark:
+            keys.append((self.by_mark, p.mark))
         for table, key in keys:
             hit = table.get(key)
             if hit:
@@ -173,7 +193,7 @@ class _Index:
 
 
 def _needs(rule: r.Rule) -> tuple[str, tuple[int, ...]]:
-    """("port" | "block" | "uid" | "gid", values): the first indexable thing a rule needs,
+    """("port" | "block" | "uid" | "gid" | "mark", values): the first indexable thing a rule needs,
     provided nothing the kernel tests before it could raise (an Unknown condition must stay
     reachable); ("", ()) when there is none."""
     for c in rule.conditions:
@@ -189,6 +209,8 @@ def _needs(rule: r.Rule) -> tuple[str, tuple[int, ...]]:
                 return "block", tuple(sorted(blocks))
         if type(c) is m.OwnerId and c.low == c.high and not c.groups:
             return c.kind, (c.low,)
+        if type(c) is m.Mark and not c.of_connection and c.mask == 0xFFFFFFFF:
+            return "mark", (c.value,)
     return "", ()
 
 

@@ -38,7 +38,7 @@ class Flow:
     destination_label: str | None = None
 
     def __post_init__(self) -> None:
-        if self.source not in plan.PODS:
+        if self.source not in plan.PODS and self.source != plan.VM:
             raise ValueError(f"no pod {self.source!r} (pods: {', '.join(plan.PODS)})")
         if self.transport not in ("tcp", "udp"):
             raise ValueError(f"transport {self.transport!r} is not tcp or udp")
@@ -85,7 +85,7 @@ def walk(topology: Topology, flow: Flow) -> Walk:
     client = Client(flow.source, Owner(flow.uid, flow.gid))
     dial = Dial(client, flow.family, flow.transport, inet.parse(flow.address)[1], flow.port)
     legs: list[Leg] = []
-    passed: set[int] = set()
+    passed: set[tuple[str, str]] = set()  # the proxies' sides the flow passed: (process, role)
     while len(legs) < MAX_LEGS:
         leg = _connect(topology, dial)
         legs.append(leg)
@@ -93,9 +93,10 @@ def walk(topology: Topology, flow: Flow) -> Walk:
             return Walk(flow, tuple(legs), Ending("died"))
         if leg.proxy is None:
             return Walk(flow, tuple(legs), Ending("reached"))
-        if leg.proxy.port in passed:
+        side = (leg.proxy.process, leg.proxy.role)
+        if side in passed:
             return Walk(flow, tuple(legs), Ending("loop"))
-        passed.add(leg.proxy.port)
+        passed.add(side)
         following = relay(topology, leg.proxy, leg.end, flow.query)
         if isinstance(following, Stop):
             return Walk(flow, tuple(legs), Ending("answered" if following.answered else "closed", following.why))
@@ -136,5 +137,6 @@ def _connect(topology: Topology, dial: Dial) -> Leg:
         arrival = ns.receive(fresh, passes)
     else:
         raise CannotPredict("the packet went round more than 64 namespaces")
-    proxy = topology.proxy(arrival.namespace, arrival.socket) if isinstance(arrival, Delivered) else None
+    proxy = topology.proxy(arrival.namespace, arrival.socket, arrival.packet) if isinstance(arrival, Delivered) \
+        else None
     return Leg(packet, tuple(passes), arrival, proxy)

@@ -8,7 +8,7 @@ chain has more than one rule; a packet back in over lo shows `POSTROUTING -> PRE
 before its hops there; a leg ends at the proxy that took it, or at INPUT (delivered here)
 or POSTROUTING (sent on).  The path ends at the destination.
 
-Endings the measured path does not have yet, written the same way:
+How a flow ends, written as the lab measures it (lab.join reads each from TRACE):
   - a rule that drops or rejects is a hop whatever its table, then `DROP` or `REJECT`
     (`... -> ISTIO_OUTPUT RULE 1 -> DROP`; a policy: `OUTPUT POLICY (filter) -> DROP`);
   - no socket: where a proxy would be, the port (`... -> ISTIO_REDIRECT -> 15001: no
@@ -48,11 +48,19 @@ class Mark:
     packet: str = ""
     line: str = ""
     owner: str = ""
+    where: str = ""  # a chain hop's namespace when not the sidecar's: "node"
 
 
 def to_path(marks: list[Mark]) -> Path:
     """The one place that knows lab.path's types."""
-    return paths.of(Hop(m.kind, m.name, m.table, m.rule, m.numbered, _packet(m.packet), m.line) for m in marks)
+    return paths.of(Hop(m.kind, m.name, m.table, m.rule, m.numbered, _packet(m.packet), m.line,
+                        owner=_owner(m.owner), where=m.where) for m in marks)
+
+
+def _owner(text: str) -> tuple[int, int] | None:
+    """"uid 1000 gid 1000" as (1000, 1000)."""
+    words = text.split()
+    return (int(words[1]), int(words[3])) if len(words) == 4 else None
 
 
 def _packet(text: str) -> Packet | None:
@@ -61,9 +69,14 @@ def _packet(text: str) -> Packet | None:
     if len(words) != 4 or words[0] not in ("SYN", "UDP"):
         return None
     try:
-        return Packet("udp" if words[0] == "UDP" else "tcp", Address.parse(words[1]), Address.parse(words[3]))
-    except ValueError:  # a port the walk leaves open ("10.244.0.10:*": the kernel's to pick)
+        return Packet("udp" if words[0] == "UDP" else "tcp", _address(words[1]), Address.parse(words[3]))
+    except ValueError:
         return None
+
+
+def _address(text: str) -> Address:
+    """An endpoint; a port the walk leaves open ("10.244.0.10:*": the kernel's to pick) is 0."""
+    return Address.parse(text[:-1] + "0" if text.endswith(":*") else text)
 
 
 def marks(walk: Walk) -> list[Mark]:
@@ -80,22 +93,76 @@ def marks(walk: Walk) -> list[Mark]:
 
 
 def _leg(leg: Leg, looped: bool) -> list[Mark]:
-    passes = [ps for ps in leg.passes if ps.namespace == SHOWN]
+    """One leg's marks: each stay in the sidecar (a packet the node sends back in, a pod's own
+    Service hairpinned, stays again), the node's rewrites between (`KUBE-SEP-APP RULE 2
+    (node)`), and how the leg ended."""
+    visits = _visits(leg.passes)
     end = leg.end
     killer = end.cause if isinstance(end, Death) else None
-    out, back = _hops(passes, killer)
-    if leg.proxy is not None:
-        name = f"{leg.proxy.process} {leg.proxy.port} (loop)" if looped else leg.proxy.name
-        return out + [Mark("proxy", name, packet=leg.packet.text())]
-    if _refused_where_redirected(end):  # where the proxy would be: the port alone
-        return out + [Mark("end", f"{end.packet.dport}: no listener, refused")]
+    out: list[Mark] = []
+    stays = [i for i, (ns, _) in enumerate(visits) if ns == SHOWN]
+    if not stays:  # the sidecar never saw it: the node's rewrites are all there is
+        out = [m for _, passes in visits for m in _node_marks(passes)]
+        if isinstance(end, Death):
+            out += _ending(end, killer, [], None)
+        return out
+    out += [m for _, passes in visits[:stays[0]] for m in _node_marks(passes)]  # rewritten before it came in
+    for k, i in enumerate(stays):
+        passes = visits[i][1]
+        marks, back = _hops(passes, killer)
+        out += marks
+        after = [m for _, later in visits[i + 1:stays[k + 1] if k + 1 < len(stays) else None] for m in _node_marks(later)]
+        if k + 1 < len(stays):  # sent out, and the node sends it back in
+            out += _exit(passes, back) + after
+            continue
+        if leg.proxy is not None:
+            name = f"{leg.proxy.process} {leg.proxy.port} (loop)" if looped else leg.proxy.name
+            return out + [Mark("proxy", name, packet=leg.packet.text())]
+        if _refused_where_redirected(end):  # where the proxy would be: the port alone
+            return out + [Mark("end", f"{end.packet.dport}: no listener, refused")]
+        out += _exit(passes, back) + after
+        if isinstance(end, Death):
+            out += _ending(end, killer, passes, back)
+    return out
+
+
+def _visits(passes) -> list[tuple[str, list[HookPass]]]:
+    """The leg's passes grouped by namespace, one group per stay, in order."""
+    out: list[tuple[str, list[HookPass]]] = []
+    for ps in passes:
+        if out and out[-1][0] == ps.namespace:
+            out[-1][1].append(ps)
+        else:
+            out.append((ps.namespace, [ps]))
+    return out
+
+
+def _exit(passes: list[HookPass], back: list[Mark]) -> list[Mark]:
+    """The hook the packet left the sidecar's rules by: INPUT (delivered here) or POSTROUTING."""
     entry = passes[0].hook if passes else None
     exit_hook = "INPUT" if entry == "PREROUTING" or back else "POSTROUTING"
     exit_pass = next((ps for ps in reversed(passes) if ps.hook == exit_hook), None)
-    if exit_pass is not None:
-        out.append(Mark("hook", exit_hook, packet=exit_pass.packet.text()))
-    if isinstance(end, Delivered):
-        return out
+    return [Mark("hook", exit_hook, packet=exit_pass.packet.text())] if exit_pass is not None else []
+
+
+REWRITES = ("DNAT", "MASQUERADE")  # what the node's kube-proxy rules do to a packet (lab.join's)
+
+
+def _node_marks(passes: list[HookPass]) -> list[Mark]:
+    """The node's rules that rewrote the packet: kube-proxy's DNAT, a hairpin's masquerade."""
+    out = []
+    for ps in passes:
+        if ps.namespace != NODE:
+            continue
+        for step in _steps(ps):
+            if isinstance(step, Hit) and step.rule.ref.table == "nat" and step.rule.target is not None \
+                    and step.rule.target.name in REWRITES:
+                out.append(replace(_hit(step), where=NODE))
+    return out
+
+
+def _ending(end: Death, killer: Hit | Policy | None, passes: list[HookPass], back: list[Mark]) -> list[Mark]:
+    out = []
     shown = any(step is killer for ps in passes if ps.hook != "POSTROUTING" for step in _steps(ps))
     if killer is not None and not shown:
         hop = _killer(killer)
@@ -112,15 +179,27 @@ def _hops(passes: list[HookPass], killer: Hit | Policy | None) -> tuple[list[Mar
         return [], []
     first = passes[0].packet
     owner = f"uid {first.owner.uid} gid {first.owner.gid}" if first.owner else ""
-    out = [Mark("hook", passes[0].hook, packet=first.text(), owner=owner)]
+    out = [Mark("hook", passes[0].hook, packet=first.text(), owner=owner, line=_entry(passes[0]))]
     sent = [i for i, ps in enumerate(passes) if ps.hook == "POSTROUTING"] if passes[0].hook == "OUTPUT" else []
     before, after = (passes[:sent[0]], passes[sent[-1] + 1:]) if sent else (passes, [])
     out += _rules(before, killer)
     back = _rules(after, killer)
     if back:
         out += [Mark("hook", "POSTROUTING", packet=passes[sent[0]].packet.text()),
-                Mark("hook", "PREROUTING", packet=after[0].packet.text())] + back
+                Mark("hook", "PREROUTING", packet=after[0].packet.text(), line=_entry(after[0]))] + back
     return out, back
+
+
+def _entry(ps: HookPass) -> str:
+    """The rule of the hook's nat chain that the packet matched (its jump into Istio's chains),
+    as the measured hook hop names it."""
+    for name, walked in ps.walks:
+        if name != "nat":
+            continue
+        for step in walked.steps:
+            if isinstance(step, Hit) and step.chain.builtin and step.chain.name == ps.hook:
+                return step.rule.line
+    return ""
 
 
 def _refused_where_redirected(end: Delivered | Death) -> bool:
@@ -183,6 +262,7 @@ class Miss:
     rule: RuleRef
     needs: str
     has: str
+    namespace: str = SHOWN  # whose rule: the sidecar's, or the node's (kube-proxy's)
 
     def __str__(self) -> str:
         return f"rule {self.rule.number}: needs {self.needs}; {self.has}"
@@ -199,5 +279,6 @@ def misses(walk: Walk, topology: Topology) -> list[Miss]:
                     if isinstance(step, Passed):
                         for rule in step.chain.rules[step.start:step.stop]:
                             condition = rule.first_miss(step.packet, ns)
-                            out.append(Miss(i, rule.ref, condition.needs(), condition.has(step.packet, ns)))
+                            out.append(Miss(i, rule.ref, condition.needs(), condition.has(step.packet, ns),
+                                            ps.namespace))
     return out

@@ -4,7 +4,9 @@
       tuple); a Service VIP:port goes to its endpoint pod, anything else to the original
       destination; dialled from an unbound socket as the sidecar's identity.
   Envoy 15006 (inbound): the original destination, dialled from 127.0.0.6 (::6); in TPROXY
-      mode from the client's own address, transparent, with mark 1337 (original_src).
+      mode from the client's own address, transparent, with mark 1337 (original_src); as
+      Istio 1.9 and older (PodSpec envoy_inbound "localhost"), a port of the pod's own
+      Services at 127.0.0.1:port from an unbound socket.
   Both close a connection addressed to their own port (Istio's blackhole filter chains).
   pilot-agent 15053 (DNS): answers a name in its table (the lab's Services) itself,
       forwards any other to 10.96.0.10:53 over the protocol it came in on, as its identity.
@@ -17,7 +19,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-from .. import dns, plan
+from .. import dns, plan, podspec
 from ..sidecar import envoy
 from . import inet
 from .packet import Owner
@@ -88,6 +90,10 @@ def relay(topology: Topology, proxy: Proxy, delivered: Delivered, query: str | N
         return Dial(Client("sidecar", topology.proxy_owner), p.family, p.proto, dst, port)
     if topology.mode == "TPROXY":
         client = Client("sidecar", topology.proxy_owner, p.src, mark=ORIGINAL_SRC_MARK)
+    elif topology.spec.envoy_inbound == podspec.LOCALHOST and port in envoy.pod_service_ports():
+        # Istio 1.9 and older: a port of the pod's own Services goes to 127.0.0.1:port, unbound
+        return Dial(Client("sidecar", topology.proxy_owner), p.family, p.proto,
+                    inet.parse(plan.LOCALHOST[p.family])[1], port)
     else:
         source = plan.INBOUND_PASSTHROUGH_SOURCE if p.family == 4 else plan.INBOUND_PASSTHROUGH_SOURCE6
         client = Client("sidecar", topology.proxy_owner, inet.parse(source)[1])

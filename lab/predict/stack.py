@@ -18,6 +18,8 @@ What the kernel does between the tables, and predict with it:
     sees nat PREROUTING or nat INPUT, and conntrack does not look it up again;
   - over lo the packet keeps its mark and its connection and loses its socket (no owner
     on the way in); across a veth it loses all three;
+  - connections are tracked only in a namespace with a rule that needs it (a NAT or CT
+    target, a conntrack match: nf_ct_netns_get); without one, nat is walked by nothing;
   - a packet for this namespace goes to the socket TPROXY assigned, else to the socket
     bound to its destination address and port, else to the wildcard one; none: refused
     (a TCP RST or an ICMP port unreachable).
@@ -253,11 +255,14 @@ class Namespace:
         passes.append(HookPass(self.name, hook, entering, tuple(walks)))
         return p, route, None
 
-    @staticmethod
-    def _track(p: Packet) -> Packet:
+    def _track(self, p: Packet) -> Packet:
         """conntrack: a packet that already has its entry (back over lo) or is untracked keeps
-        that; any other is a new connection, in the zone of its CT template."""
+        that; any other is a new connection, in the zone of its CT template, where some rule
+        of the namespace makes the kernel track connections (else none is tracked)."""
         if p.conn is not None or p.untracked:
+            return p
+        rules = self.rules.get(p.family)
+        if rules is None or not rules.tracks_connections:
             return p
         zone = p.zone_template or 0
         return p.but(conn=Connection(zone, p.dst, p.dport), zone_template=None)

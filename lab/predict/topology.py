@@ -1,8 +1,10 @@
 """The lab as predict sees it: the namespaces lab.world builds, the sockets lab.processes
 opens in them, and the sidecar's rules with the routing TPROXY adds.
 
-    node:      br0 10.244.0.1/24, forwards 10.96.0.10 to kube-dns (and nothing else of the
-               Service range: the lab has no kube-proxy)
+    node:      br0 10.244.0.1/24, forwards 10.96.0.10 to kube-dns; kube-proxy's rules in its
+               nat table (lab/rules/kubeproxy.py) DNAT every other Service VIP:port to its
+               endpoint and masquerade a pod's call to its own Service (hairpin); any other
+               address of the Service range has no route there
     pods:      eth0 10.244.0.N/24, default and 10.96.0.0/16 via 10.244.0.1; lo 127.0.0.1/8
     sidecar:   the rules; Envoy 15001, 15006 (transparent in TPROXY mode), 15090, 15021,
                127.0.0.1:15000; pilot-agent 15020 and, when the rules capture DNS, 127.0.0.1:15053;
@@ -10,6 +12,11 @@ opens in them, and the sidecar's rules with the routing TPROXY adds.
     remote: 9080;  istiod: 15012;  kube-dns: 53 (UDP on 10.96.0.10 and its pod IP, TCP on any)
 A dual-stack lab (an ip6tables dump among the rules) mirrors it with the IPv6 plan, ::6 on
 the sidecar's lo; pilot-agent, its DNS proxy and kube-dns stay IPv4 only, as the lab runs them.
+
+A PodSpec says how the sidecar pod runs where not as a running default pod (lab.podspec):
+its init containers' time (no Envoy, pilot-agent or app yet), Envoy's inbound of an era
+(1.9's 127.0.0.1:port), an app bound to 127.0.0.1, the proxy's user, a KubeVirt VM behind
+k6t-eth0 (10.0.2.1; the VM 10.0.2.2, its default route through the pod).
 """
 
 from __future__ import annotations
@@ -17,17 +24,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from .. import plan
-from ..rules import features
+from .. import plan, podspec
+from ..podspec import PodSpec
+from ..rules import features, kubeproxy
 from ..rules.save import Dump
 from . import chains, inet
-from .packet import Owner, Socket
+from .packet import Owner, Packet, Socket
 from .stack import InterfaceAddress, Namespace, Route
 
 NODE = "node"
 # How the article's notation names each pod (as the pytest plugin's traced_request does).
 LABELS = {"sidecar": "Local Pod", "remote": "Remote Pod", "istiod": "Istiod", "prometheus": "Prometheus",
-          "kube-dns": "kube-dns", NODE: "node"}
+          "kube-dns": "kube-dns", NODE: "node", plan.VM: "VM"}
 ROLES = {plan.Port.OUTBOUND: ("Envoy", "Outbound"), plan.Port.INBOUND: ("Envoy", "Inbound"),
          plan.Port.DNS_PROXY: ("pilot-agent", "DNS")}
 
@@ -48,12 +56,14 @@ class Proxy:
 class Topology:
     """Every namespace of a lab whose sidecar has `dumps` (one per family) as its rules."""
 
-    def __init__(self, dumps: Sequence[Dump]):
+    def __init__(self, dumps: Sequence[Dump], spec: PodSpec = PodSpec()):
         self.mode = features.inbound_mode(list(dumps))  # REDIRECT or TPROXY: Envoy and its identity follow it
-        sidecar = plan.SIDECAR_IDENTITY[self.mode]
+        self.spec = spec
+        sidecar = spec.sidecar_identity(self.mode)
         self.proxy_owner = Owner(sidecar.uid, sidecar.gid)
         self.dual_stack = any(d.family == 6 for d in dumps)
         self.dns_proxy = features.DNS_CAPTURE in features.of(dumps)
+        self.one_listener = features.one_listener(dumps)  # Envoy serves inbound on its outbound port too
         rules = {d.family: chains.load(d) for d in dumps}
         marked: dict[int, list[Route]] = {}
         for d in dumps:
@@ -65,6 +75,8 @@ class Topology:
         self.namespaces["sidecar"].rules = rules
         self.namespaces["sidecar"].marked_routes = marked
         self.namespaces[NODE] = self._node()
+        if spec.vm:
+            self._vm()
         self._neighbours = {(a.family, a.address): (ns, a.device) for ns in self.namespaces.values()
                             for a in ns.addresses if a.device != "lo"}
 
@@ -72,11 +84,18 @@ class Topology:
         """Who answers ARP (or neighbour discovery) for `address` on the bridge, on which device."""
         return self._neighbours.get((family, address))
 
-    def proxy(self, namespace: str, sock: Socket) -> Proxy | None:
+    def proxy(self, namespace: str, sock: Socket, packet: Packet | None = None) -> Proxy | None:
+        """The proxy a socket is, and the side of it that takes `packet`: with one listener for
+        both sides, the side its original destination names (the pod's own address: inbound)."""
         if namespace != "sidecar" or sock.port not in ROLES:
             return None
         process, role = ROLES[sock.port]
-        return Proxy(process, sock.port, role) if sock.process == process.lower() else None
+        if sock.process != process.lower():
+            return None
+        if self.one_listener and sock.port == plan.Port.OUTBOUND and packet is not None and packet.conn is not None:
+            own = {inet.parse(ip)[1] for ip in (plan.PODS["sidecar"], plan.PODS6["sidecar"])}
+            role = "Inbound" if packet.conn.original_dst in own else "Outbound"
+        return Proxy(process, sock.port, role)
 
     # --- building ---------------------------------------------------------------------------
 
@@ -100,6 +119,23 @@ class Topology:
                        Route(inet.network(plan.SERVICE_RANGE6), "eth0", gateway6)]
         return Namespace(name, LABELS[name], addresses, routes, sockets=self._sockets(name))
 
+    def _vm(self) -> None:
+        """The VM behind the sidecar's k6t-eth0, and that interface's address in the sidecar."""
+        sidecar = self.namespaces["sidecar"]
+        sidecar.addresses.append(InterfaceAddress.of(plan.VM_INTERFACE, f"{plan.VM_GATEWAY}/{plan.VM_PREFIX}"))
+        sidecar.routes.append(Route(inet.network(f"{plan.VM_GATEWAY}/{plan.VM_PREFIX}"), plan.VM_INTERFACE))
+        addresses = [InterfaceAddress.of("lo", "127.0.0.1/8"), InterfaceAddress.of("lo", "::1/128"),
+                     InterfaceAddress.of("eth0", f"{plan.VM_ADDRESS}/{plan.VM_PREFIX}")]
+        routes = [Route(inet.network(f"{plan.VM_GATEWAY}/{plan.VM_PREFIX}"), "eth0"),
+                  Route(inet.network("0.0.0.0/0"), "eth0", inet.parse(plan.VM_GATEWAY)[1])]
+        if self.dual_stack:
+            sidecar.addresses.append(InterfaceAddress.of(plan.VM_INTERFACE, f"{plan.VM_GATEWAY6}/{plan.VM_PREFIX6}"))
+            sidecar.routes.append(Route(inet.network(f"{plan.VM_GATEWAY6}/{plan.VM_PREFIX6}"), plan.VM_INTERFACE))
+            addresses.append(InterfaceAddress.of("eth0", f"{plan.VM_ADDRESS6}/{plan.VM_PREFIX6}"))
+            routes += [Route(inet.network(f"{plan.VM_GATEWAY6}/{plan.VM_PREFIX6}"), "eth0"),
+                       Route(inet.network("::/0"), "eth0", inet.parse(plan.VM_GATEWAY6)[1])]
+        self.namespaces[plan.VM] = Namespace(plan.VM, LABELS[plan.VM], addresses, routes)
+
     def _node(self) -> Namespace:
         addresses = [InterfaceAddress.of("lo", "127.0.0.1/8"),
                      InterfaceAddress.of("br0", f"{plan.GATEWAY}/{plan.POD_PREFIX}")]
@@ -109,7 +145,8 @@ class Topology:
         if self.dual_stack:
             addresses.append(InterfaceAddress.of("br0", f"{plan.GATEWAY6}/{plan.POD_PREFIX6}"))
             routes.append(Route(inet.network(plan.POD_SUBNET6), "br0"))
-        return Namespace(NODE, LABELS[NODE], addresses, routes, forwarding=True)
+        rules = {family: chains.load(kubeproxy.dump(family)) for family in self._families()}
+        return Namespace(NODE, LABELS[NODE], addresses, routes, forwarding=True, rules=rules)
 
     def _sockets(self, pod: str) -> list[Socket]:
         P = plan.Port
@@ -122,6 +159,8 @@ class Topology:
                 where = None if address is None else inet.parse(address[family])[1]
                 out.append(Socket(proto, family, where, port, process, transparent))
 
+        if pod == "sidecar" and self.spec.stage == podspec.INIT:
+            return out  # istio-init's rules are in; Envoy, pilot-agent and the app are not started
         if pod == "sidecar":
             tproxy = self.mode == "TPROXY"
             listen("envoy", P.OUTBOUND, transparent=tproxy)
@@ -133,9 +172,10 @@ class Topology:
             if self.dns_proxy:
                 for proto in ("udp", "tcp"):
                     listen("pilot-agent", P.DNS_PROXY, families=(4,), address=plan.LOCALHOST, proto=proto)
-            listen("app", P.SIDECAR_APP)
+            listen("app", P.SIDECAR_APP, address=plan.LOCALHOST if self.spec.app_localhost else None)
         elif pod == "remote":
             listen("app", P.REMOTE_APP)
+            listen("app", P.REMOTE_APP, proto="udp")  # the remote Service's port is TCP and UDP: it echoes
         elif pod == "istiod":
             listen("istiod", P.ISTIOD)
         elif pod == "kube-dns":

@@ -34,6 +34,27 @@ def of(dumps: Iterable[Dump], nft: NftRules | None = None) -> frozenset[str]:
     return frozenset(found)
 
 
+def redirect_port(dump: Dump, chain: str) -> int | None:
+    """The port the chain's first REDIRECT sends to (`-j REDIRECT --to-ports 15001`), if any."""
+    nat = dump.tables.get("nat")
+    for rule in nat.chain_rules(chain) if nat else ():
+        port = rule.option("--to-ports") or rule.option("--to-port")
+        if rule.target == "REDIRECT" and port and port.isdigit():
+            return int(port)
+    return None
+
+
+def one_listener(dumps: Iterable[Dump]) -> bool:
+    """Do the rules send inbound traffic to the outbound port (ISTIO_IN_REDIRECT and ISTIO_REDIRECT
+    to one port, as Istio 1.0 and 1.1 did, and 1.5 with listed inbound ports)?  Envoy then ran
+    one listener there that told the two apart by the original destination."""
+    for dump in dumps:
+        out, inbound = redirect_port(dump, "ISTIO_REDIRECT"), redirect_port(dump, "ISTIO_IN_REDIRECT")
+        if out is not None and out == inbound:
+            return True
+    return False
+
+
 def tproxy_mark(dump: Dump) -> int | None:
     """The mark the dump's first TPROXY rule sets (`--tproxy-mark 0x539/0xffffffff`), if it has one."""
     mangle = dump.tables.get("mangle")

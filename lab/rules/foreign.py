@@ -6,10 +6,16 @@
 The lab's stub Envoy listens on 15001 (outbound) and 15006 (inbound) and runs, with the
 stub pilot-agent, as uid/gid 1337.  A dump's proxy uid, gid and ports are read from its
 owner matches and REDIRECT/TPROXY targets (or given as options); where they differ from
-the lab's they are renumbered to the lab's, and the notes say so.  A dump whose rules
-would leave the scenarios meaningless (no ISTIO_OUTPUT reached from OUTPUT, no redirect
-to an outbound port, no owner match to let the proxy's own traffic out) is refused with
-the line or table at fault.
+the lab's they are renumbered to the lab's, and the notes say so.  A dump whose inbound and
+outbound redirects share one port (Istio 1.0 and 1.1, 1.5 with listed inbound ports) keeps
+it: that port is the lab's outbound one, and Envoy serves both sides there.
+
+Any dump is a fair question about one flow (`probe`, `predict`): an uninjected pod's, or
+one whose init container failed, has no Istio chain, and its flows simply meet none.
+Only `run`'s article scenarios need Istio's rules (`scenarios=True`): a dump that would
+leave them meaningless (no ISTIO_OUTPUT reached from OUTPUT, no redirect to an outbound
+port, no owner match to let the proxy's own traffic out) is refused for them, with the
+line or table at fault.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ class Foreign:
 
 
 def load(file: str, proxy_uid: int | None = None, proxy_gid: int | None = None,
-         outbound_port: int | None = None, inbound_port: int | None = None) -> Foreign:
+         outbound_port: int | None = None, inbound_port: int | None = None, scenarios: bool = True) -> Foreign:
     try:
         with open(file) as f:
             text = f.read()
@@ -50,19 +56,34 @@ def load(file: str, proxy_uid: int | None = None, proxy_gid: int | None = None,
         if any(":" in a for a in addresses):
             raise LabError(f"{file}:{rule.lineno}: an IPv6 address: this is ip6tables-save's dump; "
                            f"--rules takes iptables-save's (IPv4)")
-    nat = _usable_nat(file, dump)
     notes = []
+    istio = _istio(dump)
+    if scenarios:
+        _usable_nat(file, dump)
+    elif not istio:
+        notes.append("no Istio chain: the pod's traffic meets no Istio rule (an uninjected pod, or one whose "
+                     "init container failed)")
     uid = _owner(file, dump, "uid", proxy_uid, notes)
     gid = _owner(file, dump, "gid", proxy_gid, notes)
-    if uid is None and gid is None:
+    if uid is None and gid is None and scenarios:
         raise LabError(f"{file}: no --uid-owner or --gid-owner rule: nothing lets the proxy's own traffic out "
                        f"(Envoy would capture its own connections)")
-    ports = {"outbound": _port(file, nat, "ISTIO_REDIRECT", "outbound", outbound_port),
-             "inbound": _inbound_port(file, dump, inbound_port, notes)}
+    nat = dump.tables.get("nat") or save.TableDump("nat")
+    outbound = _port(file, nat, "ISTIO_REDIRECT", "outbound", outbound_port, required=scenarios)
+    ports = {"outbound": outbound, "inbound": _inbound_port(file, dump, inbound_port, notes if istio else [])}
+    if ports["inbound"] is not None and ports["inbound"] == outbound and inbound_port is None:
+        ports["inbound"] = None  # one port for both: it stays the outbound one (renumbering it would move both)
+        notes.append(f"inbound and outbound are redirected to one port, {outbound}: Envoy serves both there "
+                     f"and tells them apart by the original destination (Istio 1.0, 1.1)")
     changes = _changes(uid, gid, ports)
     notes += [f"{what} {theirs} is the lab's {ours} here: renumbered" for what, _, theirs, ours in changes]
     fitted = _renumber(dump, changes)
     return Foreign(file, fitted, profiles.match(fitted), notes)
+
+
+def _istio(dump: save.Dump) -> bool:
+    """Does the dump hold any of Istio's chains?"""
+    return any(c.startswith("ISTIO_") for t in dump.tables.values() for c in t.chains)
 
 
 def _usable_nat(file: str, dump: save.Dump) -> save.TableDump:
@@ -96,10 +117,13 @@ def _owner(file: str, dump: save.Dump, kind: str, given: int | None, notes: list
     return found
 
 
-def _port(file: str, nat: save.TableDump, chain: str, role: str, given: int | None) -> int:
+def _port(file: str, nat: save.TableDump, chain: str, role: str, given: int | None,
+          required: bool = True) -> int | None:
     if given is not None:
         return given
     ports = [(r, r.option("--to-ports")) for r in nat.chain_rules(chain) if r.target == "REDIRECT"]
+    if not ports and not required:
+        return None
     if not ports:
         raise LabError(f"{file}: no '-A {chain} ... -j REDIRECT --to-ports PORT': nothing sends outbound "
                        f"traffic to Envoy (give --{role}-port if the redirect is elsewhere)")
@@ -114,7 +138,7 @@ def _inbound_port(file: str, dump: save.Dump, given: int | None, notes: list[str
     """Envoy's inbound port: ISTIO_IN_REDIRECT's REDIRECT, or TPROXY's --on-port; None without inbound capture."""
     if given is not None:
         return given
-    nat = dump.tables["nat"]
+    nat = dump.tables.get("nat") or save.TableDump("nat")
     if any(r.target == "REDIRECT" for r in nat.chain_rules("ISTIO_IN_REDIRECT")):
         return _port(file, nat, "ISTIO_IN_REDIRECT", "inbound", None)
     mangle = dump.tables.get("mangle")

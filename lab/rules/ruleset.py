@@ -46,6 +46,11 @@ class RuleSet:
         return features.inbound_mode(self.dumps, self.nft)
 
     @property
+    def one_listener(self) -> bool:
+        """Inbound and outbound redirected to one port: Envoy tells them apart itself."""
+        return features.one_listener(self.dumps)
+
+    @property
     def features(self) -> frozenset[str]:
         return features.of(self.dumps, self.nft)
 
@@ -102,12 +107,14 @@ def from_annotations(pod: annotations.PodAnnotations, base: str = profiles.DEFAU
     return RuleSet(dumps=dumps, profile=expect or (base if same else None), **built)
 
 
-def from_file(file: str, **overrides: int | None) -> RuleSet:
+def from_file(file: str, scenarios: bool = True, **overrides: int | None) -> RuleSet:
     """A pod's own rules, fitted to the lab: an iptables-save dump (foreign.load), or nft
     rules, `nft list ruleset` output or an `nft -f` script (nftforeign.load), whichever the
-    file holds; `overrides` are its proxy_uid, proxy_gid, outbound_port, inbound_port."""
+    file holds; `overrides` are its proxy_uid, proxy_gid, outbound_port, inbound_port.
+    `scenarios`: refuse a dump the article's scenarios would mean nothing under (one flow's
+    question takes any)."""
     if _format(file) == "iptables-save":
-        pod = foreign.load(file, **overrides)
+        pod = foreign.load(file, scenarios=scenarios, **overrides)
         return RuleSet(file, (pod.dump,), pod.profile, file, tuple(pod.notes))
     with open(file) as f:
         native = nftforeign.load(file, f.read(), **overrides)

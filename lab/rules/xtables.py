@@ -186,11 +186,22 @@ def _shape(args: tuple[str, ...]) -> tuple[tuple[str, ...], list[tuple[str, str]
     return tuple(shape), addresses
 
 
+# The options of the protocol matches iptables loads implicitly after `-p tcp` / `-p udp`.
+PROTOCOL_OPTIONS = {"tcp": {"--dport", "--sport", "--destination-port", "--source-port", "--tcp-flags", "--syn",
+                            "--tcp-option"},
+                    "udp": {"--dport", "--sport", "--destination-port", "--source-port"}}
+
+
 def to_iptc(line: RuleLine, family: int = 4):
-    """Build a python-iptables Rule (Rule6 for family 6) from the arguments of a save line."""
+    """Build a python-iptables Rule (Rule6 for family 6) from the arguments of a save line.
+
+    As iptables reads a rule: an option no loaded match takes, after `-p tcp` or `-p udp`,
+    loads that protocol's match implicitly (`-p tcp --dport 9080`, as hand-edited dumps
+    write it, is `-p tcp -m tcp --dport 9080`)."""
     rule = _classes(family)[1]()
     args = list(line.args)
     module = None  # the match or target that takes --options
+    implicit = None  # the protocol match loaded implicitly, once
     negate = False
     i = 0
     while i < len(args):
@@ -214,13 +225,20 @@ def to_iptc(line: RuleLine, family: int = 4):
             module = rule.create_target(args[i + 1])
             i += 2
         elif arg.startswith("--"):
-            if module is None:
-                raise ValueError(f"option {arg} before any -m or -j")
             values = []
             i += 1
             while i < len(args) and not args[i].startswith("-") and args[i] != "!":
                 values.append(args[i])
                 i += 1
+            proto = (rule.protocol or "").lower()
+            own = proto in PROTOCOL_OPTIONS and arg in PROTOCOL_OPTIONS[proto] and \
+                (module is None or getattr(module, "name", "") not in (proto, "multiport") and module is not rule.target)
+            if own:  # the protocol's own match, loaded as iptables loads it
+                implicit = implicit or rule.create_match(proto)
+                implicit.set_parameter(arg[2:], ([bang] if bang else []) + values)
+                continue
+            if module is None:
+                raise ValueError(f"option {arg} before any -m or -j")
             module.set_parameter(arg[2:], ([bang] if bang else []) + values)
         else:
             raise ValueError(f"unexpected argument {arg!r}")
@@ -305,6 +323,22 @@ def _listing6(ns: str, table_name: str) -> list[NumberedRule]:
         numbers[rule.chain] += 1
         out.append(NumberedRule(RuleRef(table_name, rule.chain, numbers[rule.chain]), str(rule), packets, nbytes))
     return out
+
+
+SAVE_TOOLS = {4: "iptables-legacy-save", 6: "ip6tables-legacy-save"}
+
+
+def saved(ns: str | None, family: int = 4) -> Dump:
+    """Every legacy table of `ns` as `iptables-legacy-save` prints it (policies included)."""
+    tool = SAVE_TOOLS[family]
+    try:
+        with netns.entered(ns) if ns else contextlib.nullcontext():
+            done = subprocess.run([tool], capture_output=True, text=True, timeout=RESTORE_DEADLINE)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise RuleError(f"{tool}: {e}") from None
+    if done.returncode:
+        raise RuleError(f"{tool}: {' '.join(done.stderr.split())}")
+    return parse(done.stdout, tool, family)
 
 
 def chain_policies(ns: str, table_name: str) -> dict[str, tuple[str, int, int]]:

@@ -22,11 +22,18 @@ endpoint's IPv6 address, and the inbound passthrough binds ::6 (InboundPassthrou
 Real Envoy serves 15090 and 15021 by proxying to its admin port and to pilot-agent over
 localhost; the stub answers them itself, so a scrape makes no extra localhost connection.
 
-A connection that is one of a listener's own upstream connections come back to that
-listener (a rule sent it to the same proxy port again: istio/istio#23369) is a loop (the
-outbound side's upstream reaching the inbound side is not: that is type 4): real Envoy would dial again and again
-until it ran out of sockets; the stub logs it ("loop": true) and closes it, so the loop
-is seen exactly twice and stops.  A failed upstream connection is logged with its local
+One listener for both directions (Istio 1.0 and 1.1, and 1.5 with listed inbound ports: the
+rules send inbound and outbound traffic to the same port, `one_listener`): as Envoy then did
+(use_original_dst hands the connection to the listener of its original destination), a
+connection to the pod's own address is inbound, any other outbound; the access log says
+which ("role").
+
+A connection that comes back into a side of Envoy it already passed (a rule sent one of
+Envoy's own upstream connections, or one of theirs, to a side of Envoy the flow had
+passed: istio/istio#23369) is a loop (the outbound side's upstream reaching the inbound
+side is not: that is type 4): real Envoy would dial again and again until it ran out of
+sockets; the stub logs it ("loop": true) and closes it, so the loop is seen exactly twice
+and stops.  Each upstream socket remembers the sides its flow passed.  A failed upstream connection is logged with its local
 address, taken when the SYN left, so the leg that died can be followed.
 
 Access log: one JSON line per proxied connection, appended with one write(2) to an O_APPEND
@@ -63,6 +70,7 @@ BACKLOG = 1024
 PASSTHROUGH = "PassthroughCluster"
 INBOUND_PASSTHROUGH = "InboundPassthroughClusterIpv4"
 INBOUND_PASSTHROUGH6 = "InboundPassthroughClusterIpv6"
+OUTBOUND, INBOUND = "Outbound", "Inbound"  # Envoy's two sides, as the path names them
 
 
 @dataclass(frozen=True)
@@ -76,11 +84,15 @@ class Endpoint:
 class Config:
     access_log: str  # pre-created by the harness, writable by uid 1337
     endpoints: dict[tuple[str, int], Endpoint]  # Service VIP:port -> endpoint, as EDS gives it
-    connect_timeout: float = 2.0
+    # Shorter than the harness's clients wait (2 s): a client whose upstream Envoy could not
+    # reach (dropped, no route) hears Envoy close, after its access-log line, before it gives up.
+    connect_timeout: float = 1.0
     inbound_mode: str = "REDIRECT"  # or "TPROXY": transparent listeners, the client's source kept
     families: tuple[int, ...] = (4,)  # (4, 6) in a dual-stack pod
     inbound: str = "original-dst"  # Istio 1.10 on; "localhost": 1.9's inbound clusters to 127.0.0.1
     service_ports: tuple[int, ...] = ()  # the pod's own Services' target ports (inbound="localhost")
+    one_listener: bool = False  # the rules send inbound traffic to the outbound port too (Istio <= 1.1)
+    pod_addresses: tuple[str, ...] = (plan.PODS["sidecar"], plan.PODS6["sidecar"])  # inbound, with one_listener
 
     @property
     def transparent(self) -> bool:
@@ -148,9 +160,10 @@ class Envoy:
         self.config = config
         self.stats = Stats([plan.Port.OUTBOUND, plan.Port.INBOUND, plan.Port.STATS, plan.Port.READY])
         self.log_fd = os.open(config.access_log, os.O_WRONLY | os.O_APPEND)
-        # Local addresses of each listener's own live upstream sockets: one of them accepted by
-        # the same listener again is a loop (outbound's upstream reaching inbound is type 4).
-        self.upstreams: dict[int, set[tuple[str, int]]] = {plan.Port.OUTBOUND: set(), plan.Port.INBOUND: set()}
+        # Local addresses of Envoy's live upstream sockets -> the sides (Outbound, Inbound) their
+        # flow passed: one of them accepted by a side it passed is a loop (outbound's upstream
+        # reaching inbound is type 4).
+        self.upstreams: dict[tuple[str, int], frozenset[str]] = {}
 
     async def serve(self) -> None:
         P = plan.Port
@@ -220,9 +233,16 @@ class Envoy:
 
     # -- the proxies --------------------------------------------------------------------
 
+    def role(self, listener: int, dst: tuple[str, int]) -> str:
+        """Which side of Envoy takes a connection: its listener's, or with one listener for both,
+        the side its original destination names (the pod's own address: inbound)."""
+        if self.config.one_listener and listener == plan.Port.OUTBOUND:
+            return INBOUND if dst[0] in self.config.pod_addresses else OUTBOUND
+        return INBOUND if listener == plan.Port.INBOUND else OUTBOUND
+
     def route(self, listener: int, dst: tuple[str, int], client: tuple[str, int]) -> tuple[Endpoint, tuple[str, int] | None]:
         """Upstream endpoint and source address for a connection's original destination."""
-        if listener == plan.Port.INBOUND:
+        if self.role(listener, dst) == INBOUND:
             six = ":" in dst[0]
             if self.config.inbound == "localhost" and dst[1] in self.config.service_ports and not self.config.transparent:
                 cluster = f"inbound|{dst[1]}||"  # 1.9 and older: the app on localhost, from an unbound socket
@@ -232,13 +252,14 @@ class Envoy:
             return Endpoint(*dst, INBOUND_PASSTHROUGH6 if six else INBOUND_PASSTHROUGH), (source, 0)
         return self.config.endpoints.get(dst, Endpoint(*dst, PASSTHROUGH)), None
 
-    def upstream_socket(self, listener: int, source: tuple[str, int] | None,
+    def upstream_socket(self, role: str, source: tuple[str, int] | None,
                         af: int = socket.AF_INET) -> socket.socket:
-        """The upstream socket, bound to `source` if given; original_src's options in TPROXY mode."""
+        """The upstream socket of a side, bound to `source` if given; original_src's options
+        on the inbound side in TPROXY mode."""
         sock = socket.socket(af, socket.SOCK_STREAM)
         sock.setblocking(False)
         try:
-            if listener == plan.Port.INBOUND and self.config.transparent:
+            if role == INBOUND and self.config.transparent:
                 sock.setsockopt(*TRANSPARENT[af], 1)  # the client's address is not ours
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, ORIGINAL_SRC_MARK)
             if source is not None:
@@ -257,7 +278,7 @@ class Envoy:
                  "downstream_local": addr.text(down_w.get_extra_info("sockname")),
                  "original_dst": None, "upstream_cluster": None, "upstream_local": None, "upstream_peer": None,
                  "bytes_from_downstream": 0, "bytes_to_downstream": 0,
-                 "start_time": time.time(), "duration_ms": 0.0, "error": None, "loop": False}
+                 "start_time": time.time(), "duration_ms": 0.0, "error": None, "loop": False, "role": None}
         logged = False
 
         def log() -> None:
@@ -276,18 +297,21 @@ class Envoy:
             except OSError as e:
                 raise ProxyError(f"no original destination: {e.strerror}") from None
             entry["original_dst"] = addr.text(dst)
+            role = entry["role"] = self.role(listener, dst)
             if dst[1] == listener:  # Istio's virtual{Outbound,Inbound}-blackhole: never loop into ourselves
                 raise ProxyError("blackhole: connection addressed to the proxy port itself")
             peer = down_w.get_extra_info("peername")
-            mine = self.upstreams[listener]
-            if peer is not None and tuple(peer[:2]) in mine:
+            passed = self.upstreams.get(tuple(peer[:2]), frozenset()) if peer is not None else frozenset()
+            if role in passed:
                 entry["loop"] = True
-                raise ProxyError(f"loop: {addr.text(peer)} is Envoy's own upstream connection, sent back to {listener}")
+                raise ProxyError(f"loop: {addr.text(peer)} is Envoy's own upstream connection, sent back to "
+                                 f"its {role.lower()} side at {listener}")
             endpoint, source = self.route(listener, dst, peer)
             entry["upstream_cluster"] = endpoint.cluster
             self.stats.add("cluster", endpoint.cluster, "upstream_cx_total")
+            mine = (self.upstreams, passed | {role})
             try:
-                sock = self.upstream_socket(listener, source, socket.AF_INET6 if ":" in endpoint.ip else socket.AF_INET)
+                sock = self.upstream_socket(role, source, socket.AF_INET6 if ":" in endpoint.ip else socket.AF_INET)
                 up_r, up_w = await asyncio.wait_for(self.connect(sock, endpoint, entry, mine),
                                                     self.config.connect_timeout)
             except (OSError, asyncio.TimeoutError) as e:
@@ -296,14 +320,15 @@ class Envoy:
                 entry["upstream_peer"] = addr.text((endpoint.ip, endpoint.port))  # the leg that died
                 raise ProxyError(f"upstream connect to {addr.text((endpoint.ip, endpoint.port))} failed: {why}") from None
             finally:
-                mine.discard(_local(entry))
+                self.upstreams.pop(_local(entry), None)
             entry["upstream_local"] = addr.text(up_w.get_extra_info("sockname"))
             entry["upstream_peer"] = addr.text(up_w.get_extra_info("peername"))
-            mine.add(tuple(up_w.get_extra_info("sockname")[:2]))
+            local = tuple(up_w.get_extra_info("sockname")[:2])
+            self.upstreams[local] = passed | {role}
             try:
                 await self.pump(entry, endpoint.cluster, down_r, down_w, up_r, up_w, log)
             finally:
-                mine.discard(tuple(up_w.get_extra_info("sockname")[:2]))
+                self.upstreams.pop(local, None)
         except ProxyError as e:
             entry["error"] = str(e)
         finally:
@@ -313,14 +338,16 @@ class Envoy:
                 up_w.close()
             down_w.close()
 
-    async def connect(self, sock: socket.socket, endpoint: Endpoint, entry: dict, mine: set):
-        """Connect without blocking; the local address is logged (and known as ours) as soon as
-        the SYN has left, so a connection that fails, or comes back to us, is still one leg."""
+    async def connect(self, sock: socket.socket, endpoint: Endpoint, entry: dict, mine: tuple[dict, frozenset]):
+        """Connect without blocking; the local address is logged (and known as ours, with the
+        sides its flow passed) as soon as the SYN has left, so a connection that fails, or
+        comes back to us, is still one leg."""
         loop = asyncio.get_running_loop()
+        upstreams, passed = mine
         try:
             code = sock.connect_ex((endpoint.ip, endpoint.port))
             entry["upstream_local"] = addr.text(sock.getsockname())
-            mine.add(tuple(sock.getsockname()[:2]))
+            upstreams[tuple(sock.getsockname()[:2])] = passed
             if code not in (0, errno.EINPROGRESS):
                 raise OSError(code, os.strerror(code))
             if code:

@@ -1,0 +1,68 @@
+"""One Envoy port for both directions (Istio 1.0 and 1.1; 1.5 with listed inbound ports), and
+the loops it makes, offline: the rules read, the stub Envoy's choice of side, the dump
+fitted without moving both redirects."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lab import plan
+from lab.rules import builder, features, foreign, profiles, save
+from lab.sidecar import envoy
+
+REPO = Path(__file__).resolve().parent.parent
+ISTIO_1_0 = REPO / "tests" / "data" / "dumps" / "istio-1.0.rules"
+
+
+def test_rules_that_send_inbound_to_the_outbound_port_are_read_so() -> None:
+    assert features.one_listener([save.parse(ISTIO_1_0.read_text())])
+    assert not any(features.one_listener(profiles.dumps(name)) for name in profiles.names())
+    # Istio 1.5 sent listed inbound ports to the proxy port (15006 took only "*")
+    listed = builder.build("1.5", builder.Options(inbound_ports=("8080",)))
+    assert features.one_listener([listed]) and not features.one_listener([builder.build("1.5", builder.Options())])
+
+
+def test_fitting_a_dump_keeps_one_port_for_both(tmp_path) -> None:
+    """Renumbering the inbound port to the lab's 15006 would rewrite every `--to-ports 15001`,
+    the outbound redirect's too (the known bug): one port for both stays the outbound one."""
+    pod = foreign.load(str(ISTIO_1_0))
+    assert pod.notes == ["inbound and outbound are redirected to one port, 15001: Envoy serves both there and tells "
+                         "them apart by the original destination (Istio 1.0, 1.1)"]
+    assert [r.option("--to-ports") for r in pod.dump.tables["nat"].rules if r.target == "REDIRECT"] == ["15001", "15001"]
+    moved = tmp_path / "moved.rules"
+    moved.write_text(ISTIO_1_0.read_text().replace("15001", "15101"))
+    pod = foreign.load(str(moved))
+    assert "outbound port 15101 is the lab's 15001 here: renumbered" in pod.notes
+    assert [r.option("--to-ports") for r in pod.dump.tables["nat"].rules if r.target == "REDIRECT"] == ["15001", "15001"]
+
+
+def test_a_dump_with_no_istio_chain_is_fair_for_one_flow_not_for_the_scenarios(tmp_path) -> None:
+    bare = tmp_path / "bare.rules"
+    bare.write_text("*filter\n:OUTPUT ACCEPT [0:0]\n-A OUTPUT -p tcp --dport 22 -j REJECT\nCOMMIT\n")
+    pod = foreign.load(str(bare), scenarios=False)
+    assert pod.notes[0].startswith("no Istio chain: the pod's traffic meets no Istio rule")
+    with pytest.raises(Exception, match=r"no \*nat table"):
+        foreign.load(str(bare))
+
+
+@pytest.mark.parametrize("one, listener, dst, side", [
+    (True, plan.Port.OUTBOUND, (plan.PODS["sidecar"], 8080), "Inbound"),
+    (True, plan.Port.OUTBOUND, (plan.PODS6["sidecar"], 8080), "Inbound"),
+    (True, plan.Port.OUTBOUND, (plan.PODS["remote"], 9080), "Outbound"),
+    (True, plan.Port.OUTBOUND, ("10.96.0.90", 9080), "Outbound"),
+    (False, plan.Port.OUTBOUND, (plan.PODS["sidecar"], 8080), "Outbound"),
+    (False, plan.Port.INBOUND, (plan.PODS["sidecar"], 8080), "Inbound"),
+])
+def test_envoy_tells_the_sides_apart_by_the_original_destination(tmp_path, one, listener, dst, side) -> None:
+    log = tmp_path / "access.jsonl"
+    log.write_text("")
+    stub = envoy.Envoy(envoy.Config(str(log), envoy.endpoints_from(), one_listener=one))
+    assert stub.role(listener, dst) == side
+    endpoint, source = stub.route(listener, dst, ("10.244.0.20", 40000))
+    if side == "Inbound":  # the inbound passthrough: from 127.0.0.6 (::6) to the original destination
+        assert source[0] in (plan.INBOUND_PASSTHROUGH_SOURCE, plan.INBOUND_PASSTHROUGH_SOURCE6)
+        assert (endpoint.ip, endpoint.port) == dst
+    else:
+        assert source is None
