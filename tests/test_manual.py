@@ -8,7 +8,8 @@ A block may be preceded by HTML comments that the rendered guide hides:
                               next block is done, and its expectations are read then.
     <!-- background: stops by itself -->   the same, but waited for, not stopped
                               (--count): a SIGINT could land as it exits.
-The guide's lab id `demo` becomes a fresh one; `sudo` is dropped (the test runs as root).
+The guide's lab id `demo` becomes a fresh one, its state directory the one this run's labs
+use (ISTIO_LAB_STATE_DIR); `sudo` is dropped (the test runs as root).
 Also here: `istio-lab trace`'s answers to bad options.
 """
 
@@ -26,9 +27,12 @@ from pathlib import Path
 
 import pytest
 
+from lab.record import STATE_DIR
+
 REPO = Path(__file__).resolve().parent.parent
 GUIDE = REPO / "docs" / "manual-lab.md"
 GUIDE_LABID = "demo"
+GUIDE_STATE_DIR = "/run/istio-iptables-lab"
 BLOCK_TIMEOUT = 120  # a guard against a hang, not a measurement
 SBIN = "/usr/local/sbin:/usr/sbin:/sbin"  # iptables-legacy and ip, where sudo's secure_path has them
 COMMENT = re.compile(r"^<!--\s*(background|expect|expect-re)\s*(?::\s*(.*?))?\s*-->$")
@@ -87,6 +91,7 @@ def blocks(text: str) -> list[Block]:
 
 def as_run(script: str, labid: str) -> str:
     script = re.sub(rf"\b{GUIDE_LABID}\b", labid, script)
+    script = script.replace(f"{GUIDE_STATE_DIR}/", f"{STATE_DIR}/")
     return re.sub(r"^sudo ", "", script, flags=re.M)
 
 
