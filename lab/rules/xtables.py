@@ -19,11 +19,14 @@ ip6tables-legacy-save, since decoding them would need REDIRECT.
 from __future__ import annotations
 
 import contextlib
+import ctypes.util
+import functools
 import ipaddress
 import os
 import socket
 import sys
 import subprocess
+import sysconfig
 from collections import Counter
 from dataclasses import dataclass
 from typing import Iterator
@@ -51,19 +54,52 @@ XTABLES_DIRS = ("/usr/lib/x86_64-linux-gnu/xtables", "/usr/lib/aarch64-linux-gnu
                 "/usr/lib64/xtables", "/usr/lib/xtables", "/usr/libexec/xtables")
 
 
+# The C libraries python-iptables loads, and where a distribution keeps them.
+SYSTEM_LIBRARIES = ("c", "xtables", "ip4tc", "ip6tc", "iptc")
+_MULTIARCH = sysconfig.get_config_var("MULTIARCH") or ""
+LIBRARY_DIRS = tuple(d for d in (f"/usr/lib/{_MULTIARCH}", f"/lib/{_MULTIARCH}", "/usr/lib64", "/lib64",
+                                  "/usr/lib", "/lib") if not d.endswith("/"))
+
+
 def _iptc():
     """python-iptables, imported on first use (it loads libxtables and its extensions).
 
     Without XTABLES_LIBDIR it runs `ldconfig -N -v` to find the extensions' directory,
-    a tenth of a second on every run; we point it there when we can.
+    a tenth of a second on every run; we point it there when we can.  It finds its C
+    libraries through ctypes.util.find_library, which runs ldconfig, gcc and ld for each
+    name it tries (and it tries six for its own C helper, which none of them finds): 50 ms
+    of every run.  While it is imported, find_library looks in the library directories
+    instead, and leaves its own helper to python-iptables' search beside itself.
     """
     if "XTABLES_LIBDIR" not in os.environ:
         found = next((d for d in XTABLES_DIRS if os.path.isdir(d)), None)
         if found:
             os.environ["XTABLES_LIBDIR"] = found
+    if "iptc" not in sys.modules:
+        slow = ctypes.util.find_library
+        ctypes.util.find_library = functools.partial(_find_library, slow)
+        try:
+            import iptc  # noqa: F401
+        finally:
+            ctypes.util.find_library = slow
     import iptc
 
     return iptc
+
+
+def _find_library(slow, name: str) -> str | None:
+    """ctypes.util.find_library for python-iptables' import: a system library by its file in
+    the library directories (the slow search where it is not there), nothing else."""
+    if name not in SYSTEM_LIBRARIES:
+        return None  # its own helper (libxtwrapper), which it then loads from beside itself
+    for directory in LIBRARY_DIRS:
+        try:
+            files = sorted(f for f in os.listdir(directory) if f.startswith(f"lib{name}.so."))
+        except OSError:
+            continue
+        if files:
+            return min(files, key=len)  # the soname (libxtables.so.12), not the full version
+    return slow(name)
 
 
 def _classes(family: int):
