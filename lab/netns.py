@@ -10,21 +10,18 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import os
 import signal
 import sys
 import threading
 from typing import Callable, Iterator
 
-from pyroute2 import netns as _netns
-
 from . import interrupts
 from .errors import LabError
 
 NETNS_DIR = "/run/netns"
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_libc = ctypes.CDLL(None, use_errno=True)  # this process's own libc: no ldconfig run to find it
 _PR_SET_PDEATHSIG = 1
 _PR_SET_NAME = 15
 _PR_SET_KEEPCAPS = 8
@@ -33,6 +30,7 @@ _CAPABILITY_VERSION_3 = 0x20080522  # linux/capability.h: two 32-bit words per s
 CAPABILITIES = {"NET_ADMIN": 12}  # the ones a process may keep, by name (linux/capability.h)
 _CLONE_NEWNET = 0x40000000
 _MS_BIND, _MS_REC, _MS_SHARED = 0x1000, 0x4000, 1 << 20  # linux/mount.h
+_MNT_DETACH = 2
 LO_INDEX = 1  # lo is always the first link of a new namespace
 _CAP_LAST_CAP_PATH = "/proc/sys/kernel/cap_last_cap"
 
@@ -46,7 +44,10 @@ def exists(name: str) -> bool:
 
 
 def names() -> list[str]:
-    return sorted(_netns.listnetns())
+    try:
+        return sorted(os.listdir(NETNS_DIR))
+    except FileNotFoundError:
+        return []
 
 
 def create(name: str) -> None:
@@ -98,8 +99,15 @@ def inode(ns_path: str) -> int:
 
 
 def remove(name: str) -> None:
+    """Unmount and unlink a named namespace (as `ip netns del`); it ends with its last user."""
     if exists(name):
-        _netns.remove(name)
+        _libc.umount2(path(name).encode(), _MNT_DETACH)
+        os.unlink(path(name))
+
+
+def setns(fd: int) -> None:
+    """Move the calling thread into the network namespace open on `fd`."""
+    _call(_libc.setns(fd, _CLONE_NEWNET), "enter a network namespace")
 
 
 @contextlib.contextmanager
@@ -112,7 +120,7 @@ def _saved_netns() -> Iterator[None]:
         try:
             yield
         finally:
-            _netns.setns(home)
+            setns(home)
             os.close(home)
 
 
@@ -122,7 +130,7 @@ def entered(name: str) -> Iterator[None]:
     target = os.open(path(name), os.O_RDONLY)
     try:
         with _saved_netns():
-            _netns.setns(target)
+            setns(target)
             yield
     finally:
         os.close(target)
@@ -253,7 +261,7 @@ def spawn(
         sys.stdout = os.fdopen(1, "w", buffering=1)
         sys.stderr = os.fdopen(2, "w", buffering=1)
         target = os.open(path(ns), os.O_RDONLY)
-        _netns.setns(target)
+        setns(target)
         os.close(target)
         drop_privileges(uid, gid, capabilities)
         if die_with_parent:  # after the uid change: changing credentials clears the death signal

@@ -9,6 +9,7 @@ from lab import api, backend, html_report, netns, plan, scenario, world
 from lab.addr import Address
 from lab.rules import features, profiles, routing, ruleset
 
+from .hoststate import pyroute2_in
 from .test_sidecar import proc_status
 
 TPROXY = "istio-1.25-tproxy"
@@ -46,7 +47,7 @@ def test_scenario_under_tproxy(tproxy_lab, s):
 
 
 def _policy_routing(ns: str) -> tuple[list, list]:
-    with world.ipr(ns) as ipr:
+    with pyroute2_in(ns) as ipr:
         rules = [(r.get_attr("FRA_FWMARK"), r.get_attr("FRA_TABLE")) for r in ipr.get_rules(family=socket.AF_INET)
                  if r.get_attr("FRA_FWMARK")]
         routes = [(r["type"], r["dst_len"], r.get_attr("RTA_OIF")) for r in ipr.route("dump", table=routing.ROUTE_TABLE)]
