@@ -188,6 +188,13 @@ def set_sysctls(name: str, values: dict[str, str]) -> None:
                 raise LabError(f"{name}: sysctl {key.replace('/', '.')} did not take {value!r}")
 
 
+def die_with_parent(sig: int, parent: int) -> bool:
+    """Have the kernel send `sig` to this process when the thread that forked it ends; False
+    when `parent` (that process) has already gone, and no signal would come."""
+    _libc.prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
+    return os.getppid() == parent
+
+
 def drop_privileges(uid: int, gid: int, keep: tuple[str, ...] = ()) -> None:
     """Become uid/gid with no supplementary groups and only the capabilities in `keep`.
 

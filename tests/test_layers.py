@@ -29,7 +29,7 @@ LAYERS = [
     ("view", {"view"}),
     ("render", {"report", "markdown_report", "html_report"}),
     ("result", {"result"}),
-    ("library", {"api", "runner"}),
+    ("library", {"api", "runner", "matrix"}),
     ("edges", {"commands", "cli", "pytest_plugin"}),
 ]
 LAYER = {module: n for n, (_, modules) in enumerate(LAYERS) for module in modules}

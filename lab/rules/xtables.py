@@ -87,6 +87,11 @@ def _iptc():
     return iptc
 
 
+def preload() -> None:
+    """Import python-iptables now (before forking workers that all use it)."""
+    _iptc()
+
+
 def _find_library(slow, name: str) -> str | None:
     """ctypes.util.find_library for python-iptables' import: a system library by its file in
     the library directories (the slow search where it is not there), nothing else."""

@@ -1,0 +1,285 @@
+"""Every profile at once: scenarios × profiles from one process.
+
+`istio-lab run --profile all` (or `--profile a,b,c`) plans each profile's labs as a run of
+that profile alone would (runner.plan: one lab per distinct rule set and pod), then builds
+them side by side.  Each lab is built and run by a worker process forked from this one once
+everything is imported, at most `jobs` at a time, the largest first: a worker is a process
+of its own, so its namespaces are created on its own main thread (netns.create must run on
+a main thread), and it sends back its scenarios' views through a pipe.  Labs side by side
+never see each other: each has its own namespaces, processes and trace readers.  A lab that
+cannot be built fails its own scenarios, with the reason, and the others go on.
+
+A worker dies with its parent (SIGTERM, on which it tears its lab down); an interrupted
+matrix stops its workers and waits for them to tear down before it returns.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import select
+import signal
+import struct
+import sys
+from dataclasses import dataclass
+
+from . import backend as backends
+from . import dualstack, interrupts, netns, record, runner, view
+from .backend import Backend
+from .errors import LabError
+from .rules import annotations, profiles, ruleset, xtables
+from .scenario import Scenario
+from .trace import TraceError
+from .view import MatrixView, ScenarioView
+
+ALL = "all"
+_INDEX = struct.Struct("=I")
+_LENGTH = struct.Struct("=Q")
+
+
+def asked(text: str | None) -> list[str] | None:
+    """The profiles `--profile` names when it asks for a matrix (`all`, or names joined by
+    commas), else None.  An unknown name is one line (LabError)."""
+    if text is None or (text != ALL and "," not in text):
+        return None
+    if text == ALL:
+        return list(profiles.profiles())
+    names = [name.strip() for name in text.split(",")]
+    if not all(names):
+        raise LabError(f"--profile {text!r}: an empty name between commas")
+    for name in names:
+        profiles.get(name)
+    return list(dict.fromkeys(names))
+
+
+def unrunnable(name: str, backend: str) -> str | None:
+    """Why the backend cannot run a profile's rules, or None when it can."""
+    if profiles.get(name).native_nftables and backend != backends.NFT:
+        return f"a native nftables profile: the {backend} backend cannot apply it (--backend nft runs it)"
+    try:
+        ruleset.profile(name)
+    except LabError as e:
+        return f"the lab cannot build its rules: {e}"
+    return None
+
+
+@dataclass(frozen=True)
+class Plan:
+    profiles: tuple[str, ...]  # the columns that run, in the order asked
+    labs: tuple[runner.Lab, ...]  # each with its column's profile
+    left_out: tuple[str, ...]  # a profile or a scenario left out, and why
+
+
+def plan(scenarios: list[Scenario], names: list[str], backend: str, pod: annotations.PodAnnotations | None = None,
+         all_asked: bool = True, named: bool = False) -> Plan:
+    """Each profile's labs.  A profile the backend cannot run is left out when `all` asked for
+    it, and an error (LabError) when it was named; scenarios are left out of a column as a run
+    of that profile alone leaves them out (runner.plan)."""
+    columns, labs, left_out = [], [], []
+    for name in names:
+        why = unrunnable(name, backend)
+        if why and not all_asked:
+            raise LabError(f"--profile {name}: {why}")
+        if why:
+            left_out.append(f"{name}: left out: {why}")
+            continue
+        mine, skipped = runner.plan(scenarios, runner.Choice(name, None, pod), named)
+        left_out += [f"{name}: {line}" for line in skipped]
+        if not mine:
+            left_out.append(f"{name}: left out: none of the scenarios applies to its rules")
+            continue
+        columns.append(name)
+        labs += mine
+    return Plan(tuple(columns), tuple(labs), tuple(left_out))
+
+
+def run(chosen: Plan, order: list[Scenario], backend: Backend, jobs: int) -> MatrixView:
+    """Build every lab, at most `jobs` side by side, and gather the views by profile, each
+    column in `order` (IPv6 twins after their scenario)."""
+    jobs = max(1, min(jobs, len(chosen.labs)))
+    done = side_by_side(list(chosen.labs), backend, jobs)
+    runs = []
+    for name in chosen.profiles:
+        views = [v for lab, (views, _) in zip(chosen.labs, done) if lab.profile == name for v in views]
+        labids = [labid for lab, (_, labid) in zip(chosen.labs, done) if lab.profile == name and labid]
+        runs.append(view.run(_in_order(views, order), " ".join(labids), name, name, (), backend.name))
+    return view.matrix(runs, chosen.left_out, backend.name, len(chosen.labs), jobs)
+
+
+def _in_order(views: list[ScenarioView], order: list[Scenario]) -> list[ScenarioView]:
+    by_id: dict[str, list[ScenarioView]] = {}
+    for v in views:
+        by_id.setdefault(v.id.removesuffix(dualstack.SUFFIX), []).append(v)
+    return [v for s in order for v in by_id.get(s.id, [])]
+
+
+def _size(lab: runner.Lab) -> int:
+    """How long a lab takes, roughly: its flows, and its build."""
+    return len(lab.scenarios) * (2 if lab.rules.dual_stack else 1) + 4
+
+
+def one_lab(lab: runner.Lab, backend: Backend) -> tuple[list[ScenarioView], str]:
+    """A lab's views and id; a lab that could not be built gives its scenarios as failures."""
+    try:
+        results, labid = runner.run_lab(lab, backend, show_rules=lab.profile)
+    except (LabError, TraceError) as e:
+        results, labid = runner.failed(lab, f"the lab could not be built: {e}", show_rules=lab.profile), ""
+    return [r.view for r in results], labid
+
+
+def _preload(backend: Backend) -> None:
+    """The backend's libraries imported once, here, for every worker forked after."""
+    if backend.name == backends.LEGACY:
+        xtables.preload()
+    else:
+        try:
+            import nftables  # noqa: F401  (pip-nftables; the nft backend imports it on first use)
+        except ImportError:
+            pass
+
+
+def side_by_side(labs: list[runner.Lab], backend: Backend, jobs: int) -> list[tuple[list[ScenarioView], str]]:
+    """Each lab's views and id, in the labs' order; `jobs` workers at a time (1: in this process)."""
+    if jobs <= 1:
+        return [one_lab(lab, backend) for lab in labs]
+    _preload(backend)
+    todo = sorted(range(len(labs)), key=lambda i: _size(labs[i]), reverse=True)
+    out: list[tuple[list[ScenarioView], str] | None] = [None] * len(labs)
+    workers: list[_Worker] = []
+    died = False
+    try:
+        for _ in range(jobs):
+            workers.append(_Worker.fork(labs, backend, workers))
+            workers[-1].give(todo)
+        while busy := [w for w in workers if w.lab is not None]:
+            ready, _, _ = select.select(busy, [], [])
+            for worker in ready:
+                i, got = worker.lab, worker.receive()
+                if got is None:  # it died: its lab fails, and a new worker takes its place
+                    died = True
+                    why = f"the lab's worker process {worker.how_it_ended()}"
+                    out[i] = [r.view for r in runner.failed(labs[i], why, labs[i].profile)], ""
+                    worker.give([])
+                    if todo:
+                        workers.append(_Worker.fork(labs, backend, workers))
+                        workers[-1].give(todo)
+                    continue
+                out[i] = got
+                worker.give(todo)
+    finally:
+        stopping = any(w.lab is not None for w in workers)
+        with interrupts.held():  # a second Ctrl-C must not leave a worker tearing down unwaited
+            for worker in workers:
+                worker.finish(stop=stopping)
+            if died:
+                record.reap_orphans()  # a worker that died left its lab: its record's owner is dead
+    return out
+
+
+class _Worker:
+    """A forked process that builds the labs it is given, one at a time."""
+
+    def __init__(self, pid: int, tasks: int, results: int):
+        self.pid, self.tasks, self.results = pid, tasks, results
+        self.lab: int | None = None  # the index of the lab it is building
+        self.status: int | None = None
+
+    def fileno(self) -> int:
+        return self.results
+
+    @classmethod
+    def fork(cls, labs: list[runner.Lab], backend: Backend, others: list["_Worker"]) -> "_Worker":
+        sys.stdout.flush()
+        sys.stderr.flush()
+        parent = os.getpid()
+        with interrupts.held():  # a stop lands once the pid is kept, so the worker is stopped too
+            tasks_r, tasks_w = os.pipe()
+            results_r, results_w = os.pipe()
+            pid = os.fork()
+            if pid == 0:
+                code = 1
+                try:
+                    interrupts.forked()
+                    for fd in (tasks_w, results_r, *(fd for w in others for fd in (w.tasks, w.results) if fd >= 0)):
+                        os.close(fd)  # another worker's pipes: its end of work must reach it
+                    if netns.die_with_parent(signal.SIGTERM, parent):
+                        _work(labs, backend, tasks_r, results_w)
+                    code = 0
+                except KeyboardInterrupt:
+                    code = 130
+                except BaseException:
+                    import traceback
+
+                    traceback.print_exc()
+                finally:
+                    os._exit(code)
+            os.close(tasks_r)
+            os.close(results_w)
+            return cls(pid, tasks_w, results_r)
+
+    def give(self, todo: list[int]) -> None:
+        """The next lab, or, with none left, the end of its work."""
+        if todo:
+            self.lab = todo.pop(0)
+            os.write(self.tasks, _INDEX.pack(self.lab))
+        else:
+            self.lab = None
+            self._close_tasks()
+
+    def receive(self) -> tuple[list[ScenarioView], str] | None:
+        """The lab's views and id; None when the worker ended before sending them."""
+        head = _read(self.results, _LENGTH.size)
+        if len(head) < _LENGTH.size:
+            self._wait()
+            return None
+        return pickle.loads(_read(self.results, _LENGTH.unpack(head)[0]))
+
+    def how_it_ended(self) -> str:
+        if self.status is None:
+            return "ended before sending its results"
+        if os.WIFSIGNALED(self.status):
+            return f"was killed by {signal.Signals(os.WTERMSIG(self.status)).name}"
+        return f"exited with status {os.WEXITSTATUS(self.status)} before sending its results"
+
+    def _close_tasks(self) -> None:
+        if self.tasks >= 0:
+            os.close(self.tasks)
+            self.tasks = -1
+
+    def _wait(self) -> None:
+        if self.status is None:
+            self.status = os.waitpid(self.pid, 0)[1]
+
+    def finish(self, stop: bool) -> None:
+        """Let it end (stop: ask it to, at once) and collect it; it tears down its lab first."""
+        self._close_tasks()
+        if stop and self.status is None:
+            try:
+                os.kill(self.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        self._wait()
+        if self.results >= 0:
+            os.close(self.results)
+            self.results = -1
+
+
+def _read(fd: int, n: int) -> bytes:
+    chunks, got = [], 0
+    while got < n:
+        chunk = os.read(fd, min(n - got, 1 << 20))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
+
+
+def _work(labs: list[runner.Lab], backend: Backend, tasks: int, results: int) -> None:
+    """A worker's life: build each lab it is given, send its views, until told no more."""
+    while len(head := _read(tasks, _INDEX.size)) == _INDEX.size:
+        data = pickle.dumps(one_lab(labs[_INDEX.unpack(head)[0]], backend))
+        os.write(results, _LENGTH.pack(len(data)))
+        view_bytes = memoryview(data)
+        while view_bytes:
+            view_bytes = view_bytes[os.write(results, view_bytes):]
