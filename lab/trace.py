@@ -97,14 +97,19 @@ def _command(family: int, cmd: int) -> str:
     return f"{_COMMANDS[cmd]} {_FAMILIES[family]}" if family in _FAMILIES else _COMMANDS[cmd]
 
 
+_NLA = struct.Struct("=HH")
+
+
 def _attrs(data: bytes) -> dict[int, bytes]:
     """The attributes of one nfnetlink message, by type (after nlmsghdr + nfgenmsg)."""
-    attrs, off = {}, 20
-    while off + 4 <= len(data):
-        length, atype = struct.unpack_from("=HH", data, off)
+    attrs, off, end, unpack = {}, 20, len(data), _NLA.unpack_from  # every event passes here: kept lean
+    while off + 4 <= end:
+        length, atype = unpack(data, off)
         if length < 4:
             break
-        attrs.setdefault(atype & NLA_TYPE_MASK, data[off + 4:off + length])
+        atype &= NLA_TYPE_MASK
+        if atype not in attrs:
+            attrs[atype] = data[off + 4:off + length]
         off += (length + 3) & ~3
     return attrs
 
@@ -229,8 +234,11 @@ def _transport(src: str, dst: str, number: int, l4: bytes):
     if proto in ("tcp", "udp") and len(l4) >= 4:
         sport, dport = struct.unpack_from("!HH", l4)
     if proto == "tcp":
-        flags = "".join(c for i, c in enumerate(TCP_FLAGS) if l4[13] >> i & 1) if len(l4) >= 14 else ""
+        flags = _FLAGS[l4[13]] if len(l4) >= 14 else ""
     return src, dst, proto, sport, dport, flags
+
+
+_FLAGS = tuple("".join(c for i, c in enumerate(TCP_FLAGS) if byte >> i & 1) for byte in range(256))
 
 
 def _ifname(ifnames: Mapping[int, str], index: int | None) -> str | None:
@@ -242,9 +250,21 @@ def _ifname(ifnames: Mapping[int, str], index: int | None) -> str | None:
         return f"if{index}"  # gone before we looked: keep the index visible
 
 
+_PREFIXES: dict[bytes, tuple[str, tuple[str, str, str, int] | None]] = {}  # a lab's few prefixes, read once
+
+
+def _prefix(raw: bytes) -> tuple[str, tuple[str, str, str, int] | None]:
+    if raw not in _PREFIXES:
+        prefix = raw.split(b"\0", 1)[0].decode(errors="replace")
+        where = parse_prefix(prefix)  # a malformed one raises, and is not kept
+        if len(_PREFIXES) < 4096:
+            _PREFIXES[raw] = (prefix, where)
+        return prefix, where
+    return _PREFIXES[raw]
+
+
 def _event(attrs: dict[int, bytes], pod: str, ifnames: Mapping[int, str]) -> TraceEvent | None:
-    prefix = attrs.get(NFULA_PREFIX, b"").split(b"\0", 1)[0].decode(errors="replace")
-    where = parse_prefix(prefix)
+    prefix, where = _prefix(attrs.get(NFULA_PREFIX, b""))
     if where is None:
         return None
     src, dst, proto, sport, dport, flags = parse_packet(attrs.get(NFULA_PAYLOAD, b""))
