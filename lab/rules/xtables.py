@@ -133,6 +133,16 @@ def _table(ns: str | None, name: str, family: int = 4) -> Iterator[object]:
         yield table
 
 
+@contextlib.contextmanager
+def _fresh(ns: str, name: str, family: int = 4) -> Iterator[object]:
+    """A handle of one table of `ns`, the others' left as they are: for work that builds no
+    rule (reading counters, inserting built entries), which is all that reads them."""
+    with interrupts.held(), netns.entered(ns):
+        table = _classes(family)[0](name, autocommit=False)
+        table.refresh()
+        yield table
+
+
 def apply(ns: str | None, dump: Dump) -> None:
     """Replace each table of the dump in `ns` with the dump's content."""
     if dump.family == 6:
@@ -394,10 +404,7 @@ def _change(ns: str, table_name: str, rules: Rules, family: int, operation: str)
                 rule = to_iptc(RuleLine(chain, args), family)
                 rule.final_check()
                 _BUILT[family, chain, args] = rule.rule, rule.mask
-    cls = _classes(family)[0]
-    with interrupts.held(), netns.entered(ns):
-        table = cls(table_name, autocommit=False)
-        table.refresh()
+    with _fresh(ns, table_name, family) as table:
         for chain, args in rules:
             entry, mask = _BUILT[family, chain, args]
             if operation == "insert_rule":
@@ -414,7 +421,7 @@ def packet_counts(ns: str, table_name: str, family: int = 4) -> dict[RuleRef, in
     which costs ten times as much.
     """
     out = {}
-    with _table(ns, table_name, family) as table:
+    with _fresh(ns, table_name, family) as table:
         for chain in table.chains:
             entry, num = table.first_rule(chain.name), 1
             while entry:
