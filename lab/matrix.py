@@ -33,6 +33,7 @@ from .trace import TraceError
 from .view import MatrixView, ScenarioView
 
 ALL = "all"
+WORKER = "ilab-worker"  # a worker's process name (ps, /proc/PID/comm)
 _INDEX = struct.Struct("=I")
 _LENGTH = struct.Struct("=Q")
 
@@ -200,6 +201,7 @@ class _Worker:
                 code = 1
                 try:
                     interrupts.forked()
+                    netns.name_process(WORKER)
                     for fd in (tasks_w, results_r, *(fd for w in others for fd in (w.tasks, w.results) if fd >= 0)):
                         os.close(fd)  # another worker's pipes: its end of work must reach it
                     if netns.die_with_parent(signal.SIGTERM, parent):

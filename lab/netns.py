@@ -188,6 +188,11 @@ def set_sysctls(name: str, values: dict[str, str]) -> None:
                 raise LabError(f"{name}: sysctl {key.replace('/', '.')} did not take {value!r}")
 
 
+def name_process(name: str) -> None:
+    """The name ps and /proc/PID/comm show (15 bytes at most)."""
+    _libc.prctl(_PR_SET_NAME, name.encode()[:15], 0, 0, 0)
+
+
 def die_with_parent(sig: int, parent: int) -> bool:
     """Have the kernel send `sig` to this process when the thread that forked it ends; False
     when `parent` (that process) has already gone, and no signal would come."""
