@@ -263,19 +263,26 @@ def _prefix(raw: bytes) -> tuple[str, tuple[str, str, str, int] | None]:
     return _PREFIXES[raw]
 
 
+_PACKETS: dict[bytes, tuple] = {}  # the packets just seen: one is reported once per rule it matches
+
+
+def _packet(payload: bytes) -> tuple:
+    found = _PACKETS.get(payload)
+    if found is None:
+        if len(_PACKETS) >= 256:
+            _PACKETS.clear()
+        found = _PACKETS[payload] = parse_packet(payload)
+    return found
+
+
 def _event(attrs: dict[int, bytes], pod: str, ifnames: Mapping[int, str]) -> TraceEvent | None:
     prefix, where = _prefix(attrs.get(NFULA_PREFIX, b""))
     if where is None:
         return None
-    src, dst, proto, sport, dport, flags = parse_packet(attrs.get(NFULA_PAYLOAD, b""))
-    return TraceEvent(
-        pod, *where,
-        indev=_ifname(ifnames, _be32(attrs, NFULA_IFINDEX_INDEV)),
-        outdev=_ifname(ifnames, _be32(attrs, NFULA_IFINDEX_OUTDEV)),
-        src=src, dst=dst, proto=proto, sport=sport, dport=dport, tcp_flags=flags,
-        uid=_be32(attrs, NFULA_UID), gid=_be32(attrs, NFULA_GID), seq=_be32(attrs, NFULA_SEQ),
-        prefix=prefix,
-    )
+    src, dst, proto, sport, dport, flags = _packet(attrs.get(NFULA_PAYLOAD, b""))
+    return TraceEvent(pod, *where, _ifname(ifnames, _be32(attrs, NFULA_IFINDEX_INDEV)),
+                      _ifname(ifnames, _be32(attrs, NFULA_IFINDEX_OUTDEV)), src, dst, proto, sport, dport, flags,
+                      _be32(attrs, NFULA_UID), _be32(attrs, NFULA_GID), _be32(attrs, NFULA_SEQ), prefix)
 
 
 def parse_message(data: bytes, pod: str, ifnames: Mapping[int, str] | None = None) -> TraceEvent | None:
