@@ -158,13 +158,15 @@ def render_matrix(console, m: MatrixView) -> None:
                 for why in v.problems:
                     console.print(f"  [red]{escape(why)}[/]")
     console.rule("[bold]Paths by profile[/] (the kernel's, short form)", align="left")
+    lines = []  # one print: rich's per-call work, a hundred times over, was most of the report's time
     for sid in m.rows:
         paths = m.paths(sid)
-        console.print(f"[bold]{escape(sid)}[/]")
+        lines.append(sid)
         for path, names in paths:
             who = "every profile" if len(paths) == 1 and len(names) == len(m.profiles) \
                 else ", ".join(short_profile(n) for n in names)
-            console.print(f"  {escape(who)}: {escape(path)}")
+            lines.append(f"  {who}: {path}")
+    console.print("\n".join(lines), markup=False, highlight=False)
     table = Table(title=f"Scenarios x profiles, judged by the kernel ({m.backend} backend, {m.labs} labs, "
                         f"{m.side_by_side} side by side)")
     table.add_column("scenario", no_wrap=True)
