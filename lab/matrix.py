@@ -119,10 +119,11 @@ def _size(lab: runner.Lab) -> int:
     return len(lab.scenarios) * (2 if lab.rules.dual_stack else 1) + 4
 
 
-def one_lab(lab: runner.Lab, backend: Backend) -> tuple[list[ScenarioView], str]:
-    """A lab's views and id; a lab that could not be built gives its scenarios as failures."""
+def one_lab(lab: runner.Lab, backend: Backend, kept: list | None = None) -> tuple[list[ScenarioView], str]:
+    """A lab's views and id; a lab that could not be built gives its scenarios as failures.
+    With `kept`, its namespaces are left there for the caller to remove (runner.run_lab)."""
     try:
-        results, labid = runner.run_lab(lab, backend, show_rules=lab.profile)
+        results, labid = runner.run_lab(lab, backend, show_rules=lab.profile, kept=kept)
     except (LabError, TraceError) as e:
         results, labid = runner.failed(lab, f"the lab could not be built: {e}", show_rules=lab.profile), ""
     return [r.view for r in results], labid
@@ -142,7 +143,8 @@ def _preload(backend: Backend) -> None:
 def side_by_side(labs: list[runner.Lab], backend: Backend, jobs: int) -> list[tuple[list[ScenarioView], str]]:
     """Each lab's views and id, in the labs' order; `jobs` workers at a time (1: in this process)."""
     if jobs <= 1:
-        return [one_lab(lab, backend) for lab in labs]
+        with runner.removing([]) as kept:
+            return [one_lab(lab, backend, kept) for lab in labs]
     _preload(backend)
     todo = sorted(range(len(labs)), key=lambda i: _size(labs[i]), reverse=True)
     out: list[tuple[list[ScenarioView], str] | None] = [None] * len(labs)
@@ -278,10 +280,15 @@ def _read(fd: int, n: int) -> bytes:
 
 
 def _work(labs: list[runner.Lab], backend: Backend, tasks: int, results: int) -> None:
-    """A worker's life: build each lab it is given, send its views, until told no more."""
-    while len(head := _read(tasks, _INDEX.size)) == _INDEX.size:
-        data = pickle.dumps(one_lab(labs[_INDEX.unpack(head)[0]], backend))
-        os.write(results, _LENGTH.pack(len(data)))
-        view_bytes = memoryview(data)
-        while view_bytes:
-            view_bytes = view_bytes[os.write(results, view_bytes):]
+    """A worker's life: build each lab it is given, send its views, until told no more; then
+    remove the namespaces of every lab it built (world.Lab.stop says why at the end)."""
+    with runner.removing([]) as kept:
+        while len(head := _read(tasks, _INDEX.size)) == _INDEX.size:
+            _send(results, pickle.dumps(one_lab(labs[_INDEX.unpack(head)[0]], backend, kept)))
+
+
+def _send(results: int, data: bytes) -> None:
+    os.write(results, _LENGTH.pack(len(data)))
+    view_bytes = memoryview(data)
+    while view_bytes:
+        view_bytes = view_bytes[os.write(results, view_bytes):]

@@ -134,6 +134,15 @@ def _pids_in(namespaces: list[str]) -> list[int]:
 
 def destroy(labid: str, deadline: float = 2.0) -> None:
     """Kill the lab's processes, delete its namespaces, then its record."""
+    namespaces = stop(labid, deadline)
+    for ns in sorted(namespaces, key=lambda n: n.endswith("-node")):  # fabric last
+        netns.remove(ns)
+    shutil.rmtree(os.path.join(STATE_DIR, labid), ignore_errors=True)
+
+
+def stop(labid: str, deadline: float = 2.0) -> list[str]:
+    """Kill the processes in the lab's namespaces (and those its record names, while its
+    owner lives); the namespaces, which stay, with its record."""
     namespaces = lab_namespaces(labid)
     rec = Record.load(labid)
     # Recorded pids are trusted only while their owner lives: then they are its children
@@ -156,9 +165,7 @@ def destroy(labid: str, deadline: float = 2.0) -> None:
     for pid in victims:
         _signal(pid, signal.SIGKILL)
         _reap(pid, block=True)
-    for ns in sorted(namespaces, key=lambda n: n.endswith("-node")):  # fabric last
-        netns.remove(ns)
-    shutil.rmtree(os.path.join(STATE_DIR, labid), ignore_errors=True)
+    return namespaces
 
 
 def _signal(pid: int, sig: int) -> None:

@@ -12,10 +12,12 @@ Scenarios that share both share a lab; results come back in the order asked.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Iterator
 
-from . import dualstack
+from . import dualstack, interrupts
 from .api import Session
 from .backend import Backend
 from .errors import LabError
@@ -24,6 +26,7 @@ from .result import Result, conclude
 from .rules import annotations, profiles, ruleset
 from .rules.ruleset import RuleSet
 from .scenario import Scenario
+from .world import Lab as World
 
 
 @dataclass(frozen=True)
@@ -111,19 +114,37 @@ def plan(scenarios: list[Scenario], choice: Choice, named: bool = False) -> tupl
     return list(labs.values()), skipped
 
 
-def run_lab(lab: Lab, backend: Backend, show_rules: str = "") -> tuple[list[Result], str]:
+def run_lab(lab: Lab, backend: Backend, show_rules: str = "", kept: list[World] | None = None) -> tuple[list[Result], str]:
     """Build one lab, run its scenarios, tear it down: the results (IPv6 twins after their
     scenario), each view saying its rules where they are not `show_rules` (the run's own),
-    and the lab's id."""
+    and the lab's id.  With `kept`, its namespaces are left for the caller to remove (after
+    its other labs: world.Lab.stop) and the lab is added to the list."""
     out = []
-    with Session(lab.rules, backend, spec=lab.spec) as session:
+    session = Session(lab.rules, backend, spec=lab.spec)
+    if kept is not None:
+        kept.append(session.lab)  # before it is built: whatever is made of it is removed at the end
+    session.open()
+    try:
         for result in session.run_all(lab.scenarios):
             own = lab.rules_of[result.scenario.id.removesuffix(dualstack.SUFFIX)]
             shown = {"pod": lab.spec.describe()}  # as the lab ran it: "as-released" made one era's
             if own.name != show_rules:
                 shown["rules"] = own.summary
             out.append(dataclasses.replace(result, view=dataclasses.replace(result.view, **shown)))
+    finally:
+        session.close(keep_namespaces=kept is not None)
     return out, session.lab.labid
+
+
+@contextlib.contextmanager
+def removing(kept: list[World]) -> Iterator[list[World]]:
+    """A list for run_lab's `kept`: every lab in it is destroyed as the block ends."""
+    try:
+        yield kept
+    finally:
+        with interrupts.held():  # a Ctrl-C now would leave the rest
+            for world in kept:
+                world.destroy()
 
 
 def failed(lab: Lab, why: str, show_rules: str = "") -> list[Result]:
@@ -151,7 +172,8 @@ def run(labs: list[Lab], order: list[Scenario], backend: Backend, show_rules: st
     """Run every lab's scenarios, one lab after another; the results in `order` (IPv6 twins
     after their scenario).  Returns the results and the last lab's id."""
     results, labid = [], ""
-    for lab in labs:
-        done, labid = run_lab(lab, backend, show_rules)
-        results += done
+    with removing([]) as kept:
+        for lab in labs:
+            done, labid = run_lab(lab, backend, show_rules, kept if len(labs) > 1 else None)
+            results += done
     return in_order(results, order), labid

@@ -169,13 +169,24 @@ def _workers(harness: int) -> list[int]:
     return found
 
 
-def _until(what: str, check, proc: subprocess.Popen | None = None):
-    end = time.monotonic() + GUARD
+def _until(what: str, check, proc: subprocess.Popen | None = None, deadline: float = GUARD, show=lambda: ""):
+    end = time.monotonic() + deadline
     while not (got := check()):
         assert proc is None or proc.poll() is None, f"the harness ended before {what}: {proc.communicate()}"
-        assert time.monotonic() < end, f"never saw {what}"
+        assert time.monotonic() < end, f"never saw {what} {show()}"
         time.sleep(0.002)
     return got
+
+
+def _describe(pids: list[int]) -> list[str]:
+    out = []
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                out.append(f"{pid} {f.read().split(')')[0].split('(')[1]} {open(f'/proc/{pid}/wchan').read()}")
+        except OSError:
+            pass
+    return out
 
 
 @pytest.mark.kernel
@@ -197,7 +208,8 @@ def test_a_killed_harness_takes_its_workers_and_their_labs_with_it():
         _until("a lab", lambda: box.records(), proc)
         os.kill(proc.pid, signal.SIGKILL)
         proc.communicate(timeout=GUARD)
-        _until("the workers tearing their labs down", lambda: not box.leftovers())
+        _until("the workers tearing their labs down", lambda: not box.leftovers(), deadline=30,
+               show=lambda: f"{box.leftovers()} {_describe(box.leftovers().get('processes', []))}")
 
 
 @pytest.mark.kernel
