@@ -161,8 +161,10 @@ def _restore6(ns: str | None, dump: Dump) -> None:
     """ip6tables-legacy-restore, run in `ns`: it replaces exactly the tables the dump holds."""
     try:
         with netns.entered(ns) if ns else contextlib.nullcontext():
-            done = subprocess.run(["ip6tables-legacy-restore"], input=dump.text(), capture_output=True, text=True,
-                                  timeout=RESTORE_DEADLINE)
+            # --wait: the tool takes the host-wide xtables lock even for a namespace's tables, and
+            # without it fails at once when another restore (another lab's, side by side) holds it.
+            done = subprocess.run(["ip6tables-legacy-restore", f"--wait={RESTORE_DEADLINE}"], input=dump.text(),
+                                  capture_output=True, text=True, timeout=RESTORE_DEADLINE + 5)
     except OSError as e:
         raise RuleError(f"ip6tables-legacy-restore: cannot run it: {e.strerror}") from None
     except subprocess.TimeoutExpired:
