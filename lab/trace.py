@@ -318,13 +318,13 @@ class IfNames(dict):
         self.ns = ns
 
     def __missing__(self, index: int) -> str:
+        # if_indextoname (an ioctl, read under RCU), not if_nameindex: that is a netlink dump,
+        # which waits for the rtnl lock, and a namespace's cleanup holds it for tens of ms.
         try:
             with _inside(self.ns):
-                self.update(socket.if_nameindex())
-        except OSError:  # the namespace is already gone
+                self[index] = socket.if_indextoname(index)
+        except OSError:  # no such link, or the namespace is already gone
             raise KeyError(index) from None
-        if index not in self:
-            raise KeyError(index)
         return self[index]
 
 
