@@ -170,9 +170,9 @@ def run_matrix(args, names: list[str]) -> int:
     else:
         report.render_matrix(console, shown)
     if report_dir is not None:
-        written = html_report.write_matrix(report_dir, shown)
-        print(f"istio-lab: report written to {', '.join(map(str, written[:1] + written[-1:]))} "
-              f"and a page per profile beside them", file=sys.stderr if args.json else sys.stdout)
+        index, *pages, summary = html_report.write_matrix(report_dir, shown)
+        print(f"istio-lab: report written to {index} (the matrix; a page per profile beside it: "
+              f"{len(pages)}) and {summary}", file=sys.stderr if args.json else sys.stdout)
     return 0 if shown.all_passed else 1
 
 

@@ -164,7 +164,8 @@ def _restore6(ns: str | None, dump: Dump) -> None:
             # --wait: the tool takes the host-wide xtables lock even for a namespace's tables, and
             # without it fails at once when another restore (another lab's, side by side) holds it.
             done = subprocess.run(["ip6tables-legacy-restore", f"--wait={RESTORE_DEADLINE}"], input=dump.text(),
-                                  capture_output=True, text=True, timeout=RESTORE_DEADLINE + 5)
+                                  capture_output=True, text=True, timeout=RESTORE_DEADLINE + 5,
+                                  start_new_session=True)
     except OSError as e:
         raise RuleError(f"ip6tables-legacy-restore: cannot run it: {e.strerror}") from None
     except subprocess.TimeoutExpired:
@@ -333,8 +334,10 @@ def listing(ns: str, table_name: str, family: int = 4) -> list[NumberedRule]:
     tool = "ip6tables-legacy-save" if family == 6 else "iptables-legacy-save"
     try:
         with netns.entered(ns):
+            # A session of its own: a Ctrl-C meant for us (`istio-lab trace` stops on it, reading
+            # rules as events come) must not kill it halfway.
             done = subprocess.run([tool, "-c", "-t", table_name], capture_output=True, text=True,
-                                  timeout=RESTORE_DEADLINE)
+                                  timeout=RESTORE_DEADLINE, start_new_session=True)
     except (OSError, subprocess.TimeoutExpired) as e:
         raise RuleError(f"{tool}: {e}") from None
     if done.returncode:
