@@ -204,7 +204,7 @@ def _wait(lab: Lab, pending: dict[str, Callable[[], str | None]], deadline: floa
                            f"(log: {log_path(lab, name)})")
         pending = {name: pending[name] for name in missing}
         time.sleep(pause)
-        pause = min(pause * 2, 0.005)  # /proc reads are cheap; a coarse poll would cost start-up time
+        pause = min(pause * 2, 0.002)  # a check is cheap (sock_diag, /proc): a coarse poll would cost start-up time
 
 
 def _kill(lab: Lab, name: str) -> None:
