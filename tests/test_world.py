@@ -100,19 +100,6 @@ def test_rules_read_back_equal_the_profile_line_for_line():
     assert "ISTIO" not in host
 
 
-@pytest.mark.parametrize("name", profiles.names())
-def test_the_listing_reads_back_what_python_iptables_decodes(name):
-    """listing() is iptables-legacy-save's text; python-iptables decoding the same kernel tables
-    in this process gives the same rules, numbered the same, for every profile's tables."""
-    dump = profiles.load(name)
-    with Lab() as lab:
-        ns = lab.pod("sidecar").ns
-        xtables.apply(ns, dump)
-        for table in dump.tables:
-            assert [(r.ref, r.line) for r in xtables.listing(ns, table)] == \
-                [(r.ref, r.line) for r in xtables.decoded(ns, table)], table
-
-
 def test_counters_count_and_zero():
     import socket
 

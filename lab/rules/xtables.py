@@ -12,9 +12,8 @@ again for the other family makes libxtables exit on a duplicate).  The harness's
 IPv6 work does go through python-iptables' Table6, in the same process: TRACE rules
 (measured: a multiport TRACE rule builds for either family after the other, in either
 order, while REDIRECT for IPv6 after IPv4 fails with "can't find target REDIRECT") and
-counters (read from the entries, no extension decoded).  Rules are listed with
-iptables-legacy-save and ip6tables-legacy-save: decoding IPv6 rules would need REDIRECT, and
-decoding any loads every extension's printer.
+counters (read from the entries, no extension decoded).  IPv6 rules are listed with
+ip6tables-legacy-save, since decoding them would need REDIRECT.
 """
 
 from __future__ import annotations
@@ -324,47 +323,43 @@ def to_save(chain: str, rule) -> str:
 
 
 def listing(ns: str, table_name: str, family: int = 4) -> list[NumberedRule]:
-    """Every rule of a table in `ns`, numbered per chain, with its counters, as
-    `iptables-legacy-save -c` (ip6tables-legacy-save for IPv6) prints them.
-
-    The tool's own rendering, not python-iptables': decoding in this process needs every
-    extension's printer loaded through libxtables (13 ms the first time, in every run), and
-    IPv6 rules' extensions (REDIRECT) cannot be loaded for IPv6 once IPv4 has them.  It reads
-    every profile's rules back exactly as to_save() renders them (tests/test_world.py)."""
-    tool = "ip6tables-legacy-save" if family == 6 else "iptables-legacy-save"
-    try:
-        with netns.entered(ns):
-            # A session of its own: a Ctrl-C meant for us (`istio-lab trace` stops on it, reading
-            # rules as events come) must not kill it halfway.
-            done = subprocess.run([tool, "-c", "-t", table_name], capture_output=True, text=True,
-                                  timeout=RESTORE_DEADLINE, start_new_session=True)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        raise RuleError(f"{tool}: {e}") from None
-    if done.returncode:
-        raise RuleError(f"{tool}: {' '.join(done.stderr.split())}")
-    counters, lines = [], []
-    for line in done.stdout.splitlines():  # "[packets:bytes] -A CHAIN ...": counters first
-        if line.startswith("[") and "] -A " in line:
-            packets_bytes, line = line[1:].split("] ", 1)
-            counters.append(tuple(map(int, packets_bytes.split(":"))))
-        lines.append(line)
-    table = parse("\n".join(lines), tool, family).tables.get(table_name)
-    out, numbers = [], Counter()
-    for rule, (packets, nbytes) in zip(table.rules if table else (), counters):
-        numbers[rule.chain] += 1
-        out.append(NumberedRule(RuleRef(table_name, rule.chain, numbers[rule.chain]), str(rule), packets, nbytes))
-    return out
-
-
-def decoded(ns: str, table_name: str) -> list[NumberedRule]:
-    """listing() decoded in this process by python-iptables (IPv4): a second reader of the
-    same rules, for the tests."""
+    """Every rule of a table in `ns`, numbered per chain, with its counters."""
+    if family == 6:
+        return _listing6(ns, table_name)
     out = []
     with _table(ns, table_name) as table:
         for chain in table.chains:
             for num, rule in enumerate(chain.rules, 1):
                 packets, nbytes = rule.get_counters()
                 out.append(NumberedRule(RuleRef(table_name, chain.name, num), to_save(chain.name, rule), packets, nbytes))
+    return out
+
+
+def _listing6(ns: str, table_name: str) -> list[NumberedRule]:
+    """listing() for ip6tables, read with `ip6tables-legacy-save -c`: decoding IPv6 rules in
+    this process would need their extensions (REDIRECT) loaded for IPv6, which libxtables
+    refuses once IPv4 has them."""
+    try:
+        with netns.entered(ns):
+            # A session of its own: a Ctrl-C meant for us (`istio-lab trace` stops on it, reading
+            # rules as events come) must not kill it halfway.
+            done = subprocess.run(["ip6tables-legacy-save", "-c", "-t", table_name], capture_output=True, text=True,
+                                  timeout=RESTORE_DEADLINE, start_new_session=True)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise RuleError(f"ip6tables-legacy-save: {e}") from None
+    if done.returncode:
+        raise RuleError(f"ip6tables-legacy-save: {' '.join(done.stderr.split())}")
+    counters, lines = [], []
+    for line in done.stdout.splitlines():  # "[packets:bytes] -A CHAIN ...": counters first
+        if line.startswith("[") and "] -A " in line:
+            packets_bytes, line = line[1:].split("] ", 1)
+            counters.append(tuple(map(int, packets_bytes.split(":"))))
+        lines.append(line)
+    table = parse("\n".join(lines), "ip6tables-legacy-save", 6).tables.get(table_name)
+    out, numbers = [], Counter()
+    for rule, (packets, nbytes) in zip(table.rules if table else (), counters):
+        numbers[rule.chain] += 1
+        out.append(NumberedRule(RuleRef(table_name, rule.chain, numbers[rule.chain]), str(rule), packets, nbytes))
     return out
 
 
