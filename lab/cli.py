@@ -39,7 +39,8 @@ def _parser() -> argparse.ArgumentParser:
                           "scenario under each, labs side by side, and reports scenario x profile")
     rule_set.add_argument("--rules", metavar="FILE", help="the sidecar's rules: an iptables-save dump of a real pod")
     run.add_argument("--jobs", type=int, metavar="N", default=None,
-                     help="with --profile all or a,b,c: at most N labs side by side (default: the number of CPUs)")
+                     help="with --profile all or a,b,c: at most N labs side by side (default: 2, or 1 on one CPU; "
+                     "each holds ~45 MB while it runs)")
     run.add_argument("--group", metavar="NAME", help="only the scenarios of a group (istio-lab list shows them), "
                      "e.g. problems")
     for flag, what in (("--proxy-uid", "uid"), ("--proxy-gid", "gid"), ("--outbound-port", "outbound port"),

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import sys
 
 from . import api
@@ -159,7 +158,7 @@ def run_matrix(args, names: list[str]) -> int:
         raise LabError("none of the scenarios applies to any of the profiles' rules"
                        + "".join(f"\n  {line}" for line in plan.left_out))
     _ready_machine(backend)
-    jobs = args.jobs or os.cpu_count() or 1
+    jobs = args.jobs or matrix.default_jobs()
     console = _console()
     status = console.status(f"building {len(plan.labs)} labs, {min(jobs, len(plan.labs))} side by side") \
         if not args.json else contextlib.nullcontext()
