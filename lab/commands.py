@@ -162,16 +162,20 @@ def run_matrix(args, names: list[str]) -> int:
     console = _console()
     status = console.status(f"building {len(plan.labs)} labs, {min(jobs, len(plan.labs))} side by side") \
         if not args.json else contextlib.nullcontext()
-    with status:
-        shown = matrix.run(plan, chosen, backend, jobs)
-    if args.json:
-        print(report.matrix_json(shown))
-    else:
-        report.render_matrix(console, shown)
-    if report_dir is not None:
-        index, *pages, summary = html_report.write_matrix(report_dir, shown)
-        print(f"istio-lab: report written to {index} (the matrix; a page per profile beside it: "
-              f"{len(pages)}) and {summary}", file=sys.stderr if args.json else sys.stdout)
+    finishing: list = []  # the workers, removing their labs' namespaces while the report is written
+    try:
+        with status:
+            shown = matrix.run(plan, chosen, backend, jobs, finishing)
+        if args.json:
+            print(report.matrix_json(shown))
+        else:
+            report.render_matrix(console, shown)
+        if report_dir is not None:
+            index, *pages, summary = html_report.write_matrix(report_dir, shown)
+            print(f"istio-lab: report written to {index} (the matrix; a page per profile beside it: "
+                  f"{len(pages)}) and {summary}", file=sys.stderr if args.json else sys.stdout)
+    finally:
+        matrix.finish(finishing)
     return 0 if shown.all_passed else 1
 
 

@@ -102,11 +102,13 @@ def plan(scenarios: list[Scenario], names: list[str], backend: str, pod: annotat
     return Plan(tuple(columns), tuple(labs), tuple(left_out))
 
 
-def run(chosen: Plan, order: list[Scenario], backend: Backend, jobs: int) -> MatrixView:
+def run(chosen: Plan, order: list[Scenario], backend: Backend, jobs: int, later: list | None = None) -> MatrixView:
     """Build every lab, at most `jobs` side by side, and gather the views by profile, each
-    column in `order` (IPv6 twins after their scenario)."""
+    column in `order` (IPv6 twins after their scenario).  With `later`, the workers, who
+    remove their labs' namespaces once they have sent the last views, are left to it and
+    added to the list: finish(later) waits for them (the caller reports meanwhile)."""
     jobs = max(1, min(jobs, len(chosen.labs)))
-    done = side_by_side(list(chosen.labs), backend, jobs)
+    done = side_by_side(list(chosen.labs), backend, jobs, later)
     runs = []
     for name in chosen.profiles:
         views = [v for lab, (views, _) in zip(chosen.labs, done) if lab.profile == name for v in views]
@@ -148,8 +150,17 @@ def _preload(backend: Backend) -> None:
             pass
 
 
-def side_by_side(labs: list[runner.Lab], backend: Backend, jobs: int) -> list[tuple[list[ScenarioView], str]]:
-    """Each lab's views and id, in the labs' order; `jobs` workers at a time (1: in this process)."""
+def finish(workers: list) -> None:
+    """Wait for workers run() left to finish (their labs' namespaces removed)."""
+    with interrupts.held():  # a Ctrl-C must not leave one unwaited
+        while workers:
+            workers.pop().finish(stop=False)
+
+
+def side_by_side(labs: list[runner.Lab], backend: Backend, jobs: int,
+                 later: list | None = None) -> list[tuple[list[ScenarioView], str]]:
+    """Each lab's views and id, in the labs' order; `jobs` workers at a time (1: in this
+    process).  With `later`, workers that ended well are not waited for, but put there."""
     if jobs <= 1:
         with runner.removing([]) as kept:
             return [one_lab(lab, backend, kept) for lab in labs]
@@ -179,11 +190,16 @@ def side_by_side(labs: list[runner.Lab], backend: Backend, jobs: int) -> list[tu
                 worker.give(todo)
     finally:
         stopping = any(w.lab is not None for w in workers)
-        with interrupts.held():  # a second Ctrl-C must not leave a worker tearing down unwaited
+        if later is not None and not stopping and not died:
             for worker in workers:
-                worker.finish(stop=stopping)
-            if died:
-                record.reap_orphans()  # a worker that died left its lab: its record's owner is dead
+                worker.give([])  # no more work: it removes its labs' namespaces and ends
+            later += workers
+        else:
+            with interrupts.held():  # a second Ctrl-C must not leave a worker tearing down unwaited
+                for worker in workers:
+                    worker.finish(stop=stopping)
+                if died:
+                    record.reap_orphans()  # a worker that died left its lab: its record's owner is dead
     return out
 
 
