@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import os
 import select
 import socket
@@ -152,18 +153,20 @@ class TraceEvent:
     seq: int | None
     prefix: str
 
+    # The joiner asks every event for these, often several times: the values are made once
+    # each (a frozen dataclass's __init__ costs a microsecond) and handed out again.
     @property
     def rule(self) -> RuleRef:
         """The rule the event names (for `policy`, the chain's rule count + 1)."""
-        return RuleRef(self.table, self.chain, self.rulenum)
+        return _rule(self.table, self.chain, self.rulenum)
 
     @property
     def source(self) -> Address | None:
-        return Address(self.src, self.sport) if self.sport is not None else None
+        return _address(self.src, self.sport) if self.sport is not None else None
 
     @property
     def destination(self) -> Address | None:
-        return Address(self.dst, self.dport) if self.dport is not None else None
+        return _address(self.dst, self.dport) if self.dport is not None else None
 
     @property
     def opens_flow(self) -> bool:
@@ -187,6 +190,10 @@ class TraceEvent:
         if self.uid is not None:
             parts.append(f"uid={self.uid} gid={self.gid}")
         return " ".join(parts)
+
+
+_address = functools.lru_cache(maxsize=4096)(Address)
+_rule = functools.lru_cache(maxsize=4096)(RuleRef)
 
 
 def parse_prefix(prefix: str) -> tuple[str, str, str, int] | None:
