@@ -159,13 +159,13 @@ def run_matrix(args, names: list[str]) -> int:
                        + "".join(f"\n  {line}" for line in plan.left_out))
     _ready_machine(backend)
     jobs = args.jobs or matrix.default_jobs()
-    console = _console()
-    status = console.status(f"building {len(plan.labs)} labs, {min(jobs, len(plan.labs))} side by side") \
-        if not args.json else contextlib.nullcontext()
-    finishing: list = []  # the workers, removing their labs' namespaces while the report is written
+    pool = matrix.start(plan, backend, jobs)  # the labs are being built from here on
     try:
+        console = _console()
+        status = console.status(f"building {len(plan.labs)} labs, {pool.jobs} side by side") \
+            if not args.json else contextlib.nullcontext()
         with status:
-            shown = matrix.run(plan, chosen, backend, jobs, finishing)
+            shown = matrix.report(plan, pool, chosen)
         if args.json:
             print(report.matrix_json(shown))
         else:
@@ -175,7 +175,7 @@ def run_matrix(args, names: list[str]) -> int:
             print(f"istio-lab: report written to {index} (the matrix; a page per profile beside it: "
                   f"{len(pages)}) and {summary}", file=sys.stderr if args.json else sys.stdout)
     finally:
-        matrix.finish(finishing)
+        pool.finish()  # the workers remove their labs' namespaces while the report is written
     return 0 if shown.all_passed else 1
 
 

@@ -102,19 +102,32 @@ def plan(scenarios: list[Scenario], names: list[str], backend: str, pod: annotat
     return Plan(tuple(columns), tuple(labs), tuple(left_out))
 
 
-def run(chosen: Plan, order: list[Scenario], backend: Backend, jobs: int, later: list | None = None) -> MatrixView:
-    """Build every lab, at most `jobs` side by side, and gather the views by profile, each
-    column in `order` (IPv6 twins after their scenario).  With `later`, the workers, who
-    remove their labs' namespaces once they have sent the last views, are left to it and
-    added to the list: finish(later) waits for them (the caller reports meanwhile)."""
-    jobs = max(1, min(jobs, len(chosen.labs)))
-    done = side_by_side(list(chosen.labs), backend, jobs, later)
+def start(chosen: Plan, backend: Backend, jobs: int) -> "Pool":
+    """Start building the labs, at most `jobs` side by side: the workers are forked and
+    given their first labs now, and build them while the caller goes on (report() gathers)."""
+    return Pool(list(chosen.labs), backend, max(1, min(jobs, len(chosen.labs))))
+
+
+def report(chosen: Plan, pool: "Pool", order: list[Scenario]) -> MatrixView:
+    """Every lab's views, gathered by profile, each column in `order` (IPv6 twins after their
+    scenario).  The workers then remove their labs' namespaces: pool.finish() waits for
+    them (the caller reports meanwhile, and must call it, in a `finally`)."""
+    done = pool.gather()
     runs = []
     for name in chosen.profiles:
         views = [v for lab, (views, _) in zip(chosen.labs, done) if lab.profile == name for v in views]
         labids = [labid for lab, (_, labid) in zip(chosen.labs, done) if lab.profile == name and labid]
-        runs.append(view.run(_in_order(views, order), " ".join(labids), name, name, (), backend.name))
-    return view.matrix(runs, chosen.left_out, backend.name, len(chosen.labs), jobs)
+        runs.append(view.run(_in_order(views, order), " ".join(labids), name, name, (), pool.backend.name))
+    return view.matrix(runs, chosen.left_out, pool.backend.name, len(chosen.labs), pool.jobs)
+
+
+def run(chosen: Plan, order: list[Scenario], backend: Backend, jobs: int) -> MatrixView:
+    """start(), report() and finish() in one: the matrix, every worker ended."""
+    pool = start(chosen, backend, jobs)
+    try:
+        return report(chosen, pool, order)
+    finally:
+        pool.finish()
 
 
 def _in_order(views: list[ScenarioView], order: list[Scenario]) -> list[ScenarioView]:
@@ -150,57 +163,64 @@ def _preload(backend: Backend) -> None:
             pass
 
 
-def finish(workers: list) -> None:
-    """Wait for workers run() left to finish (their labs' namespaces removed)."""
-    with interrupts.held():  # a Ctrl-C must not leave one unwaited
-        while workers:
-            workers.pop().finish(stop=False)
+class Pool:
+    """The labs' workers: forked at once, given the largest labs first, a lab at a time."""
 
+    def __init__(self, labs: list[runner.Lab], backend: Backend, jobs: int):
+        self.labs, self.backend, self.jobs = labs, backend, jobs
+        self.out: list[tuple[list[ScenarioView], str] | None] = [None] * len(labs)
+        self.todo = sorted(range(len(labs)), key=lambda i: _size(labs[i]), reverse=True)
+        self.workers: list[_Worker] = []
+        self.died = False
+        if jobs <= 1:
+            return  # gather() builds them in this process
+        _preload(backend)
+        try:
+            for _ in range(jobs):
+                self._fork()
+        except BaseException:
+            self.finish()
+            raise
 
-def side_by_side(labs: list[runner.Lab], backend: Backend, jobs: int,
-                 later: list | None = None) -> list[tuple[list[ScenarioView], str]]:
-    """Each lab's views and id, in the labs' order; `jobs` workers at a time (1: in this
-    process).  With `later`, workers that ended well are not waited for, but put there."""
-    if jobs <= 1:
-        with runner.removing([]) as kept:
-            return [one_lab(lab, backend, kept) for lab in labs]
-    _preload(backend)
-    todo = sorted(range(len(labs)), key=lambda i: _size(labs[i]), reverse=True)
-    out: list[tuple[list[ScenarioView], str] | None] = [None] * len(labs)
-    workers: list[_Worker] = []
-    died = False
-    try:
-        for _ in range(jobs):
-            workers.append(_Worker.fork(labs, backend, workers))
-            workers[-1].give(todo)
-        while busy := [w for w in workers if w.lab is not None]:
-            ready, _, _ = select.select(busy, [], [])
-            for worker in ready:
-                i, got = worker.lab, worker.receive()
-                if got is None:  # it died: its lab fails, and a new worker takes its place
-                    died = True
-                    why = f"the lab's worker process {worker.how_it_ended()}"
-                    out[i] = [r.view for r in runner.failed(labs[i], why, labs[i].profile)], ""
-                    worker.give([])
-                    if todo:
-                        workers.append(_Worker.fork(labs, backend, workers))
-                        workers[-1].give(todo)
-                    continue
-                out[i] = got
-                worker.give(todo)
-    finally:
-        stopping = any(w.lab is not None for w in workers)
-        if later is not None and not stopping and not died:
-            for worker in workers:
-                worker.give([])  # no more work: it removes its labs' namespaces and ends
-            later += workers
-        else:
-            with interrupts.held():  # a second Ctrl-C must not leave a worker tearing down unwaited
-                for worker in workers:
-                    worker.finish(stop=stopping)
-                if died:
-                    record.reap_orphans()  # a worker that died left its lab: its record's owner is dead
-    return out
+    def _fork(self) -> None:
+        self.workers.append(_Worker.fork(self.labs, self.backend, self.workers))
+        self.workers[-1].give(self.todo)
+
+    def gather(self) -> list[tuple[list[ScenarioView], str]]:
+        """Each lab's views and id, in the labs' order."""
+        if self.jobs <= 1:
+            with runner.removing([]) as kept:
+                return [one_lab(lab, self.backend, kept) for lab in self.labs]
+        try:
+            while busy := [w for w in self.workers if w.lab is not None]:
+                ready, _, _ = select.select(busy, [], [])
+                for worker in ready:
+                    i, got = worker.lab, worker.receive()
+                    if got is None:  # it died: its lab fails, and a new worker takes its place
+                        self.died = True
+                        why = f"the lab's worker process {worker.how_it_ended()}"
+                        self.out[i] = [r.view for r in runner.failed(self.labs[i], why, self.labs[i].profile)], ""
+                        worker.give([])
+                        if self.todo:
+                            self._fork()
+                        continue
+                    self.out[i] = got
+                    worker.give(self.todo)  # with none left: no more work, it removes its labs' namespaces
+        except BaseException:
+            self.finish()
+            raise
+        return self.out
+
+    def finish(self) -> None:
+        """Wait for every worker to end (stopping those still at work: an interrupted run);
+        reap the lab of one that died."""
+        stop = any(w.lab is not None for w in self.workers)
+        with interrupts.held():  # a second Ctrl-C must not leave a worker tearing down unwaited
+            while self.workers:
+                self.workers.pop().finish(stop=stop)
+            if self.died:
+                self.died = False
+                record.reap_orphans()  # a worker that died left its lab: its record's owner is dead
 
 
 class _Worker:
