@@ -9,8 +9,10 @@ a main thread), and it sends back its scenarios' views through a pipe.  Labs sid
 never see each other: each has its own namespaces, processes and trace readers.  A lab that
 cannot be built fails its own scenarios, with the reason, and the others go on.
 
-A worker dies with its parent (SIGTERM, on which it tears its lab down); an interrupted
-matrix stops its workers and waits for them to tear down before it returns.
+A worker stops each lab when it is done and removes their namespaces once it is given no
+more (world.Lab.stop says why), while the caller writes the report.  A worker dies with its
+parent (SIGTERM, on which it tears its labs down); an interrupted matrix stops its workers
+and waits for them to tear down before it returns.
 """
 
 from __future__ import annotations
@@ -38,12 +40,12 @@ WORKER = "ilab-worker"  # a worker's process name (ps, /proc/PID/comm)
 # worker), and two keep a whole matrix run under 150 MB (measured: 110-120 MB; three: 140-155).
 # On two cores a third bought ~7% (the labs contend for CPU and the kernel's rtnl lock).
 DEFAULT_JOBS = 2
+_INDEX = struct.Struct("=I")  # a worker is given a lab by its index in the plan
+_LENGTH = struct.Struct("=Q")  # and sends back its views, pickled, after their length
 
 
 def default_jobs() -> int:
     return max(1, min(os.cpu_count() or 1, DEFAULT_JOBS))
-_INDEX = struct.Struct("=I")
-_LENGTH = struct.Struct("=Q")
 
 
 def asked(text: str | None) -> list[str] | None:
