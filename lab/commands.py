@@ -153,13 +153,15 @@ def run_matrix(args, names: list[str]) -> int:
     report_dir = html_report.prepare(args.report) if args.report is not None else None
     preflight.check_root()
     backend, _ = backends.choose(args.backend)  # which profiles can run depends on it
-    plan = matrix.plan(chosen, names, backend.name, pod, all_asked=args.profile == matrix.ALL, named=bool(args.ids))
+    plan = matrix.plan(chosen, names, backend.name, pod, all_asked=args.profile == matrix.ALL, named=bool(args.ids),
+                       asked=args.backend)
     if not plan.labs:
         raise LabError("none of the scenarios applies to any of the profiles' rules"
                        + "".join(f"\n  {line}" for line in plan.left_out))
-    _ready_machine(backend)
+    for used in matrix.backends_of(plan):
+        _ready_machine(used)
     jobs = args.jobs or matrix.default_jobs()
-    pool = matrix.start(plan, backend, jobs)  # the labs are being built from here on
+    pool = matrix.start(plan, jobs)  # the labs are being built from here on
     try:
         console = _console()
         status = console.status(f"building {len(plan.labs)} labs, {pool.jobs} side by side") \

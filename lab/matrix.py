@@ -17,6 +17,7 @@ and waits for them to tear down before it returns.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pickle
 import select
@@ -63,6 +64,12 @@ def asked(text: str | None) -> list[str] | None:
     return list(dict.fromkeys(names))
 
 
+def backend_for(name: str, asked: str, chosen: str) -> str:
+    """The backend a profile's labs run on: the one chosen for the run, but nf_tables for a
+    native nftables profile when --backend left it to the lab (auto)."""
+    return backends.NFT if asked == backends.AUTO and profiles.get(name).native_nftables else chosen
+
+
 def unrunnable(name: str, backend: str) -> str | None:
     """Why the backend cannot run a profile's rules, or None when it can."""
     if profiles.get(name).native_nftables and backend != backends.NFT:
@@ -82,13 +89,15 @@ class Plan:
 
 
 def plan(scenarios: list[Scenario], names: list[str], backend: str, pod: annotations.PodAnnotations | None = None,
-         all_asked: bool = True, named: bool = False) -> Plan:
-    """Each profile's labs.  A profile the backend cannot run is left out when `all` asked for
-    it, and an error (LabError) when it was named; scenarios are left out of a column as a run
-    of that profile alone leaves them out (runner.plan)."""
+         all_asked: bool = True, named: bool = False, asked: str = "") -> Plan:
+    """Each profile's labs, on `backend` (or, with `asked` auto, backend_for's).  A profile its
+    backend cannot run is left out when `all` asked for it, and an error (LabError) when it
+    was named; scenarios are left out of a column as a run of that profile alone leaves them
+    out (runner.plan)."""
     columns, labs, left_out = [], [], []
     for name in names:
-        why = unrunnable(name, backend)
+        on = backend_for(name, asked, backend)
+        why = unrunnable(name, on)
         if why and not all_asked:
             raise LabError(f"--profile {name}: {why}")
         if why:
@@ -100,14 +109,20 @@ def plan(scenarios: list[Scenario], names: list[str], backend: str, pod: annotat
             left_out.append(f"{name}: left out: none of the scenarios applies to its rules")
             continue
         columns.append(name)
-        labs += mine
+        labs += [dataclasses.replace(lab, backend=on) for lab in mine]
     return Plan(tuple(columns), tuple(labs), tuple(left_out))
 
 
-def start(chosen: Plan, backend: Backend, jobs: int) -> "Pool":
-    """Start building the labs, at most `jobs` side by side: the workers are forked and
-    given their first labs now, and build them while the caller goes on (report() gathers)."""
-    return Pool(list(chosen.labs), backend, max(1, min(jobs, len(chosen.labs))))
+def backends_of(chosen: Plan) -> list[Backend]:
+    """The backends the plan's labs run on."""
+    return [backends.BACKENDS[name] for name in dict.fromkeys(lab.backend for lab in chosen.labs)]
+
+
+def start(chosen: Plan, jobs: int) -> "Pool":
+    """Start building the labs, at most `jobs` side by side, each on its backend: the workers
+    are forked and given their first labs now, and build them while the caller goes on
+    (report() gathers)."""
+    return Pool(list(chosen.labs), max(1, min(jobs, len(chosen.labs))))
 
 
 def report(chosen: Plan, pool: "Pool", order: list[Scenario]) -> MatrixView:
@@ -119,13 +134,15 @@ def report(chosen: Plan, pool: "Pool", order: list[Scenario]) -> MatrixView:
     for name in chosen.profiles:
         views = [v for lab, (views, _) in zip(chosen.labs, done) if lab.profile == name for v in views]
         labids = [labid for lab, (_, labid) in zip(chosen.labs, done) if lab.profile == name and labid]
-        runs.append(view.run(_in_order(views, order), " ".join(labids), name, name, (), pool.backend.name))
-    return view.matrix(runs, chosen.left_out, pool.backend.name, len(chosen.labs), pool.jobs)
+        on = next(lab.backend for lab in chosen.labs if lab.profile == name)
+        runs.append(view.run(_in_order(views, order), " ".join(labids), name, name, (), on))
+    return view.matrix(runs, chosen.left_out, " and ".join(b.name for b in backends_of(chosen)), len(chosen.labs),
+                       pool.jobs)
 
 
-def run(chosen: Plan, order: list[Scenario], backend: Backend, jobs: int) -> MatrixView:
+def run(chosen: Plan, order: list[Scenario], jobs: int) -> MatrixView:
     """start(), report() and finish() in one: the matrix, every worker ended."""
-    pool = start(chosen, backend, jobs)
+    pool = start(chosen, jobs)
     try:
         return report(chosen, pool, order)
     finally:
@@ -144,19 +161,20 @@ def _size(lab: runner.Lab) -> int:
     return len(lab.scenarios) * (2 if lab.rules.dual_stack else 1) + 4
 
 
-def one_lab(lab: runner.Lab, backend: Backend, kept: list | None = None) -> tuple[list[ScenarioView], str]:
-    """A lab's views and id; a lab that could not be built gives its scenarios as failures.
-    With `kept`, its namespaces are left there for the caller to remove (runner.run_lab)."""
+def one_lab(lab: runner.Lab, kept: list | None = None) -> tuple[list[ScenarioView], str]:
+    """A lab's views and id, built on its backend; a lab that could not be built gives its
+    scenarios as failures.  With `kept`, its namespaces are left there for the caller to
+    remove (runner.run_lab)."""
     try:
-        results, labid = runner.run_lab(lab, backend, show_rules=lab.profile, kept=kept)
+        results, labid = runner.run_lab(lab, backends.BACKENDS[lab.backend], show_rules=lab.profile, kept=kept)
     except (LabError, TraceError) as e:
         results, labid = runner.failed(lab, f"the lab could not be built: {e}", show_rules=lab.profile), ""
     return [r.view for r in results], labid
 
 
-def _preload(backend: Backend) -> None:
+def _preload(backend: str) -> None:
     """The backend's libraries imported once, here, for every worker forked after."""
-    if backend.name == backends.LEGACY:
+    if backend == backends.LEGACY:
         xtables.preload()
     else:
         try:
@@ -168,15 +186,16 @@ def _preload(backend: Backend) -> None:
 class Pool:
     """The labs' workers: forked at once, given the largest labs first, a lab at a time."""
 
-    def __init__(self, labs: list[runner.Lab], backend: Backend, jobs: int):
-        self.labs, self.backend, self.jobs = labs, backend, jobs
+    def __init__(self, labs: list[runner.Lab], jobs: int):
+        self.labs, self.jobs = labs, jobs
         self.out: list[tuple[list[ScenarioView], str] | None] = [None] * len(labs)
         self.todo = sorted(range(len(labs)), key=lambda i: _size(labs[i]), reverse=True)
         self.workers: list[_Worker] = []
         self.died = False
         if jobs <= 1:
             return  # gather() builds them in this process
-        _preload(backend)
+        for backend in dict.fromkeys(lab.backend for lab in labs):
+            _preload(backend)
         try:
             for _ in range(jobs):
                 self._fork()
@@ -185,14 +204,14 @@ class Pool:
             raise
 
     def _fork(self) -> None:
-        self.workers.append(_Worker.fork(self.labs, self.backend, self.workers))
+        self.workers.append(_Worker.fork(self.labs, self.workers))
         self.workers[-1].give(self.todo)
 
     def gather(self) -> list[tuple[list[ScenarioView], str]]:
         """Each lab's views and id, in the labs' order."""
         if self.jobs <= 1:
             with runner.removing([]) as kept:
-                return [one_lab(lab, self.backend, kept) for lab in self.labs]
+                return [one_lab(lab, kept) for lab in self.labs]
         try:
             while busy := [w for w in self.workers if w.lab is not None]:
                 ready, _, _ = select.select(busy, [], [])
@@ -237,7 +256,7 @@ class _Worker:
         return self.results
 
     @classmethod
-    def fork(cls, labs: list[runner.Lab], backend: Backend, others: list["_Worker"]) -> "_Worker":
+    def fork(cls, labs: list[runner.Lab], others: list["_Worker"]) -> "_Worker":
         sys.stdout.flush()
         sys.stderr.flush()
         parent = os.getpid()
@@ -253,7 +272,7 @@ class _Worker:
                     for fd in (tasks_w, results_r, *(fd for w in others for fd in (w.tasks, w.results) if fd >= 0)):
                         os.close(fd)  # another worker's pipes: its end of work must reach it
                     if netns.die_with_parent(signal.SIGTERM, parent):
-                        _work(labs, backend, tasks_r, results_w)
+                        _work(labs, tasks_r, results_w)
                     code = 0
                 except KeyboardInterrupt:
                     code = 130
@@ -325,12 +344,12 @@ def _read(fd: int, n: int) -> bytes:
     return b"".join(chunks)
 
 
-def _work(labs: list[runner.Lab], backend: Backend, tasks: int, results: int) -> None:
+def _work(labs: list[runner.Lab], tasks: int, results: int) -> None:
     """A worker's life: build each lab it is given, send its views, until told no more; then
     remove the namespaces of every lab it built (world.Lab.stop says why at the end)."""
     with runner.removing([]) as kept:
         while len(head := _read(tasks, _INDEX.size)) == _INDEX.size:
-            _send(results, pickle.dumps(one_lab(labs[_INDEX.unpack(head)[0]], backend, kept)))
+            _send(results, pickle.dumps(one_lab(labs[_INDEX.unpack(head)[0]], kept)))
 
 
 def _send(results: int, data: bytes) -> None:

@@ -126,7 +126,7 @@ def matrix_json(m: MatrixView) -> str:
             result = as_json(v)
             if v.profile != run.rules_name:  # a pod's annotations that change the rules: no expectation
                 result["expected_under"] = v.profile
-            out.append({**result, "profile": run.rules_name})
+            out.append({**result, "profile": run.rules_name, "backend": run.backend})
     return json.dumps({"backend": m.backend, "profiles": list(m.profiles), "left_out": list(m.left_out),
                        "labs": m.labs, "side_by_side": m.side_by_side, "passed": m.passed,
                        "total": len(out), "scenarios": out}, indent=2)
@@ -167,7 +167,8 @@ def render_matrix(console, m: MatrixView) -> None:
                 else ", ".join(short_profile(n) for n in names)
             lines.append(f"  {who}: {path}")
     console.print("\n".join(lines), markup=False, highlight=False)
-    table = Table(title=f"Scenarios x profiles, judged by the kernel ({m.backend} backend, {m.labs} labs, "
+    on = f"{m.backend} backend" + ("s" if " and " in m.backend else "")
+    table = Table(title=f"Scenarios x profiles, judged by the kernel ({on}, {m.labs} labs, "
                         f"{m.side_by_side} side by side)")
     table.add_column("scenario", no_wrap=True)
     for name in m.profiles:

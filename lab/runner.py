@@ -47,6 +47,7 @@ class Lab:
     scenarios: list[Scenario] = field(default_factory=list)
     rules_of: dict[str, RuleSet] = field(default_factory=dict)  # scenario id -> the rules it asked for
     profile: str = ""  # the profile the command line chose, when it chose one (a matrix's column)
+    backend: str = ""  # the backend a matrix runs it on ("": the run's)
 
 
 def rules_for(s: Scenario, choice: Choice, cache: dict | None = None) -> RuleSet:
