@@ -11,7 +11,7 @@ the app's fsuid and could not remove its namespaces.  So:
   - a stop not yet raised (held back, or dropped by a destructor) is remembered, and the
     places that wait (start-up, each scenario, `up --hold`, the end of a command) check it;
   - code in a held() block is never interrupted: the KeyboardInterrupt is raised when the
-    block ends.  The lab holds it around its calls into python-iptables and rtnetlink,
+    block ends.  The lab holds it around its calls into python-iptables and pyroute2,
     around namespace switches and around fork.
 Once stopping, the harness's last word is its one line: destructors of a library cut
 short are not heard.

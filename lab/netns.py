@@ -16,6 +16,8 @@ import sys
 import threading
 from typing import Callable, Iterator
 
+from pyroute2 import netns as _netns
+
 from . import interrupts
 from .errors import LabError
 
@@ -30,7 +32,6 @@ _CAPABILITY_VERSION_3 = 0x20080522  # linux/capability.h: two 32-bit words per s
 CAPABILITIES = {"NET_ADMIN": 12}  # the ones a process may keep, by name (linux/capability.h)
 _CLONE_NEWNET = 0x40000000
 _MS_BIND, _MS_REC, _MS_SHARED = 0x1000, 0x4000, 1 << 20  # linux/mount.h
-_MNT_DETACH = 2
 LO_INDEX = 1  # lo is always the first link of a new namespace
 _CAP_LAST_CAP_PATH = "/proc/sys/kernel/cap_last_cap"
 
@@ -44,10 +45,7 @@ def exists(name: str) -> bool:
 
 
 def names() -> list[str]:
-    try:
-        return sorted(os.listdir(NETNS_DIR))
-    except FileNotFoundError:
-        return []
+    return sorted(_netns.listnetns())
 
 
 def create(name: str) -> None:
@@ -99,15 +97,8 @@ def inode(ns_path: str) -> int:
 
 
 def remove(name: str) -> None:
-    """Unmount and unlink a named namespace (as `ip netns del`); it ends with its last user."""
     if exists(name):
-        _libc.umount2(path(name).encode(), _MNT_DETACH)
-        os.unlink(path(name))
-
-
-def setns(fd: int) -> None:
-    """Move the calling thread into the network namespace open on `fd`."""
-    _call(_libc.setns(fd, _CLONE_NEWNET), "enter a network namespace")
+        _netns.remove(name)
 
 
 @contextlib.contextmanager
@@ -120,7 +111,7 @@ def _saved_netns() -> Iterator[None]:
         try:
             yield
         finally:
-            setns(home)
+            _netns.setns(home)
             os.close(home)
 
 
@@ -130,7 +121,7 @@ def entered(name: str) -> Iterator[None]:
     target = os.open(path(name), os.O_RDONLY)
     try:
         with _saved_netns():
-            setns(target)
+            _netns.setns(target)
             yield
     finally:
         os.close(target)
@@ -273,7 +264,7 @@ def spawn(
         sys.stdout = os.fdopen(1, "w", buffering=1)
         sys.stderr = os.fdopen(2, "w", buffering=1)
         target = os.open(path(ns), os.O_RDONLY)
-        setns(target)
+        _netns.setns(target)
         os.close(target)
         drop_privileges(uid, gid, capabilities)
         if die_with_parent:  # after the uid change: changing credentials clears the death signal

@@ -44,8 +44,9 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Mapping
 
+from pyroute2.netlink import NETLINK_NETFILTER
+
 from . import netns
-from .rtnl import NETLINK_NETFILTER
 from .trace import RCVBUF, SO_RCVBUFFORCE, TraceError, TraceLost, IfNames, parse_packet, split_messages
 
 # linux/netfilter/nfnetlink.h, linux/netfilter/nf_tables.h

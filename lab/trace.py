@@ -25,12 +25,13 @@ import time
 from dataclasses import dataclass
 from typing import Mapping
 
+from pyroute2.netlink import NETLINK_NETFILTER, NLM_F_ACK, NLM_F_REQUEST, NLMSG_ERROR
+from pyroute2.netlink.nfnetlink import NFNL_SUBSYS_ULOG
+
 from . import netns
-from .rtnl import NETLINK_NETFILTER, NLM_F_ACK, NLM_F_REQUEST, NLMSG_ERROR
 from .addr import Address
 from .netfilter import RuleRef
 
-NFNL_SUBSYS_ULOG = 4  # linux/netfilter/nfnetlink.h
 # linux/netfilter/nfnetlink_log.h
 NFULNL_MSG_PACKET = 0
 NFULNL_MSG_CONFIG = 1

@@ -20,7 +20,9 @@ import string
 from dataclasses import dataclass
 from typing import Iterator
 
-from . import interrupts, netns, plan, record, rtnl
+from pyroute2 import IPRoute
+
+from . import interrupts, netns, plan, record
 from .netns import LO_INDEX
 from .podspec import PodSpec
 from .errors import LabError
@@ -42,10 +44,10 @@ class Pod:
 
 
 @contextlib.contextmanager
-def ipr(ns: str) -> Iterator[rtnl.Socket]:
-    """An rtnetlink socket opened inside `ns` (it stays bound there)."""
+def ipr(ns: str) -> Iterator[object]:
+    """A pyroute2 IPRoute socket opened inside `ns` (it stays bound there)."""
     with netns.entered(ns):
-        sock = rtnl.Socket()
+        sock = IPRoute()
     try:
         yield sock
     finally:
@@ -106,9 +108,9 @@ class Lab:
         self.up = True  # from here an interrupt tears down what there is, the record's directory too
         try:
             self.record.save()  # before any namespace: a crash from here on is reapable
-            # Signals held: a Ctrl-C between a request and its acknowledgement would leave the
-            # socket's next read with a stale answer.  The few milliseconds of the build are not
-            # worth that; the interrupt lands after it.
+            # Signals held: pyroute2 runs each request on an asyncio loop, and a Ctrl-C inside
+            # one leaves the loop in pieces that complain as they are collected.  The few
+            # milliseconds of the build are not worth that; the interrupt lands after it.
             with interrupts.held():
                 netns.create(self.node)
                 with ipr(self.node) as node:
@@ -127,40 +129,38 @@ class Lab:
             raise
         return self
 
-    def _build_fabric(self, node: rtnl.Socket) -> int:
-        node.link_up(LO_INDEX)
-        bridge = node.add_bridge(BRIDGE)
-        node.add_address(bridge, plan.GATEWAY, plan.POD_PREFIX)
+    def _build_fabric(self, node) -> int:
+        node.link("set", index=LO_INDEX, state="up")
+        node.link("add", ifname=BRIDGE, kind="bridge")
+        bridge = node.link_lookup(ifname=BRIDGE)[0]
+        node.addr("add", index=bridge, address=plan.GATEWAY, prefixlen=plan.POD_PREFIX)
         if self.ipv6:
-            node.add_address(bridge, plan.GATEWAY6, plan.POD_PREFIX6, flags=IFA_F_NODAD)
-        node.link_up(bridge)
+            node.addr("add", index=bridge, address=plan.GATEWAY6, prefixlen=plan.POD_PREFIX6, flags=IFA_F_NODAD)
+        node.link("set", index=bridge, state="up")
         return bridge
 
-    def _build_pod(self, node: rtnl.Socket, bridge: int, pod: Pod) -> None:
+    def _build_pod(self, node, bridge: int, pod: Pod) -> None:
         netns.create(pod.ns)
-        fd = os.open(netns.path(pod.ns), os.O_RDONLY)
-        try:
-            port = node.add_veth(pod.name, "eth0", fd, master=bridge)
-        finally:
-            os.close(fd)
+        node.link("add", ifname=pod.name, kind="veth", master=bridge, state="up",
+                  peer={"ifname": "eth0", "net_ns_fd": netns.path(pod.ns)})
         # Hairpin, as the kubelet sets it on a pod's bridge port: a pod's own Service VIP,
         # DNATed by the node back to the pod, goes out of the port it came in by.
-        node.hairpin(port)
+        node.brport("set", index=node.link_lookup(ifname=pod.name)[0], mode=1)
         with ipr(pod.ns) as inside:
-            inside.link_up(LO_INDEX)
-            eth0 = inside.index("eth0")
-            inside.add_address(eth0, pod.ip, plan.POD_PREFIX)
-            inside.link_up(eth0)
+            inside.link("set", index=LO_INDEX, state="up")
+            eth0 = inside.link_lookup(ifname="eth0")[0]
+            inside.addr("add", index=eth0, address=pod.ip, prefixlen=plan.POD_PREFIX)
+            inside.link("set", index=eth0, state="up")
             for vip in plan.HELD_VIPS.get(pod.name, ()):
-                inside.add_address(eth0, vip, 32)
-            inside.add_route("default", gateway=plan.GATEWAY)
-            inside.add_route(plan.SERVICE_RANGE, gateway=plan.GATEWAY)
+                inside.addr("add", index=eth0, address=vip, prefixlen=32)
+            inside.route("add", dst="default", gateway=plan.GATEWAY)
+            inside.route("add", dst=plan.SERVICE_RANGE, gateway=plan.GATEWAY)
             if pod.ip6:
                 self._ipv6_pod(inside, eth0, pod)
         if pod.name in plan.POD_SYSCTLS:
             netns.set_sysctls(pod.ns, plan.POD_SYSCTLS[pod.name])
 
-    def _neighbours6(self, node: rtnl.Socket, bridge: int) -> None:
+    def _neighbours6(self, node, bridge: int) -> None:
         """The pods' IPv6 addresses as permanent neighbours of the node.  A SYN the node DNATs
         (br_netfilter, at the bridge) to a pod whose neighbour entry is not resolved yet is
         dropped, not queued (measured: the first IPv6 connection to a VIP needed its SYN
@@ -168,23 +168,23 @@ class Lab:
         for pod in self.pods.values():
             if pod.ip6 and pod.name != plan.VM:
                 with ipr(pod.ns) as inside:
-                    mac = inside.mac(inside.index("eth0"))
-                node.add_neighbour(bridge, pod.ip6, mac, NUD_PERMANENT)
+                    mac = inside.get_links(inside.link_lookup(ifname="eth0")[0])[0].get_attr("IFLA_ADDRESS")
+                node.neigh("add", dst=pod.ip6, lladdr=mac, ifindex=bridge, state=NUD_PERMANENT)
 
     @staticmethod
-    def _ipv6_pod(inside: rtnl.Socket, eth0: int, pod: Pod) -> None:
-        inside.add_address(eth0, pod.ip6, plan.POD_PREFIX6, flags=IFA_F_NODAD)
+    def _ipv6_pod(inside, eth0: int, pod: Pod) -> None:
+        inside.addr("add", index=eth0, address=pod.ip6, prefixlen=plan.POD_PREFIX6, flags=IFA_F_NODAD)
         for dst in ("::/0", plan.SERVICE_RANGE6):
-            inside.add_route(dst, gateway=plan.GATEWAY6, family=socket.AF_INET6)
+            inside.route("add", dst=dst, gateway=plan.GATEWAY6, family=socket.AF_INET6)
         if pod.name == "sidecar":  # IPv6 lo holds ::1/128 only; Envoy's inbound passthrough binds ::6
-            inside.add_address(LO_INDEX, plan.INBOUND_PASSTHROUGH_SOURCE6, 128)
+            inside.addr("add", index=LO_INDEX, address=plan.INBOUND_PASSTHROUGH_SOURCE6, prefixlen=128)
 
-    def _route_held_vips(self, node: rtnl.Socket, bridge: int) -> None:
+    def _route_held_vips(self, node, bridge: int) -> None:
         """The node forwards a held VIP to its pod, and (DNATed) every other VIP to its endpoint.
         No ICMP redirects: they would teach the pods a shortcut and change later packets' next hop."""
         for pod, vips in plan.HELD_VIPS.items():
             for vip in vips:
-                node.add_route(f"{vip}/32", gateway=self.pods[pod].ip, oif=bridge)
+                node.route("add", dst=f"{vip}/32", gateway=self.pods[pod].ip, oif=bridge)
         sysctls = {"net/ipv4/ip_forward": "1", "net/ipv4/conf/all/send_redirects": "0",
                    f"net/ipv4/conf/{BRIDGE}/send_redirects": "0"}
         if self.ipv6:  # the IPv6 VIPs are DNATed and forwarded too
@@ -204,24 +204,22 @@ class Lab:
         """The VM's namespace, on a veth whose other end is the sidecar pod's k6t-eth0."""
         netns.create(vm.ns)
         sidecar = self.pods["sidecar"].ns
-        fd = os.open(netns.path(vm.ns), os.O_RDONLY)
-        try:
-            with ipr(sidecar) as pod:
-                nic = pod.add_veth(plan.VM_INTERFACE, "eth0", fd, master=0)
-                pod.add_address(nic, plan.VM_GATEWAY, plan.VM_PREFIX)
-                if vm.ip6:
-                    pod.add_address(nic, plan.VM_GATEWAY6, plan.VM_PREFIX6, flags=IFA_F_NODAD)
-        finally:
-            os.close(fd)
-        with ipr(vm.ns) as inside:
-            inside.link_up(LO_INDEX)
-            eth0 = inside.index("eth0")
-            inside.add_address(eth0, vm.ip, plan.VM_PREFIX)
-            inside.link_up(eth0)
-            inside.add_route("default", gateway=plan.VM_GATEWAY)
+        with ipr(sidecar) as pod:
+            pod.link("add", ifname=plan.VM_INTERFACE, kind="veth", state="up",
+                     peer={"ifname": "eth0", "net_ns_fd": netns.path(vm.ns)})
+            nic = pod.link_lookup(ifname=plan.VM_INTERFACE)[0]
+            pod.addr("add", index=nic, address=plan.VM_GATEWAY, prefixlen=plan.VM_PREFIX)
             if vm.ip6:
-                inside.add_address(eth0, vm.ip6, plan.VM_PREFIX6, flags=IFA_F_NODAD)
-                inside.add_route("::/0", gateway=plan.VM_GATEWAY6, family=socket.AF_INET6)
+                pod.addr("add", index=nic, address=plan.VM_GATEWAY6, prefixlen=plan.VM_PREFIX6, flags=IFA_F_NODAD)
+        with ipr(vm.ns) as inside:
+            inside.link("set", index=LO_INDEX, state="up")
+            eth0 = inside.link_lookup(ifname="eth0")[0]
+            inside.addr("add", index=eth0, address=vm.ip, prefixlen=plan.VM_PREFIX)
+            inside.link("set", index=eth0, state="up")
+            inside.route("add", dst="default", gateway=plan.VM_GATEWAY)
+            if vm.ip6:
+                inside.addr("add", index=eth0, address=vm.ip6, prefixlen=plan.VM_PREFIX6, flags=IFA_F_NODAD)
+                inside.route("add", dst="::/0", gateway=plan.VM_GATEWAY6, family=socket.AF_INET6)
 
     def destroy(self) -> None:
         if self.up:

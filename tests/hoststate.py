@@ -1,6 +1,5 @@
 """A snapshot of everything of the host namespace the lab must never change."""
 
-import contextlib
 import glob
 import re
 import shutil
@@ -47,19 +46,3 @@ def snapshot() -> dict[str, object]:
         "nft list ruleset": _cmd("nft", "list", "ruleset"),
         "sysctls": _sysctls(),
     }
-
-
-@contextlib.contextmanager
-def pyroute2_in(ns: str):
-    """A pyroute2 IPRoute socket inside a lab's namespace: a reader independent of lab.rtnl,
-    which wrote what it reads (links, addresses, routes, rules)."""
-    from pyroute2 import IPRoute
-
-    from lab import netns
-
-    with netns.entered(ns):
-        sock = IPRoute()
-    try:
-        yield sock
-    finally:
-        sock.close()

@@ -25,9 +25,8 @@ from lab.proxylogs import ProxyLine
 from lab.rules import profiles, ruleset, xtables
 from lab.sidecar import envoy
 from lab.trace import TraceReader
-from lab.world import IFA_F_NODAD, Lab
+from lab.world import IFA_F_NODAD, Lab, ipr
 
-from .hoststate import pyroute2_in
 from .sandbox import Sandbox
 
 REPO = Path(__file__).resolve().parent.parent
@@ -126,7 +125,7 @@ def test_a_plugin_request_to_an_ipv6_address_is_traced_as_ipv6():
 
 def _addresses(ns: str) -> dict[str, list[tuple[str, int]]]:
     """ifname -> [(IPv6 address, flags)] inside `ns`."""
-    with pyroute2_in(ns) as sock:
+    with ipr(ns) as sock:
         names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in sock.get_links()}
         out: dict[str, list[tuple[str, int]]] = {}
         for a in sock.get_addr(family=socket.AF_INET6):

@@ -16,7 +16,7 @@ LAYERS = [
                       "rules.ruleset", "rules.nftset", "rules.nftbuilder", "rules.nftlisting", "rules.annotations", "rules.kubeproxy", "path", "dns",
                       "sidecar.httpio"}),
     ("kernel", {"netns", "procfs", "record", "world", "rules.xtables", "rules.routing", "trace", "preflight",
-                "nftrace", "rtnl", "sockdiag", "rules.nft.libnft", "rules.nft.ruleset", "rules.nft.iptables_nft", "rules.nft.native",
+                "nftrace", "sockdiag", "rules.nft.libnft", "rules.nft.ruleset", "rules.nft.iptables_nft", "rules.nft.native",
                 "rules.nft.tracing", "rules.nft.naming", "rules.nft.probes", "backend"}),
     ("processes", {"sidecar.envoy", "sidecar.agent", "sidecar.dnsproxy", "workloads", "proxylogs", "processes",
                    "traffic"}),

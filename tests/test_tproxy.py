@@ -9,7 +9,6 @@ from lab import api, backend, html_report, netns, plan, scenario, world
 from lab.addr import Address
 from lab.rules import features, profiles, routing, ruleset
 
-from .hoststate import pyroute2_in
 from .test_sidecar import proc_status
 
 TPROXY = "istio-1.25-tproxy"
@@ -47,7 +46,7 @@ def test_scenario_under_tproxy(tproxy_lab, s):
 
 
 def _policy_routing(ns: str) -> tuple[list, list]:
-    with pyroute2_in(ns) as ipr:
+    with world.ipr(ns) as ipr:
         rules = [(r.get_attr("FRA_FWMARK"), r.get_attr("FRA_TABLE")) for r in ipr.get_rules(family=socket.AF_INET)
                  if r.get_attr("FRA_FWMARK")]
         routes = [(r["type"], r["dst_len"], r.get_attr("RTA_OIF")) for r in ipr.route("dump", table=routing.ROUTE_TABLE)]

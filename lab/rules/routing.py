@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import socket
 
-from .. import rtnl
 from ..netns import LO_INDEX
 from .features import tproxy_mark
 from .save import Dump
@@ -23,15 +22,16 @@ ROUTE_TABLE = 133  # istio-iptables' INBOUND_TPROXY_ROUTE_TABLE
 RULE_PRIORITY = 32765  # where `ip rule add` puts the first rule of its own, before main's 32766
 
 
-def apply(ipr: rtnl.Socket, dump: Dump) -> None:
+def apply(ipr, dump: Dump) -> None:
     """Add the fwmark rule and the local default route for the dump's family, if it uses TPROXY.
 
-    `ipr` is an rtnetlink socket opened inside the pod.
+    `ipr` is a pyroute2 IPRoute socket opened inside the pod.
     """
     mark = tproxy_mark(dump)
     if mark is None:
         return
     family = socket.AF_INET if dump.family == 4 else socket.AF_INET6
-    ipr.add_rule(family, mark, ROUTE_TABLE, RULE_PRIORITY)
-    scope = rtnl.RT_SCOPE_HOST if dump.family == 4 else rtnl.RT_SCOPE_UNIVERSE  # what `ip` gives a local route
-    ipr.add_route("default", family=family, kind=rtnl.RTN_LOCAL, oif=LO_INDEX, table=ROUTE_TABLE, scope=scope)
+    anywhere = "0.0.0.0/0" if dump.family == 4 else "::/0"
+    ipr.rule("add", family=family, fwmark=mark, table=ROUTE_TABLE, priority=RULE_PRIORITY)
+    scope = {"scope": "host"} if dump.family == 4 else {}  # what `ip` gives a local route
+    ipr.route("add", family=family, dst=anywhere, type="local", oif=LO_INDEX, table=ROUTE_TABLE, **scope)
