@@ -125,13 +125,18 @@ class Session:
             raise
         return self
 
-    def close(self) -> None:
+    def close(self, keep_namespaces: bool = False) -> None:
+        """Tear the lab down; with `keep_namespaces`, everything but its namespaces, which
+        lab.destroy() removes later (world.Lab.stop says why a run of labs would)."""
         try:
             if self.witnesses is not None:
                 self.witnesses.close()
                 self.witnesses = None
         finally:
-            self.lab.destroy()
+            if keep_namespaces:
+                self.lab.stop()
+            else:
+                self.lab.destroy()
 
     def __exit__(self, *exc) -> None:
         self.close()

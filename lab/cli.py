@@ -35,9 +35,13 @@ def _parser() -> argparse.ArgumentParser:
                      help="also write DIR/index.html (a diagram per scenario) and DIR/summary.md")
     rule_set = run.add_mutually_exclusive_group()
     rule_set.add_argument("--profile", metavar="NAME", help="the sidecar's rules: a profile (istio-lab profiles; "
-                          "default istio-1.13, the article's)")
+                          "default istio-1.13, the article's); `all`, or names joined by commas, runs every "
+                          "scenario under each, labs side by side, and reports scenario x profile")
     rule_set.add_argument("--rules", metavar="FILE", help="the sidecar's rules: an iptables-save dump of a real pod, "
                           "or its nft rules (nft list ruleset output, or an nft -f script; run on the nft backend)")
+    run.add_argument("--jobs", type=int, metavar="N", default=None,
+                     help="with --profile all or a,b,c: at most N labs side by side (default: 2, or 1 on one CPU; "
+                     "each holds ~45 MB while it runs)")
     run.add_argument("--group", metavar="NAME", help="only the scenarios of a group (istio-lab list shows them), "
                      "e.g. problems")
     for flag, what in (("--proxy-uid", "uid"), ("--proxy-gid", "gid"), ("--outbound-port", "outbound port"),

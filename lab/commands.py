@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from . import api, attach, attached, plan
 from . import backend as backends
-from . import html_report, interrupts, preflight, record, report, runner, scenario, view, watch
+from . import html_report, interrupts, matrix, preflight, record, report, runner, scenario, view, watch
 from .addr import Address
 from .backend import Backend
 from .errors import LabError
@@ -106,11 +106,20 @@ def _show_built(console, rules: RuleSet) -> None:
         console.print(f"  note: {note}", markup=False)
 
 
-def run(args) -> int:
+def _chosen(args) -> list[Scenario]:
     everything = scenario.load_all(args.scenarios)  # bad files fail before any lab
     if args.group is None and not args.ids:  # the article's scenarios; the problems are a run of their own
         everything = [s for s in everything if s.group != "problems"]
-    chosen = scenario.select(scenario.in_group(everything, args.group), args.ids)
+    return scenario.select(scenario.in_group(everything, args.group), args.ids)
+
+
+def run(args) -> int:
+    names = matrix.asked(args.profile)
+    if names is not None:
+        return run_matrix(args, names)
+    if args.jobs is not None:
+        raise LabError("--jobs sets how many labs run side by side under --profile all (or a,b,c)")
+    chosen = _chosen(args)
     rules = _rule_set(args)
     choice = runner.Choice(args.profile, rules if args.rules else None, _annotations(args))
     labs, skipped = runner.plan(chosen, choice, named=bool(args.ids))  # scenarios' own rules, checked now
@@ -146,6 +155,53 @@ def run(args) -> int:
         print(f"istio-lab: report written to {' and '.join(map(str, written))}",
               file=sys.stderr if args.json else sys.stdout)
     return 0 if shown.all_passed else 1
+
+
+def run_matrix(args, names: list[str]) -> int:
+    """`run --profile all` (or a,b,c): every profile's scenarios in one process, labs side by side."""
+    if args.jobs is not None and args.jobs < 1:
+        raise LabError(f"--jobs {args.jobs}: at least one lab at a time")
+    chosen = _chosen(args)
+    pod = _annotations(args)
+    _rule_set_flags(args)
+    report_dir = html_report.prepare(args.report) if args.report is not None else None
+    preflight.check_root()
+    backend, _ = backends.choose(args.backend)  # which profiles can run depends on it
+    plan = matrix.plan(chosen, names, backend.name, pod, all_asked=args.profile == matrix.ALL, named=bool(args.ids),
+                       asked=args.backend)
+    if not plan.labs:
+        raise LabError("none of the scenarios applies to any of the profiles' rules"
+                       + "".join(f"\n  {line}" for line in plan.left_out))
+    for used in matrix.backends_of(plan):
+        _ready_machine(used)
+    jobs = args.jobs or matrix.default_jobs()
+    pool = matrix.start(plan, jobs)  # the labs are being built from here on
+    try:
+        console = _console()
+        status = console.status(f"building {len(plan.labs)} labs, {pool.jobs} side by side") \
+            if not args.json else contextlib.nullcontext()
+        with status:
+            shown = matrix.report(plan, pool, chosen)
+        if args.json:
+            print(report.matrix_json(shown))
+        else:
+            report.render_matrix(console, shown)
+        if report_dir is not None:
+            index, *pages, summary = html_report.write_matrix(report_dir, shown)
+            print(f"istio-lab: report written to {index} (the matrix; a page per profile beside it: "
+                  f"{len(pages)}) and {summary}", file=sys.stderr if args.json else sys.stdout)
+    finally:
+        pool.finish()  # the workers remove their labs' namespaces while the report is written
+    return 0 if shown.all_passed else 1
+
+
+def _rule_set_flags(args) -> None:
+    """The flags that describe a dump given with --rules, which a profile (or many) needs none of."""
+    given = [flag for flag, value in (("--proxy-uid", args.proxy_uid), ("--proxy-gid", args.proxy_gid),
+                                      ("--outbound-port", args.outbound_port), ("--inbound-port", args.inbound_port))
+             if value is not None]
+    if given:  # a profile's rules are known: the flag would be silently ignored
+        raise LabError(f"{given[0]} describes a dump given with --rules; a profile needs none")
 
 
 def explain(args) -> int:

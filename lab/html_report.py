@@ -16,6 +16,7 @@ import contextlib
 import datetime
 import html
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from . import markdown_report, plan
@@ -23,7 +24,7 @@ from . import path as paths
 from .compare import same
 from .errors import LabError
 from .netfilter import TABLES
-from .view import RunView, ScenarioView
+from .view import MatrixView, RunView, ScenarioView
 
 FONT = "DejaVu Sans"
 MONO = "DejaVu Sans Mono"
@@ -395,7 +396,75 @@ def page(run: RunView) -> str:
         f"scenarios pass; the kernel agrees with the article on {run.agreeing}.</p>",
         _summary(run),
         LEGEND,
-        *(_section(v) for v in run.scenarios),
+        *_sections(run.scenarios),
+        "</body></html>",
+        "",
+    ])
+
+
+def _sections(scenarios) -> list[str]:
+    """Each scenario's section; their diagrams drawn by `dot` several at a time (each a
+    process of its own)."""
+    if len(scenarios) < 2:
+        return [_section(v) for v in scenarios]
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        return list(pool.map(_section, scenarios))
+
+
+# --- the matrix: one page of verdicts, a page per profile with the diagrams ---------------
+
+
+def profile_page(profile: str) -> str:
+    """The file a profile's page is written to, beside the matrix's index.html."""
+    return f"{profile}.html"
+
+
+def write_matrix(directory: Path, m: MatrixView) -> list[Path]:
+    """DIR/index.html (the matrix, each verdict linking its diagram), DIR/PROFILE.html per
+    profile (as `run --profile PROFILE --report` draws it) and DIR/summary.md."""
+    pages = []
+    for run in m.runs:
+        pages.append(directory / profile_page(run.rules_name))
+        pages[-1].write_text(page(run), encoding="utf-8")
+    index, summary = directory / "index.html", directory / "summary.md"
+    index.write_text(matrix_page(m), encoding="utf-8")
+    summary.write_text(markdown_report.render_matrix(m), encoding="utf-8")
+    return [index, *pages, summary]
+
+
+def _matrix_cell(v: ScenarioView | None, profile: str) -> str:
+    if v is None:
+        return '<td class="none">&ndash;</td>'
+    return (f'<td><a href="{_esc(profile_page(profile))}#{_esc(v.id)}" title="{_esc(v.measured_text or v.failure or "")}">'
+            f"{_verdict(v)}</a></td>")
+
+
+def matrix_page(m: MatrixView) -> str:
+    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    facts = [f"{m.backend} backend", f"{m.labs} labs", f"kernel {os.uname().release}", when]
+    head = "".join(f'<th><a href="{_esc(profile_page(name))}">{_esc(name)}</a></th>' for name in m.profiles)
+    rows = "".join(f'<tr><td><code>{_esc(sid)}</code></td>'
+                   + "".join(_matrix_cell(m.cell(sid, name), name) for name in m.profiles) + "</tr>"
+                   for sid in m.rows)
+    paths = []
+    for sid in m.rows:
+        items = "".join(f'<li>{_esc(", ".join(names))}: <span class="path">{_esc(path)}</span></li>'
+                        for path, names in m.paths(sid))
+        paths.append(f"<li><code>{_esc(sid)}</code><ul>{items}</ul></li>")
+    left_out = "".join(f"<li>{_esc(line)}</li>" for line in m.left_out)
+    return "\n".join([
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        "<title>istio-lab: which iptables rule each kind of traffic takes, under every profile</title>",
+        f"<style>{STYLE} td.none {{ color: #999; text-align: center; }}</style></head><body>",
+        "<h1>Which iptables rule each kind of traffic takes, under every profile</h1>",
+        f'<p class="meta">{_esc(" · ".join(facts))}. {m.passed} of {len(m.results)} verdicts pass under '
+        f"{len(m.profiles)} profiles. Each verdict links its scenario&rsquo;s diagrams on the profile&rsquo;s page.</p>",
+        f'<table class="matrix"><thead><tr><th>scenario</th>{head}</tr></thead><tbody>{rows}</tbody></table>',
+        "<h2>Paths by profile</h2>",
+        f'<ul class="paths">{"".join(paths)}</ul>',
+        *([f"<h2>Left out</h2><ul>{left_out}</ul>"] if left_out else []),
         "</body></html>",
         "",
     ])

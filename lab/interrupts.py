@@ -85,6 +85,13 @@ def are_held() -> bool:
     return _holding[0] > 0
 
 
+def forked() -> None:
+    """In a child forked inside held(): the parent's blocks are not the child's, so it starts
+    with nothing held and nothing pending."""
+    _holding[0] = 0
+    _pending.clear()
+
+
 def wait() -> None:
     """Until a stop is asked for, then raise KeyboardInterrupt; none can slip in between."""
     old = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)

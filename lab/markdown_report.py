@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .view import RunView, ScenarioView
+from .view import MatrixView, RunView, ScenarioView
 
 
 def _cell(text: str) -> str:
@@ -50,4 +50,38 @@ def render(run: RunView) -> str:
     out.append("")
     for v in run.scenarios:
         out += _scenario(v)
+    return "\n".join(out)
+
+
+def _matrix_cell(v: ScenarioView | None) -> str:
+    return "–" if v is None else _verdict(v)
+
+
+def render_matrix(m: MatrixView) -> str:
+    """The matrix for a CI job summary: verdicts by scenario and profile, the paths that differ
+    between profiles, what was left out, and each failure with why."""
+    out = ["## Which iptables rule each kind of traffic takes, under every profile", "",
+           f"{m.passed} of {len(m.results)} verdicts pass under {len(m.profiles)} profiles "
+           f"({m.backend} backend, {m.labs} labs).", "",
+           "| scenario | " + " | ".join(name.removeprefix("istio-") for name in m.profiles) + " |",
+           "|---|" + "---|" * len(m.profiles)]
+    for sid in m.rows:
+        out.append(f"| `{sid}` | " + " | ".join(_matrix_cell(m.cell(sid, name)) for name in m.profiles) + " |")
+    out += ["", "### Paths by profile", ""]
+    for sid in m.rows:
+        paths = m.paths(sid)
+        if len(paths) == 1:
+            out.append(f"- `{sid}`: `{_cell(paths[0][0])}`")
+            continue
+        out.append(f"- `{sid}`:")
+        out += [f"  - {', '.join(names)}: `{_cell(path)}`" for path, names in paths]
+    if m.left_out:
+        out += ["", "### Left out", ""] + [f"- {_cell(line)}" for line in m.left_out]
+    failed = [(run.rules_name, v) for run in m.runs for v in run.scenarios if not v.passed]
+    if failed:
+        out += ["", "### Failures", ""]
+        for name, v in failed:
+            out.append(f"- **{name}** `{v.id}`: kernel `{v.measured_text or '-'}`")
+            out += [f"  - {_cell(why)}" for why in v.problems]
+    out.append("")
     return "\n".join(out)

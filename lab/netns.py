@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import os
 import signal
 import sys
@@ -24,7 +23,7 @@ from .errors import LabError
 
 NETNS_DIR = "/run/netns"
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_libc = ctypes.CDLL(None, use_errno=True)  # this process's own libc: no ldconfig run to find it
 _PR_SET_PDEATHSIG = 1
 _PR_SET_NAME = 15
 _PR_SET_KEEPCAPS = 8
@@ -178,6 +177,18 @@ def set_sysctls(name: str, values: dict[str, str]) -> None:
                 raise LabError(f"{name}: cannot set sysctl {key.replace('/', '.')}: {e.strerror}") from None
             if not took:
                 raise LabError(f"{name}: sysctl {key.replace('/', '.')} did not take {value!r}")
+
+
+def name_process(name: str) -> None:
+    """The name ps and /proc/PID/comm show (15 bytes at most)."""
+    _libc.prctl(_PR_SET_NAME, name.encode()[:15], 0, 0, 0)
+
+
+def die_with_parent(sig: int, parent: int) -> bool:
+    """Have the kernel send `sig` to this process when the thread that forked it ends; False
+    when `parent` (that process) has already gone, and no signal would come."""
+    _libc.prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
+    return os.getppid() == parent
 
 
 def drop_privileges(uid: int, gid: int, keep: tuple[str, ...] = ()) -> None:

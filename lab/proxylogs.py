@@ -60,10 +60,14 @@ def create(run_dir: str, name: str, uid: int, gid: int) -> None:
     os.close(fd)
 
 
+def _whole_lines(run_dir: str, name: str) -> list[str]:
+    with open(os.path.join(run_dir, name)) as f:
+        return [line for line in f.read().splitlines(keepends=True) if line.endswith("\n")]
+
+
 def read(run_dir: str, name: str) -> list[dict]:
     """Whole lines only."""
-    with open(os.path.join(run_dir, name)) as f:
-        return [json.loads(line) for line in f.read().splitlines(keepends=True) if line.endswith("\n")]
+    return [json.loads(line) for line in _whole_lines(run_dir, name)]
 
 
 PROXY_LOGS = (ACCESS_LOG, DNS_PROXY_LOG)
@@ -71,11 +75,11 @@ PROXY_LOGS = (ACCESS_LOG, DNS_PROXY_LOG)
 
 def marks(run_dir: str) -> dict[str, int]:
     """How many lines each proxy's log holds now: where a flow's own lines will start."""
-    return {name: len(read(run_dir, name)) for name in PROXY_LOGS}
+    return {name: len(_whole_lines(run_dir, name)) for name in PROXY_LOGS}  # counted, not parsed
 
 
 def proxy_lines(run_dir: str, since: dict[str, int] | None = None) -> list[ProxyLine]:
     """Envoy's access log, then pilot-agent's DNS log (from the marks `since`, if given):
     every leg a proxy took."""
-    return [ProxyLine.from_json(line) for name in PROXY_LOGS
-            for line in read(run_dir, name)[(since or {}).get(name, 0):]]
+    return [ProxyLine.from_json(json.loads(line)) for name in PROXY_LOGS
+            for line in _whole_lines(run_dir, name)[(since or {}).get(name, 0):]]  # the flow's own, parsed

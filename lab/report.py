@@ -8,7 +8,7 @@ import json
 from .path import Hop
 from .predict import Prediction
 from .rules import profiles
-from .view import RunView, ScenarioView
+from .view import MatrixView, RunView, ScenarioView
 
 COUNTED = (("nat", ""), ("raw", " (queries and answers)"), ("mangle", " (every packet, not only the SYN)"))
 
@@ -226,3 +226,74 @@ def render_attached(console, path, rows, cover: bool, ending: str, listener: str
                   + (f";  the client was told: {escape(error)}" if error else ""))
     if ending == "proxy":
         console.print("  (the proxy's own connection onward is not measured: only the client's leg is traced here)")
+
+
+# --- the matrix: scenarios x profiles -------------------------------------------------
+
+
+def matrix_json(m: MatrixView) -> str:
+    """`run --profile all --json`: every result with the profile it ran under."""
+    out = []
+    for run in m.runs:
+        for v in run.scenarios:
+            result = as_json(v)
+            if v.profile != run.rules_name:  # a pod's annotations that change the rules: no expectation
+                result["expected_under"] = v.profile
+            out.append({**result, "profile": run.rules_name, "backend": run.backend})
+    return json.dumps({"backend": m.backend, "profiles": list(m.profiles), "left_out": list(m.left_out),
+                       "labs": m.labs, "side_by_side": m.side_by_side, "passed": m.passed,
+                       "total": len(out), "scenarios": out}, indent=2)
+
+
+def short_profile(name: str) -> str:
+    """A column heading: istio-1.25-tproxy -> 1.25-tproxy."""
+    return name.removeprefix("istio-")
+
+
+def _cell(v: ScenarioView | None) -> str:
+    if v is None:
+        return "[dim]-[/]"
+    return "[green]pass[/]" if v.passed else "[bold red]FAIL[/]"
+
+
+def render_matrix(console, m: MatrixView) -> None:
+    """Left-out lines, each failure with why, each scenario's paths by profile, then the table."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    for line in m.left_out:
+        console.print(line, markup=False)
+    for run in m.runs:
+        for v in run.scenarios:
+            if not v.passed:
+                console.print(f"[bold red]FAIL[/] {escape(run.rules_name)} {escape(v.id)}: "
+                              f"kernel {escape(v.measured_text or '(not measured)')}")
+                for why in v.problems:
+                    console.print(f"  [red]{escape(why)}[/]")
+    console.rule("[bold]Paths by profile[/] (the kernel's, short form)", align="left")
+    lines = []  # one print: rich's per-call work, a hundred times over, was most of the report's time
+    for sid in m.rows:
+        paths = m.paths(sid)
+        lines.append(sid)
+        for path, names in paths:
+            who = "every profile" if len(paths) == 1 and len(names) == len(m.profiles) \
+                else ", ".join(short_profile(n) for n in names)
+            lines.append(f"  {who}: {path}")
+    console.print("\n".join(lines), markup=False, highlight=False)
+    on = f"{m.backend} backend" + ("s" if " and " in m.backend else "")
+    table = Table(title=f"Scenarios x profiles, judged by the kernel ({on}, {m.labs} labs, "
+                        f"{m.side_by_side} side by side)")
+    table.add_column("scenario", no_wrap=True)
+    for name in m.profiles:
+        table.add_column(short_profile(name), justify="center", min_width=max(4, len(short_profile(name))), no_wrap=True)
+    for sid in m.rows:
+        table.add_row(escape(sid), *(_cell(m.cell(sid, name)) for name in m.profiles))
+    if console.is_terminal:
+        console.print(table)
+    else:  # its natural width where no terminal sets one (a log, a pipe): folded cells would hide it
+        narrow, console.width = console.width, 1000
+        try:
+            console.print(table)
+        finally:
+            console.width = narrow
+    console.print(f"{m.passed} of {len(m.results)} verdicts pass under {len(m.profiles)} profiles")

@@ -12,18 +12,21 @@ Scenarios that share both share a lab; results come back in the order asked.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Iterator
 
-from . import dualstack
+from . import dualstack, interrupts
 from .api import Session
 from .backend import Backend
 from .errors import LabError
 from .podspec import PodSpec
-from .result import Result
+from .result import Result, conclude
 from .rules import annotations, profiles, ruleset
 from .rules.ruleset import RuleSet
 from .scenario import Scenario
+from .world import Lab as World
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,8 @@ class Lab:
     spec: PodSpec
     scenarios: list[Scenario] = field(default_factory=list)
     rules_of: dict[str, RuleSet] = field(default_factory=dict)  # scenario id -> the rules it asked for
+    profile: str = ""  # the profile the command line chose, when it chose one (a matrix's column)
+    backend: str = ""  # the backend a matrix runs it on ("": the run's)
 
 
 def rules_for(s: Scenario, choice: Choice, cache: dict | None = None) -> RuleSet:
@@ -111,7 +116,7 @@ def plan(scenarios: list[Scenario], choice: Choice, named: bool = False) -> tupl
             continue
         spec = s.pod.resolved(rules.istio)
         key = (rules.key(), rules.profile, spec)
-        lab = labs.setdefault(key, Lab(rules, spec))
+        lab = labs.setdefault(key, Lab(rules, spec, profile=choice.profile or ""))
         lab.scenarios.append(s)
         lab.rules_of[s.id] = rules
     for lab in labs.values():
@@ -120,20 +125,68 @@ def plan(scenarios: list[Scenario], choice: Choice, named: bool = False) -> tupl
     return list(labs.values()), skipped
 
 
-def run(labs: list[Lab], order: list[Scenario], backend: Backend, show_rules: str = "") -> tuple[list[Result], str]:
-    """Run every lab's scenarios; the results in `order` (IPv6 twins after their scenario), each
-    view saying its rules where they are not `show_rules` (the run's own).  Returns the
-    results and the last lab's id."""
+def run_lab(lab: Lab, backend: Backend, show_rules: str = "", kept: list[World] | None = None) -> tuple[list[Result], str]:
+    """Build one lab, run its scenarios, tear it down: the results (IPv6 twins after their
+    scenario), each view saying its rules where they are not `show_rules` (the run's own),
+    and the lab's id.  With `kept`, its namespaces are left for the caller to remove (after
+    its other labs: world.Lab.stop) and the lab is added to the list."""
+    out = []
+    session = Session(lab.rules, backend, spec=lab.spec)
+    if kept is not None:
+        kept.append(session.lab)  # before it is built: whatever is made of it is removed at the end
+    session.open()
+    try:
+        for result in session.run_all(lab.scenarios):
+            own = lab.rules_of[result.scenario.id.removesuffix(dualstack.SUFFIX)]
+            shown = {"pod": lab.spec.describe()}  # as the lab ran it: "as-released" made one era's
+            if own.name != show_rules or own.written:
+                shown["rules"] = own.summary
+            out.append(dataclasses.replace(result, view=dataclasses.replace(result.view, **shown)))
+    finally:
+        session.close(keep_namespaces=kept is not None)
+    return out, session.lab.labid
+
+
+@contextlib.contextmanager
+def removing(kept: list[World]) -> Iterator[list[World]]:
+    """A list for run_lab's `kept`: every lab in it is destroyed as the block ends."""
+    try:
+        yield kept
+    finally:
+        with interrupts.held():  # a Ctrl-C now would leave the rest
+            for world in kept:
+                world.destroy()
+
+
+def failed(lab: Lab, why: str, show_rules: str = "") -> list[Result]:
+    """Each of the lab's scenarios (and IPv6 twins) as a failure that says why: a lab that could
+    not be built, in a run that goes on with its other labs."""
+    scenarios = dualstack.both_families(lab.scenarios) if lab.rules.dual_stack else lab.scenarios
+    out = []
+    for s in scenarios:
+        own = lab.rules_of[s.id.removesuffix(dualstack.SUFFIX)]
+        result = conclude(s, own.profile, None, why)
+        shown = {"pod": lab.spec.describe()}
+        if own.name != show_rules or own.written:
+            shown["rules"] = own.summary
+        out.append(dataclasses.replace(result, view=dataclasses.replace(result.view, **shown)))
+    return out
+
+
+def in_order(results: list[Result], order: list[Scenario]) -> list[Result]:
+    """The results in `order`, each scenario's IPv6 twin after it."""
     by_id: dict[str, list[Result]] = {}
-    labid = ""
-    for lab in labs:
-        with Session(lab.rules, backend, spec=lab.spec) as session:
-            labid = session.lab.labid
-            for result in session.run_all(lab.scenarios):
-                own = lab.rules_of[result.scenario.id.removesuffix(dualstack.SUFFIX)]
-                shown = {"pod": lab.spec.describe()}  # as the lab ran it: "as-released" made one era's
-                if own.name != show_rules or own.written:
-                    shown["rules"] = own.summary
-                result = dataclasses.replace(result, view=dataclasses.replace(result.view, **shown))
-                by_id.setdefault(result.scenario.id.removesuffix(dualstack.SUFFIX), []).append(result)
-    return [r for s in order for r in by_id.get(s.id, [])], labid
+    for result in results:
+        by_id.setdefault(result.scenario.id.removesuffix(dualstack.SUFFIX), []).append(result)
+    return [r for s in order for r in by_id.get(s.id, [])]
+
+
+def run(labs: list[Lab], order: list[Scenario], backend: Backend, show_rules: str = "") -> tuple[list[Result], str]:
+    """Run every lab's scenarios, one lab after another; the results in `order` (IPv6 twins
+    after their scenario).  Returns the results and the last lab's id."""
+    results, labid = [], ""
+    with removing([]) as kept:
+        for lab in labs:
+            done, labid = run_lab(lab, backend, show_rules, kept if len(labs) > 1 else None)
+            results += done
+    return in_order(results, order), labid

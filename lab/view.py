@@ -194,3 +194,56 @@ def scenario(s: Scenario, profile: str | None, measured: Measurement | None, ver
 def run(scenarios: list[ScenarioView], lab: str = "", profile: str | None = profiles.DEFAULT, rules_name: str = "",
         notes: tuple[str, ...] = (), backend: str = "legacy") -> RunView:
     return RunView(tuple(scenarios), lab, profile, rules_name or profile or "", notes, backend)
+
+
+@dataclass(frozen=True)
+class MatrixView:
+    """Scenarios × profiles: one RunView per profile (its column), in the order asked."""
+
+    runs: tuple[RunView, ...]
+    left_out: tuple[str, ...] = ()  # a profile or a scenario left out, and why, one line each
+    backend: str = "legacy"
+    labs: int = 0  # labs built
+    side_by_side: int = 1  # at most this many at a time
+
+    @property
+    def profiles(self) -> tuple[str, ...]:
+        return tuple(run.rules_name for run in self.runs)
+
+    @property
+    def rows(self) -> tuple[str, ...]:
+        """Every scenario id of any column, in the order the columns give them."""
+        return tuple(dict.fromkeys(v.id for run in self.runs for v in run.scenarios))
+
+    def cell(self, scenario_id: str, profile: str) -> ScenarioView | None:
+        """The scenario's view under the profile; None where it did not run there."""
+        run = self.runs[self.profiles.index(profile)]
+        return next((v for v in run.scenarios if v.id == scenario_id), None)
+
+    def paths(self, scenario_id: str) -> list[tuple[str, tuple[str, ...]]]:
+        """The scenario's distinct measured paths (short form; a failure's reason), each with
+        the profiles that took it, in the columns' order."""
+        by_path: dict[str, list[str]] = {}
+        for run in self.runs:
+            v = self.cell(scenario_id, run.rules_name)
+            if v is not None:
+                key = v.measured.short() if v.measured else f"(not measured: {v.failure})"
+                by_path.setdefault(key, []).append(run.rules_name)
+        return [(path, tuple(names)) for path, names in by_path.items()]
+
+    @property
+    def results(self) -> tuple[ScenarioView, ...]:
+        return tuple(v for run in self.runs for v in run.scenarios)
+
+    @property
+    def passed(self) -> int:
+        return sum(v.passed for v in self.results)
+
+    @property
+    def all_passed(self) -> bool:
+        return bool(self.runs) and all(run.all_passed for run in self.runs)
+
+
+def matrix(runs: list[RunView], left_out: tuple[str, ...] = (), backend: str = "legacy", labs: int = 0,
+           side_by_side: int = 1) -> MatrixView:
+    return MatrixView(tuple(runs), tuple(left_out), backend, labs, side_by_side)

@@ -16,7 +16,7 @@ LAYERS = [
                       "rules.ruleset", "rules.nftset", "rules.nftbuilder", "rules.nftlisting", "rules.nftcompare", "rules.nftforeign", "rules.annotations", "rules.kubeproxy", "path", "dns",
                       "sidecar.httpio"}),
     ("kernel", {"netns", "procfs", "record", "world", "rules.xtables", "rules.routing", "trace", "preflight",
-                "nftrace", "rules.nft.libnft", "rules.nft.iptables_nft", "rules.nft.native",
+                "nftrace", "sockdiag", "rules.nft.libnft", "rules.nft.iptables_nft", "rules.nft.native",
                 "rules.nft.tracing", "rules.nft.naming", "rules.nft.probes", "backend", "attached"}),
     ("processes", {"sidecar.envoy", "sidecar.agent", "sidecar.dnsproxy", "workloads", "proxylogs", "processes",
                    "traffic"}),
@@ -29,7 +29,7 @@ LAYERS = [
     ("view", {"view"}),
     ("render", {"report", "markdown_report", "html_report"}),
     ("result", {"result"}),
-    ("library", {"api", "runner", "attach"}),
+    ("library", {"api", "runner", "attach", "matrix"}),
     ("edges", {"commands", "cli", "pytest_plugin"}),
 ]
 LAYER = {module: n for n, (_, modules) in enumerate(LAYERS) for module in modules}

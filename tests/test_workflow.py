@@ -1,6 +1,7 @@
 """The GitHub Actions workflow, checked offline: GitHub's schema (check-jsonschema's
-vendored copy), zizmor's security audit, and the promises it makes — root, pinned
-actions, read-only token, the result and report kept, the table on the summary page."""
+vendored copy), zizmor's security audit, and the promises it makes — a job per runner and
+backend, root, pinned actions, read-only token, each job's result and report kept, its
+matrix on the summary page — and .ci/run running the backends it is given."""
 
 from __future__ import annotations
 
@@ -82,27 +83,60 @@ def test_least_privilege(workflow: Path) -> None:
     assert "# v" in workflow.read_text(), "say which release each pinned SHA is"
 
 
-def test_it_runs_the_tests_and_the_scenarios_as_root_and_keeps_what_they_say() -> None:
+def test_it_is_a_matrix_of_runners_and_backends() -> None:
     data = _load(LAB)
     (job,) = data["jobs"].values()
-    assert job["runs-on"].startswith("ubuntu-")
+    axes = job["strategy"]["matrix"]
+    assert axes == {"os": ["ubuntu-22.04", "ubuntu-24.04"], "backend": ["legacy", "nft"]}
+    assert job["strategy"]["fail-fast"] is False  # each runner and backend reports on its own
+    assert job["runs-on"] == "${{ matrix.os }}"
+    assert job["env"]["BACKEND"] == "${{ matrix.backend }}"  # to run steps through env, never a template in a script
+    assert "${{" not in "".join(step.get("run", "") for step in job["steps"])
+
+
+def test_each_job_tests_its_backend_and_runs_every_profile_as_root_and_keeps_what_they_say() -> None:
+    data = _load(LAB)
+    (job,) = data["jobs"].values()
     runs = [step.get("run", "") for step in job["steps"]]
-    assert "sudo .ci/run" in runs  # ./scripts/test in CI mode: a skipped kernel test fails
-    assert "sudo ./scripts/istio-lab run --json --report report > result.json" in runs
-    native = next(r for r in runs if "istio-1.27-nft-tproxy" in r)  # Istio's native nftables profiles too
-    assert all(p in native for p in ("istio-1.27-nft ", "istio-1.27-nft-dns", "istio-1.27-nft-ipv6"))
+    tests = 'sudo env ISTIO_LAB_CI_BACKENDS="$BACKEND" .ci/run'
+    assert tests in runs  # ./scripts/test in CI mode, on this job's backend only: a skipped kernel test fails
+    assert 'sudo ./scripts/istio-lab run --profile all --backend "$BACKEND" --json --report report > result.json' in runs
     summary = next(r for r in runs if "GITHUB_STEP_SUMMARY" in r)
     assert 'cat report/summary.md >> "$GITHUB_STEP_SUMMARY"' in summary
+    assert "$RUNNER, $BACKEND backend" in summary  # four jobs' tables on one page: each says whose it is
     (upload,) = [s for s in job["steps"] if s.get("uses", "").startswith("actions/upload-artifact@")]
     assert upload["with"]["path"].split() == ["result.json", "report/"]
-    later = job["steps"][[s.get("run") for s in job["steps"]].index("sudo .ci/run") + 1:]
+    assert upload["with"]["name"] == "istio-lab-result-${{ matrix.os }}-${{ matrix.backend }}"  # one per job
+    later = job["steps"][runs.index(tests) + 1:]
     assert all(s.get("if") == "${{ !cancelled() }}" for s in later), "report even when a test failed"
+
+
+@pytest.mark.parametrize("asked,ran", [("nft", ["nft"]), ("legacy", ["legacy"]), ("", ["legacy", "nft"])])
+def test_ci_run_runs_the_backends_it_is_given(tmp_path: Path, asked: str, ran: list[str]) -> None:
+    """.ci/run with a stand-in for ./scripts/test: the suite runs once per backend asked for."""
+    (tmp_path / ".ci").mkdir()
+    (tmp_path / "scripts").mkdir()
+    (tmp_path / ".ci" / "run").write_text((REPO / ".ci" / "run").read_text())
+    (tmp_path / ".ci" / "run").chmod(0o755)
+    stub = tmp_path / "scripts" / "test"
+    stub.write_text('#!/bin/sh\necho "suite on $ISTIO_LAB_BACKEND"\necho "istio-lab: 1 kernel test ran, none skipped"\n')
+    stub.chmod(0o755)
+    done = subprocess.run(["bash", str(tmp_path / ".ci" / "run")], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "ISTIO_LAB_CI_BACKENDS": asked})
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert re.findall(r"^suite on (\w+)$", done.stdout, re.M) == ran
+
+
+def test_ci_run_refuses_a_backend_it_does_not_know(tmp_path: Path) -> None:
+    done = subprocess.run(["bash", str(REPO / ".ci" / "run")], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "ISTIO_LAB_CI_BACKENDS": "iptables"})
+    assert done.returncode == 2 and "no backend 'iptables'" in done.stdout
 
 
 def test_istio_lab_run_has_the_options_the_workflow_gives() -> None:
     usage = subprocess.run([sys.executable, "-m", "lab.cli", "run", "--help"], cwd=REPO, capture_output=True,
                            text=True, check=True).stdout
-    assert "--json" in usage and "--report DIR" in usage
+    assert "--json" in usage and "--report DIR" in usage and "--backend" in usage and "`all`" in usage
 
 
 def test_ci_judges_predict_on_2000_flows_on_one_backend():

@@ -19,11 +19,14 @@ ip6tables-legacy-save, since decoding them would need REDIRECT.
 from __future__ import annotations
 
 import contextlib
+import ctypes.util
+import functools
 import ipaddress
 import os
 import socket
 import sys
 import subprocess
+import sysconfig
 from collections import Counter
 from dataclasses import dataclass
 from typing import Iterator
@@ -51,19 +54,57 @@ XTABLES_DIRS = ("/usr/lib/x86_64-linux-gnu/xtables", "/usr/lib/aarch64-linux-gnu
                 "/usr/lib64/xtables", "/usr/lib/xtables", "/usr/libexec/xtables")
 
 
+# The C libraries python-iptables loads, and where a distribution keeps them.
+SYSTEM_LIBRARIES = ("c", "xtables", "ip4tc", "ip6tc", "iptc")
+_MULTIARCH = sysconfig.get_config_var("MULTIARCH") or ""
+LIBRARY_DIRS = tuple(d for d in (f"/usr/lib/{_MULTIARCH}", f"/lib/{_MULTIARCH}", "/usr/lib64", "/lib64",
+                                  "/usr/lib", "/lib") if not d.endswith("/"))
+
+
 def _iptc():
     """python-iptables, imported on first use (it loads libxtables and its extensions).
 
     Without XTABLES_LIBDIR it runs `ldconfig -N -v` to find the extensions' directory,
-    a tenth of a second on every run; we point it there when we can.
+    a tenth of a second on every run; we point it there when we can.  It finds its C
+    libraries through ctypes.util.find_library, which runs ldconfig, gcc and ld for each
+    name it tries (and it tries six for its own C helper, which none of them finds): 50 ms
+    of every run.  While it is imported, find_library looks in the library directories
+    instead, and leaves its own helper to python-iptables' search beside itself.
     """
     if "XTABLES_LIBDIR" not in os.environ:
         found = next((d for d in XTABLES_DIRS if os.path.isdir(d)), None)
         if found:
             os.environ["XTABLES_LIBDIR"] = found
+    if "iptc" not in sys.modules:
+        slow = ctypes.util.find_library
+        ctypes.util.find_library = functools.partial(_find_library, slow)
+        try:
+            import iptc  # noqa: F401
+        finally:
+            ctypes.util.find_library = slow
     import iptc
 
     return iptc
+
+
+def preload() -> None:
+    """Import python-iptables now (before forking workers that all use it)."""
+    _iptc()
+
+
+def _find_library(slow, name: str) -> str | None:
+    """ctypes.util.find_library for python-iptables' import: a system library by its file in
+    the library directories (the slow search where it is not there), nothing else."""
+    if name not in SYSTEM_LIBRARIES:
+        return None  # its own helper (libxtwrapper), which it then loads from beside itself
+    for directory in LIBRARY_DIRS:
+        try:
+            files = sorted(f for f in os.listdir(directory) if f.startswith(f"lib{name}.so."))
+        except OSError:
+            continue
+        if files:
+            return min(files, key=len)  # the soname (libxtables.so.12), not the full version
+    return slow(name)
 
 
 def _classes(family: int):
@@ -92,12 +133,25 @@ def _table(ns: str | None, name: str, family: int = 4) -> Iterator[object]:
         yield table
 
 
+@contextlib.contextmanager
+def _fresh(ns: str, name: str, family: int = 4) -> Iterator[object]:
+    """A handle of one table of `ns`, the others' left as they are: for work that builds no
+    rule (reading counters, inserting built entries), which is all that reads them."""
+    with interrupts.held(), netns.entered(ns):
+        table = _classes(family)[0](name, autocommit=False)
+        table.refresh()
+        yield table
+
+
 def apply(ns: str | None, dump: Dump) -> None:
     """Replace each table of the dump in `ns` with the dump's content."""
     if dump.family == 6:
         return _restore6(ns, dump)
     for table_dump in dump.tables.values():
-        with _table(ns, table_dump.name) as table:
+        # Every rule's entry built already (a process that builds lab after lab: the node's
+        # kube-proxy rules, a profile's that another shares): no rule to build, one table to refresh.
+        built = ns is not None and all((table_dump.name, r.chain, _shape(r.args)[0]) in _ENTRIES for r in table_dump.rules)
+        with (_fresh if built else _table)(ns, table_dump.name) as table:
             _replace(table, table_dump)
             try:
                 table.commit()
@@ -109,8 +163,11 @@ def _restore6(ns: str | None, dump: Dump) -> None:
     """ip6tables-legacy-restore, run in `ns`: it replaces exactly the tables the dump holds."""
     try:
         with netns.entered(ns) if ns else contextlib.nullcontext():
-            done = subprocess.run(["ip6tables-legacy-restore"], input=dump.text(), capture_output=True, text=True,
-                                  timeout=RESTORE_DEADLINE)
+            # --wait: the tool takes the host-wide xtables lock even for a namespace's tables, and
+            # without it fails at once when another restore (another lab's, side by side) holds it.
+            done = subprocess.run(["ip6tables-legacy-restore", f"--wait={RESTORE_DEADLINE}"], input=dump.text(),
+                                  capture_output=True, text=True, timeout=RESTORE_DEADLINE + 5,
+                                  start_new_session=True)
     except OSError as e:
         raise RuleError(f"ip6tables-legacy-restore: cannot run it: {e.strerror}") from None
     except subprocess.TimeoutExpired:
@@ -125,6 +182,11 @@ def touch(ns: str, family: int = 4) -> None:
         pass
 
 
+# (table, chain, shape) -> the entry of a finished rule of that shape: rules of one shape are
+# built once (through libxtables) in a process and stamped with their addresses (_shape).
+_ENTRIES: dict[tuple, object] = {}
+
+
 def _replace(table, dump: TableDump) -> None:
     iptc = _iptc()
     for chain in list(table.chains):
@@ -136,15 +198,14 @@ def _replace(table, dump: TableDump) -> None:
         table.set_policy(name, policy)
     for name in dump.chains:
         table.create_chain(name)
-    built: dict[tuple, object] = {}  # (chain, shape) -> the entry bytes of a finished rule
     for rule_line in dump.rules:
         shape, addresses = _shape(rule_line.args)
-        entry = built.get((rule_line.chain, shape))
+        entry = _ENTRIES.get((dump.name, rule_line.chain, shape))
         try:
             if entry is None:
                 rule = to_iptc(rule_line)
                 rule.final_check()
-                entry = built[rule_line.chain, shape] = rule.rule
+                entry = _ENTRIES[dump.name, rule_line.chain, shape] = rule.rule
             else:
                 _stamp(iptc.ip4tc.ipt_entry.from_buffer(entry), addresses)
             table.append_entry(rule_line.chain, entry)
@@ -305,8 +366,10 @@ def _listing6(ns: str, table_name: str) -> list[NumberedRule]:
     refuses once IPv4 has them."""
     try:
         with netns.entered(ns):
+            # A session of its own: a Ctrl-C meant for us (`istio-lab trace` stops on it, reading
+            # rules as events come) must not kill it halfway.
             done = subprocess.run(["ip6tables-legacy-save", "-c", "-t", table_name], capture_output=True, text=True,
-                                  timeout=RESTORE_DEADLINE)
+                                  timeout=RESTORE_DEADLINE, start_new_session=True)
     except (OSError, subprocess.TimeoutExpired) as e:
         raise RuleError(f"ip6tables-legacy-save: {e}") from None
     if done.returncode:
@@ -372,11 +435,28 @@ def delete(ns: str, table_name: str, rules: Rules, family: int = 4) -> None:
     _change(ns, table_name, rules, family, "delete_rule")
 
 
+_BUILT: dict[tuple, tuple[object, object]] = {}  # (family, chain, args) -> the rule's entry and match mask
+
+
 def _change(ns: str, table_name: str, rules: Rules, family: int, operation: str) -> None:
-    iptc = _iptc()
-    with _table(ns, table_name, family) as table:
+    """One commit.  Each rule is built once (through libxtables, in a context where every
+    table is fresh) and its entry reused: a lab inserts and deletes the same few TRACE rules
+    for every flow, and building them again, with every table refreshed, cost a millisecond
+    each time.  Entries hold no namespace's state, only matches and a target."""
+    missing = [(chain, args) for chain, args in rules if (family, chain, args) not in _BUILT]
+    if missing:
+        with _table(ns, table_name, family):
+            for chain, args in missing:
+                rule = to_iptc(RuleLine(chain, args), family)
+                rule.final_check()
+                _BUILT[family, chain, args] = rule.rule, rule.mask
+    with _fresh(ns, table_name, family) as table:
         for chain, args in rules:
-            getattr(iptc.Chain(table, chain), operation)(to_iptc(RuleLine(chain, args), family))
+            entry, mask = _BUILT[family, chain, args]
+            if operation == "insert_rule":
+                table.insert_entry(chain, entry, 0)
+            else:
+                table.delete_entry(chain, entry, mask)
         table.commit()
 
 
@@ -387,7 +467,7 @@ def packet_counts(ns: str, table_name: str, family: int = 4) -> dict[RuleRef, in
     which costs ten times as much.
     """
     out = {}
-    with _table(ns, table_name, family) as table:
+    with _fresh(ns, table_name, family) as table:
         for chain in table.chains:
             entry, num = table.first_rule(chain.name), 1
             while entry:

@@ -31,7 +31,7 @@ class Config:
     envoy_admin: tuple[str, int] = ("127.0.0.1", plan.Port.ADMIN)
     app_metrics: tuple[str, int, str] = ("127.0.0.1", plan.Port.SIDECAR_APP, "/metrics")
     listen: tuple[str, int] = ("0.0.0.0", plan.Port.AGENT)
-    backoff: tuple[float, float] = (0.05, 2.0)  # first re-dial delay, cap
+    backoff: tuple[float, float] = (0.002, 2.0)  # first re-dial delay, cap (short: a trace waits for it)
     ready_timeout: float = 10.0
     dns: dnsproxy.Config | None = None  # the DNS proxy, when the pod's rules capture DNS
 
