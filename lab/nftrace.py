@@ -36,10 +36,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
-import select
 import socket
 import struct
-import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Mapping
@@ -47,7 +45,8 @@ from typing import Mapping
 from pyroute2.netlink import NETLINK_NETFILTER
 
 from . import netns
-from .trace import RCVBUF, SO_RCVBUFFORCE, TraceError, TraceLost, IfNames, parse_packet, split_messages
+from .trace import (RCVBUF, SO_RCVBUFFORCE, EventSocket, IfNames, TraceError, TraceLost, parse_packet,
+                    split_messages)
 
 # linux/netfilter/nfnetlink.h, linux/netfilter/nf_tables.h
 NFNL_SUBSYS_NFTABLES = 10
@@ -267,7 +266,7 @@ def carry_packets(events: list[NftTraceEvent], walks: OrderedDict | None = None)
     return out
 
 
-class NftraceReader:
+class NftraceReader(EventSocket):
     """Read the nftrace events of one namespace.
 
     The socket is made inside the pod's namespace (it stays tied to it) and joins
@@ -321,37 +320,4 @@ class NftraceReader:
     def _discard(self) -> None:
         """After a loss, drop what is queued: the walks it belonged to are incomplete."""
         self._walks.clear()
-        while True:
-            try:
-                self.sock.recv(65536)
-            except BlockingIOError:
-                return
-            except OSError as e:
-                if e.errno != errno.ENOBUFS:
-                    raise
-
-    def drain(self, settle: float = 0.025, timeout: float = 0.5) -> list[NftTraceEvent]:
-        """Read every queued event, then keep reading until none arrived for `settle` s
-        (the last events of softirq work on lo or a veth may follow the traffic's last
-        syscall); `timeout` caps the call.  settle=0: what is queued, no wait.  Raises
-        TraceLost, with no events, if any event was dropped."""
-        events = self._read_queued()
-        if settle <= 0:
-            return events
-        poller = select.poll()
-        poller.register(self.sock, select.POLLIN)
-        deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
-            if not poller.poll(min(settle, left) * 1000):
-                break
-            events += self._read_queued()
-        return events
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def __enter__(self) -> NftraceReader:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+        self._empty()

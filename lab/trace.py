@@ -362,7 +362,61 @@ class IfNames(dict):
         return self[index]
 
 
-class TraceReader:
+class EventSocket:
+    """What the TRACE and nftrace readers share: a non-blocking netlink socket whose events
+    queue in its buffer, read all at once (_read_queued, the reader's own decoding)."""
+
+    sock: socket.socket
+
+    def _read_queued(self) -> list:
+        raise NotImplementedError
+
+    def _empty(self) -> None:
+        """Drop whatever is queued (after a loss: what follows it is incomplete)."""
+        while True:
+            try:
+                self.sock.recv(65536)
+            except BlockingIOError:
+                return
+            except OSError as e:
+                if e.errno != errno.ENOBUFS:
+                    raise
+
+    def drain(self, settle: float = 0.025, timeout: float = 0.5) -> list:
+        """Read every queued event, then keep reading until none arrived for `settle` s.
+
+        The kernel may deliver the last events (softirq work on loopback or a
+        veth) just after the traffic's last syscall returned; `settle` waits
+        them out, so a drain costs at least `settle`.  `timeout` caps the whole
+        call when traffic never stops.  settle=0: read what is queued, no wait.
+        Raises TraceLost, with no events, if any event was dropped.
+        """
+        events = self._read_queued()
+        if settle <= 0:
+            return events
+        poller = select.poll()
+        poller.register(self.sock, select.POLLIN)
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            if not poller.poll(min(settle, left) * 1000):
+                break
+            events += self._read_queued()
+        return events
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class TraceReader(EventSocket):
     """Read the TRACE events of one namespace from nfnetlink_log group 0.
 
     Only one reader per namespace can exist (the kernel refuses a second bind
@@ -465,38 +519,7 @@ class TraceReader:
         """After a loss, discard what is queued and accept whatever sequence comes next."""
         self._next_seq = None
         self._pending.clear()
-        while True:
-            try:
-                self.sock.recv(65536)
-            except BlockingIOError:
-                return
-            except OSError as e:
-                if e.errno != errno.ENOBUFS:
-                    raise
-
-    def drain(self, settle: float = 0.025, timeout: float = 0.5) -> list[TraceEvent]:
-        """Read every queued event, then keep reading until none arrived for `settle` s.
-
-        The kernel may deliver the last events (softirq work on loopback or a
-        veth) just after the traffic's last syscall returned; `settle` waits
-        them out, so a drain costs at least `settle`.  `timeout` caps the whole
-        call when traffic never stops.  settle=0: read what is queued, no wait.
-        Raises TraceLost, with no events, if any event was dropped.
-        """
-        events = self._read_queued()
-        if settle <= 0:
-            return events
-        poller = select.poll()
-        poller.register(self.sock, select.POLLIN)
-        deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
-            if not poller.poll(min(settle, left) * 1000):
-                break
-            events += self._read_queued()
-        return events
-
-    def fileno(self) -> int:
-        return self.sock.fileno()
+        self._empty()
 
     def close(self) -> None:
         """Unbind group 0 and close the socket (closing alone would also free the instance)."""
@@ -509,10 +532,4 @@ class TraceReader:
             pass
         finally:
             self.sock.close()
-
-    def __enter__(self) -> TraceReader:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
