@@ -33,7 +33,7 @@ from .netfilter import RuleRef
 from .observe import witnessed
 from .path import Path
 from .rules.nft import libnft, tracing
-from .rules.save import parse
+from .rules.save import counted
 from .rules.xtables import RESTORE_DEADLINE
 from .nftrace import NftraceReader
 from .trace import TraceEvent, TraceError, TraceReader
@@ -81,21 +81,9 @@ def _saved(path: str, backend: str, family: int) -> tuple[dict[RuleRef, str], di
         raise LabError(f"{tool}: {e}") from None
     if done.returncode:
         raise LabError(f"{tool}: {' '.join(done.stderr.split())}")
-    counts, lines = [], []
-    for line in done.stdout.splitlines():  # "[packets:bytes] -A CHAIN ...": counters first
-        if line.startswith("[") and "] -A " in line:
-            packets, line = line[1:].split("] ", 1)
-            counts.append(int(packets.split(":")[0]))
-        elif line.startswith(":"):
-            line = line.split(" [", 1)[0] + " [0:0]"
-        lines.append(line)
-    dump = parse("\n".join(lines), tool, family)
-    refs, packets, numbers = {}, {}, Counter()
-    rules = [(t.name, r) for t in dump.tables.values() for r in t.rules]
-    for (table, rule), count in zip(rules, counts):
-        numbers[table, rule.chain] += 1
-        ref = RuleRef(table, rule.chain, numbers[table, rule.chain])
-        refs[ref], packets[ref] = str(rule), count
+    dump, rules = counted(done.stdout, tool, family)
+    refs = {r.ref: r.line for r in rules}
+    packets = {r.ref: r.packets for r in rules}
     policies = {(t.name, c): p for t in dump.tables.values() for c, p in t.policies.items() if p != "ACCEPT"}
     return refs, packets, policies
 

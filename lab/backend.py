@@ -38,8 +38,7 @@ from .nftrace import TRACE_TABLE, NftraceReader
 from .rules import nftset, xtables
 from .rules.nft import iptables_nft, libnft, naming, native, probes, tracing
 from .rules.ruleset import RuleSet
-from .rules.save import Dump
-from .rules.xtables import NumberedRule
+from .rules.save import Dump, NumberedRule
 from .trace import TraceEvent, TraceReader
 
 LEGACY, NFT, AUTO = "legacy", "nft", "auto"

@@ -8,9 +8,10 @@ reads back, so a profile and a pod's dump compare line for line.
 from __future__ import annotations
 
 import shlex
+from collections import Counter
 from dataclasses import dataclass, field
 
-from ..netfilter import BUILTIN_CHAINS
+from ..netfilter import BUILTIN_CHAINS, RuleRef
 
 
 
@@ -131,6 +132,32 @@ def parse(text: str, source: str = "<rules>", family: int = 4) -> Dump:
     if table is not None:
         raise SaveFormatError(source, lineno, "", f"table {table.name} never COMMITs")
     return dump
+
+
+@dataclass(frozen=True)
+class NumberedRule:
+    ref: RuleRef  # numbered from the chain's head, starting at 1, as the kernel counts
+    line: str  # iptables-save form: "-A CHAIN ..."
+    packets: int
+    bytes: int
+
+
+def counted(text: str, source: str, family: int = 4) -> tuple[Dump, list[NumberedRule]]:
+    """A save tool's `-c` output (`[packets:bytes] -A CHAIN ...`): the dump, and each rule
+    numbered in its chain with its counters, tables in the order printed."""
+    counters, lines = [], []
+    for line in text.splitlines():
+        if line.startswith("[") and "] -A " in line:
+            packets_bytes, line = line[1:].split("] ", 1)
+            counters.append(tuple(map(int, packets_bytes.split(":"))))
+        lines.append(line)
+    dump = parse("\n".join(lines), source, family)
+    rules = [(t.name, r) for t in dump.tables.values() for r in t.rules]
+    out, numbers = [], Counter()
+    for (table, rule), (packets, nbytes) in zip(rules, counters):
+        numbers[table, rule.chain] += 1
+        out.append(NumberedRule(RuleRef(table, rule.chain, numbers[table, rule.chain]), str(rule), packets, nbytes))
+    return dump, out
 
 
 def _parse_chain(line: str, table: TableDump, fail) -> None:

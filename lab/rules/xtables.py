@@ -27,27 +27,17 @@ import socket
 import sys
 import subprocess
 import sysconfig
-from collections import Counter
-from dataclasses import dataclass
 from typing import Iterator
 
 from .. import interrupts, netns
 from ..netfilter import BUILTIN_CHAINS, TABLES, RuleRef
-from .save import Dump, RuleLine, TableDump, parse
+from .save import Dump, NumberedRule, RuleLine, TableDump, counted, parse
 
 RESTORE_DEADLINE = 60  # seconds: every wait of the harness has one
 
 
 class RuleError(ValueError):
     """A rule the kernel or libxtables refused; names the rule."""
-
-
-@dataclass(frozen=True)
-class NumberedRule:
-    ref: RuleRef  # numbered from the chain's head, starting at 1, as the kernel counts
-    line: str  # iptables-save form: "-A CHAIN ..."
-    packets: int
-    bytes: int
 
 
 XTABLES_DIRS = ("/usr/lib/x86_64-linux-gnu/xtables", "/usr/lib/aarch64-linux-gnu/xtables",
@@ -374,18 +364,8 @@ def _listing6(ns: str, table_name: str) -> list[NumberedRule]:
         raise RuleError(f"ip6tables-legacy-save: {e}") from None
     if done.returncode:
         raise RuleError(f"ip6tables-legacy-save: {' '.join(done.stderr.split())}")
-    counters, lines = [], []
-    for line in done.stdout.splitlines():  # "[packets:bytes] -A CHAIN ...": counters first
-        if line.startswith("[") and "] -A " in line:
-            packets_bytes, line = line[1:].split("] ", 1)
-            counters.append(tuple(map(int, packets_bytes.split(":"))))
-        lines.append(line)
-    table = parse("\n".join(lines), "ip6tables-legacy-save", 6).tables.get(table_name)
-    out, numbers = [], Counter()
-    for rule, (packets, nbytes) in zip(table.rules if table else (), counters):
-        numbers[rule.chain] += 1
-        out.append(NumberedRule(RuleRef(table_name, rule.chain, numbers[rule.chain]), str(rule), packets, nbytes))
-    return out
+    _, rules = counted(done.stdout, "ip6tables-legacy-save", 6)
+    return rules
 
 
 SAVE_TOOLS = {4: "iptables-legacy-save", 6: "ip6tables-legacy-save"}

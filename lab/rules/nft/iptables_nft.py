@@ -15,10 +15,10 @@ from __future__ import annotations
 import re
 import subprocess
 
-from ...netfilter import BUILTIN_CHAINS, RuleRef
+from ...netfilter import BUILTIN_CHAINS
 from .. import nftset
-from ..save import Dump, RuleLine, parse
-from ..xtables import RESTORE_DEADLINE, NumberedRule, RuleError
+from ..save import Dump, NumberedRule, RuleLine, counted
+from ..xtables import RESTORE_DEADLINE, RuleError
 from . import libnft
 
 FAMILY = {4: "ip", 6: "ip6"}
@@ -73,18 +73,7 @@ def _rule_at(dump: Dump, text: str, number: int) -> tuple[str, RuleLine] | None:
 def listing(ns: str, table: str, family: int = 4) -> list[NumberedRule]:
     """Every rule of a table in `ns`, numbered per chain, as iptables-nft-save prints it,
     with its counters.  An absent table lists no rule."""
-    out = _tool(ns, [TOOLS[family][1], "-c", "-t", table])
-    counters, lines = [], []
-    for line in out.splitlines():  # "[packets:bytes] -A CHAIN ...": counters first
-        if line.startswith("[") and "] -A " in line:
-            packets_bytes, line = line[1:].split("] ", 1)
-            counters.append(tuple(map(int, packets_bytes.split(":"))))
-        lines.append(line)
-    dump = parse("\n".join(lines), TOOLS[family][1], family).tables.get(table)
-    rules, numbers = [], {}
-    for rule, (packets, nbytes) in zip(dump.rules if dump else (), counters):
-        numbers[rule.chain] = numbers.get(rule.chain, 0) + 1
-        rules.append(NumberedRule(RuleRef(table, rule.chain, numbers[rule.chain]), str(rule), packets, nbytes))
+    _, rules = counted(_tool(ns, [TOOLS[family][1], "-c", "-t", table]), TOOLS[family][1], family)
     return rules
 
 

@@ -7,7 +7,7 @@ their text as `nft list` prints it; the tables it made can be deleted again.
 
 from __future__ import annotations
 
-from ..xtables import NumberedRule
+from ..save import NumberedRule
 from . import libnft
 
 TableId = tuple[str, str]  # (family, name), as nft names a table: `inet istio-proxy-nat`
