@@ -139,14 +139,8 @@ def run(args) -> int:
     else:
         for line in skipped:
             console.print(line, markup=False)
-        if rules.annotations:
-            _show_built(console, rules)
-        elif rules.file:
-            console.print(rules.summary, markup=False)
-            for note in rules.notes:
-                console.print(f"  {note}", markup=False)
-        elif rules.name != profiles.DEFAULT:
-            console.print(f"Rules: {rules.summary}", markup=False)
+        if rules.annotations or rules.file or rules.name != profiles.DEFAULT:
+            _show_rules(console, rules)
         if backend.name != backends.LEGACY:
             console.print(f"Backend: {backend.name} (the rules in nf_tables, traced with nftrace)", markup=False)
         report.render(console, shown)

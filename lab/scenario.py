@@ -263,33 +263,28 @@ def _path(f: _Fields, key: str, text: str) -> Path:
 
 def _expectation(expected: _Fields) -> Expectation:
     """expected.path, and expected.profiles: {profile name: path} where a profile's path differs."""
-    given = expected.get("profiles", dict, required=False, default={})
-    known = profiles.names(native_nftables=None)
-    by_profile = []
-    for name, text in given.items():
-        if name not in known:
-            raise expected.fail("profiles", f"unknown profile {name!r} (profiles: {', '.join(known)})")
-        if not isinstance(text, str) or not text.strip():
-            raise expected.fail(f"profiles.{name}", "expected a path in the article's notation")
-        by_profile.append((name, _path(expected, f"profiles.{name}", text)))
-    unmeasured = expected.get("not_measured", dict, required=False, default={})
-    for name, why in unmeasured.items():
-        if name not in known:
-            raise expected.fail("not_measured", f"unknown profile {name!r} (profiles: {', '.join(known)})")
-        if not isinstance(why, str) or not why.strip():
-            raise expected.fail(f"not_measured.{name}", "say why no path is recorded under it")
+    given = _by_profile(expected, "profiles", "expected a path in the article's notation")
+    by_profile = [(name, _path(expected, f"profiles.{name}", text)) for name, text in given.items()]
+    unmeasured = _by_profile(expected, "not_measured", "say why no path is recorded under it")
+    for name in unmeasured:
         if name in given:
             raise expected.fail(f"not_measured.{name}", "has a path in expected.profiles too")
-    twins = expected.get("ipv6", dict, required=False, default={})
-    ipv6 = []
-    for name, text in twins.items():
-        if name not in known:
-            raise expected.fail("ipv6", f"unknown profile {name!r} (profiles: {', '.join(known)})")
-        if not isinstance(text, str) or not text.strip():
-            raise expected.fail(f"ipv6.{name}", "expected the IPv6 twin's path in the article's notation")
-        ipv6.append((name, _path(expected, f"ipv6.{name}", text)))
+    twins = _by_profile(expected, "ipv6", "expected the IPv6 twin's path in the article's notation")
+    ipv6 = [(name, _path(expected, f"ipv6.{name}", text)) for name, text in twins.items()]
     return Expectation(_path(expected, "path", expected.get("path", str)), tuple(by_profile),
                        tuple((name, " ".join(why.split())) for name, why in unmeasured.items()), tuple(ipv6))
+
+
+def _by_profile(expected: _Fields, key: str, wanted: str) -> dict[str, str]:
+    """expected.KEY: {profile name: non-empty text}, every name a known profile."""
+    given = expected.get(key, dict, required=False, default={})
+    known = profiles.names(native_nftables=None)
+    for name, text in given.items():
+        if name not in known:
+            raise expected.fail(key, f"unknown profile {name!r} (profiles: {', '.join(known)})")
+        if not isinstance(text, str) or not text.strip():
+            raise expected.fail(f"{key}.{name}", wanted)
+    return given
 
 
 def _article(article: _Fields) -> tuple[ArticleClaim | None, str]:
