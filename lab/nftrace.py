@@ -45,8 +45,8 @@ from typing import Mapping
 from pyroute2.netlink import NETLINK_NETFILTER
 
 from . import netns
-from .trace import (RCVBUF, SO_RCVBUFFORCE, EventSocket, IfNames, TraceError, TraceLost, parse_packet,
-                    split_messages)
+from .trace import (RCVBUF, SO_RCVBUFFORCE, EventSocket, IfNames, TraceError, TraceLost, link_name,
+                    parse_packet, split_messages)
 
 # linux/netfilter/nfnetlink.h, linux/netfilter/nf_tables.h
 NFNL_SUBSYS_NFTABLES = 10
@@ -200,15 +200,6 @@ def _packet(network: bytes | None, transport: bytes | None) -> tuple:
     return parse_packet(network + (transport or b""))
 
 
-def _ifname(ifnames: Mapping[int, str], index: int | None) -> str | None:
-    if index is None:
-        return None
-    try:
-        return ifnames[index]
-    except KeyError:
-        return f"if{index}"  # gone before we looked: keep the index visible
-
-
 def parse_message(data: bytes, pod: str, ifnames: Mapping[int, str] | None = None) -> NftTraceEvent:
     """One NFT_MSG_TRACE netlink message (headers included) -> NftTraceEvent.
 
@@ -232,7 +223,8 @@ def parse_message(data: bytes, pod: str, ifnames: Mapping[int, str] | None = Non
         verdict=verdict, target=target,
         policy=VERDICTS.get(policy) if policy is not None else None,
         ip_version=IP_VERSIONS.get(_int(attrs, NFTA_TRACE_NFPROTO)),
-        indev=_ifname(ifnames, _int(attrs, NFTA_TRACE_IIF)), outdev=_ifname(ifnames, _int(attrs, NFTA_TRACE_OIF)),
+        indev=link_name(ifnames, _int(attrs, NFTA_TRACE_IIF)),
+        outdev=link_name(ifnames, _int(attrs, NFTA_TRACE_OIF)),
         mark=_int(attrs, NFTA_TRACE_MARK),
         src=src, dst=dst, proto=proto, sport=sport, dport=dport, tcp_flags=flags,
         ct_id=_int(attrs, NFTA_TRACE_CT_ID),

@@ -249,7 +249,8 @@ def _transport(src: str, dst: str, number: int, l4: bytes):
 _FLAGS = tuple("".join(c for i, c in enumerate(TCP_FLAGS) if byte >> i & 1) for byte in range(256))
 
 
-def _ifname(ifnames: Mapping[int, str], index: int | None) -> str | None:
+def link_name(ifnames: Mapping[int, str], index: int | None) -> str | None:
+    """A link's name by index, as the reader's namespace names it (None: no link)."""
     if index is None:
         return None
     try:
@@ -315,7 +316,7 @@ def _decode(data: bytes, pod: str, ifnames: Mapping[int, str]) -> tuple[int | No
     if where is None:
         return seq, None
     src, dst, proto, sport, dport, flags = _packet(payload)
-    return seq, TraceEvent(pod, *where, _ifname(ifnames, indev), _ifname(ifnames, outdev), src, dst, proto, sport,
+    return seq, TraceEvent(pod, *where, link_name(ifnames, indev), link_name(ifnames, outdev), src, dst, proto, sport,
                            dport, flags, uid, gid, seq, text)
 
 
