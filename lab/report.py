@@ -4,11 +4,14 @@ from the view-model."""
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
 from .path import Hop
-from .predict import Prediction
 from .rules import profiles
 from .view import MatrixView, RunView, ScenarioView
+
+if TYPE_CHECKING:  # the predictor is imported by the commands that predict, not by every run
+    from .predict import Prediction
 
 COUNTED = (("nat", ""), ("raw", " (queries and answers)"), ("mangle", " (every packet, not only the SYN)"))
 
