@@ -38,10 +38,6 @@ def xt_priority(table: str, hook: str) -> int:
 # `legacy-nat`, ... beside nf_tables' `nat` (the backend reads them so, predict names them so).
 LEGACY_PREFIX = "legacy-"
 
-def is_builtin_chain(table: str, chain: str) -> bool:
-    return chain in BUILTIN_CHAINS.get(table, ())
-
-
 # Targets that end, mark or rewrite, as opposed to a jump into a chain of the rule set.
 BUILTIN_TARGETS = frozenset({
     "ACCEPT", "DROP", "RETURN", "REJECT", "QUEUE", "NFQUEUE", "REDIRECT", "DNAT", "SNAT", "MASQUERADE",
