@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import Iterator, Protocol
 
 from .errors import LabError
-from .netfilter import BUILTIN_CHAINS, HOOKS, TABLES, Layout, RuleRef
+from .netfilter import BUILTIN_CHAINS, HOOKS, LEGACY_PREFIX, TABLES, Layout, RuleRef, xt_priority
 from .nftrace import TRACE_TABLE, NftraceReader
 from .rules import nftset, xtables
 from .rules.nft import iptables_nft, libnft, naming, native, probes, tracing
@@ -251,11 +251,6 @@ class Nft:
         return NftReader(ns, pod)
 
 
-# Where each xtables table sits at each hook (the kernel's NF_IP_PRI_*): nat translates
-# destinations at -100 (PREROUTING, OUTPUT) and sources at 100 (INPUT, POSTROUTING).
-XT_PRIORITY = {"raw": -300, "mangle": -150, "nat": -100, "filter": 0, "security": 50}
-XT_SOURCE_NAT = ("INPUT", "POSTROUTING")
-LEGACY_PREFIX = "legacy-"  # legacy's tables in a mixed lab: legacy-nat beside nf_tables' nat
 
 
 def _key(e: TraceEvent) -> tuple:
@@ -303,9 +298,7 @@ def merge(streams: list[tuple[list[TraceEvent], object]]) -> list[TraceEvent]:
 def _legacy_base(e: TraceEvent) -> tuple[str, int] | None:
     if e.chain not in HOOKS:
         return None
-    table = e.table.removeprefix(LEGACY_PREFIX)
-    nat_source = table == "nat" and e.chain in XT_SOURCE_NAT
-    return e.chain, 100 if nat_source else XT_PRIORITY.get(table, 0)
+    return e.chain, xt_priority(e.table.removeprefix(LEGACY_PREFIX), e.chain)
 
 
 class MixedReader:

@@ -16,12 +16,13 @@ from . import html_report, interrupts, matrix, preflight, record, report, runner
 from .addr import Address
 from .backend import Backend
 from .errors import LabError
-from .netfilter import PATH_TABLES
+from .netfilter import LEGACY_PREFIX, PATH_TABLES
 from .path import Path
 from .predict import CannotPredict, Predictor
 from .predict import Flow as PredictedFlow
 from .rules import annotations, kubeproxy, nftcompare, nftset, profiles, ruleset, xtables
 from .rules.ruleset import RuleSet
+from .rules.save import Dump
 from .scenario import Scenario
 from .world import Lab
 
@@ -256,23 +257,24 @@ def explain_rules(measured: Path, dump, profile: str = profiles.DEFAULT, built_b
     """The rules of every chain the path passes, numbered as applied; '>' marks those that matched
     (none with `marks` off: rules the path was not measured under).  A chain of the node's
     (kube-proxy's) is shown from the node's rules."""
-    matched = {(h.table, h.name, h.number) for h in measured.chains} if marks else set()
+    matched = {(h.table, h.name, h.number, h.backend) for h in measured.chains} if marks else set()
     out = [f"The rules it passes: {built_by or profiles.summary(profile)}", ""]
-    for table, chain, where in dict.fromkeys((h.table, h.name, h.where) for h in measured.chains):
+    for table, chain, where, backend in dict.fromkeys((h.table, h.name, h.where, h.backend) for h in measured.chains):
         if where:
             rules = kubeproxy.dump().tables[table].chain_rules(chain)
             out.append(f"{chain} ({table} table of the node: kube-proxy's Service rules)")
             for num, rule in enumerate(rules, 1):
-                mark = ">" if (table, chain, num) in matched else " "
+                mark = ">" if (table, chain, num, backend) in matched else " "
                 out.append(f" {mark} {num:>2}  {rule.spec}")
             out.append("")
             continue
-        rules = dump.tables[table].chain_rules(chain) if table in dump.tables else []
+        name = table.removeprefix(LEGACY_PREFIX)  # legacy's copy, in a pod both backends wrote
+        rules = dump.tables[name].chain_rules(chain) if name in dump.tables else []
         if not rules:  # a policy, another namespace's rule: nothing of this dump to list
             continue
-        out.append(f"{chain} ({table} table)")
+        out.append(f"{chain} ({name} table" + (f", written by iptables-{backend})" if backend else ")"))
         for num, rule in enumerate(rules, 1):
-            mark = ">" if (table, chain, num) in matched or len(rules) == 1 and marks else " "
+            mark = ">" if (table, chain, num, backend) in matched or len(rules) == 1 and marks else " "
             out.append(f" {mark} {num:>2}  {rule.spec}")
         out.append("")
     return "\n".join(out) + "\n"
@@ -284,11 +286,11 @@ def explain_nft_rules(measured: Path, rules: RuleSet, profile: str, marks: bool 
     matched = {(h.table, h.name, h.number) for h in measured.chains} if marks else set()
     nat = next(t.name for t in rules.nft.tables.values() if nftset.role(t) == "nat")
     counterpart = list(rules.counterpart)  # istio-iptables' rules for the same options
-    out = [f"The rules it passes: {rules.command}", ""]
+    out = [f"The rules it passes: {rules.command or rules.summary}", ""]
     for table, chain, where in dict.fromkeys((h.table, h.name, h.where) for h in measured.chains):
         if where:  # the node's kube-proxy rules are iptables' under every profile
-            out.append(explain_rules(Path(tuple(h for h in measured.chains if h.where)), counterpart[0],
-                                     profile, marks=marks).split("\n", 2)[2].rstrip("\n"))
+            out.append(explain_rules(Path(tuple(h for h in measured.chains if h.where)), Dump(), profile,
+                                     marks=marks).split("\n", 2)[2].rstrip("\n"))
             out.append("")
             continue
         name = nat if table == "nat" else table
@@ -533,8 +535,8 @@ def question(args) -> Question:
 def _flow_rules(args, q: Question) -> RuleSet:
     rules = _rule_set(args, scenarios=False)
     if q.to.family == 6 and not rules.dual_stack:
-        raise LabError(f"an IPv6 flow, but {rules.name} has no ip6tables rules (a dual-stack profile: "
-                       f"istio-1.25-ipv6)")
+        raise LabError(f"an IPv6 flow, but {rules.name} has no {'ip6' if rules.native else 'ip6tables'} rules "
+                       f"(a dual-stack profile: istio-1.25-ipv6, istio-1.27-nft-ipv6)")
     return rules
 
 
@@ -561,7 +563,7 @@ def explain_flow(args) -> int:
     rules = _flow_rules(args, q)
     flow = PredictedFlow(q.source, q.to.ip, q.to.port, q.uid, q.gid, transport=q.transport)
     try:
-        prediction = Predictor(rules.dumps).predict(flow)
+        prediction = Predictor.of(rules).predict(flow)
     except CannotPredict as e:
         print(f"istio-lab: {e}", file=sys.stderr)
         return EXIT_CANNOT_PREDICT
@@ -570,9 +572,13 @@ def explain_flow(args) -> int:
     _show_rules(console, rules)
     console.print(f"predict: {prediction.path}   (no lab: istio-lab probe measures it)", markup=False)
     console.print()
-    console.print(explain_rules(prediction.path, rules.dumps[1 if q.to.family == 6 and len(rules.dumps) > 1 else 0],
-                                rules.profile or profiles.DEFAULT, rules.command if rules.annotations else
-                                (rules.summary if rules.file else "")), markup=False, end="")
+    if rules.native:
+        console.print(explain_nft_rules(prediction.path, rules, rules.profile or profiles.DEFAULT), markup=False,
+                      end="")
+    else:
+        console.print(explain_rules(prediction.path, rules.dumps[1 if q.to.family == 6 and len(rules.dumps) > 1 else 0],
+                                    rules.profile or profiles.DEFAULT, rules.command if rules.annotations else
+                                    (rules.summary if rules.file else "")), markup=False, end="")
     report.render_prediction(console, prediction, path=False)
     return 0
 
@@ -616,7 +622,7 @@ def predict_flow(args) -> int:
     rules = _flow_rules(args, q)
     flow = PredictedFlow(q.source, q.to.ip, q.to.port, q.uid, q.gid, transport=q.transport, query=q.query or None)
     try:
-        prediction = Predictor(rules.dumps).predict(flow)
+        prediction = Predictor.of(rules).predict(flow)
     except CannotPredict as e:
         print(f"istio-lab: {e}", file=sys.stderr)
         return EXIT_CANNOT_PREDICT

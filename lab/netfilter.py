@@ -24,16 +24,25 @@ TABLES = tuple(BUILTIN_CHAINS)
 # capture's conntrack zones) do make hops.
 PATH_TABLES = ("raw", "mangle", "nat")
 HOOKS = ("PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING")
+# Where each xtables table sits at each hook (the kernel's NF_IP_PRI_*); nat translates
+# destinations at -100 (PREROUTING, OUTPUT) and sources at 100 (INPUT, POSTROUTING).
+XT_PRIORITIES = {"raw": -300, "mangle": -150, "nat": -100, "filter": 0, "security": 50}
+SOURCE_NAT_HOOKS = ("INPUT", "POSTROUTING")
+
+
+def xt_priority(table: str, hook: str) -> int:
+    return 100 if table == "nat" and hook in SOURCE_NAT_HOOKS else XT_PRIORITIES.get(table, 0)
+
+
+# A pod whose rules both backends wrote holds two tables of each name: legacy's are named
+# `legacy-nat`, ... beside nf_tables' `nat` (the backend reads them so, predict names them so).
+LEGACY_PREFIX = "legacy-"
 
 # Targets that end, mark or rewrite, as opposed to a jump into a chain of the rule set.
 BUILTIN_TARGETS = frozenset({
     "ACCEPT", "DROP", "RETURN", "REJECT", "QUEUE", "NFQUEUE", "REDIRECT", "DNAT", "SNAT", "MASQUERADE",
     "TPROXY", "MARK", "CONNMARK", "CT", "TRACE", "LOG", "NFLOG",
 })
-
-
-def is_builtin_chain(table: str, chain: str) -> bool:
-    return chain in BUILTIN_CHAINS.get(table, ())
 
 
 @dataclass(frozen=True, order=True)

@@ -202,7 +202,7 @@ def render_prediction(console, prediction: Prediction, path: bool = True) -> Non
         who = "the client's connection" if i == 0 else f"{legs[i - 1].proxy.name}'s own connection"
         console.print(f"    leg {i + 1}, {who} ({escape(leg.packet.text())}):")
         for m in mine:
-            where = m.rule.chain + ("" if m.rule.table == "nat" else f" ({m.rule.table})")
+            where = m.rule.chain + (f" ({m.qualifier})" if m.qualifier else "")
             where += " (node)" if m.namespace == "node" else ""
             console.print(f"      {escape(where):<28} {escape(str(m))}")
 

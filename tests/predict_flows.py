@@ -5,7 +5,8 @@ Generated flows are issue 16's: from any pod, as uids and gids among 0, 1000, 13
 65534, to a pod, a Service VIP, 127.0.0.1, the pod's own IP or istiod, on the ports Istio
 treats specially and the lab's own; TCP, and one in five UDP.  Generated options are istio-iptables': include and
 exclude, inbound and outbound, ports and CIDRs, the proxy's uid and gid, DNS capture,
-TPROXY, IPv6, across the versions the builder models.
+TPROXY, IPv6, across the versions the builder models; for Istio's native nftables rules
+(istio-iptables --native-nftables, from 1.27) the same, IPv6 CIDRs and INVALID_DROP too.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from lab import plan
 from lab.predict import Flow, Prediction
 from lab.predict.stack import Death
 from lab.predict.topology import NODE
-from lab.rules import builder
+from lab.rules import builder, nftbuilder, nftset
 from lab.scenario import Scenario
 
 IDS = (0, 1000, 1337, 65534)
@@ -92,6 +93,67 @@ def options(draw, single_owner: bool = False) -> tuple[str, builder.Options]:
         ipv6=draw(st.booleans()) if modern and not single_owner else False,
     )
     return version, chosen
+
+
+NATIVE_VERSIONS = ("1.27", "1.28", "1.30")
+
+
+@st.composite
+def nft_options(draw) -> tuple[str, nftbuilder.NftOptions]:
+    """(version, options) of Istio's native nftables rules: one uid and one gid, as `--rules`
+    fits them; dual stack or not (one inet table holds both families' rules)."""
+    ipv6 = draw(st.booleans())
+    cidrs = ("10.96.0.90/32", "10.244.0.30/32", "10.244.0.0/24") + (("fd00:10:96::90/128", "fd00:10:244::/64")
+                                                                    if ipv6 else ())
+    included = (("*",), ("10.96.0.0/16",), ("10.244.0.0/24", "10.96.0.0/16"), ("127.0.0.0/8", "10.96.0.0/16"),
+                ("10.244.0.20/32",)) + ((("10.96.0.0/16", "fd00:10:96::/112"),) if ipv6 else ())
+    chosen = nftbuilder.NftOptions(
+        proxy_uid=draw(st.sampled_from(((1337,), (1500,)))),
+        proxy_gid=draw(st.sampled_from(((), (1337,), (1600,)))),
+        mode=draw(st.sampled_from(("REDIRECT", "TPROXY"))),
+        outbound_cidrs=draw(st.sampled_from(included)),
+        outbound_exclude_cidrs=draw(_some(cidrs)),
+        inbound_ports=draw(st.sampled_from((("*",), (), ("8080",), ("8080", "15090")))),
+        inbound_exclude_ports=draw(_some((15090, 15021, 15020, 8080, 22))),
+        outbound_ports=draw(_some((9080, 15012))),
+        outbound_exclude_ports=draw(_some((9080, 15012, 53))),
+        exclude_interfaces=draw(st.sampled_from(((), ("eth0",)))),
+        dns_servers=draw(st.sampled_from(((), (plan.RESOLVER,)))),
+        ipv6=ipv6,
+        drop_invalid=draw(st.booleans()),
+    )
+    return draw(st.sampled_from(NATIVE_VERSIONS)), chosen
+
+
+@st.composite
+def nft_edited(draw):
+    """An edit a user makes to a pod's nft rules, as (text -> (text, what it did)): none; a table
+    of their own with a drop or a reject at output (filter, or a route chain at mangle's
+    priority), or a drop at input; inbound sent to the outbound port."""
+    kind = draw(st.sampled_from(("none", "none", "output-drop", "route-drop", "output-reject", "input-drop",
+                                 "one-port")))
+    port = draw(st.sampled_from(EDIT_PORTS))
+    reject = draw(st.sampled_from(("", " with tcp reset", " with icmpx port-unreachable")))
+    chains = {"output-drop": ("filter hook output priority filter", f"tcp dport {port} counter drop"),
+              "route-drop": ("route hook output priority mangle - 5", f"tcp dport {port} counter drop"),
+              "output-reject": ("filter hook output priority 0", f"meta l4proto tcp tcp dport {port} counter reject{reject}"),
+              "input-drop": ("filter hook input priority 0", f"tcp dport {port} drop")}
+
+    def edit(text: str) -> tuple[str, str]:
+        if kind in chains:
+            spec, rule = chains[kind]
+            table = f"table inet user {{\n\tchain {kind} {{\n\t\ttype {spec}; policy accept;\n\t\t{rule}\n\t}}\n}}\n"
+            return text + table, f"; table inet user: {rule}"
+        if kind == "one-port" and "redirect to :15006" in text:
+            return text.replace("redirect to :15006", "redirect to :15001"), "; inbound redirected to 15001"
+        return text, ""
+
+    return edit
+
+
+def nft_text(version: str, options: nftbuilder.NftOptions) -> str:
+    """The rule set as `nft list ruleset` lays it out, in Istio's words."""
+    return nftset.text(nftbuilder.build(version, options))
 
 
 # --- what the kernel can show ----------------------------------------------------------------

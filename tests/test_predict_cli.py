@@ -96,6 +96,46 @@ def test_every_ending_is_written(tmp_path) -> None:
         assert want in json.loads(out)["predicted_path"], (rules, source, to, json.loads(out)["predicted_path"])
 
 
+def test_native_nftables_rules_are_predicted_not_ignored(tmp_path) -> None:
+    """A native profile's rules are nft's (RuleSet.nft, no iptables dump): predict walks them, in
+    nft's words, as it walks iptables' (it once walked no rule at all: a path with no capture)."""
+    code, out, err = _predict("predict", "--profile", "istio-1.27-nft", "--from", "sidecar:1000", "--to", "remote:8080")
+    assert code == 0, err
+    assert ("predict: Local Pod -> OUTPUT -> istio-output RULE 9 -> istio-redirect -> Envoy 15001 (Outbound) -> "
+            "OUTPUT -> istio-output RULE 4 -> POSTROUTING -> Remote Pod 8080: no listener, refused") in out
+    assert "istio-output RULE 4                    skuid 1337 return" in out
+    assert "istio-output                 rule 3: needs oifname lo; this packet leaves by eth0" in out
+    code, out, err = _predict("predict", "--rules", str(REPO / "tests/data/nft/tproxy.listed"), "--from", "remote",
+                              "--to", "sidecar:8080", "--json")
+    assert code == 0, err
+    path = json.loads(out)["predicted_path"]
+    assert path.startswith("Remote Pod -> PREROUTING -> istio-inbound RULE 6 (istio-proxy-mangle) -> istio-tproxy "
+                           "RULE 1 (istio-proxy-mangle) -> Envoy 15006 (Inbound)"), path
+    code, out, err = _predict("explain", "--profile", "istio-1.27-nft-dns", "--from", "sidecar", "--to",
+                              "10.96.0.10:53", "--udp")
+    assert code == 0, err
+    assert "predict: Local Pod -> OUTPUT -> istio-output-dns RULE 5 (istio-proxy-raw) -> istio-output RULE 8" in out
+    assert "istio-output-dns (table inet istio-proxy-raw: its raw table, IPv4 and IPv6)" in out
+    assert "   iptables: ISTIO_OUTPUT_DNS (raw table)" in out  # beside the iptables chain it mirrors
+    code, _, err = _predict("predict", "--profile", "istio-1.27-nft", "--ipv6", "--from", "sidecar", "--to",
+                            "remote:9080")
+    assert code == 2 and "istio-1.27-nft has no ip6 rules" in err
+    code, out, _ = _predict("predict", "--profile", "istio-1.27-nft-ipv6", "--ipv6", "--from", "remote", "--to",
+                            "sidecar:8080")
+    assert code == 0 and "istio-inbound RULE 5 -> istio-in-redirect -> Envoy 15006 (Inbound) -> OUTPUT -> istio-output " \
+        "RULE 2 -> POSTROUTING -> Local Pod" in out
+
+
+def test_what_predict_does_not_model_in_nft_is_one_line_and_exit_3(tmp_path) -> None:
+    text = (REPO / "tests/data/nft/istio-style.nft").read_text() + (
+        "table inet t {\n\tchain output {\n\t\ttype filter hook output priority 0; policy accept;\n"
+        "\t\tmeta l4proto tcp fib daddr type local counter drop\n\t}\n}\n")
+    code, out, err = _predict("predict", "--rules", _write(tmp_path, text, "pod.nft"), "--from", "sidecar", "--to",
+                              "remote:9080")
+    assert code == 3 and out == ""
+    assert err == "istio-lab: cannot predict: rule 1 of output (t) uses fib daddr type local\n"
+
+
 def test_what_predict_does_not_model_is_one_line_and_exit_3(tmp_path) -> None:
     text = profiles.text(profiles.DEFAULT) + ("*filter\n:OUTPUT ACCEPT [0:0]\n"
                                               "-A OUTPUT -p tcp -m statistic --mode random --probability 0.5 -j DROP\n"
@@ -198,6 +238,12 @@ def test_predict_runs_as_an_unprivileged_user() -> None:
     assert code == 0, out
     assert json.loads(out)["predicted_path"].endswith("Envoy 15001 (Outbound) -> OUTPUT -> ISTIO_OUTPUT RULE 4 -> "
                                                      "POSTROUTING -> Remote Pod")
+    code, out = _as_nobody(["predict", "--rules", str(REPO / "tests/data/nft/tproxy.listed"), "--from", "remote",
+                            "--to", "sidecar:8080", "--json"])  # a pod's nft list ruleset, read as nobody
+    assert code == 0, out
+    assert "istio-tproxy RULE 1 (istio-proxy-mangle) -> Envoy 15006 (Inbound)" in json.loads(out)["predicted_path"]
+    code, out = _as_nobody(["predict", "--profile", "istio-1.27-nft", "--from", "sidecar", "--to", "10.96.0.90:9080"])
+    assert code == 0 and "istio-output RULE 9 -> istio-redirect -> Envoy 15001 (Outbound)" in out, out
     # the whole command, interpreter and imports too, where nobody can reach the interpreter
     runuser = shutil.which("runuser")
     python = os.path.realpath(sys.executable)

@@ -4,16 +4,22 @@ closed by one, looped, refused, dropped or rejected by a rule, unreachable).
 
   - Generated flows (tests/predict_flows.py) under every profile, TCP streams and UDP
     datagrams, each fired once through the pytest plugin's traced_request in that
-    profile's lab.
+    profile's lab: Istio's native nftables profiles on nf_tables, whatever the run's backend.
   - Generated rule sets: istio-iptables options for any version the builder models, some
     edited by hand as users do (a DROP or REJECT rule on top, written the short way
     `-p tcp --dport N`; an uninjected pod's empty tables), fitted as `--rules` fits a pod's
     dump, and generated flows fired in a lab of their own (api.Session).
+  - Generated native rule sets: the same options as istio-iptables --native-nftables writes
+    them (dual stack or not, INVALID_DROP), some with a table of the user's own that drops or
+    rejects, fitted as `--rules` fits a pod's `nft list ruleset`, each in a lab on nf_tables.
+  - A pod's iptables-nft-save: the rules iptables-nft wrote, read back, predict as written.
 
-PREDICT_FLOWS (flows per profile run, over all profiles; default 200, CI 2,000),
+PREDICT_FLOWS (flows per profile run, over the iptables profiles; default 200, CI 2,000),
 PREDICT_RULE_SETS (default 6; CI 12), PREDICT_RULE_SET_FLOWS (flows per generated rule set,
-default 12) and PREDICT_SEED (default: a fresh one, printed) set the run.  A difference
-fails with the flow, both paths and the seed that reproduces it.
+default 12), PREDICT_NATIVE_FLOWS and PREDICT_NATIVE_RULE_SETS (the same over the native
+profiles and for native rule sets; default 100 and 3, CI's nft run 1,000 and 10) and
+PREDICT_SEED (default: a fresh one, printed) set the run.  A difference fails with the
+flow, both paths and the seed that reproduces it.
 
 What is not fired, and why (the tally printed at the end counts each):
   - a TCP stream to pilot-agent's DNS proxy: the stream carries no query, so the agent
@@ -41,9 +47,13 @@ from hypothesis import strategies as st
 from lab import api, plan
 from lab.errors import LabError
 from lab.predict import Flow, Prediction, Predictor
-from lab.rules import builder, profiles, ruleset
+from lab.rules import builder, profiles, ruleset, save
+from lab.rules.builder import BuildError
+from lab.rules.nft import iptables_nft
 
-from .predict_flows import dies_silently, edited, flows, options, unreachable_at_node
+from .nftpair import in_pod
+from .predict_flows import dies_silently, edited, flows, nft_edited, nft_options, nft_text, options, \
+    unreachable_at_node
 
 pytestmark = pytest.mark.kernel
 
@@ -52,7 +62,10 @@ SEED = int(os.environ.get("PREDICT_SEED") or random.SystemRandom().randrange(2 *
 FLOWS = int(os.environ.get("PREDICT_FLOWS", "200"))
 RULE_SETS = int(os.environ.get("PREDICT_RULE_SETS", "6"))
 RULE_SET_FLOWS = int(os.environ.get("PREDICT_RULE_SET_FLOWS", "12"))
+NATIVE_FLOWS = int(os.environ.get("PREDICT_NATIVE_FLOWS", "100"))
+NATIVE_RULE_SETS = int(os.environ.get("PREDICT_NATIVE_RULE_SETS", "3"))
 PROFILES = profiles.names()
+NATIVE = profiles.names(native_nftables=True)
 # A counterexample is one flow (or one rule set and its flows), reported as drawn: shrinking it
 # would fire flows, and build labs, for minutes.
 NO_SHRINKING = (Phase.explicit, Phase.generate)
@@ -122,14 +135,20 @@ class Differential:
         self.tally[f"identical ({ending}, {flow.transport})"] += 1
 
 
-@pytest.mark.parametrize("sidecar_pod", PROFILES, indirect=True)
+def _examples(profile: str) -> int:
+    """This profile's share of the flows its kind is given."""
+    total, kind = (NATIVE_FLOWS, NATIVE) if profile in NATIVE else (FLOWS, PROFILES)
+    return max(1, -(-total // len(kind)))
+
+
+@pytest.mark.parametrize("sidecar_pod", PROFILES + NATIVE, indirect=True)
 def test_the_kernel_takes_the_path_predict_writes(sidecar_pod, traced_request) -> None:
     profile = sidecar_pod.profile
-    predictor = Predictor(profiles.dumps(profile))
+    predictor = Predictor.of(ruleset.profile(profile))
     differ = Differential(traced_request, f"seed {SEED}, {profile}")
 
     @seed(SEED ^ zlib.crc32(profile.encode()))  # each profile its own flows, all from the one seed
-    @settings(max_examples=max(1, -(-FLOWS // len(PROFILES))), deadline=None, database=None,
+    @settings(max_examples=_examples(profile), deadline=None, database=None,
               suppress_health_check=list(HealthCheck), phases=NO_SHRINKING)
     @given(flow=flows(dual_stack=profiles.dual_stack(profile)))
     def check(flow: Flow) -> None:
@@ -141,9 +160,27 @@ def test_the_kernel_takes_the_path_predict_writes(sidecar_pod, traced_request) -
           f"in {time.monotonic() - started:.1f}s" + "".join(f"\n  slow: {line}" for line in differ.slow))
 
 
-def _scrapes_hang(predictor: Predictor) -> bool:
+def _fire_in_a_lab(rules: ruleset.RuleSet, predictor: Predictor, context: str, draw, dual_stack: bool) -> Counter:
+    """Generated flows in a lab of the rules' own; the tally (a lab that could not come up is
+    one predict saw coming: Prometheus's scrape loops or dies)."""
+    try:
+        session = api.Session(rules).open()
+    except LabError as e:
+        assert str(e).startswith(("prometheus not ready", "prometheus: first scrape")) and _scrapes_fail(predictor), \
+            f"{context}: the lab did not come up: {e}"
+        return Counter({"the lab could not come up: predict sees Prometheus's scrape loop, die or be closed": 1})
+    try:
+        differ = Differential(session.request, context)
+        for _ in range(RULE_SET_FLOWS):
+            differ(predictor, draw(flows(dual_stack=dual_stack)))
+    finally:
+        session.close()
+    return differ.tally + Counter({"rule sets": 1})
+
+
+def _scrapes_fail(predictor: Predictor) -> bool:
     """The lab comes up only once Prometheus's first scrape of Envoy's 15090 and the agent's 15020
-    has an answer: under rules that loop or drop those scrapes it cannot."""
+    has an HTTP answer: under rules that loop, drop or close those scrapes it cannot."""
     scrapes = [predictor.predict(Flow("prometheus", plan.PODS["sidecar"], port, 65534, 65534))
                for port in (plan.Port.STATS, plan.Port.AGENT)]
     return any(p.walk.ending.kind in ("loop", "died", "closed") for p in scrapes)
@@ -166,25 +203,58 @@ def test_generated_rule_sets_take_the_paths_predict_writes(tmp_path: Path) -> No
             rules = ruleset.from_file(str(file), scenarios=False)
         except LabError as e:  # any valid dump is a fair question about a flow
             pytest.fail(f"{context}: --rules refused it: {e}")
-        predictor = Predictor(rules.dumps)
-        try:
-            session = api.Session(rules).open()
-        except LabError as e:
-            assert "prometheus not ready" in str(e) and _scrapes_hang(predictor), f"{context}: the lab did not come up: {e}"
-            tally["the lab could not come up: predict sees Prometheus's scrape loop or die"] += 1
-            return
-        try:
-            differ = Differential(session.request, context)
-            for _ in range(RULE_SET_FLOWS):
-                differ(predictor, data.draw(flows()))
-        finally:
-            session.close()
-        tally.update(differ.tally)
-        tally["rule sets"] += 1
+        tally.update(_fire_in_a_lab(rules, Predictor.of(rules), context, data.draw, dual_stack=False))
 
     check()
     print(f"\npredict vs the kernel, generated rule sets, seed {SEED}: {dict(tally)} "
           f"in {time.monotonic() - started:.1f}s")
+
+
+def test_generated_native_rule_sets_take_the_paths_predict_writes(tmp_path: Path) -> None:
+    """Istio's native nftables rules from generated options, as a pod's `nft list ruleset` is
+    given (--rules), on nf_tables whatever the run's backend."""
+    tally, started = Counter(), time.monotonic()
+
+    @seed(SEED ^ zlib.crc32(b"native"))
+    @settings(max_examples=NATIVE_RULE_SETS, deadline=None, database=None, suppress_health_check=list(HealthCheck),
+              phases=NO_SHRINKING)
+    @given(chosen=nft_options(), edit=nft_edited(), data=st.data())
+    def check(chosen, edit, data) -> None:
+        version, opts = chosen
+        try:
+            text, what = edit(nft_text(version, opts))
+        except BuildError:  # options Istio's own transaction would fail on
+            tally["not built: Istio's transaction would fail"] += 1
+            return
+        file = tmp_path / "pod.nft"
+        file.write_text(text)
+        context = f"seed {SEED}, Istio {version} {opts.command()}{what}"
+        try:
+            rules = ruleset.from_file(str(file), scenarios=False)
+        except LabError as e:
+            pytest.fail(f"{context}: --rules refused it: {e}")
+        tally.update(_fire_in_a_lab(rules, Predictor.of(rules), context, data.draw, dual_stack=rules.dual_stack))
+
+    check()
+    print(f"\npredict vs the kernel, generated native rule sets, seed {SEED}: {dict(tally)} "
+          f"in {time.monotonic() - started:.1f}s")
+
+
+def test_an_iptables_nft_save_predicts_as_the_rules_written() -> None:
+    """What iptables-nft wrote into a pod, read back with iptables-nft-save (its header, its
+    warning about legacy tables, counters), is the rule set predict was given."""
+    flow_list = [Flow("sidecar", "10.96.0.90", 9080), Flow("sidecar", "10.96.0.80", 8080, 1337, 1337),
+                 Flow("remote", "10.244.0.10", 8080), Flow("sidecar", "10.96.0.10", 53, transport="udp", query="x"),
+                 Flow("prometheus", "10.244.0.10", 15090)]
+    for profile in PROFILES:
+        written = ruleset.profile(profile)
+        with api.Session(written, "nft") as session:
+            ns = session.lab.pod("sidecar").ns
+            saved = [save.parse(in_pod(ns, iptables_nft.TOOLS[d.family][1]), family=d.family) for d in written.dumps]
+        assert [d.lines() for d in saved] == [d.lines() for d in written.dumps], profile
+        for flow in flow_list:
+            assert str(Predictor(saved).predict(flow).path) == str(Predictor.of(written).predict(flow).path), \
+                (profile, flow)
 
 
 def test_a_few_fixed_endings_over_both_families() -> None:

@@ -7,13 +7,12 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from lab.predict import CannotPredict, Flow, Predictor
-from lab.predict import chains, inet, rules
+from lab.predict import chains, inet, iptables
 from lab.predict.packet import Connection, Owner, Packet
-from lab.predict.topology import Topology
 from lab.rules import profiles, save
 from lab.rules.save import RuleLine
 
-SIDECAR = Topology(profiles.dumps("istio-1.13")).namespaces["sidecar"]
+SIDECAR = Predictor(profiles.dumps("istio-1.13")).topology.namespaces["sidecar"]
 APP, PROXY = Owner(1000, 1000), Owner(1337, 1337)
 
 
@@ -26,10 +25,11 @@ def packet(dst="10.96.0.90", dport=9080, src="10.244.0.10", sport=40000, proto="
     return Packet(family, proto, ip(src), sport, ip(dst), dport, iif, oif, mark, owner, conn=conn)
 
 
-def rule(spec: str, table: str = "nat", chain: str = "ISTIO_OUTPUT", family: int = 4) -> rules.Rule:
+def rule(spec: str, table: str = "nat", chain: str = "ISTIO_OUTPUT", family: int = 4) -> chains.Rule:
     import shlex
 
-    return rules.read(table, 3, RuleLine(chain, tuple(shlex.split(spec))), family, {"ISTIO_REDIRECT", chain})
+    return iptables.read(chains.Table(table, table, family), 3, RuleLine(chain, tuple(shlex.split(spec))),
+                         {"ISTIO_REDIRECT", chain})
 
 
 def matches(spec: str, p: Packet, **kw) -> bool:
@@ -351,7 +351,7 @@ def test_mangle_output_routes_again_after_a_mark() -> None:
             "-A PREROUTING -p tcp -j TPROXY --on-port 15006 --on-ip 0.0.0.0 --tproxy-mark 0x539/0xffffffff\nCOMMIT\n"
             "*nat\n:OUTPUT ACCEPT [0:0]\n-A OUTPUT -o lo -j REDIRECT --to-ports 9\nCOMMIT\n")
     walk = Predictor([dump(text)]).predict(Flow("sidecar", "10.244.0.20", 9080)).walk
-    nat = next(t for ps in walk.legs[0].passes if ps.hook == "OUTPUT" for name, t in ps.walks if name == "nat")
+    nat = next(t for ps in walk.legs[0].passes if ps.hook == "OUTPUT" for t in ps.walks if t.table.name == "nat")
     assert nat.steps[0].rule.ref.number == 1 and nat.packet.oif == "lo"
 
 
@@ -373,7 +373,8 @@ def test_the_index_offers_every_rule_that_matches_in_order(chain, dst, dport, pr
     """Whatever the rules, the first candidate the index offers that matches is the first rule
     that matches, and every rule that matches is a candidate."""
     lines = "\n".join(f"-A X {' '.join(parts)} -j RETURN" for parts in chain)
-    indexed = chains.load(dump(f"*nat\n:OUTPUT ACCEPT [0:0]\n:X - [0:0]\n{lines}\nCOMMIT\n")).tables["nat"].chains["X"]
+    (nat,) = iptables.tables(dump(f"*nat\n:OUTPUT ACCEPT [0:0]\n:X - [0:0]\n{lines}\nCOMMIT\n"))
+    indexed = nat.chains["X"]
     p = packet(dst=dst, dport=dport, proto=proto, owner=owner, oif=oif, mark=mark)
     matching = [i for i, r in enumerate(indexed.rules) if r.test(p, SIDECAR)]
     assert set(matching) <= set(indexed.candidates(p))
@@ -386,8 +387,8 @@ def test_an_indexed_chain_walks_as_the_plain_one() -> None:
     lines = [f"-A ISTIO_OUTPUT -d {c} -j RETURN" for c in cidrs] + ["-A ISTIO_OUTPUT -p tcp --dport 9080 -j RETURN",
                                                                      "-A ISTIO_OUTPUT -j ISTIO_REDIRECT"]
     text = BASE + ":ISTIO_OUTPUT - [0:0]\n-A OUTPUT -j ISTIO_OUTPUT\n" + "\n".join(lines) + "\nCOMMIT\n"
-    rule_set = chains.load(dump(text))
-    chain = rule_set.tables["nat"].chains["ISTIO_OUTPUT"]
+    (nat,) = iptables.tables(dump(text))
+    chain = nat.chains["ISTIO_OUTPUT"]
     assert chain.index is not None
     for dst, dport in (("10.7.13.9", 80), ("10.39.249.1", 80), ("10.96.0.90", 9080), ("10.96.0.90", 80),
                        ("192.168.0.1", 80)):

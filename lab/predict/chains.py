@@ -1,35 +1,36 @@
-"""A rule set's tables and chains, and the walk of one packet through one table at one hook.
+"""Tables, their chains and rules, and one packet's walk through a chain the kernel enters from a hook.
 
-The walk is ipt_do_table's: rules in order from the built-in chain of the hook; the first
-rule whose conditions all hold fires its target; a jump keeps a return point, a goto does
-not; falling off a user chain returns, falling off a built-in chain (or RETURN there) is
-its policy.
+Both syntaxes come here as the same values: an iptables-save table (lab.predict.iptables) and
+an nftables table (lab.predict.nft) are a Table of Chains of Rules, each rule a row of
+conditions and a target, and a table's base chains say where the kernel enters it (hook,
+priority, what kind of chain).  The walk is ipt_do_table's and nft_do_chain's, which agree on
+everything a rule set here can say: rules in order from the base chain; the first rule whose
+conditions all hold fires its target; a jump keeps a return point, a goto does not; falling
+off a regular chain returns, falling off a base chain (or RETURN there) is its policy.
 
-Loading checks what the kernel checks (translate_table): no chain may jump back into
-itself, and a match or target that works only at some hooks or in one table (owner in
-OUTPUT and POSTROUTING, REDIRECT in nat, TPROXY in mangle PREROUTING, ...) must not be
-reachable from elsewhere; such a rule set is refused, so predict says so instead of
-walking rules no kernel would run.
+Loading checks what the kernel checks: no chain may jump back into itself, and a match or
+target that works only at some hooks or in one table or chain type (owner in OUTPUT and
+POSTROUTING, REDIRECT in nat, TPROXY in PREROUTING, ...) must not be reachable from
+elsewhere; such a rule set is refused, so predict says so instead of walking rules no
+kernel would run.
 
-Long chains are indexed by what a rule needs of the packet: a destination or source
-prefix, a destination port, a socket owner's uid or gid, the packet's whole mark.  A packet is tested only against the rules
-that could match it (and the rules that need none of these), in order, so 10,000
-`-d CIDR -j RETURN` rules cost a handful of dictionary lookups.
+Long chains are indexed by what a rule needs of the packet (lab.predict.matches: each
+condition says how it can be indexed): a packet is tested only against the rules that could
+match it, and the rules that need none of these, in order, so 10,000 `-d CIDR -j RETURN`
+rules cost a handful of dictionary lookups.
 """
 
 from __future__ import annotations
 
-import functools
 from bisect import bisect_left
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from ..netfilter import BUILTIN_CHAINS
-from ..rules.save import Dump
-from . import inet, matches as m, rules as r
+from ..netfilter import RuleRef
+from . import inet, matches as m
 from .errors import CannotPredict
 from .packet import Packet
-from .targets import Jump, Verdict
+from .targets import Target, Verdict
 
 if TYPE_CHECKING:
     from .stack import Namespace
@@ -37,15 +38,65 @@ if TYPE_CHECKING:
 INDEXED = 16  # chains with more rules than this get an index
 
 
-class Chain:
-    __slots__ = ("name", "table", "builtin", "rules", "index")
+@dataclass(frozen=True)
+class Placement:
+    """Where the kernel accepts a match or target (xt_check_match, xt_check_target, nft's
+    validate): only at these hooks, only in this table (iptables), only under a base chain
+    of this type (nft)."""
 
-    def __init__(self, name: str, table: str, rules: list[r.Rule]):
-        self.name, self.table, self.rules = name, table, rules
-        self.builtin = name in BUILTIN_CHAINS[table]
+    what: str  # as the rule says it: "-m owner", "-j REDIRECT", "redirect"
+    hooks: frozenset[str] | None = None
+    table: str | None = None
+    kind: str | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class Rule:
+    """One rule, numbered in its chain from 1 (iptables -L --line-numbers; nft: its position)."""
+
+    ref: RuleRef
+    line: str  # as the rule set writes it
+    conditions: tuple[m.Match, ...]  # in the order the kernel tests them
+    target: Target | None  # None: a rule that only counts, and goes on
+    tracks: bool = False  # loading it makes the kernel track connections (nf_ct_netns_get)
+    placements: tuple[Placement, ...] = ()
+
+    def test(self, p: Packet, ns) -> bool:
+        for c in self.conditions:
+            if not c.test(p, ns):
+                return False
+        return True
+
+    def first_miss(self, p: Packet, ns) -> m.Match | None:
+        """The condition that stops this packet, in the order the kernel tests them."""
+        return next((c for c in self.conditions if not c.test(p, ns)), None)
+
+
+@dataclass(frozen=True)
+class Base:
+    """A chain the kernel enters from a hook: an xtables table's built-in chain, or an nf_tables
+    base chain.  `kind`: nat (run by the nat core), route (OUTPUT: routed again after a new mark
+    or address, as mangle OUTPUT is) or filter."""
+
+    chain: str
+    hook: str  # PREROUTING, INPUT, FORWARD, OUTPUT, POSTROUTING
+    priority: int
+    kind: str
+    policy: str = "ACCEPT"  # or DROP
+
+    @property
+    def acts(self) -> bool:
+        return self.policy != "ACCEPT"
+
+
+class Chain:
+    __slots__ = ("name", "table", "hook", "rules", "index")
+
+    def __init__(self, name: str, table: "Table", rules: list[Rule], hook: str | None = None):
+        self.name, self.table, self.rules, self.hook = name, table, rules, hook  # hook: a base chain's
         self.index = _Index(rules) if len(rules) > INDEXED else None
 
-    def candidates(self, p: Packet) -> list[int]:
+    def candidates(self, p: Packet):
         """Positions of the rules that could match `p`, in order."""
         return self.index.candidates(p) if self.index else range(len(self.rules))
 
@@ -53,165 +104,134 @@ class Chain:
         return len(self.rules)
 
 
-@dataclass
+@dataclass(eq=False)
 class Table:
+    """A table as the lab names it: `nat`, `istio-proxy-nat`, `legacy-nat` (legacy's, in a pod
+    whose rules both backends wrote)."""
+
     name: str
-    chains: dict[str, Chain]
-    policies: dict[str, str]
+    role: str  # the xtables table it is or plays: nat, mangle, raw, filter, security
+    family: int | None  # 4 or 6; None for an nft inet table, which both meet
+    backend: str = ""  # legacy or nft, in a pod whose rules both wrote
+    chains: dict[str, Chain] = field(default_factory=dict)
+    bases: tuple[Base, ...] = ()  # in the order the kernel registered them
 
+    @property
+    def qualifier(self) -> str:
+        """What a hop of this table says after its rule, as lab.path writes it: nothing for a
+        table that plays nat, else its name; in a pod both backends wrote, the backend (and
+        the xtables table, if not nat): `(mangle, legacy)`."""
+        if self.backend:
+            return ", ".join(q for q in ("" if self.role == "nat" else self.role, self.backend) if q)
+        return "" if self.role == "nat" else self.name
 
-# What makes the kernel track connections in a namespace (nf_ct_netns_get in a checkentry):
-# conntrack is per namespace and family, and only on while some rule needs it.  Without it
-# there is no connection, so no nat (an empty nat table is walked by nothing) and no
-# SO_ORIGINAL_DST.
-CONNTRACK_TARGETS = frozenset({"REDIRECT", "DNAT", "SNAT", "MASQUERADE", "NETMAP", "CT", "NOTRACK", "CONNMARK",
-                               "CONNSECMARK"})
-CONNTRACK_MATCHES = frozenset({"conntrack", "state", "connmark", "helper", "connbytes", "connlimit"})
+    def where(self, chain: str, number: int) -> str:
+        """`rule 1 of OUTPUT (filter)`: a rule named in a refusal."""
+        return f"rule {number} of {chain}" + (f" ({self.qualifier})" if self.qualifier else "")
 
-
-@dataclass
-class RuleSet:
-    """One family's rules (an iptables-save or ip6tables-save dump), ready to walk."""
-
-    family: int
-    tables: dict[str, Table]
-
-    @functools.cached_property
-    def tracks_connections(self) -> bool:
+    @property
+    def tracks(self) -> bool:
         """Does any rule make the kernel track connections (a NAT or CT target, a conntrack match)?"""
-        return any((rule.target is not None and rule.target.name in CONNTRACK_TARGETS)
-                   or rule.modules & CONNTRACK_MATCHES
-                   for table in self.tables.values() for chain in table.chains.values() for rule in chain.rules)
+        return any(rule.tracks for chain in self.chains.values() for rule in chain.rules)
 
 
-def load(dump: Dump) -> RuleSet:
-    tables = {}
-    for name, saved in dump.tables.items():
-        declared = set(BUILTIN_CHAINS[name]) | set(saved.chains)
-        numbered: dict[str, list[r.Rule]] = {chain: [] for chain in declared}
-        for line in saved.rules:
-            rules = numbered[line.chain]
-            rules.append(r.read(name, len(rules) + 1, line, dump.family, declared))
-        table = Table(name, {chain: Chain(chain, name, rules) for chain, rules in numbered.items()},
-                      {chain: saved.policies.get(chain, "ACCEPT") for chain in BUILTIN_CHAINS[name]})
-        _check(table)
-        tables[name] = table
-    return RuleSet(dump.family, tables)
-
-
-def _check(table: Table) -> None:
+def check(table: Table) -> None:
     """What the kernel refuses when the table is loaded: chains that loop, and matches or
-    targets reached from a hook (or in a table) they do not work in."""
-    hooks: dict[str, set[str]] = {name: set() for name in table.chains}
+    targets reached from a hook (or in a table, or under a chain type) they do not work in."""
+    reached: dict[str, set[tuple[str, str]]] = {name: set() for name in table.chains}  # chain -> {(hook, kind)}
 
-    def visit(chain: Chain, hook: str, path: tuple[str, ...]) -> None:
+    def visit(chain: Chain, base: Base, path: tuple[str, ...]) -> None:
         if chain.name in path:
             raise CannotPredict(f"the kernel refuses table {table.name}: chain {chain.name} jumps back into itself "
                                 f"({' -> '.join(path + (chain.name,))})")
-        if hook in hooks[chain.name] and not chain.builtin:
+        here = (base.hook, base.kind)
+        if here in reached[chain.name] and chain.hook is None:
             return
-        hooks[chain.name].add(hook)
+        reached[chain.name].add(here)
         for rule in chain.rules:
-            if isinstance(rule.target, Jump) and rule.target.chain in table.chains:
-                visit(table.chains[rule.target.chain], hook, path + (chain.name,))
+            if rule.target is not None and rule.target.chain in table.chains:
+                visit(table.chains[rule.target.chain], base, path + (chain.name,))
 
-    for hook in BUILTIN_CHAINS[table.name]:
-        visit(table.chains[hook], hook, ())
+    for base in table.bases:
+        visit(table.chains[base.chain], base, ())
     for chain in table.chains.values():
+        hooks = {hook for hook, _ in reached[chain.name]}
+        kinds = {kind for _, kind in reached[chain.name]}
         for rule in chain.rules:
-            for module, allowed in r.MATCH_HOOKS.items():
-                if module in rule.modules:
-                    _allowed(rule, f"-m {module}", allowed, hooks[chain.name])
-            t = rule.target
-            if t is None:
-                continue
-            if t.TABLE and t.TABLE != table.name:
-                raise CannotPredict(f"the kernel refuses {_where(rule)}: -j {t.name} works only in the "
-                                    f"{t.TABLE} table")
-            if t.HOOKS:
-                _allowed(rule, f"-j {t.name}", t.HOOKS, hooks[chain.name])
-
-
-def _allowed(rule: r.Rule, what: str, allowed: frozenset[str], reached: set[str]) -> None:
-    wrong = sorted(reached - allowed)
-    if wrong:
-        raise CannotPredict(f"the kernel refuses {_where(rule)}: {what} works only in {' and '.join(sorted(allowed))}, "
-                            f"and {rule.ref.chain} is reached from {' and '.join(wrong)}")
-
-
-def _where(rule: r.Rule) -> str:
-    ref = rule.ref
-    return f"rule {ref.number} of {ref.chain}" + ("" if ref.table == "nat" else f" ({ref.table})")
+            for place in rule.placements:
+                where = table.where(chain.name, rule.ref.number)
+                if place.table and place.table != table.role:
+                    raise CannotPredict(f"the kernel refuses {where}: {place.what} works only in the {place.table} table")
+                if place.kind and kinds - {place.kind}:
+                    raise CannotPredict(f"the kernel refuses {where}: {place.what} works only under a base chain of "
+                                        f"type {place.kind}, and {chain.name} is reached from one of type "
+                                        f"{' and '.join(sorted(kinds - {place.kind}))}")
+                wrong = sorted(hooks - place.hooks) if place.hooks else []
+                if wrong:
+                    raise CannotPredict(f"the kernel refuses {where}: {place.what} works only in "
+                                        f"{' and '.join(sorted(place.hooks))}, and {chain.name} is reached from "
+                                        f"{' and '.join(wrong)}")
 
 
 class _Index:
-    """Rule positions by the destination or source prefix (-d, -s), destination ports (--dport,
-    --dports) or owner (--uid-owner, --gid-owner) a rule needs, and the rules that need none."""
+    """Rule positions by what the first indexable condition of each rule needs (a destination or
+    source prefix, a destination port or 256-port block, a socket owner's uid or gid, the
+    packet's whole mark), and the rules that need none of these."""
 
-    __slots__ = ("always", "by_prefix", "by_port", "by_block", "by_uid", "by_gid", "by_mark")
-    BLOCK = 8  # a port range is filed under each 256-port block it touches
+    __slots__ = ("always", "by")
 
-    def __init__(self, rules: list[r.Rule]):
+    def __init__(self, rules: list[Rule]):
         self.always: list[int] = []
-        # (address, family, prefix) -> network -> positions; address is "dst" or "src"
-        self.by_prefix: dict[tuple[str, int, int], dict[int, list[int]]] = {}
-        self.by_port: dict[int, list[int]] = {}
-        self.by_block: dict[int, list[int]] = {}
-        self.by_uid: dict[int, list[int]] = {}
-        self.by_gid: dict[int, list[int]] = {}
-        self.by_mark: dict[int, list[int]] = {}  # the packet's own mark, matched whole (mask 0xffffffff)
+        self.by: dict[tuple, dict[int, list[int]]] = {}  # key -> value -> positions
         for i, rule in enumerate(rules):
-            net = next((c for c in rule.conditions if type(c) in (m.Destination, m.Source) and not c.negated
-                        and c.net.prefix), None)
-            if net is not None:
-                key = ("dst" if type(net) is m.Destination else "src", net.net.family, net.net.prefix)
-                self.by_prefix.setdefault(key, {}).setdefault(net.net.net, []).append(i)
-                continue
-            kind, values = _needs(rule)
-            for value in values:
-                getattr(self, f"by_{kind}").setdefault(value, []).append(i)
-            if not values:
+            found = _needs(rule)
+            if found is None:
                 self.always.append(i)
+                continue
+            key, values = found
+            for value in values:
+                self.by.setdefault(key, {}).setdefault(value, []).append(i)
 
     def candidates(self, p: Packet) -> list[int]:
         found = [self.always]
-        for (address, family, prefix), nets in self.by_prefix.items():
-            if family == p.family:
-                hit = nets.get((p.dst if address == "dst" else p.src) & inet.Network(family, 0, prefix).mask)
+        for key, table in self.by.items():
+            for value in _values(key, p):
+                hit = table.get(value)
                 if hit:
                     found.append(hit)
-        keys = [(self.by_port, p.dport), (self.by_block, p.dport >> self.BLOCK)]
-        if p.owner is not None:
-            keys += [(self.by_uid, p.owner.uid)] + [(self.by_gid, gid) for gid in (p.owner.gid, *p.owner.groups)]
-        if self.by_mark:
-            keys.append((self.by_mark, p.mark))
-        for table, key in keys:
-            hit = table.get(key)
-            if hit:
-                found.append(hit)
         return found[0] if len(found) == 1 else sorted(set().union(*found))
 
 
-def _needs(rule: r.Rule) -> tuple[str, tuple[int, ...]]:
-    """("port" | "block" | "uid" | "gid" | "mark", values): the first indexable thing a rule needs,
-    provided nothing the kernel tests before it could raise (an Unknown condition must stay
-    reachable); ("", ()) when there is none."""
+def _needs(rule: Rule) -> tuple[tuple, tuple[int, ...]] | None:
+    """The first indexable thing a rule needs, provided nothing the kernel tests before it could
+    raise (an Unknown condition must stay reachable)."""
     for c in rule.conditions:
         if isinstance(c, m.Unknown):
-            return "", ()
-        if c.negated:
-            continue
-        if type(c) is m.Port and c.which == "dport":
-            if all(low == high for low, high in c.ranges):
-                return "port", tuple(low for low, _ in c.ranges)
-            blocks = {b for low, high in c.ranges for b in range(low >> _Index.BLOCK, (high >> _Index.BLOCK) + 1)}
-            if len(blocks) <= 16:
-                return "block", tuple(sorted(blocks))
-        if type(c) is m.OwnerId and c.low == c.high and not c.groups:
-            return c.kind, (c.low,)
-        if type(c) is m.Mark and not c.of_connection and c.mask == 0xFFFFFFFF:
-            return "mark", (c.value,)
-    return "", ()
+            return None
+        if not c.negated:
+            found = c.index()
+            if found is not None:
+                return found
+    return None
+
+
+def _values(key: tuple, p: Packet) -> tuple[int, ...]:
+    """The packet's values for an index key (lab.predict.matches: Match.index)."""
+    kind = key[0]
+    if kind == "prefix":
+        _, which, family, prefix = key
+        if family != p.family:
+            return ()
+        return ((p.dst if which == "dst" else p.src) & inet.Network(family, 0, prefix).mask,)
+    if kind == "port":
+        return (p.dport,)
+    if kind == "block":
+        return (p.dport >> m.PORT_BLOCK,)
+    if kind == "mark":
+        return (p.mark,)
+    if p.owner is None:
+        return ()
+    return (p.owner.uid,) if kind == "uid" else (p.owner.gid, *p.owner.groups)
 
 
 # --- the walk ---------------------------------------------------------------------------------
@@ -221,7 +241,7 @@ class Hit:
     """A rule whose conditions all held: its target fired on `packet`."""
 
     chain: Chain
-    rule: r.Rule
+    rule: Rule
     packet: Packet
 
 
@@ -237,7 +257,7 @@ class Passed:
 
 @dataclass(frozen=True, slots=True)
 class Policy:
-    """The walk fell off a built-in chain (or RETURNed from it): its policy decided."""
+    """The walk fell off a base chain (or RETURNed from it): its policy decided."""
 
     table: str
     chain: str
@@ -247,6 +267,7 @@ class Policy:
 
 @dataclass(frozen=True, slots=True)
 class TableWalk:
+    table: Table
     verdict: Verdict  # ACCEPT, DROP or REJECT
     packet: Packet  # as it leaves the table
     steps: tuple
@@ -254,10 +275,10 @@ class TableWalk:
     why: str = ""  # a target's own reason for dropping (TPROXY with no socket)
 
 
-def walk(table: Table, hook: str, p: Packet, ns: "Namespace") -> TableWalk:
-    """The packet through `table`'s built-in chain for `hook`, as ipt_do_table walks it."""
+def walk(table: Table, base: Base, p: Packet, ns: "Namespace") -> TableWalk:
+    """The packet through `table` from its base chain `base`, as ipt_do_table (nft_do_chain) walks it."""
     steps: list = []
-    chain = table.chains[hook]
+    chain = table.chains[base.chain]
     pos = 0
     callers: list[tuple[Chain, int]] = []
     while True:
@@ -275,7 +296,7 @@ def walk(table: Table, hook: str, p: Packet, ns: "Namespace") -> TableWalk:
             if callers:
                 chain, pos = callers.pop()
                 continue
-            return _policy(table, hook, p, steps)
+            return _policy(table, base, p, steps)
         if found > pos:
             steps.append(Passed(chain, pos, found, p))
         rule = rules[found]
@@ -284,7 +305,7 @@ def walk(table: Table, hook: str, p: Packet, ns: "Namespace") -> TableWalk:
         if rule.target is None:
             pos = found + 1
             continue
-        outcome = rule.target.fire(p, ns, hook)
+        outcome = rule.target.fire(p, ns, base.hook)
         p, verdict = outcome.packet, outcome.verdict
         if verdict is Verdict.CONTINUE:
             pos = found + 1
@@ -294,18 +315,17 @@ def walk(table: Table, hook: str, p: Packet, ns: "Namespace") -> TableWalk:
             chain, pos = table.chains[rule.target.chain], 0
         elif verdict is Verdict.RETURN:
             if not callers:
-                return _policy(table, hook, p, steps)
+                return _policy(table, base, p, steps)
             chain, pos = callers.pop()
         elif verdict is Verdict.ACCEPT:
-            return TableWalk(Verdict.ACCEPT, p, tuple(steps))
+            return TableWalk(table, Verdict.ACCEPT, p, tuple(steps))
         else:
-            return TableWalk(verdict, p, tuple(steps), hit, outcome.why)
+            return TableWalk(table, verdict, p, tuple(steps), hit, outcome.why)
 
 
-def _policy(table: Table, hook: str, p: Packet, steps: list) -> TableWalk:
-    verdict = table.policies[hook]
-    policy = Policy(table.name, hook, verdict, p)
+def _policy(table: Table, base: Base, p: Packet, steps: list) -> TableWalk:
+    policy = Policy(table.name, base.chain, base.policy, p)
     steps.append(policy)
-    if verdict == "DROP":
-        return TableWalk(Verdict.DROP, p, tuple(steps), policy)
-    return TableWalk(Verdict.ACCEPT, p, tuple(steps))
+    if base.policy == "DROP":
+        return TableWalk(table, Verdict.DROP, p, tuple(steps), policy)
+    return TableWalk(table, Verdict.ACCEPT, p, tuple(steps))

@@ -48,6 +48,31 @@ class Match:
     def has(self, p: Packet, ns: "Namespace") -> str:
         raise NotImplementedError
 
+    def index(self) -> tuple[tuple, tuple[int, ...]] | None:
+        """(key, values) a chain's index files the rule under, when this condition holds only for
+        packets with one of these values (lab.predict.chains reads a packet's value per key)."""
+        return None
+
+
+def prefix_index(which: str, nets) -> tuple[tuple, tuple[int, ...]] | None:
+    """A destination ("dst") or source prefix's key, for networks of one family and length."""
+    kinds = {(n.family, n.prefix) for n in nets}
+    if len(kinds) != 1 or not next(iter(kinds))[1]:
+        return None
+    family, prefix = next(iter(kinds))
+    return ("prefix", which, family, prefix), tuple(n.net for n in nets)
+
+
+def ports_index(ranges: "PortRanges") -> tuple[tuple, tuple[int, ...]] | None:
+    """Destination ports, or the 256-port blocks their ranges touch (16 at most)."""
+    if all(low == high for low, high in ranges):
+        return ("port",), tuple(low for low, _ in ranges)
+    blocks = {b for low, high in ranges for b in range(low >> PORT_BLOCK, (high >> PORT_BLOCK) + 1)}
+    return (("block",), tuple(sorted(blocks))) if len(blocks) <= 16 else None
+
+
+PORT_BLOCK = 8  # a port range is indexed under each 256-port block it touches
+
 
 # --- the IP header part ---------------------------------------------------------------
 
@@ -64,6 +89,9 @@ class Source(Match):
     def has(self, p, ns):
         return f"the source is {inet.text(p.family, p.src)}"
 
+    def index(self):
+        return prefix_index("src", (self.net,))
+
 
 class Destination(Match):
     __slots__ = ("net",)
@@ -77,6 +105,9 @@ class Destination(Match):
 
     def has(self, p, ns):
         return f"the destination is {inet.text(p.family, p.dst)}"
+
+    def index(self):
+        return prefix_index("dst", (self.net,))
 
 
 class Interface(Match):
@@ -199,6 +230,9 @@ class Port(Match):
         return {"sport": f"the source port is {sport}", "dport": f"the destination port is {p.dport}",
                 "either": f"the ports are {sport} and {p.dport}"}[self.which]
 
+    def index(self):
+        return ports_index(self.ranges) if self.which == "dport" else None
+
 
 TCP_FLAGS = {"FIN": 0x01, "SYN": 0x02, "RST": 0x04, "PSH": 0x08, "ACK": 0x10, "URG": 0x20,
              "ALL": 0x3F, "NONE": 0}
@@ -262,6 +296,9 @@ class OwnerId(Match):
             return "this packet has no local socket (it was not sent from this pod)"
         return f"the socket's owner is {self.kind} {p.owner.uid if self.kind == 'uid' else p.owner.gid}"
 
+    def index(self):
+        return ((self.kind,), (self.low,)) if self.low == self.high and not self.groups else None
+
 
 class SocketExists(Match):
     __slots__ = ()
@@ -317,6 +354,9 @@ class Mark(Match):
         if self.of_connection:
             return f"the connection's mark is {self.current(p):#x}" if p.conn else "the packet is untracked"
         return f"the packet's mark is {p.mark:#x}"
+
+    def index(self):
+        return (("mark",), (self.value,)) if not self.of_connection and self.mask == 0xFFFFFFFF else None
 
 
 # --- conntrack --------------------------------------------------------------------------

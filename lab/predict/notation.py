@@ -1,10 +1,13 @@
 """A walk written as the lab measures it: the article's notation, and why rules did not match.
 
 The hops are the measured path's (lab/path.py): in the sidecar pod, whose events the lab
-reads, each leg starts at its hook (OUTPUT or PREROUTING); every rule that matched in raw,
-mangle or nat is a hop, but a built-in chain's jump (the chain jumped to says more) and
-raw's built-in chains (the lab's TRACE rules live there); a rule number only where the
-chain has more than one rule; a packet back in over lo shows `POSTROUTING -> PREROUTING`
+reads, each leg starts at its hook (OUTPUT or PREROUTING); every rule that matched in a table
+that is or plays raw, mangle or nat is a hop, but a base chain's jump (the chain jumped to
+says more) and raw's base chains (the lab's TRACE rules live there); a rule number only
+where the chain has more than one rule; a hop names its chain as the rule set does
+(`ISTIO_OUTPUT`, nft's `istio-output`) and says its table where it plays no nat
+(`istio-inbound RULE 8 (istio-proxy-mangle)`), its backend in a pod two wrote
+(`ISTIO_OUTPUT RULE 9 (nft)`, `OUTPUT RULE 3 (mangle, legacy)`); a packet back in over lo shows `POSTROUTING -> PREROUTING`
 before its hops there; a leg ends at the proxy that took it, or at INPUT (delivered here)
 or POSTROUTING (sent on).  The path ends at the destination.
 
@@ -24,7 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from ..netfilter import PATH_TABLES, RuleRef, is_builtin_chain
+from ..netfilter import BUILTIN_TARGETS, PATH_TABLES, RuleRef
 from .. import path as paths
 from ..addr import Address
 from ..path import Hop, Packet, Path
@@ -49,12 +52,14 @@ class Mark:
     line: str = ""
     owner: str = ""
     where: str = ""  # a chain hop's namespace when not the sidecar's: "node"
+    role: str = ""  # the xtables table an nft table plays, where its name is another
+    backend: str = ""  # legacy or nft, in a pod whose rules both wrote
 
 
 def to_path(marks: list[Mark]) -> Path:
     """The one place that knows lab.path's types."""
     return paths.of(Hop(m.kind, m.name, m.table, m.rule, m.numbered, _packet(m.packet), m.line,
-                        owner=_owner(m.owner), where=m.where) for m in marks)
+                        owner=_owner(m.owner), where=m.where, role=m.role, backend=m.backend) for m in marks)
 
 
 def _owner(text: str) -> tuple[int, int] | None:
@@ -155,7 +160,7 @@ def _node_marks(passes: list[HookPass]) -> list[Mark]:
         if ps.namespace != NODE:
             continue
         for step in _steps(ps):
-            if isinstance(step, Hit) and step.rule.ref.table == "nat" and step.rule.target is not None \
+            if isinstance(step, Hit) and step.chain.table.role == "nat" and step.rule.target is not None \
                     and step.rule.target.name in REWRITES:
                 out.append(replace(_hit(step), where=NODE))
     return out
@@ -191,13 +196,13 @@ def _hops(passes: list[HookPass], killer: Hit | Policy | None) -> tuple[list[Mar
 
 
 def _entry(ps: HookPass) -> str:
-    """The rule of the hook's nat chain that the packet matched (its jump into Istio's chains),
-    as the measured hook hop names it."""
-    for name, walked in ps.walks:
-        if name != "nat":
+    """The rule of the hook's nat base chain that the packet matched (its jump into Istio's
+    chains), as the measured hook hop names it."""
+    for walked in ps.walks:
+        if walked.table.role != "nat":
             continue
         for step in walked.steps:
-            if isinstance(step, Hit) and step.chain.builtin and step.chain.name == ps.hook:
+            if isinstance(step, Hit) and step.chain.hook == ps.hook:
                 return step.rule.line
     return ""
 
@@ -208,7 +213,7 @@ def _refused_where_redirected(end: Delivered | Death) -> bool:
 
 
 def _steps(ps: HookPass):
-    return (step for _, walked in ps.walks for step in walked.steps)
+    return (step for walked in ps.walks for step in walked.steps)
 
 
 def _rules(passes: list[HookPass], killer: Hit | Policy | None) -> list[Mark]:
@@ -223,17 +228,18 @@ def _rules(passes: list[HookPass], killer: Hit | Policy | None) -> list[Mark]:
 
 
 def _shown(hit: Hit) -> bool:
-    ref, target = hit.rule.ref, hit.rule.target
-    if ref.table not in PATH_TABLES:
+    role, target = hit.chain.table.role, hit.rule.target
+    if role not in PATH_TABLES:
         return False
-    if is_builtin_chain(ref.table, ref.chain):
-        return ref.table != "raw" and target is not None and not target.is_jump
+    if hit.chain.hook is not None:  # a base chain: its jumps are not hops, and raw's hold the lab's TRACE rules
+        return role != "raw" and target is not None and target.name in BUILTIN_TARGETS
     return True
 
 
 def _hit(hit: Hit) -> Mark:
-    ref = hit.rule.ref
-    return Mark("chain", ref.chain, ref.number, len(hit.chain) > 1, ref.table, hit.packet.text(), hit.rule.line)
+    ref, table = hit.rule.ref, hit.chain.table
+    return Mark("chain", ref.chain, ref.number, len(hit.chain) > 1, ref.table, hit.packet.text(), hit.rule.line,
+                role=table.role if table.role != table.name else "", backend=table.backend)
 
 
 def _killer(cause: Hit | Policy) -> Mark:
@@ -263,6 +269,7 @@ class Miss:
     needs: str
     has: str
     namespace: str = SHOWN  # whose rule: the sidecar's, or the node's (kube-proxy's)
+    qualifier: str = ""  # what its table's hops say after the rule: `istio-proxy-mangle`, `mangle, legacy`
 
     def __str__(self) -> str:
         return f"rule {self.rule.number}: needs {self.needs}; {self.has}"
@@ -274,11 +281,11 @@ def misses(walk: Walk, topology: Topology) -> list[Miss]:
     for i, leg in enumerate(walk.legs):
         for ps in leg.passes:
             ns = topology.namespaces[ps.namespace]
-            for _, walked in ps.walks:
+            for walked in ps.walks:
                 for step in walked.steps:
                     if isinstance(step, Passed):
                         for rule in step.chain.rules[step.start:step.stop]:
                             condition = rule.first_miss(step.packet, ns)
                             out.append(Miss(i, rule.ref, condition.needs(), condition.has(step.packet, ns),
-                                            ps.namespace))
+                                            ps.namespace, walked.table.qualifier))
     return out

@@ -1,7 +1,8 @@
 """One network namespace's IP stack, as a flow's first packet meets it.
 
-Hooks run their tables in priority order (raw -300, conntrack -200, mangle -150, nat's
-destination manip -100, filter 0, security 50, nat's source manip 100):
+Each hook runs what the namespace's rule sets registered there, in the kernel's order
+(lab.predict.hooks: base chains by priority, conntrack at -200, the nat core at -100 and
+100); with the xtables tables alone that is
 
     sent:      OUTPUT (raw, conntrack, mangle, nat, filter, security) -> POSTROUTING (mangle, nat)
     received:  PREROUTING (raw, conntrack, mangle, nat) -> routing -> INPUT (mangle, filter, security, nat)
@@ -9,11 +10,11 @@ destination manip -100, filter 0, security 50, nat's source manip 100):
 
 What the kernel does between the tables, and predict with it:
   - a local socket's packet is routed before OUTPUT (the route gives -o and the source
-    address); mangle OUTPUT routes it again if it changed the mark or an address, nat
-    OUTPUT if it changed the destination (ip_route_me_harder): REDIRECT to 127.0.0.1
-    turns -o eth0 into -o lo for filter and POSTROUTING;
+    address); a route chain (mangle OUTPUT, nft's `type route`) routes it again if it changed
+    the mark or an address, the nat core if it changed the destination (ip_route_me_harder):
+    REDIRECT to 127.0.0.1 turns -o eth0 into -o lo for filter and POSTROUTING;
   - nat judges a connection once per direction of manip: a packet whose connection
-    already had its destination (or source) settled skips nat's chains for it.  So a
+    already had its destination (or source) settled skips every nat chain for it.  So a
     packet that comes back in over lo, carrying the connection it was sent with, never
     sees nat PREROUTING or nat INPUT, and conntrack does not look it up again;
   - over lo the packet keeps its mark and its connection and loses its socket (no owner
@@ -30,18 +31,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from . import inet
-from .chains import Hit, Policy, RuleSet, TableWalk, walk
+from .chains import Hit, Policy, TableWalk, walk
+from .hooks import DESTINATION_HOOKS, Conntrack, Entry, Hooks, NatCore
 from .packet import Connection, Packet, Socket
 from .targets import Verdict
-
-HOOK_TABLES = {
-    "PREROUTING": ("raw", "mangle", "nat"),
-    "INPUT": ("mangle", "filter", "security", "nat"),
-    "FORWARD": ("mangle", "filter", "security"),
-    "OUTPUT": ("raw", "mangle", "nat", "filter", "security"),
-    "POSTROUTING": ("mangle", "nat"),
-}
-DESTINATION_HOOKS = ("PREROUTING", "OUTPUT")  # where nat rewrites destinations; INPUT, POSTROUTING: sources
 
 
 @dataclass(frozen=True)
@@ -80,7 +73,7 @@ class HookPass:
     namespace: str
     hook: str
     packet: Packet  # as it came to the hook
-    walks: tuple[tuple[str, TableWalk], ...]
+    walks: tuple[TableWalk, ...]  # each base chain it was walked from, in order
 
 
 @dataclass(frozen=True)
@@ -120,7 +113,7 @@ class Namespace:
     routes: list[Route]  # the main table
     marked_routes: dict[int, list[Route]] = field(default_factory=dict)  # ip rule fwmark M lookup T
     sockets: list[Socket] = field(default_factory=list)
-    rules: dict[int, RuleSet] = field(default_factory=dict)  # family -> rule set
+    hooks: dict[int, Hooks] = field(default_factory=dict)  # family -> what its rule sets registered
     forwarding: bool = False
 
     # --- addresses and sockets ------------------------------------------------------------
@@ -226,34 +219,48 @@ class Namespace:
         return OnWire(p, route.gateway if route.gateway is not None else p.dst)
 
     def _hook(self, hook: str, p: Packet, passes: list[HookPass], route: Route | None = None):
-        """Every table of the hook in priority order; (packet, route, death)."""
+        """Every chain registered at the hook, in the kernel's order; (packet, route, death)."""
         entering, walks = p, []
-        rules = self.rules.get(p.family)
-        for name in HOOK_TABLES[hook]:
-            if name == "mangle" and hook in DESTINATION_HOOKS:
-                p = self._track(p)  # conntrack (-200) runs between raw and mangle
-            table = rules.tables.get(name) if rules else None
-            if table is None or (name == "nat" and self._nat_settled(p, hook)):
+        registered = self.hooks.get(p.family)
+        for step in registered.at(hook) if registered else ():
+            if isinstance(step, Conntrack):
+                p = self._track(p)
                 continue
             before = p
-            result = walk(table, hook, p, self)
-            walks.append((name, result))
-            p = result.packet
-            if result.verdict is not Verdict.ACCEPT:
-                passes.append(HookPass(self.name, hook, entering, tuple(walks)))
-                kind = "REJECT" if result.verdict is Verdict.REJECT else "DROP"
-                return p, route, Death(kind, self.name, p, result.killer, result.why)
-            if name == "nat":
+            if isinstance(step, NatCore):
+                if self._nat_settled(p, hook):
+                    continue
+                for entry in step.entries:
+                    p, death = self._walk(entry, p, walks)
+                    if death:
+                        passes.append(HookPass(self.name, hook, entering, tuple(walks)))
+                        return p, route, death
+                    if self._nat_settled(p, hook):
+                        break  # translated: no other nat chain judges this connection
                 p = self._settle(p, hook)
-            if hook == "OUTPUT" and name in ("mangle", "nat") and _moved(before, p, name):
+                moved = p.dst != before.dst
+            else:
+                p, death = self._walk(step, p, walks)
+                if death:
+                    passes.append(HookPass(self.name, hook, entering, tuple(walks)))
+                    return p, route, death
+                moved = step.base.kind == "route" and (p.mark, p.dst, p.src) != (before.mark, before.dst, before.src)
+            if hook == "OUTPUT" and moved:
                 route = self.route(p.family, p.dst, p.mark)
                 if route is None:
                     passes.append(HookPass(self.name, hook, entering, tuple(walks)))
-                    return p, None, Death("unreachable", self.name, p,
-                                          why=f"no route to {inet.text(p.family, p.dst)}")
+                    return p, None, Death("unreachable", self.name, p, why=f"no route to {inet.text(p.family, p.dst)}")
                 p = p.but(oif=route.device)
         passes.append(HookPass(self.name, hook, entering, tuple(walks)))
         return p, route, None
+
+    def _walk(self, entry: Entry, p: Packet, walks: list[TableWalk]) -> tuple[Packet, "Death | None"]:
+        result = walk(entry.table, entry.base, p, self)
+        walks.append(result)
+        if result.verdict is Verdict.ACCEPT:
+            return result.packet, None
+        kind = "REJECT" if result.verdict is Verdict.REJECT else "DROP"
+        return result.packet, Death(kind, self.name, result.packet, result.killer, result.why)
 
     def _track(self, p: Packet) -> Packet:
         """conntrack: a packet that already has its entry (back over lo) or is untracked keeps
@@ -261,8 +268,8 @@ class Namespace:
         of the namespace makes the kernel track connections (else none is tracked)."""
         if p.conn is not None or p.untracked:
             return p
-        rules = self.rules.get(p.family)
-        if rules is None or not rules.tracks_connections:
+        registered = self.hooks.get(p.family)
+        if registered is None or not registered.tracks_connections:
             return p
         zone = p.zone_template or 0
         return p.but(conn=Connection(zone, p.dst, p.dport), zone_template=None)
@@ -279,11 +286,3 @@ class Namespace:
         if hook in DESTINATION_HOOKS:
             return p.but(conn=p.conn._replace(dst_manip_done=True))
         return p.but(conn=p.conn._replace(src_manip_done=True))
-
-
-def _moved(before: Packet, after: Packet, table: str) -> bool:
-    """Whether the kernel routes the packet again after this table (mangle: a new mark or
-    address; nat: a new destination)."""
-    if table == "nat":
-        return after.dst != before.dst
-    return (after.mark, after.dst, after.src) != (before.mark, before.dst, before.src)

@@ -41,18 +41,18 @@ class Outcome:
 
 
 class Target:
-    """A rule's -j (or -g).  TABLE and HOOKS: where the kernel accepts it (xt_check_target)."""
+    """What a rule does when its conditions hold: an iptables rule's -j (or -g), an nft rule's
+    statements.  `name` is the xtables target it is (a jump's: the chain), as the lab's
+    paths read it; `chain` the chain it jumps or goes to.  TABLE and HOOKS: where the kernel
+    accepts it (xt_check_target)."""
 
     TABLE: str | None = None
     HOOKS: frozenset[str] | None = None
     name = ""
+    chain: str | None = None
 
     def fire(self, p: Packet, ns: "Namespace", hook: str) -> Outcome:
         raise NotImplementedError
-
-    @property
-    def is_jump(self) -> bool:
-        return False
 
 
 class Standard(Target):
@@ -81,10 +81,6 @@ class Jump(Target):
     def __init__(self, chain: str, goto: bool = False):
         self.name = self.chain = chain
         self.goto = goto
-
-    @property
-    def is_jump(self) -> bool:
-        return True
 
     def fire(self, p, ns, hook):
         return Outcome(Verdict.GOTO if self.goto else Verdict.JUMP, p)

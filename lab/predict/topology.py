@@ -10,8 +10,10 @@ opens in them, and the sidecar's rules with the routing TPROXY adds.
                127.0.0.1:15000; pilot-agent 15020 and, when the rules capture DNS, 127.0.0.1:15053;
                the app on 8080
     remote: 9080;  istiod: 15012;  kube-dns: 53 (UDP on 10.96.0.10 and its pod IP, TCP on any)
-A dual-stack lab (an ip6tables dump among the rules) mirrors it with the IPv6 plan, ::6 on
-the sidecar's lo; pilot-agent, its DNS proxy and kube-dns stay IPv4 only, as the lab runs them.
+A dual-stack lab (an ip6tables dump among the rules, or native rules with `ip6` ones) mirrors
+it with the IPv6 plan, ::6 on the sidecar's lo; pilot-agent, its DNS proxy and kube-dns stay
+IPv4 only, as the lab runs them.  The sidecar's rules are what each backend wrote into it, in
+the order written (Written): the lab's pods hold one backend's, a pod written twice both.
 
 A PodSpec says how the sidecar pod runs where not as a running default pod (lab.podspec):
 its init containers' time (no Envoy, pilot-agent or app yet), Envoy's inbound of an era
@@ -27,8 +29,10 @@ from typing import Sequence
 from .. import plan, podspec
 from ..podspec import PodSpec
 from ..rules import features, kubeproxy
+from ..rules.nftset import RuleSet as NftRules
 from ..rules.save import Dump
-from . import chains, inet
+from . import inet, iptables, nft
+from .hooks import Hooks
 from .packet import Owner, Packet, Socket
 from .stack import InterfaceAddress, Namespace, Route
 
@@ -38,6 +42,22 @@ LABELS = {"sidecar": "Local Pod", "remote": "Remote Pod", "istiod": "Istiod", "p
           "kube-dns": "kube-dns", NODE: "node", plan.VM: "VM"}
 ROLES = {plan.Port.OUTBOUND: ("Envoy", "Outbound"), plan.Port.INBOUND: ("Envoy", "Inbound"),
          plan.Port.DNS_PROXY: ("pilot-agent", "DNS")}
+
+
+@dataclass(frozen=True)
+class Written:
+    """Rules one backend wrote into the sidecar pod, in the order it wrote them: iptables-save
+    dumps (legacy xtables and iptables-nft hold the same tables), then native nftables tables.
+    `backend` names the tables in a pod whose rules more than one backend wrote ("" otherwise)."""
+
+    backend: str = ""
+    dumps: tuple[Dump, ...] = ()
+    nft: NftRules | None = None
+
+    def groups(self) -> list[list]:
+        """Its tables, one list per rule set written at once (lab.predict.hooks)."""
+        out = [iptables.tables(d, self.backend) for d in self.dumps]
+        return out + ([nft.tables(self.nft, self.backend)] if self.nft is not None else [])
 
 
 @dataclass(frozen=True)
@@ -54,25 +74,30 @@ class Proxy:
 
 
 class Topology:
-    """Every namespace of a lab whose sidecar has `dumps` (one per family) as its rules."""
+    """Every namespace of a lab whose sidecar holds the rules `written`, in write order."""
 
-    def __init__(self, dumps: Sequence[Dump], spec: PodSpec = PodSpec()):
-        self.mode = features.inbound_mode(list(dumps))  # REDIRECT or TPROXY: Envoy and its identity follow it
+    def __init__(self, written: Sequence[Written], spec: PodSpec = PodSpec()):
+        dumps = [d for w in written for d in w.dumps]
+        native = next((w.nft for w in written if w.nft is not None), None)
+        self.mode = features.inbound_mode(dumps, native)  # REDIRECT or TPROXY: Envoy and its identity follow it
         self.spec = spec
         sidecar = spec.sidecar_identity(self.mode)
         self.proxy_owner = Owner(sidecar.uid, sidecar.gid)
-        self.dual_stack = any(d.family == 6 for d in dumps)
-        self.dns_proxy = features.DNS_CAPTURE in features.of(dumps)
+        self.dual_stack = any(d.family == 6 for d in dumps) or (native is not None and features.nft_ipv6(native))
+        self.dns_proxy = features.DNS_CAPTURE in features.of(dumps, native)
         self.one_listener = features.one_listener(dumps)  # Envoy serves inbound on its outbound port too
-        rules = {d.family: chains.load(d) for d in dumps}
+        groups = [group for w in written for group in w.groups()]
+        # ip rule fwmark M lookup 133; ip route add local default dev lo table 133: per family, for
+        # the mark a TPROXY rule sets (an inet table's, for each family of the pod)
+        marks = {(features.tproxy_mark(d), d.family) for d in dumps}
+        if native is not None:
+            marks |= {(features.nft_tproxy_mark(native), family) for family in self._families()}
         marked: dict[int, list[Route]] = {}
-        for d in dumps:
-            mark = features.tproxy_mark(d)
-            if mark is not None:  # ip rule fwmark M lookup 133; ip route add local default dev lo table 133
-                marked.setdefault(mark, []).append(Route(inet.network("::/0" if d.family == 6 else "0.0.0.0/0"),
-                                                         "lo", local=True))
+        for mark, family in sorted((mark, family) for mark, family in marks if mark is not None):
+            marked.setdefault(mark, []).append(Route(inet.network("::/0" if family == 6 else "0.0.0.0/0"),
+                                                     "lo", local=True))
         self.namespaces = {name: self._pod(name) for name in plan.PODS}
-        self.namespaces["sidecar"].rules = rules
+        self.namespaces["sidecar"].hooks = {family: Hooks(family, groups) for family in (4, 6)}
         self.namespaces["sidecar"].marked_routes = marked
         self.namespaces[NODE] = self._node()
         if spec.vm:
@@ -145,8 +170,8 @@ class Topology:
         if self.dual_stack:
             addresses.append(InterfaceAddress.of("br0", f"{plan.GATEWAY6}/{plan.POD_PREFIX6}"))
             routes.append(Route(inet.network(plan.POD_SUBNET6), "br0"))
-        rules = {family: chains.load(kubeproxy.dump(family)) for family in self._families()}
-        return Namespace(NODE, LABELS[NODE], addresses, routes, forwarding=True, rules=rules)
+        hooks = {family: Hooks(family, [iptables.tables(kubeproxy.dump(family))]) for family in self._families()}
+        return Namespace(NODE, LABELS[NODE], addresses, routes, forwarding=True, hooks=hooks)
 
     def _sockets(self, pod: str) -> list[Socket]:
         P = plan.Port

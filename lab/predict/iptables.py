@@ -1,4 +1,5 @@
-"""Reading a rule line as iptables reads it, into conditions and a target.
+"""Reading an iptables-save dump as iptables reads it: its tables, their chains and rules, each
+rule line into conditions and a target (lab.predict.matches, lab.predict.targets).
 
 `-A ISTIO_INBOUND -p tcp -m tcp --dport 15090 -j RETURN` and the hand-written
 `-A ISTIO_INBOUND -p tcp --dport 15090 -j RETURN` are the same rule: an option no
@@ -15,11 +16,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..netfilter import RuleRef
-from ..rules.save import RuleLine
+from ..netfilter import BUILTIN_CHAINS, LEGACY_PREFIX, RuleRef, xt_priority
+from ..rules.save import Dump, RuleLine
 from . import inet, matches as m, targets
+from .chains import Base, Chain, Placement, Rule, Table, check
 from .errors import CannotPredict
-from .packet import Packet
 
 IP_OPTIONS = {"-s": "-s", "--source": "-s", "-d": "-d", "--destination": "-d", "-i": "-i",
               "--in-interface": "-i", "-o": "-o", "--out-interface": "-o", "-p": "-p", "--protocol": "-p"}
@@ -42,6 +43,13 @@ MODULES: dict[str, dict[str, int]] = {
 # Matches the kernel accepts only at some hooks (xt_check_match): a rule set that reaches them
 # from elsewhere is refused when loaded.
 MATCH_HOOKS = {"owner": frozenset({"OUTPUT", "POSTROUTING"}), "socket": frozenset({"PREROUTING", "INPUT"})}
+# What makes the kernel track connections in a namespace (nf_ct_netns_get in a checkentry):
+# conntrack is per namespace and family, and only on while some rule needs it.  Without it
+# there is no connection, so no nat (an empty nat table is walked by nothing) and no
+# SO_ORIGINAL_DST.
+CONNTRACK_TARGETS = frozenset({"REDIRECT", "DNAT", "SNAT", "MASQUERADE", "NETMAP", "CT", "NOTRACK", "CONNMARK",
+                               "CONNSECMARK"})
+CONNTRACK_MATCHES = frozenset({"conntrack", "state", "connmark", "helper", "connbytes", "connlimit"})
 
 
 @dataclass(frozen=True)
@@ -57,30 +65,37 @@ class Module:
     options: list[Option]
 
 
-@dataclass(frozen=True, eq=False)
-class Rule:
-    """One rule, numbered in its chain as iptables -L --line-numbers numbers it."""
+def tables(dump: Dump, backend: str = "") -> list[Table]:
+    """The dump's tables, each with its built-in chains as the kernel registers them (at the
+    xtables priorities), checked as the kernel checks a table it loads.  `backend`: who wrote
+    it, in a pod whose rules both backends wrote (legacy's tables are then `legacy-nat`, ...)."""
+    out = []
+    for name, saved in dump.tables.items():
+        table = Table(LEGACY_PREFIX + name if backend == "legacy" else name, name, dump.family, backend)
+        table.bases = tuple(Base(hook, hook, xt_priority(name, hook), _kind(name, hook),
+                                 saved.policies.get(hook, "ACCEPT")) for hook in BUILTIN_CHAINS[name])
+        declared = set(BUILTIN_CHAINS[name]) | set(saved.chains)
+        numbered: dict[str, list[Rule]] = {chain: [] for chain in declared}
+        for line in saved.rules:
+            rules = numbered[line.chain]
+            rules.append(read(table, len(rules) + 1, line, declared))
+        table.chains = {chain: Chain(chain, table, rules, chain if chain in BUILTIN_CHAINS[name] else None)
+                        for chain, rules in numbered.items()}
+        check(table)
+        out.append(table)
+    return out
 
-    ref: RuleRef
-    line: str
-    conditions: tuple[m.Match, ...]  # the IP header part first, then the -m matches in order
-    target: targets.Target | None  # None: a rule with no -j counts and goes on
-    modules: frozenset[str]  # the -m matches it loads, for the kernel's hook checks
 
-    def test(self, p: Packet, ns) -> bool:
-        for c in self.conditions:
-            if not c.test(p, ns):
-                return False
-        return True
-
-    def first_miss(self, p: Packet, ns) -> m.Match | None:
-        """The condition that stops this packet, in the order the kernel tests them."""
-        return next((c for c in self.conditions if not c.test(p, ns)), None)
+def _kind(table: str, hook: str) -> str:
+    """How the kernel runs a built-in chain: nat's by the nat core, mangle OUTPUT routed again."""
+    if table == "nat":
+        return "nat"
+    return "route" if (table, hook) == ("mangle", "OUTPUT") else "filter"
 
 
-def read(table: str, number: int, rule: RuleLine, family: int, chains: set[str]) -> Rule:
-    """The rule `rule` (number `number` of its chain) of `table`, for one address family."""
-    where = f"rule {number} of {rule.chain}" + ("" if table == "nat" else f" ({table})")
+def read(table: Table, number: int, rule: RuleLine, chains: set[str]) -> Rule:
+    """The rule `rule` (number `number` of its chain) of `table`."""
+    where, family = table.where(rule.chain, number), table.family
     ip_part, modules, target = _tokens(rule.args, where)
     conditions = _ip_conditions(ip_part, family, where)
     for module in modules:
@@ -92,8 +107,12 @@ def read(table: str, number: int, rule: RuleLine, family: int, chains: set[str])
             chosen = targets.Jump(name, goto=True)
         else:
             chosen = targets.build(name, [(o.flag, list(o.values)) for o in options], family, chains, where)
-    return Rule(RuleRef(table, rule.chain, number), str(rule), tuple(conditions), chosen,
-                frozenset(mod.name for mod in modules))
+    loaded = {mod.name for mod in modules}
+    tracks = bool(loaded & CONNTRACK_MATCHES) or (chosen is not None and chosen.name in CONNTRACK_TARGETS)
+    placements = tuple(Placement(f"-m {mod}", MATCH_HOOKS[mod]) for mod in sorted(loaded & set(MATCH_HOOKS)))
+    if chosen is not None and (chosen.TABLE or chosen.HOOKS):
+        placements += (Placement(f"-j {chosen.name}", chosen.HOOKS, chosen.TABLE),)
+    return Rule(RuleRef(table.name, rule.chain, number), str(rule), tuple(conditions), chosen, tracks, placements)
 
 
 def _tokens(args: tuple[str, ...], where: str):

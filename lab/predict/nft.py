@@ -1,0 +1,377 @@
+"""Reading an nftables rule set as nf_tables runs it: the tables IPv4 and IPv6 packets meet
+(`ip`, `ip6`, `inet`), their base chains (hook, priority, type, policy), and each rule's
+words into conditions and an action (lab.predict.nftexpr).
+
+The vocabulary is what Istio's native rules and the lab's builder write, in Istio's words or
+as `nft list ruleset` prints them back (lab.rules.nftlisting): `iifname`/`oifname`, `ip`/`ip6
+saddr`/`daddr` (prefixes, sets, `!=`), `meta l4proto`, `meta nfproto`, `ip protocol`, `tcp`/
+`udp`/`th` `sport`/`dport` (ranges, sets, `!=`), `meta skuid`/`skgid`, `meta mark` (with a
+mask), `ct mark`, `ct state`; `counter`, `comment`, `meta mark set` (a value or `ct mark`), `ct
+mark set` (`mark` or a value), `ct zone set`, `meta nftrace set`, `redirect to :PORT`, `tproxy
+[ip|ip6] to [ADDR][:PORT]`, `reject`, and the verdicts.  Anything else becomes a condition
+that says "cannot predict" when a packet gets that far, which is when the kernel would run it;
+so does a match written after a statement that changed the packet.  A rule iptables-nft wrote
+through the xt compatibility layer (`xt ...`) is refused as the rule set is read: what it
+does is iptables' (give that table as iptables-nft-save prints it).
+"""
+
+from __future__ import annotations
+
+from ..netfilter import RuleRef
+from ..rules import nftset
+from . import inet, matches as m, targets
+from . import nftexpr as x
+from .chains import Base, Chain, Placement, Rule, Table, check
+from .errors import CannotPredict
+from .targets import Verdict
+
+FAMILIES = {"ip": 4, "ip6": 6, "inet": None}  # the tables IP packets meet (None: both)
+HOOKS = {"prerouting": "PREROUTING", "input": "INPUT", "forward": "FORWARD", "output": "OUTPUT",
+         "postrouting": "POSTROUTING"}
+BARE_META = frozenset({"mark", "skuid", "skgid", "iifname", "oifname", "iif", "oif", "nftrace"})  # `meta` optional
+OPERATORS = {"==": False, "eq": False, "!=": True, "ne": True}
+VERDICTS = {"accept": Verdict.ACCEPT, "drop": Verdict.DROP, "return": Verdict.RETURN, "continue": Verdict.CONTINUE,
+            "jump": Verdict.JUMP, "goto": Verdict.GOTO}
+# Expressions whose loading makes the kernel track connections (nf_ct_netns_get): every `ct`
+# expression, the NAT statements, flow offload, synproxy; `notrack`, `tproxy`, `meta` do not.
+TRACKING = frozenset({"ct", "redirect", "masquerade", "snat", "dnat", "flow", "synproxy"})
+STARTS = frozenset({"counter", "comment", "meta", "ct", "ip", "ip6", "tcp", "udp", "th", "redirect", "tproxy",
+                    "reject"}) | BARE_META | set(VERDICTS)  # the words an expression predict reads starts with
+ALL_HOOKS = frozenset(HOOKS.values())
+REDIRECT = Placement("redirect", frozenset({"PREROUTING", "OUTPUT"}), kind="nat")
+TPROXY = Placement("tproxy", frozenset({"PREROUTING"}))
+REJECT = Placement("reject", ALL_HOOKS - {"POSTROUTING"})
+
+
+def tables(rules: nftset.RuleSet, backend: str = "") -> list[Table]:
+    """The rule set's tables that IP packets meet and enter (a table with no base chain is
+    never entered), each checked as the kernel checks it.  Two tables one packet meets under
+    one name (`ip nat`, `inet nat`) are refused: their rules would share names."""
+    for version in (4, 6):
+        rules.seen_by(version)
+    out = []
+    for (family, name), t in rules.tables.items():
+        if family not in FAMILIES or not any(c.base for c in t.chains.values()):
+            continue
+        table = Table(name, nftset.role(t), FAMILIES[family], backend)
+        bases = []
+        for c in t.chains.values():
+            if c.base is not None:
+                if c.base.hook not in HOOKS:
+                    raise CannotPredict(f"chain {c.name} of table {name} hooks {c.base.hook}, which predict does "
+                                        f"not model")
+                bases.append(Base(c.name, HOOKS[c.base.hook], c.base.priority, c.base.type, c.base.policy.upper()))
+        table.bases = tuple(bases)
+        table.chains = {c.name: Chain(c.name, table, [read(table, c.name, n, r) for n, r in enumerate(c.rules, 1)],
+                                      HOOKS[c.base.hook] if c.base else None) for c in t.chains.values()}
+        check(table)
+        out.append(table)
+    return out
+
+
+def read(table: Table, chain: str, number: int, rule: nftset.Rule) -> Rule:
+    """Rule `number` of `chain` in `table`, from its words."""
+    where = table.where(chain, number)
+    if "xt" in rule.words:
+        raise CannotPredict(f"{where} was written by iptables-nft through the xt compatibility layer "
+                            f"({rule.text}): give that table as iptables-nft-save prints it")
+    found = _Reader(rule.words, where, table.family)
+    found.read()
+    target = None
+    if found.statements or found.end is not None or found.verdict is not Verdict.CONTINUE:
+        target = x.Action(nftset.target(rule.text), tuple(found.statements), found.verdict, found.chain, found.end)
+    return Rule(RuleRef(table.name, chain, number), rule.text, tuple(found.conditions), target,
+                bool(TRACKING & set(rule.words)), tuple(found.placements))
+
+
+def _elements(word: str) -> list[str]:
+    """A value or a set's elements (`{ 53, 15008 }`), quotes taken off."""
+    if word.startswith("{"):
+        return [e.strip().strip('"') for e in word.strip("{} ").split(",") if e.strip()]
+    return [word.strip('"')]
+
+
+def _number(text: str) -> int:
+    try:
+        return int(text, 0)
+    except ValueError:
+        raise CannotPredict(f"{text!r} is not a number") from None
+
+
+def _ports(word: str) -> m.PortRanges:
+    out = []
+    for element in _elements(word):
+        low, dash, high = element.partition("-")
+        if not (low.isdigit() and (not dash or high.isdigit())):
+            raise CannotPredict(f"{element!r}: give ports as numbers")
+        out.append((int(low), int(high if dash else low)))
+    return tuple(out)
+
+
+def _ids(word: str) -> tuple[int, ...]:
+    ids = _elements(word)
+    named = next((i for i in ids if not i.isdigit()), None)
+    if named is not None:
+        raise CannotPredict(f"{named!r} is a name, which means what the machine that wrote it said: give ids as "
+                            f"numbers, as nft list ruleset prints them")
+    return tuple(int(i) for i in ids)
+
+
+def _protocols(word: str) -> tuple[int, ...]:
+    out = []
+    for element in _elements(word):
+        number = m.PROTOCOLS.get(element.lower(), element)
+        if not str(number).isdigit():
+            raise CannotPredict(f"{element!r} is not a protocol")
+        out.append(int(number))
+    return tuple(out)
+
+
+class _Reader:
+    """One rule's words, expression by expression."""
+
+    def __init__(self, words: list[str], where: str, family: int | None):
+        self.w, self.where, self.family = words, where, family
+        self.i = 0
+        self.conditions: list[m.Match] = []
+        self.statements: list[x.Statement] = []
+        self.placements: list[Placement] = []
+        self.verdict, self.chain, self.end = Verdict.CONTINUE, None, None
+
+    def word(self, k: int = 0) -> str:
+        return self.w[self.i + k] if self.i + k < len(self.w) else ""
+
+    def read(self) -> None:
+        while self.i < len(self.w) and self.end is None and self.verdict is Verdict.CONTINUE:
+            start = self.i
+            try:
+                if not self.expression():
+                    return self.unknown(start, "")
+            except CannotPredict as e:
+                return self.unknown(start, e.problem)
+
+    def unknown(self, start: int, problem: str) -> None:
+        """Words predict does not read, up to the next expression it does: a condition that says so."""
+        end = next((k for k in range(start + 1, len(self.w)) if self.w[k] in STARTS), len(self.w))
+        said = " ".join(self.w[start:end]) + (f" ({problem})" if problem else "")
+        self.conditions.append(m.Unknown(said, self.where))
+
+    def condition(self, c: m.Match) -> None:
+        """A match in its place: before any statement that changed the packet, or not predicted."""
+        if self.statements:
+            raise CannotPredict("a match after a statement that changed the packet")
+        self.conditions.append(c)
+
+    def expression(self) -> bool:
+        """Read the expression at self.i; False for one predict does not read."""
+        word = self.word()
+        if word == "counter":
+            self.i += 1
+        elif word == "comment":
+            self.i += 2
+        elif word in VERDICTS:
+            self.verdict = VERDICTS[word]
+            if word in ("jump", "goto"):
+                self.chain = self.word(1)
+                self.i += 1
+            self.i += 1
+        elif word == "meta" and self.word(1) in ("l4proto", "nfproto") or word in ("ip", "ip6") and self.word(1) in (
+                "protocol", "nexthdr"):
+            return self.protocol()
+        elif word == "meta" or word in BARE_META:
+            return self.meta()
+        elif word in ("ip", "ip6"):
+            return self.address()
+        elif word in ("tcp", "udp", "th"):
+            return self.port()
+        elif word == "ct":
+            return self.conntrack()
+        elif word == "redirect":
+            return self.redirect()
+        elif word == "tproxy":
+            return self.tproxy()
+        elif word == "reject":
+            self.i += 1
+            if self.word() == "with":  # with tcp reset, with icmp[x] [type] port-unreachable ...
+                self.i = next((k for k in range(self.i + 1, len(self.w)) if self.w[k] in STARTS), len(self.w))
+            self.end = targets.Reject()
+            self.placements.append(REJECT)
+        else:
+            return False
+        return True
+
+    def value(self, start: int) -> tuple[bool, str, str]:
+        """After a match's key: (negated, value, the whole match in the rule's words)."""
+        negated = OPERATORS.get(self.word(), None)
+        if negated is not None:
+            self.i += 1
+        elif self.word() in ("<", ">", "<=", ">=", "lt", "gt", "le", "ge"):
+            raise CannotPredict(f"the comparison {self.word()}")
+        value = self.word()
+        if not value:
+            raise CannotPredict("a match with no value")
+        self.i += 1
+        return bool(negated), value, " ".join(self.w[start:self.i])
+
+    def protocol(self) -> bool:
+        start, family, key = self.i, x.FAMILIES.get(self.word()), self.word(1)
+        self.i += 2
+        negated, value, said = self.value(start)
+        if key == "nfproto":
+            families = tuple({"ipv4": 4, "ipv6": 6}.get(v) for v in _elements(value))
+            if None in families:
+                raise CannotPredict(f"{value!r} is not ipv4 or ipv6")
+            self.condition(x.Protocol(said, families, negated, nfproto=True))
+        else:
+            self.condition(x.Protocol(said, _protocols(value), negated, family=family))
+        return True
+
+    def meta(self) -> bool:
+        start = self.i
+        if self.word() == "meta":
+            self.i += 1
+        key = self.word()
+        if key not in BARE_META:
+            return False
+        self.i += 1
+        if self.word() == "set":
+            self.i += 1
+            return self.set_meta(key)
+        mask = 0xFFFFFFFF
+        if key == "mark" and self.word() in ("&", "and"):
+            mask = _number(self.word(1))
+            self.i += 2
+        negated, value, said = self.value(start)
+        if key in ("skuid", "skgid"):
+            self.condition(x.Owner(said, key[2:], _ids(value), negated, self.where))
+        elif key == "mark":
+            self.condition(x.Mark(said, tuple(_number(v) for v in _elements(value)), mask, negated=negated))
+        elif key in ("iifname", "oifname", "iif", "oif"):
+            self.condition(x.Interface(said, key, tuple(_elements(value)), negated))
+        else:
+            return False
+        return True
+
+    def set_meta(self, key: str) -> bool:
+        value = self.word()
+        if key == "nftrace" and value.isdigit():
+            self.i += 1  # marks the packet for nftrace: nothing the walk changes
+        elif key == "mark" and (value, self.word(1)) == ("ct", "mark"):
+            self.condition(x.Tracked("meta mark set ct mark"))
+            self.statements.append(x.SetMark(None))
+            self.i += 2
+        elif key == "mark" and value not in STARTS:
+            self.statements.append(x.SetMark(_number(value)))
+            self.i += 1
+        else:
+            return False
+        return True
+
+    def address(self) -> bool:
+        start, family, which = self.i, x.FAMILIES[self.word()], self.word(1)
+        if which not in ("saddr", "daddr"):
+            return False
+        self.i += 2
+        negated, value, said = self.value(start)
+        try:
+            nets = tuple(inet.network(e, family) for e in _elements(value))
+        except ValueError as e:
+            raise CannotPredict(str(e)) from None
+        self.condition(x.Address(said, which, nets, negated))
+        return True
+
+    def port(self) -> bool:
+        start, proto, which = self.i, self.word(), self.word(1)
+        if which not in ("sport", "dport"):
+            return False
+        self.i += 2
+        negated, value, said = self.value(start)
+        self.condition(x.Port(said, proto, which, _ports(value), negated))
+        return True
+
+    def conntrack(self) -> bool:
+        start, key = self.i, self.word(1)
+        self.i += 2
+        if self.word() == "set":
+            value = self.word(1)
+            self.i += 2
+            if key == "mark" and value in ("mark", "meta"):
+                self.i += 1 if value == "meta" and self.word() == "mark" else 0
+                self.statements.append(x.SetConnectionMark(None))
+            elif key == "mark" and value not in STARTS:
+                self.statements.append(x.SetConnectionMark(_number(value)))
+            elif key == "zone" and value.isdigit():
+                self.statements.append(x.SetZone(int(value)))
+            else:
+                return False
+            return True
+        if key == "state":
+            negated, value, said = self.value(start)
+            states = frozenset(s.strip() for e in _elements(value) for s in e.split(","))
+            if states - set(x.CT_STATES):
+                raise CannotPredict(f"no ct state {sorted(states - set(x.CT_STATES))[0]}")
+            self.condition(x.State(said, states, negated))
+        elif key == "mark":
+            mask = 0xFFFFFFFF
+            if self.word() in ("&", "and"):
+                mask = _number(self.word(1))
+                self.i += 2
+            negated, value, said = self.value(start)
+            self.condition(x.Mark(said, tuple(_number(v) for v in _elements(value)), mask, True, negated))
+        else:
+            return False
+        return True
+
+    def redirect(self) -> bool:
+        self.i += 1
+        port = None
+        if self.word() == "to":
+            spec = self.word(1).lstrip(":")
+            if not spec.isdigit():
+                raise CannotPredict(f"redirect to {self.word(1)}: a port range lets the kernel pick the port"
+                                    if "-" in spec else f"redirect to {self.word(1)}")
+            port = int(spec)
+            self.i += 2
+        if self.i < len(self.w) and self.word() not in STARTS:  # flags: random, persistent, ...
+            return False
+        self.end = targets.Redirect(port)
+        self.placements.append(REDIRECT)
+        return True
+
+    def tproxy(self) -> bool:
+        start = self.i
+        self.i += 1
+        family = self.family
+        if self.word() in x.FAMILIES:
+            family = x.FAMILIES[self.word()]
+            self.i += 1
+        if self.word() != "to":
+            return False
+        spec = self.word(1)
+        self.i += 2
+        address, port = _endpoint(spec, family)
+        found = x.TransparentSocket(" ".join(self.w[start:self.i]), family, address, port)
+        self.condition(found)
+        self.statements.append(x.AssignSocket(found))
+        self.placements.append(TPROXY)
+        return True
+
+
+def _endpoint(spec: str, family: int | None) -> tuple[int, int]:
+    """`:15006`, `127.0.0.1`, `127.0.0.1:15006`, `[::1]:15006`: (address or 0, port or 0)."""
+    if spec.startswith(":"):
+        host, port = "", spec[1:]
+    elif spec.startswith("["):
+        host, _, port = spec[1:].partition("]")
+        port = port.lstrip(":")
+    elif family == 4 and ":" in spec:
+        host, port = spec.split(":", 1)
+    else:
+        host, port = spec, ""
+    if port and not port.isdigit():
+        raise CannotPredict(f"tproxy to {spec}: give one port")
+    try:
+        address = inet.parse(host)[1] if host else 0
+    except ValueError:
+        raise CannotPredict(f"tproxy to {spec}: not an address") from None
+    return address, int(port) if port else 0
