@@ -43,10 +43,19 @@ def _interpreters() -> dict[str, str]:
 INTERPRETERS = _interpreters()
 
 
+# What a build leaves in a checkout, and what is not the project's source.
+NOT_SOURCE = shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "__pycache__", ".hypothesis",
+                                    ".pytest_cache", "out", ".vagrant", "bench.json")
+
+
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("wheel")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), str(REPO)],
+    """Built from a copy of the source: setuptools builds in the tree it is given (build/), which
+    would leave a directory in the checkout, and reuses what an earlier build left there (a
+    module since renamed or removed would ride along in the wheel)."""
+    source, out = tmp_path_factory.mktemp("source") / "lab", tmp_path_factory.mktemp("wheel")
+    shutil.copytree(REPO, source, ignore=NOT_SOURCE)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), str(source)],
                    check=True, capture_output=True, timeout=300)
     (built,) = out.glob("istio_iptables_lab-*.whl")
     return built
@@ -56,6 +65,7 @@ def test_the_wheel_carries_the_scenarios_the_profiles_and_every_module(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     modules = {str(f.relative_to(REPO)) for f in (REPO / "lab").rglob("*.py")}
     assert sorted(modules - set(names)) == []  # pyproject.toml lists the packages: a new one must be there
+    assert sorted({n for n in names if n.endswith(".py")} - modules) == []  # and nothing the source no longer has
     for scenario in (REPO / "scenarios").glob("*.yaml"):
         assert f"lab/scenarios/{scenario.name}" in names
     assert "lab/rules/profiles.yaml" in names and "lab/rules/profiles/istio-1.13.rules" in names
