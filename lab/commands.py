@@ -590,7 +590,7 @@ def probe(args) -> int:
     q = question(args)
     rules = _flow_rules(args, q)
     preflight.check_root()
-    backend, _ = backends.choose(args.backend)
+    backend, _ = backends.choose(args.backend, native=rules.native)
     _ready_machine(backend)
     protocol = "dns" if q.query else "udp" if q.transport == "udp" else "tcp"
     try:

@@ -47,6 +47,16 @@ def test_probe_prints_the_path_each_hops_rule_and_the_counters_beside_trace() ->
     assert "reached: remote 10.244.0.20:9080" in out
 
 
+def test_a_native_nftables_profile_is_probed_on_nf_tables_whatever_auto_would_pick(monkeypatch) -> None:
+    """auto means nft for native rules, even where it would pick legacy for iptables ones."""
+    monkeypatch.setenv("ISTIO_LAB_BACKEND", "legacy")
+    done = _cli("probe", "--profile", "istio-1.27-nft", "--from", "sidecar:1000", "--to", "10.96.0.90:9080")
+    assert done.returncode == 0, done.stderr
+    assert ("kernel : Local Pod -> OUTPUT -> istio-output RULE 9 -> istio-redirect -> Envoy 15001 (Outbound) -> "
+            "OUTPUT -> istio-output RULE 4 -> POSTROUTING -> Remote Pod") in done.stdout
+    assert "counters vs TRACE (nft): agree" in done.stdout
+
+
 def test_probe_json_is_one_result_in_runs_schema() -> None:
     probe = _cli("probe", "--from", "sidecar:1337", "--to", "10.96.0.90:9080", "--json")
     run = _cli("run", "--json", "type2-local-to-remote")
