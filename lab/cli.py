@@ -7,9 +7,11 @@ import sys
 
 from . import backend, commands, interrupts, preflight
 from .errors import LabError
+from .predict import CannotPredict
 
 EXIT_FAIL = 1  # a measured path differs from its expectation
 EXIT_USAGE = 2  # bad input or an unusable machine
+EXIT_CANNOT_PREDICT = 3  # predict, explain: the rules use something predict does not model
 
 
 class _Parser(argparse.ArgumentParser):
@@ -153,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     except LabError as e:
         print(f"istio-lab: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except CannotPredict as e:  # wherever it was found: walking the flow, or saying why rules missed
+        print(f"istio-lab: {e}", file=sys.stderr)
+        return EXIT_CANNOT_PREDICT
     except KeyboardInterrupt:
         print("istio-lab: interrupted; the lab was torn down", file=sys.stderr)
         return 130

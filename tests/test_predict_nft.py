@@ -295,3 +295,27 @@ def test_native_misses_are_in_nfts_words() -> None:
     assert "rule 3: needs oifname lo; this packet leaves by eth0" in said
     assert "rule 4: needs skuid 1337; the socket's owner is uid 1000" in said
     assert {m.qualifier for m in prediction.misses()} == {""}  # istio-proxy-nat plays nat: no table to say
+
+
+# --- the index --------------------------------------------------------------------------------
+
+FILLER = "\n".join(f"  tcp dport {20000 + n} drop" for n in range(chains.INDEXED + 4))
+
+
+@pytest.mark.parametrize("first,flow", [
+    # TPROXY gave the packet a socket but no owner: the owner rule must be tested (and refuse)
+    ("skuid 1337 drop", Flow("remote", "10.244.0.10", 8080)),
+    ("meta skuid != 1337 tcp dport 20001 drop", Flow("remote", "10.244.0.10", 8080)),
+])
+def test_a_long_chain_walks_as_a_short_one(first, flow) -> None:
+    """A chain long enough to be indexed gives what the same rules unindexed give: the index
+    never skips a rule whose conditions would refuse before failing."""
+    native = profiles.nft_rules("istio-1.27-nft-tproxy")
+    said = []
+    for filler in ("", FILLER):
+        text = nftset.text(native) + (f"table inet f {{\n chain in {{\n  type filter hook input priority 0;\n"
+                                      f"  {first}\n{filler}\n }}\n}}\n")
+        with pytest.raises(CannotPredict) as refused:
+            Predictor(nft=nftset.parse(text)).predict(flow)
+        said.append(str(refused.value))
+    assert said[0] == said[1] and "on a packet TPROXY gave a socket to" in said[0]
