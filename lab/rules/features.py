@@ -65,12 +65,17 @@ def tproxy_mark(dump: Dump) -> int | None:
 
 
 def nft_tproxy_mark(rules: NftRules) -> int | None:
-    """The mark the first `tproxy` rule sets (`tproxy ip to :15006 meta mark set 1337`), if any."""
+    """The mark the first `tproxy` rule sets (`tproxy ip to :15006 meta mark set 1337`), if it
+    sets a number (`meta mark set ct mark` names none a route could be set up for)."""
     for _, rule in rules.numbered():
         w = rule.words
         if "tproxy" in w:
             at = next((i for i in range(w.index("tproxy"), len(w) - 1) if w[i:i + 2] == ["mark", "set"]), None)
-            return int(w[at + 2], 0) if at is not None and at + 2 < len(w) else None
+            value = w[at + 2:at + 3] if at is not None else []
+            try:
+                return int(value[0], 0) if value else None
+            except ValueError:
+                return None
     return None
 
 
