@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import os
 import random
+import subprocess
 import time
 import zlib
 from collections import Counter
@@ -44,7 +45,7 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
 
-from lab import api, plan
+from lab import api, netns, plan
 from lab.errors import LabError
 from lab.predict import Flow, Prediction, Predictor
 from lab.rules import builder, profiles, ruleset, save
@@ -52,6 +53,7 @@ from lab.rules.builder import BuildError
 from lab.rules.nft import iptables_nft
 
 from .nftpair import in_pod
+from .test_predict_nft import LOAD_ERRORS, LOADS
 from .predict_flows import dies_silently, edited, flows, nft_edited, nft_options, nft_text, options, \
     unreachable_at_node
 
@@ -269,3 +271,26 @@ def test_a_few_fixed_endings_over_both_families() -> None:
         differ(predictor, Flow("sidecar", "10.96.0.90", 9080, 1000, 1000, transport="udp"))
         differ(predictor, Flow("sidecar", plan.PODS["istiod"], 15012, 1000, 1000, transport="udp"))
     assert sum(n for k, n in differ.tally.items() if k.startswith("identical")) >= 16, differ.tally
+
+
+# --- the kernel facts predict's reading rests on ------------------------------------------------
+
+def _in_scratch(script: str, then=lambda: None):
+    """`nft -f` the script in a fresh namespace that vanishes afterwards (never the host's), then
+    `then()` there: (nft's exit status and errors, what `then` gave)."""
+    host = netns.inode("/proc/thread-self/ns/net")
+    with netns.scratch():
+        assert netns.inode("/proc/thread-self/ns/net") != host
+        subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+        done = subprocess.run(["nft", "-f", "-"], input=script, capture_output=True, text=True)
+        return (done.returncode, done.stderr), then()
+
+
+def test_nft_refuses_to_load_what_predict_refuses_as_it_reads_and_loads_the_rest() -> None:
+    for text, problem in LOAD_ERRORS:
+        (code, _), _ = _in_scratch(text)
+        assert code != 0, (text, problem)
+    for text in LOADS:
+        (code, err), _ = _in_scratch(text)
+        assert code == 0, (text, err)
+

@@ -221,6 +221,58 @@ def test_rule_sets_the_kernel_refuses_or_that_do_not_say_enough_are_refused(text
         Predictor(nft=nftset.parse(text))
 
 
+def _chain(spec: str, rule: str = "", family: str = "ip", more: str = "") -> str:
+    return f"table {family} t {{\n chain c {{\n  {spec};\n  {rule}\n }}\n{more}}}\n"
+
+
+# What nft or the kernel refuses (EOPNOTSUPP for the chains and jumps, nft itself the rest),
+# and what they load: tests/test_predict_kernel.py has nft load each.
+LOAD_ERRORS = [
+    (_chain("type nat hook output priority -200"), "chain c of table t: a nat chain must run after conntrack"),
+    (_chain("type nat hook prerouting priority -300"), "a nat chain must run after conntrack .priority above -200"),
+    (_chain("type nat hook forward priority 0"), "a nat chain hooks prerouting, input, output or postrouting"),
+    (_chain("type nat hook forward priority 0", family="inet"), "a nat chain hooks prerouting, input, output or"),
+    (_chain("type route hook prerouting priority 0"), "a route chain hooks output alone"),
+    (_chain("type route hook input priority 0", family="ip6"), "a route chain hooks output alone"),
+    (_chain("type bogus hook output priority 0"), "no chain type bogus .filter, nat or route"),
+    (_chain("type filter hook output priority 0", "jump b", more=" chain b {\n  type filter hook input priority 0;\n"
+            " }\n"), "rule 1 of c .t.: jump b, a base chain: a base chain is entered from its hook alone"),
+    (_chain("type filter hook output priority 0", "goto b", more=" chain b {\n  type filter hook input priority 0;\n"
+            " }\n"), "goto b, a base chain"),
+    (_chain("type filter hook prerouting priority -150", "meta l4proto tcp tproxy to 127.0.0.1:15006", "inet"),
+     "nft refuses rule 1 of c .t.: tproxy to an address in an inet table needs ip or ip6"),
+    (_chain("type filter hook prerouting priority -150", "meta l4proto tcp tproxy to [::1]:15006", "inet"),
+     "tproxy to an address in an inet table needs ip or ip6"),
+    (_chain("type filter hook prerouting priority -150", "meta l4proto tcp tproxy ip6 to [::1]:15006", "ip"),
+     "nft refuses rule 1 of c .t.: tproxy ip6 in an ip table"),
+    (_chain("type filter hook prerouting priority -150", "meta l4proto tcp tproxy ip to 127.0.0.1:15006", "ip6"),
+     "tproxy ip in an ip6 table"),
+    (_chain("type filter hook prerouting priority -150", "meta l4proto tcp tproxy ip6 to 127.0.0.1:15006", "inet"),
+     "nft refuses rule 1 of c .t.: tproxy ip6 to 127.0.0.1:15006: not an IPv6 address"),
+]
+
+
+@pytest.mark.parametrize("text,problem", LOAD_ERRORS)
+def test_what_nft_or_the_kernel_refuses_to_load_is_refused_whatever_the_flow(text, problem) -> None:
+    with pytest.raises(CannotPredict, match=problem):
+        Predictor(nft=nftset.parse(text))
+
+
+LOADS = [
+    _chain("type nat hook output priority -199"), _chain("type nat hook input priority 100", family="inet"),
+    _chain("type route hook output priority 0", family="inet"), _chain("type route hook output priority 0", family="ip6"),
+    _chain("type filter hook output priority 0", "jump b", more=" chain b {\n }\n"),
+    _chain("type filter hook prerouting priority -150", "meta l4proto tcp tproxy to :15006", "inet"),
+    _chain("type filter hook prerouting priority -150", "meta l4proto tcp tproxy ip to 127.0.0.1:15006", "inet"),
+    _chain("type filter hook prerouting priority -150", "meta l4proto tcp tproxy to 127.0.0.1:15006", "ip"),
+]
+
+
+@pytest.mark.parametrize("text", LOADS)
+def test_what_nft_and_the_kernel_load_is_read(text) -> None:
+    Predictor(nft=nftset.parse(text))
+
+
 def test_two_tables_at_one_priority_are_fine_when_one_has_nothing_to_do() -> None:
     text = ("table inet a {\n chain o {\n  type filter hook output priority 0; policy accept;\n }\n}\n"
             "table inet b {\n chain o {\n  type filter hook output priority 0; policy accept;\n  tcp dport 9080 drop\n"

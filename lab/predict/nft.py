@@ -23,11 +23,21 @@ from . import inet, matches as m, targets
 from . import nftexpr as x
 from .chains import Base, Chain, Placement, Rule, Table, check
 from .errors import CannotPredict
+from .hooks import CONNTRACK
 from .targets import Verdict
+
+
+class Refused(CannotPredict):
+    """What nft or the kernel refuses to load, found in a rule's words: the whole rule set is
+    refused as it is read, not the rule when a packet reaches it."""
+
 
 FAMILIES = {"ip": 4, "ip6": 6, "inet": None}  # the tables IP packets meet (None: both)
 HOOKS = {"prerouting": "PREROUTING", "input": "INPUT", "forward": "FORWARD", "output": "OUTPUT",
          "postrouting": "POSTROUTING"}
+# The hooks each chain type works at in ip, ip6 and inet tables (nft_chain_type's hook_mask);
+# a nat chain must also run after conntrack (nft_chain_parse_hook: priority above -200).
+CHAIN_TYPES = {"filter": tuple(HOOKS), "nat": ("prerouting", "input", "output", "postrouting"), "route": ("output",)}
 BARE_META = frozenset({"mark", "skuid", "skgid", "iifname", "oifname", "iif", "oif", "nftrace"})  # `meta` optional
 OPERATORS = {"==": False, "eq": False, "!=": True, "ne": True}
 VERDICTS = {"accept": Verdict.ACCEPT, "drop": Verdict.DROP, "return": Verdict.RETURN, "continue": Verdict.CONTINUE,
@@ -60,13 +70,41 @@ def tables(rules: nftset.RuleSet, backend: str = "") -> list[Table]:
                 if c.base.hook not in HOOKS:
                     raise CannotPredict(f"chain {c.name} of table {name} hooks {c.base.hook}, which predict does "
                                         f"not model")
+                _check_base(name, c.name, c.base)
                 bases.append(Base(c.name, HOOKS[c.base.hook], c.base.priority, c.base.type, c.base.policy.upper()))
         table.bases = tuple(bases)
         table.chains = {c.name: Chain(c.name, table, [read(table, c.name, n, r) for n, r in enumerate(c.rules, 1)],
                                       HOOKS[c.base.hook] if c.base else None) for c in t.chains.values()}
+        _check_jumps(table)
         check(table)
         out.append(table)
     return out
+
+
+def _check_base(table: str, chain: str, base: nftset.BaseChain) -> None:
+    """What the kernel refuses of a base chain (EOPNOTSUPP): a type it does not know, or at a hook
+    the type does not work at; a nat chain at or before conntrack."""
+    refused = f"the kernel refuses chain {chain} of table {table}"
+    hooks = CHAIN_TYPES.get(base.type)
+    if hooks is None:
+        raise CannotPredict(f"{refused}: no chain type {base.type} (filter, nat or route)")
+    if base.hook not in hooks:
+        said = f"{', '.join(hooks[:-1])} or {hooks[-1]}" if len(hooks) > 1 else f"{hooks[0]} alone"
+        raise CannotPredict(f"{refused}: a {base.type} chain hooks {said}, not {base.hook}")
+    if base.type == "nat" and base.priority <= CONNTRACK:
+        raise CannotPredict(f"{refused}: a nat chain must run after conntrack (priority above {CONNTRACK}), and "
+                            f"{chain}'s is {base.priority}")
+
+
+def _check_jumps(table: Table) -> None:
+    """A base chain is entered from its hook alone: the kernel refuses a jump or goto to one."""
+    for chain in table.chains.values():
+        for rule in chain.rules:
+            to = rule.target.chain if rule.target is not None else None
+            if to in table.chains and table.chains[to].hook is not None:
+                verb = "goto" if rule.target.verdict is Verdict.GOTO else "jump"
+                raise CannotPredict(f"the kernel refuses {table.where(chain.name, rule.ref.number)}: {verb} {to}, a "
+                                    f"base chain: a base chain is entered from its hook alone")
 
 
 def read(table: Table, chain: str, number: int, rule: nftset.Rule) -> Rule:
@@ -147,6 +185,8 @@ class _Reader:
             try:
                 if not self.expression():
                     return self.unknown(start, "")
+            except Refused:
+                raise
             except CannotPredict as e:
                 return self.unknown(start, e.problem)
 
@@ -341,15 +381,18 @@ class _Reader:
     def tproxy(self) -> bool:
         start = self.i
         self.i += 1
-        family = self.family
+        family, named = self.family, ""
         if self.word() in x.FAMILIES:
-            family = x.FAMILIES[self.word()]
+            named, family = self.word(), x.FAMILIES[self.word()]
+            if self.family not in (None, family):
+                raise Refused(f"nft refuses {self.where}: tproxy {named} in an {'ip6' if self.family == 6 else 'ip'} "
+                              f"table")
             self.i += 1
         if self.word() != "to":
             return False
         spec = self.word(1)
         self.i += 2
-        address, port = _endpoint(spec, family)
+        address, port = _endpoint(spec, family, f"{named} to {spec}".strip(), self.where)
         found = x.TransparentSocket(" ".join(self.w[start:self.i]), family, address, port)
         self.condition(found)
         self.statements.append(x.AssignSocket(found))
@@ -357,21 +400,28 @@ class _Reader:
         return True
 
 
-def _endpoint(spec: str, family: int | None) -> tuple[int, int]:
-    """`:15006`, `127.0.0.1`, `127.0.0.1:15006`, `[::1]:15006`: (address or 0, port or 0)."""
+def _endpoint(spec: str, family: int | None, said: str, where: str) -> tuple[int, int]:
+    """`:15006`, `127.0.0.1`, `127.0.0.1:15006`, `[::1]:15006`: (address or 0, port or 0).  An
+    address must be of the statement's family, which an inet table's must name (nft says so)."""
     if spec.startswith(":"):
         host, port = "", spec[1:]
     elif spec.startswith("["):
         host, _, port = spec[1:].partition("]")
         port = port.lstrip(":")
-    elif family == 4 and ":" in spec:
-        host, port = spec.split(":", 1)
+    elif spec.count(":") == 1:  # an IPv4 address and a port (an IPv6 address has two colons or more)
+        host, port = spec.split(":")
     else:
         host, port = spec, ""
     if port and not port.isdigit():
-        raise CannotPredict(f"tproxy to {spec}: give one port")
+        raise CannotPredict(f"tproxy {said}: give one port")
+    if not host:
+        return 0, int(port) if port else 0
+    if family is None:
+        raise Refused(f"nft refuses {where}: tproxy to an address in an inet table needs ip or ip6")
     try:
-        address = inet.parse(host)[1] if host else 0
+        found, address = inet.parse(host)
     except ValueError:
-        raise CannotPredict(f"tproxy to {spec}: not an address") from None
+        raise CannotPredict(f"tproxy {said}: not an address") from None
+    if found != family:
+        raise Refused(f"nft refuses {where}: tproxy {said}: not an IPv{family} address")
     return address, int(port) if port else 0
