@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import os
 import random
+import socket
 import subprocess
 import time
 import zlib
@@ -44,6 +45,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
+from pyroute2 import Conntrack
 
 from lab import api, netns, plan
 from lab.errors import LabError
@@ -294,3 +296,21 @@ def test_nft_refuses_to_load_what_predict_refuses_as_it_reads_and_loads_the_rest
         (code, err), _ = _in_scratch(text)
         assert code == 0, (text, err)
 
+
+def _connections() -> int:
+    """Send one UDP datagram over lo, and count the namespace's conntrack entries."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.sendto(b"x", ("127.0.0.1", 9))
+    with Conntrack() as ct:
+        return len(list(ct.dump()))
+
+
+def test_an_nft_nat_chain_alone_does_not_track_connections() -> None:
+    """A nat base chain registers the nat core, not conntrack (nf_ct_netns_get): with only such a
+    chain nothing is tracked, and predict walks no nat (hooks.Hooks.tracks_connections); a `ct`
+    expression turns tracking on."""
+    chain = "table ip t {\n chain o {\n  type %s hook output priority %d; policy accept;\n  %s\n }\n}\n"
+    loaded, tracked = _in_scratch(chain % ("nat", -100, "return"), _connections)
+    assert loaded == (0, "") and tracked == 0
+    loaded, tracked = _in_scratch(chain % ("filter", 0, "ct state new counter"), _connections)
+    assert loaded == (0, "") and tracked == 1
