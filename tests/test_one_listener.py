@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from lab import plan
-from lab.predict import Predictor
+from lab.predict import Flow, Predictor
 from lab.rules import builder, features, foreign, profiles, ruleset, save
 from lab.sidecar import envoy
 
@@ -88,3 +88,14 @@ def test_envoy_tells_the_sides_apart_by_the_original_destination(tmp_path, one, 
         assert (endpoint.ip, endpoint.port) == dst
     else:
         assert source is None
+
+
+def test_envoy_closes_a_connection_to_its_own_port_before_it_looks_for_a_loop(tmp_path) -> None:
+    """The stub (as Envoy's blackhole filter chains) closes a connection whose original
+    destination is the listener's own port first: the proxy's inbound dial to the pod's 15006,
+    after one listener took it inbound at 15001, is closed there, not a loop (the kernel: seed
+    11 of the native rule sets)."""
+    text = profiles.nft_text("istio-1.27-nft").replace("redirect to :15006", "redirect to :15001")
+    rules = ruleset.from_file(_write(tmp_path, text))
+    path = str(Predictor.of(rules).predict(Flow("sidecar", plan.PODS["sidecar"], 15006, 1337, 1000)).path)
+    assert path.endswith("-> Envoy 15006 (Inbound) -> blackhole, closed"), path
