@@ -12,7 +12,7 @@ closed by one, looped, refused, dropped or rejected by a rule, unreachable).
   - Generated native rule sets: the same options as istio-iptables --native-nftables writes
     them (dual stack or not, INVALID_DROP), some with a table of the user's own that drops or
     rejects, fitted as `--rules` fits a pod's `nft list ruleset`, each in a lab on nf_tables.
-  - A pod's iptables-nft-save: the rules iptables-nft wrote, read back, predict as written.
+  - A pod's iptables-nft-save: the rules iptables-nft wrote, read back, parse as the rules written.
 
 PREDICT_FLOWS (flows per profile run, over the iptables profiles; default 200, CI 2,000),
 PREDICT_RULE_SETS (default 6; CI 12), PREDICT_RULE_SET_FLOWS (flows per generated rule set,
@@ -244,21 +244,16 @@ def test_generated_native_rule_sets_take_the_paths_predict_writes(tmp_path: Path
           f"in {time.monotonic() - started:.1f}s")
 
 
-def test_an_iptables_nft_save_predicts_as_the_rules_written() -> None:
+def test_an_iptables_nft_save_reads_back_as_the_rules_written() -> None:
     """What iptables-nft wrote into a pod, read back with iptables-nft-save (its header, its
-    warning about legacy tables, counters), is the rule set predict was given."""
-    flow_list = [Flow("sidecar", "10.96.0.90", 9080), Flow("sidecar", "10.96.0.80", 8080, 1337, 1337),
-                 Flow("remote", "10.244.0.10", 8080), Flow("sidecar", "10.96.0.10", 53, transport="udp", query="x"),
-                 Flow("prometheus", "10.244.0.10", 15090)]
+    warning about legacy tables, counters), parses as the rules written: predict, given a pod's
+    iptables-nft-save, is given the rules the kernel runs."""
     for profile in PROFILES:
         written = ruleset.profile(profile)
         with api.Session(written, "nft") as session:
             ns = session.lab.pod("sidecar").ns
             saved = [save.parse(in_pod(ns, iptables_nft.TOOLS[d.family][1]), family=d.family) for d in written.dumps]
         assert [d.lines() for d in saved] == [d.lines() for d in written.dumps], profile
-        for flow in flow_list:
-            assert str(Predictor(saved).predict(flow).path) == str(Predictor.of(written).predict(flow).path), \
-                (profile, flow)
 
 
 def test_a_few_fixed_endings_over_both_families() -> None:
