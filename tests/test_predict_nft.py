@@ -197,6 +197,10 @@ def test_an_unknown_expression_is_refused_when_the_kernel_would_run_it() -> None
     ("meta l4proto tcp redirect to :15001-15002", "a port range lets the kernel pick the port"),
     ("tcp dport < 1024 drop", "the comparison <"),
     ("log prefix \"x\" accept", "uses log prefix \"x\""),
+    ("meta skuid 1000-1001 return", r"uses meta skuid 1000-1001 \('1000-1001' is a range of ids, which predict"),
+    ("counter name foo accept", r"uses counter name foo$"),
+    ("meta mark set mark or 0x1 accept", r"uses meta mark set mark or 0x1$"),
+    ("ct mark set ct mark and 0xff return", r"uses ct mark set ct mark and 0xff$"),
 ])
 def test_what_predict_does_not_read_says_so(expression, problem) -> None:
     with pytest.raises(CannotPredict, match=problem):

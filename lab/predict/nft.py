@@ -47,6 +47,9 @@ VERDICTS = {"accept": Verdict.ACCEPT, "drop": Verdict.DROP, "return": Verdict.RE
 TRACKING = frozenset({"ct", "redirect", "masquerade", "snat", "dnat", "flow", "synproxy"})
 STARTS = frozenset({"counter", "comment", "meta", "ct", "ip", "ip6", "tcp", "udp", "th", "redirect", "tproxy",
                     "reject"}) | BARE_META | set(VERDICTS)  # the words an expression predict reads starts with
+# Words after which a word of STARTS is a value, not a new expression (`meta mark set mark or 1`).
+TAKES_VALUE = frozenset({"meta", "ct", "set", "or", "and", "xor", "&", "|", "^", "<<", ">>", "lshift", "rshift", "name",
+                         "to", "with"}) | set(OPERATORS)
 ALL_HOOKS = frozenset(HOOKS.values())
 REDIRECT = Placement("redirect", frozenset({"PREROUTING", "OUTPUT"}), kind="nat")
 TPROXY = Placement("tproxy", frozenset({"PREROUTING"}))
@@ -149,6 +152,9 @@ def _ports(word: str) -> m.PortRanges:
 def _ids(word: str) -> tuple[int, ...]:
     ids = _elements(word)
     named = next((i for i in ids if not i.isdigit()), None)
+    low, dash, high = (named or "").partition("-")
+    if dash and low.isdigit() and high.isdigit():
+        raise CannotPredict(f"{named!r} is a range of ids, which predict does not read")
     if named is not None:
         raise CannotPredict(f"{named!r} is a name, which means what the machine that wrote it said: give ids as "
                             f"numbers, as nft list ruleset prints them")
@@ -192,7 +198,8 @@ class _Reader:
 
     def unknown(self, start: int, problem: str) -> None:
         """Words predict does not read, up to the next expression it does: a condition that says so."""
-        end = next((k for k in range(start + 1, len(self.w)) if self.w[k] in STARTS), len(self.w))
+        end = next((k for k in range(start + 1, len(self.w)) if self.w[k] in STARTS and self.w[k - 1] not in TAKES_VALUE),
+                   len(self.w))
         said = " ".join(self.w[start:end]) + (f" ({problem})" if problem else "")
         self.conditions.append(m.Unknown(said, self.where))
 
@@ -206,6 +213,8 @@ class _Reader:
         """Read the expression at self.i; False for one predict does not read."""
         word = self.word()
         if word == "counter":
+            if self.word(1) == "name":  # a named counter object: not read
+                return False
             self.i += 1
         elif word == "comment":
             self.i += 2
