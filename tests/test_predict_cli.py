@@ -151,6 +151,15 @@ def test_an_owner_rule_a_tproxied_packet_meets_is_one_line_and_exit_3_however_lo
                        "socket to\n")
 
 
+@pytest.mark.parametrize("command", ["predict", "probe", "explain"])
+def test_rules_help_says_nft_rules_are_taken_too(command) -> None:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        cli.main([command, "--help"])
+    said = " ".join(out.getvalue().split())
+    assert "iptables-save dump" in said and "nft list ruleset output, or an nft -f script" in said
+
+
 def test_what_predict_does_not_model_is_one_line_and_exit_3(tmp_path) -> None:
     text = profiles.text(profiles.DEFAULT) + ("*filter\n:OUTPUT ACCEPT [0:0]\n"
                                               "-A OUTPUT -p tcp -m statistic --mode random --probability 0.5 -j DROP\n"
