@@ -375,3 +375,12 @@ def test_a_long_chain_walks_as_a_short_one(first, flow) -> None:
             Predictor(nft=nftset.parse(text)).predict(flow)
         said.append(str(refused.value))
     assert said[0] == said[1] and "on a packet TPROXY gave a socket to" in said[0]
+
+
+def test_a_chain_named_xt_is_a_chain_not_the_xt_compatibility_layer(tmp_path) -> None:
+    text = ("table inet t {\n chain o {\n  type filter hook output priority 0; policy accept;\n  jump xt\n }\n"
+            " chain xt {\n  tcp dport 9080 drop\n }\n}\n")
+    assert path(text, Flow("sidecar", "10.244.0.20", 9080)) == "Local Pod -> OUTPUT -> xt (t) -> DROP"
+    nat = profiles.nft_text("istio-1.27-nft") + "table inet x {\n chain xt {\n }\n chain c {\n  jump xt\n }\n}\n"
+    (tmp_path / "pod.nft").write_text(nat)
+    assert ruleset.from_file(str(tmp_path / "pod.nft")).native

@@ -179,11 +179,12 @@ class Fragment(Match):
 PortRanges = tuple[tuple[int, int], ...]
 
 
-def port_ranges(text: str) -> PortRanges:
-    """"53", "1024:65535", ":1023", "53,15008,1000:2000" as (low, high) pairs."""
+def port_ranges(text: str, through: str = ":") -> PortRanges:
+    """"53", "1024:65535", ":1023", "53,15008,1000:2000" as (low, high) pairs (nft writes a
+    range 1000-2000: `through` "-")."""
     out = []
     for part in text.split(","):
-        low, colon, high = part.partition(":")
+        low, colon, high = part.partition(through)
         try:
             out.append((int(low or 0), int(high or 65535)) if colon else (int(low),) * 2)
         except ValueError:

@@ -32,7 +32,7 @@ class Refused(CannotPredict):
     refused as it is read, not the rule when a packet reaches it."""
 
 
-FAMILIES = {"ip": 4, "ip6": 6, "inet": None}  # the tables IP packets meet (None: both)
+FAMILIES = {**x.FAMILIES, "inet": None}  # the tables IP packets meet, by the IP version they see (None: both)
 HOOKS = {"prerouting": "PREROUTING", "input": "INPUT", "forward": "FORWARD", "output": "OUTPUT",
          "postrouting": "POSTROUTING"}
 # The hooks each chain type works at in ip, ip6 and inet tables (nft_chain_type's hook_mask);
@@ -113,7 +113,7 @@ def _check_jumps(table: Table) -> None:
 def read(table: Table, chain: str, number: int, rule: nftset.Rule) -> Rule:
     """Rule `number` of `chain` in `table`, from its words."""
     where = table.where(chain, number)
-    if "xt" in rule.words:
+    if rule.xt:
         raise CannotPredict(f"{where} was written by iptables-nft through the xt compatibility layer "
                             f"({rule.text}): give that table as iptables-nft-save prints it")
     found = _Reader(rule.words, where, table.family)
@@ -125,13 +125,6 @@ def read(table: Table, chain: str, number: int, rule: nftset.Rule) -> Rule:
                 bool(TRACKING & set(rule.words)), tuple(found.placements))
 
 
-def _elements(word: str) -> list[str]:
-    """A value or a set's elements (`{ 53, 15008 }`), quotes taken off."""
-    if word.startswith("{"):
-        return [e.strip().strip('"') for e in word.strip("{} ").split(",") if e.strip()]
-    return [word.strip('"')]
-
-
 def _number(text: str) -> int:
     try:
         return int(text, 0)
@@ -140,17 +133,11 @@ def _number(text: str) -> int:
 
 
 def _ports(word: str) -> m.PortRanges:
-    out = []
-    for element in _elements(word):
-        low, dash, high = element.partition("-")
-        if not (low.isdigit() and (not dash or high.isdigit())):
-            raise CannotPredict(f"{element!r}: give ports as numbers")
-        out.append((int(low), int(high if dash else low)))
-    return tuple(out)
+    return m.port_ranges(",".join(nftset.elements(word)), through="-")
 
 
 def _ids(word: str) -> tuple[int, ...]:
-    ids = _elements(word)
+    ids = nftset.elements(word)
     named = next((i for i in ids if not i.isdigit()), None)
     low, dash, high = (named or "").partition("-")
     if dash and low.isdigit() and high.isdigit():
@@ -163,7 +150,7 @@ def _ids(word: str) -> tuple[int, ...]:
 
 def _protocols(word: str) -> tuple[int, ...]:
     out = []
-    for element in _elements(word):
+    for element in nftset.elements(word):
         number = m.PROTOCOLS.get(element.lower(), element)
         if not str(number).isdigit():
             raise CannotPredict(f"{element!r} is not a protocol")
@@ -267,7 +254,7 @@ class _Reader:
         self.i += 2
         negated, value, said = self.value(start)
         if key == "nfproto":
-            families = tuple({"ipv4": 4, "ipv6": 6}.get(v) for v in _elements(value))
+            families = tuple({"ipv4": 4, "ipv6": 6}.get(v) for v in nftset.elements(value))
             if None in families:
                 raise CannotPredict(f"{value!r} is not ipv4 or ipv6")
             self.condition(x.Protocol(said, families, negated, nfproto=True))
@@ -294,9 +281,9 @@ class _Reader:
         if key in ("skuid", "skgid"):
             self.condition(x.Owner(said, key[2:], _ids(value), negated, self.where))
         elif key == "mark":
-            self.condition(x.Mark(said, tuple(_number(v) for v in _elements(value)), mask, negated=negated))
+            self.condition(x.Mark(said, tuple(_number(v) for v in nftset.elements(value)), mask, negated=negated))
         elif key in ("iifname", "oifname", "iif", "oif"):
-            self.condition(x.Interface(said, key, tuple(_elements(value)), negated))
+            self.condition(x.Interface(said, key, tuple(nftset.elements(value)), negated))
         else:
             return False
         return True
@@ -323,7 +310,7 @@ class _Reader:
         self.i += 2
         negated, value, said = self.value(start)
         try:
-            nets = tuple(inet.network(e, family) for e in _elements(value))
+            nets = tuple(inet.network(e, family) for e in nftset.elements(value))
         except ValueError as e:
             raise CannotPredict(str(e)) from None
         self.condition(x.Address(said, which, nets, negated))
@@ -356,7 +343,7 @@ class _Reader:
             return True
         if key == "state":
             negated, value, said = self.value(start)
-            states = frozenset(s.strip() for e in _elements(value) for s in e.split(","))
+            states = frozenset(s.strip() for e in nftset.elements(value) for s in e.split(","))
             if states - set(x.CT_STATES):
                 raise CannotPredict(f"no ct state {sorted(states - set(x.CT_STATES))[0]}")
             self.condition(x.State(said, states, negated))
@@ -366,7 +353,7 @@ class _Reader:
                 mask = _number(self.word(1))
                 self.i += 2
             negated, value, said = self.value(start)
-            self.condition(x.Mark(said, tuple(_number(v) for v in _elements(value)), mask, True, negated))
+            self.condition(x.Mark(said, tuple(_number(v) for v in nftset.elements(value)), mask, True, negated))
         else:
             return False
         return True

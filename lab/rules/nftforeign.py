@@ -45,7 +45,7 @@ def load(file: str, text: str, proxy_uid: int | None = None, proxy_gid: int | No
             raise LabError(f"{file}: table {family} {name} is the lab's own trace table: leave it out")
         for chain in table.chains.values():
             for rule in chain.rules:
-                if "xt" in rule.words:
+                if rule.xt:
                     raise LabError(f"{file}:{rule.lineno}: {rule.text!r}: a rule iptables-nft wrote through the xt "
                                    f"compatibility layer, which nft lists but cannot write back (give this table "
                                    f"as iptables-save output: --rules takes that too)")
