@@ -7,9 +7,11 @@ import sys
 
 from . import backend, commands, interrupts, preflight
 from .errors import LabError
+from .predict import CannotPredict
 
 EXIT_FAIL = 1  # a measured path differs from its expectation
 EXIT_USAGE = 2  # bad input or an unusable machine
+EXIT_CANNOT_PREDICT = 3  # predict, explain: the rules use something predict does not model
 
 
 class _Parser(argparse.ArgumentParser):
@@ -109,7 +111,8 @@ def _parser() -> argparse.ArgumentParser:
     explain.add_argument("--to", metavar="HOST:PORT", help="with --from: where the flow goes")
     explain.add_argument("--udp", action="store_true", help="with --from: a UDP datagram")
     explain.add_argument("--ipv6", action="store_true", help="with --from: over IPv6")
-    explain.add_argument("--rules", metavar="FILE", help="with --from: a pod's own iptables-save dump")
+    explain.add_argument("--rules", metavar="FILE", help="with --from: a pod's own rules, an iptables-save dump or "
+                         "its nft rules (nft list ruleset output, or an nft -f script)")
     return p
 
 
@@ -118,7 +121,7 @@ def _flow_arguments(command: argparse.ArgumentParser) -> None:
     rules = command.add_mutually_exclusive_group()
     rules.add_argument("--profile", metavar="NAME", help="the sidecar's rules: a profile (default istio-1.13)")
     rules.add_argument("--rules", metavar="FILE", help="the sidecar's rules: an iptables-save dump of a real pod "
-                       "(any: an uninjected pod's too)")
+                       "(any: an uninjected pod's too), or its nft rules (nft list ruleset output, or an nft -f script)")
     command.add_argument("--annotations", metavar="FILE", help="a pod's interception annotations on the "
                          "profile's options, as Istio's injector hands them to istio-init")
     command.add_argument("--from", dest="source", required=True, metavar="POD[:UID[:GID]]",
@@ -153,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     except LabError as e:
         print(f"istio-lab: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except CannotPredict as e:  # wherever it was found: walking the flow, or saying why rules missed
+        print(f"istio-lab: {e}", file=sys.stderr)
+        return EXIT_CANNOT_PREDICT
     except KeyboardInterrupt:
         print("istio-lab: interrupted; the lab was torn down", file=sys.stderr)
         return 130

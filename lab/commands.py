@@ -18,7 +18,7 @@ from .backend import Backend
 from .errors import LabError
 from .netfilter import LEGACY_PREFIX, PATH_TABLES
 from .path import Path
-from .predict import CannotPredict, Predictor
+from .predict import Predictor
 from .predict import Flow as PredictedFlow
 from .rules import annotations, kubeproxy, nftcompare, nftset, profiles, ruleset, xtables
 from .rules.ruleset import RuleSet
@@ -476,7 +476,6 @@ def _show(console, lab: Lab) -> None:
 # --- one flow: probe (the kernel) and predict (the rules alone) --------------------------------
 
 EXIT_NOT_MEASURED = 1  # probe: the flow could not be measured
-EXIT_CANNOT_PREDICT = 3  # predict: the rules use something predict does not model
 
 
 @dataclass(frozen=True)
@@ -562,11 +561,7 @@ def explain_flow(args) -> int:
     q = question(args)
     rules = _flow_rules(args, q)
     flow = PredictedFlow(q.source, q.to.ip, q.to.port, q.uid, q.gid, transport=q.transport)
-    try:
-        prediction = Predictor.of(rules).predict(flow)
-    except CannotPredict as e:
-        print(f"istio-lab: {e}", file=sys.stderr)
-        return EXIT_CANNOT_PREDICT
+    prediction = Predictor.of(rules).predict(flow)
     console = _console()
     console.print(f"{q}", style="bold", markup=False)
     _show_rules(console, rules)
@@ -621,11 +616,7 @@ def predict_flow(args) -> int:
         raise LabError("--netns measures a live pod: that is probe's, predict reads rules (--rules FILE)")
     rules = _flow_rules(args, q)
     flow = PredictedFlow(q.source, q.to.ip, q.to.port, q.uid, q.gid, transport=q.transport, query=q.query or None)
-    try:
-        prediction = Predictor.of(rules).predict(flow)
-    except CannotPredict as e:
-        print(f"istio-lab: {e}", file=sys.stderr)
-        return EXIT_CANNOT_PREDICT
+    prediction = Predictor.of(rules).predict(flow)
     if args.json:
         print(json.dumps({"profile": rules.profile, **({"rules": rules.name} if rules.name != rules.profile else {}),
                           "flow": str(q), **report.prediction_json(prediction)}, indent=2))

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from lab import plan
-from lab.rules import builder, features, foreign, profiles, save
+from lab.predict import Flow, Predictor
+from lab.rules import builder, features, foreign, profiles, ruleset, save
 from lab.sidecar import envoy
 
 REPO = Path(__file__).resolve().parent.parent
@@ -36,6 +37,27 @@ def test_fitting_a_dump_keeps_one_port_for_both(tmp_path) -> None:
     pod = foreign.load(str(moved))
     assert "outbound port 15101 is the lab's 15001 here: renumbered" in pod.notes
     assert [r.option("--to-ports") for r in pod.dump.tables["nat"].rules if r.target == "REDIRECT"] == ["15001", "15001"]
+
+
+def test_native_rules_that_send_inbound_to_the_outbound_port_keep_it_and_run_one_listener(tmp_path) -> None:
+    """As for a dump: one port for both is read so, and stays the outbound one (renumbering it
+    to the lab's 15006 once rewrote the outbound redirect too)."""
+    text = profiles.nft_text("istio-1.27-nft")
+    assert not ruleset.from_file(_write(tmp_path, text)).one_listener
+    rules = ruleset.from_file(_write(tmp_path, text.replace("redirect to :15006", "redirect to :15001")))
+    assert rules.notes == ("inbound and outbound are redirected to one port, 15001: Envoy serves both there and tells "
+                           "them apart by the original destination (Istio 1.0, 1.1)",)
+    assert [r.words[-1] for _, r in rules.nft.numbered() if "redirect" in r.words] == [":15001", ":15001"]
+    assert rules.one_listener and features.one_listener([], rules.nft)
+    assert Predictor.of(rules).topology.one_listener
+    moved = ruleset.from_file(_write(tmp_path, text.replace("redirect to :15006", "redirect to :15101").replace(
+        "redirect to :15001", "redirect to :15101")))
+    assert "outbound port 15101 is the lab's 15001 here: renumbered" in moved.notes and moved.one_listener
+
+
+def _write(tmp_path, text: str) -> str:
+    (tmp_path / "pod.nft").write_text(text)
+    return str(tmp_path / "pod.nft")
 
 
 def test_a_dump_with_no_istio_chain_is_fair_for_one_flow_not_for_the_scenarios(tmp_path) -> None:
@@ -66,3 +88,14 @@ def test_envoy_tells_the_sides_apart_by_the_original_destination(tmp_path, one, 
         assert (endpoint.ip, endpoint.port) == dst
     else:
         assert source is None
+
+
+def test_envoy_closes_a_connection_to_its_own_port_before_it_looks_for_a_loop(tmp_path) -> None:
+    """The stub (as Envoy's blackhole filter chains) closes a connection whose original
+    destination is the listener's own port first: the proxy's inbound dial to the pod's 15006,
+    after one listener took it inbound at 15001, is closed there, not a loop (the kernel: seed
+    11 of the native rule sets)."""
+    text = profiles.nft_text("istio-1.27-nft").replace("redirect to :15006", "redirect to :15001")
+    rules = ruleset.from_file(_write(tmp_path, text))
+    path = str(Predictor.of(rules).predict(Flow("sidecar", plan.PODS["sidecar"], 15006, 1337, 1000)).path)
+    assert path.endswith("-> Envoy 15006 (Inbound) -> blackhole, closed"), path

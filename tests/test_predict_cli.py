@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from lab import cli
-from lab.rules import profiles, save, xtables
+from lab.rules import nftset, profiles, save, xtables
 
 REPO = Path(__file__).resolve().parent.parent
 NOBODY = 65534
@@ -134,6 +134,30 @@ def test_what_predict_does_not_model_in_nft_is_one_line_and_exit_3(tmp_path) -> 
                               "remote:9080")
     assert code == 3 and out == ""
     assert err == "istio-lab: cannot predict: rule 1 of output (t) uses fib daddr type local\n"
+
+
+def test_an_owner_rule_a_tproxied_packet_meets_is_one_line_and_exit_3_however_long_its_chain(tmp_path) -> None:
+    """Past 16 rules a chain is indexed: predict and explain refuse as they do for a short one
+    (once the index skipped the rule and the misses raised it: a traceback, exit 1)."""
+    drops = "".join(f"\t\ttcp dport {20002 + n} drop\n" for n in range(19))
+    text = nftset.text(profiles.nft_rules("istio-1.27-nft-tproxy")) + (
+        "table inet f {\n\tchain in {\n\t\ttype filter hook input priority 0; policy accept;\n"
+        f"\t\tskuid 1337 drop\n{drops}\t}}\n}}\n")
+    for command in ("predict", "explain"):
+        code, out, err = _predict(command, "--rules", _write(tmp_path, text, "pod.nft"), "--from", "remote", "--to",
+                                  "sidecar:8080")
+        assert (code, out) == (3, "")
+        assert err == ("istio-lab: cannot predict: rule 1 of in (f) uses skuid 1337 on a packet TPROXY gave a "
+                       "socket to\n")
+
+
+@pytest.mark.parametrize("command", ["predict", "probe", "explain"])
+def test_rules_help_says_nft_rules_are_taken_too(command) -> None:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        cli.main([command, "--help"])
+    said = " ".join(out.getvalue().split())
+    assert "iptables-save dump" in said and "nft list ruleset output, or an nft -f script" in said
 
 
 def test_what_predict_does_not_model_is_one_line_and_exit_3(tmp_path) -> None:

@@ -197,6 +197,10 @@ def test_an_unknown_expression_is_refused_when_the_kernel_would_run_it() -> None
     ("meta l4proto tcp redirect to :15001-15002", "a port range lets the kernel pick the port"),
     ("tcp dport < 1024 drop", "the comparison <"),
     ("log prefix \"x\" accept", "uses log prefix \"x\""),
+    ("meta skuid 1000-1001 return", r"uses meta skuid 1000-1001 \('1000-1001' is a range of ids, which predict"),
+    ("counter name foo accept", r"uses counter name foo$"),
+    ("meta mark set mark or 0x1 accept", r"uses meta mark set mark or 0x1$"),
+    ("ct mark set ct mark and 0xff return", r"uses ct mark set ct mark and 0xff$"),
 ])
 def test_what_predict_does_not_read_says_so(expression, problem) -> None:
     with pytest.raises(CannotPredict, match=problem):
@@ -219,6 +223,58 @@ def test_what_predict_does_not_read_says_so(expression, problem) -> None:
 def test_rule_sets_the_kernel_refuses_or_that_do_not_say_enough_are_refused(text, problem) -> None:
     with pytest.raises(CannotPredict, match=problem):
         Predictor(nft=nftset.parse(text))
+
+
+def _chain(spec: str, rule: str = "", family: str = "ip", more: str = "") -> str:
+    return f"table {family} t {{\n chain c {{\n  {spec};\n  {rule}\n }}\n{more}}}\n"
+
+
+# What nft or the kernel refuses (EOPNOTSUPP for the chains and jumps, nft itself the rest),
+# and what they load: tests/test_predict_kernel.py has nft load each.
+LOAD_ERRORS = [
+    (_chain("type nat hook output priority -200"), "chain c of table t: a nat chain must run after conntrack"),
+    (_chain("type nat hook prerouting priority -300"), "a nat chain must run after conntrack .priority above -200"),
+    (_chain("type nat hook forward priority 0"), "a nat chain hooks prerouting, input, output or postrouting"),
+    (_chain("type nat hook forward priority 0", family="inet"), "a nat chain hooks prerouting, input, output or"),
+    (_chain("type route hook prerouting priority 0"), "a route chain hooks output alone"),
+    (_chain("type route hook input priority 0", family="ip6"), "a route chain hooks output alone"),
+    (_chain("type bogus hook output priority 0"), "no chain type bogus .filter, nat or route"),
+    (_chain("type filter hook output priority 0", "jump b", more=" chain b {\n  type filter hook input priority 0;\n"
+            " }\n"), "rule 1 of c .t.: jump b, a base chain: a base chain is entered from its hook alone"),
+    (_chain("type filter hook output priority 0", "goto b", more=" chain b {\n  type filter hook input priority 0;\n"
+            " }\n"), "goto b, a base chain"),
+    (_chain("type filter hook prerouting priority -150", "meta l4proto tcp tproxy to 127.0.0.1:15006", "inet"),
+     "nft refuses rule 1 of c .t.: tproxy to an address in an inet table needs ip or ip6"),
+    (_chain("type filter hook prerouting priority -150", "meta l4proto tcp tproxy to [::1]:15006", "inet"),
+     "tproxy to an address in an inet table needs ip or ip6"),
+    (_chain("type filter hook prerouting priority -150", "meta l4proto tcp tproxy ip6 to [::1]:15006", "ip"),
+     "nft refuses rule 1 of c .t.: tproxy ip6 in an ip table"),
+    (_chain("type filter hook prerouting priority -150", "meta l4proto tcp tproxy ip to 127.0.0.1:15006", "ip6"),
+     "tproxy ip in an ip6 table"),
+    (_chain("type filter hook prerouting priority -150", "meta l4proto tcp tproxy ip6 to 127.0.0.1:15006", "inet"),
+     "nft refuses rule 1 of c .t.: tproxy ip6 to 127.0.0.1:15006: not an IPv6 address"),
+]
+
+
+@pytest.mark.parametrize("text,problem", LOAD_ERRORS)
+def test_what_nft_or_the_kernel_refuses_to_load_is_refused_whatever_the_flow(text, problem) -> None:
+    with pytest.raises(CannotPredict, match=problem):
+        Predictor(nft=nftset.parse(text))
+
+
+LOADS = [
+    _chain("type nat hook output priority -199"), _chain("type nat hook input priority 100", family="inet"),
+    _chain("type route hook output priority 0", family="inet"), _chain("type route hook output priority 0", family="ip6"),
+    _chain("type filter hook output priority 0", "jump b", more=" chain b {\n }\n"),
+    _chain("type filter hook prerouting priority -150", "meta l4proto tcp tproxy to :15006", "inet"),
+    _chain("type filter hook prerouting priority -150", "meta l4proto tcp tproxy ip to 127.0.0.1:15006", "inet"),
+    _chain("type filter hook prerouting priority -150", "meta l4proto tcp tproxy to 127.0.0.1:15006", "ip"),
+]
+
+
+@pytest.mark.parametrize("text", LOADS)
+def test_what_nft_and_the_kernel_load_is_read(text) -> None:
+    Predictor(nft=nftset.parse(text))
 
 
 def test_two_tables_at_one_priority_are_fine_when_one_has_nothing_to_do() -> None:
@@ -295,3 +351,36 @@ def test_native_misses_are_in_nfts_words() -> None:
     assert "rule 3: needs oifname lo; this packet leaves by eth0" in said
     assert "rule 4: needs skuid 1337; the socket's owner is uid 1000" in said
     assert {m.qualifier for m in prediction.misses()} == {""}  # istio-proxy-nat plays nat: no table to say
+
+
+# --- the index --------------------------------------------------------------------------------
+
+FILLER = "\n".join(f"  tcp dport {20000 + n} drop" for n in range(chains.INDEXED + 4))
+
+
+@pytest.mark.parametrize("first,flow", [
+    # TPROXY gave the packet a socket but no owner: the owner rule must be tested (and refuse)
+    ("skuid 1337 drop", Flow("remote", "10.244.0.10", 8080)),
+    ("meta skuid != 1337 tcp dport 20001 drop", Flow("remote", "10.244.0.10", 8080)),
+])
+def test_a_long_chain_walks_as_a_short_one(first, flow) -> None:
+    """A chain long enough to be indexed gives what the same rules unindexed give: the index
+    never skips a rule whose conditions would refuse before failing."""
+    native = profiles.nft_rules("istio-1.27-nft-tproxy")
+    said = []
+    for filler in ("", FILLER):
+        text = nftset.text(native) + (f"table inet f {{\n chain in {{\n  type filter hook input priority 0;\n"
+                                      f"  {first}\n{filler}\n }}\n}}\n")
+        with pytest.raises(CannotPredict) as refused:
+            Predictor(nft=nftset.parse(text)).predict(flow)
+        said.append(str(refused.value))
+    assert said[0] == said[1] and "on a packet TPROXY gave a socket to" in said[0]
+
+
+def test_a_chain_named_xt_is_a_chain_not_the_xt_compatibility_layer(tmp_path) -> None:
+    text = ("table inet t {\n chain o {\n  type filter hook output priority 0; policy accept;\n  jump xt\n }\n"
+            " chain xt {\n  tcp dport 9080 drop\n }\n}\n")
+    assert path(text, Flow("sidecar", "10.244.0.20", 9080)) == "Local Pod -> OUTPUT -> xt (t) -> DROP"
+    nat = profiles.nft_text("istio-1.27-nft") + "table inet x {\n chain xt {\n }\n chain c {\n  jump xt\n }\n}\n"
+    (tmp_path / "pod.nft").write_text(nat)
+    assert ruleset.from_file(str(tmp_path / "pod.nft")).native

@@ -360,7 +360,7 @@ RULE_PARTS = st.lists(st.sampled_from([
     "-s 127.0.0.6/32", "-o lo", "-p tcp", "-p udp", "-p tcp -m tcp --dport 9080", "-p tcp -m tcp --dport 9000:9100",
     "-p tcp -m multiport --dports 53,9080,15008", "-p tcp -m tcp ! --dport 9080", "-m owner --uid-owner 1337",
     "-m owner ! --uid-owner 1337", "-m owner --gid-owner 1000", "-m mark --mark 0x539", "-m mark --mark 0x53a",
-    "-m mark ! --mark 0x539", "-m mark --mark 0x500/0xf00"]), max_size=3)
+    "-m mark ! --mark 0x539", "-m mark --mark 0x500/0xf00", "-p tcp -m tcp --sport 30000:40000 --dport 9050"]), max_size=3)
 
 
 @settings(max_examples=60, deadline=None, database=None)
@@ -368,17 +368,36 @@ RULE_PARTS = st.lists(st.sampled_from([
        dst=st.sampled_from(["10.96.0.90", "10.96.0.80", "10.244.0.20", "127.0.0.1"]),
        dport=st.sampled_from([9080, 9050, 53, 15008, 8080]), proto=st.sampled_from(["tcp", "udp"]),
        owner=st.sampled_from([APP, PROXY, None]), oif=st.sampled_from(["eth0", "lo"]),
-       mark=st.sampled_from([0, 0x539, 0x53a]))
-def test_the_index_offers_every_rule_that_matches_in_order(chain, dst, dport, proto, owner, oif, mark) -> None:
+       mark=st.sampled_from([0, 0x539, 0x53a]), sport=st.sampled_from([40000, None]))
+def test_the_index_offers_every_rule_that_matches_in_order(chain, dst, dport, proto, owner, oif, mark, sport) -> None:
     """Whatever the rules, the first candidate the index offers that matches is the first rule
-    that matches, and every rule that matches is a candidate."""
+    that matches, and every rule that matches, or that predict would refuse, is a candidate."""
     lines = "\n".join(f"-A X {' '.join(parts)} -j RETURN" for parts in chain)
     (nat,) = iptables.tables(dump(f"*nat\n:OUTPUT ACCEPT [0:0]\n:X - [0:0]\n{lines}\nCOMMIT\n"))
     indexed = nat.chains["X"]
-    p = packet(dst=dst, dport=dport, proto=proto, owner=owner, oif=oif, mark=mark)
-    matching = [i for i, r in enumerate(indexed.rules) if r.test(p, SIDECAR)]
+    p = packet(dst=dst, dport=dport, proto=proto, owner=owner, oif=oif, mark=mark, sport=sport)
+    matching = [i for i, r in enumerate(indexed.rules) if _refuses(r, p) or r.test(p, SIDECAR)]
     assert set(matching) <= set(indexed.candidates(p))
     assert list(indexed.candidates(p)) == sorted(indexed.candidates(p))
+
+
+def _refuses(r: chains.Rule, p: Packet) -> bool:
+    try:
+        r.test(p, SIDECAR)
+    except CannotPredict:
+        return True
+    return False
+
+
+def test_the_index_never_skips_a_rule_predict_would_refuse() -> None:
+    """`--sport` over part of the ephemeral range refuses a packet whose source port the kernel
+    picks: so does a long chain, which must not skip the rule for its `--dport`."""
+    for filler in (0, chains.INDEXED):
+        lines = ["-A OUTPUT -p tcp -m tcp --sport 30000:40000 --dport 9050 -j DROP"] + [
+            f"-A OUTPUT -d 10.1.{n}.0/24 -j DROP" for n in range(filler)]
+        with pytest.raises(CannotPredict, match="depends on the ephemeral source port"):
+            path("*filter\n:OUTPUT ACCEPT [0:0]\n" + "\n".join(lines) + "\nCOMMIT\n",
+                 Flow("sidecar", "10.244.0.20", 9080))
 
 
 def test_an_indexed_chain_walks_as_the_plain_one() -> None:

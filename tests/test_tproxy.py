@@ -7,7 +7,7 @@ import pytest
 
 from lab import api, backend, html_report, netns, plan, scenario, world
 from lab.addr import Address
-from lab.rules import features, profiles, routing, ruleset
+from lab.rules import features, nftset, profiles, routing, ruleset
 
 from .test_sidecar import proc_status
 
@@ -22,6 +22,16 @@ def test_the_mark_and_mode_come_from_the_rules():
     assert features.inbound_mode(profiles.dumps(TPROXY)) == "TPROXY"
     assert features.inbound_mode(profiles.dumps(profiles.DEFAULT)) == "REDIRECT"
     assert (ruleset.profile(TPROXY).inbound_mode, ruleset.profile().inbound_mode) == ("TPROXY", "REDIRECT")
+
+
+@pytest.mark.parametrize("statement,mark", [
+    ("meta mark set 0x539", 1337), ("meta mark set 1337 accept", 1337), ("", None),
+    ("meta mark set ct mark", None), ("meta mark set mark or 0x1", None),  # no number: no route to set up for it
+])
+def test_the_mark_a_native_tproxy_rule_sets(statement, mark):
+    rules = nftset.parse("table inet m {\n chain p {\n  type filter hook prerouting priority -150;\n"
+                         f"  meta l4proto tcp tproxy ip to :15006 {statement}\n }}\n}}\n")
+    assert features.nft_tproxy_mark(rules) == mark
 
 
 def test_every_scenario_has_a_measured_tproxy_path():

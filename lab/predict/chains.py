@@ -195,7 +195,11 @@ class _Index:
     def candidates(self, p: Packet) -> list[int]:
         found = [self.always]
         for key, table in self.by.items():
-            for value in _values(key, p):
+            values = _values(key, p)
+            if values is None:  # not known for this packet: every rule filed under the key tests it
+                found.extend(table.values())
+                continue
+            for value in values:
                 hit = table.get(value)
                 if hit:
                     found.append(hit)
@@ -203,20 +207,20 @@ class _Index:
 
 
 def _needs(rule: Rule) -> tuple[tuple, tuple[int, ...]] | None:
-    """The first indexable thing a rule needs, provided nothing the kernel tests before it could
-    raise (an Unknown condition must stay reachable)."""
+    """The first indexable thing a rule needs, provided nothing tested before it could refuse
+    (Match.may_refuse): a packet the index skipped would have been refused there."""
     for c in rule.conditions:
-        if isinstance(c, m.Unknown):
+        found = None if c.negated else c.index()
+        if found is not None:
+            return found
+        if c.may_refuse():
             return None
-        if not c.negated:
-            found = c.index()
-            if found is not None:
-                return found
     return None
 
 
-def _values(key: tuple, p: Packet) -> tuple[int, ...]:
-    """The packet's values for an index key (lab.predict.matches: Match.index)."""
+def _values(key: tuple, p: Packet) -> tuple[int, ...] | None:
+    """The packet's values for an index key (lab.predict.matches: Match.index); None where the
+    index cannot say (a socket TPROXY assigned, whose owner predict does not know)."""
     kind = key[0]
     if kind == "prefix":
         _, which, family, prefix = key
@@ -230,7 +234,7 @@ def _values(key: tuple, p: Packet) -> tuple[int, ...]:
     if kind == "mark":
         return (p.mark,)
     if p.owner is None:
-        return ()
+        return None if p.socket is not None else ()
     return (p.owner.uid,) if kind == "uid" else (p.owner.gid, *p.owner.groups)
 
 

@@ -15,7 +15,7 @@ from .. import plan
 from . import inet
 from .errors import CannotPredict
 from .packet import Owner, Packet
-from .proxies import Client, Dial, Stop, relay
+from .proxies import Client, Dial, Stop, closes, relay
 from .stack import Death, Delivered, HookPass, OnWire
 from .topology import LABELS, Proxy, Topology
 
@@ -94,7 +94,7 @@ def walk(topology: Topology, flow: Flow) -> Walk:
         if leg.proxy is None:
             return Walk(flow, tuple(legs), Ending("reached"))
         side = (leg.proxy.process, leg.proxy.role)
-        if side in passed:
+        if side in passed and closes(leg.proxy, leg.end) is None:
             return Walk(flow, tuple(legs), Ending("loop"))
         passed.add(side)
         following = relay(topology, leg.proxy, leg.end, flow.query)

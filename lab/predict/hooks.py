@@ -66,9 +66,7 @@ class Hooks:
 
     def __init__(self, family: int, groups: list[list[Table]]):
         self.family = family
-        seen: list[Table] = [t for group in groups for t in group if t.family in (None, family)]
-        self.tables = seen
-        self.tracks_connections = any(t.tracks for t in seen)
+        self.tracks_connections = any(t.tracks for group in groups for t in group if t.family in (None, family))
         regular: dict[str, list[tuple[int, int, Step]]] = {hook: [] for hook in HOOKS}
         nat: dict[str, list[tuple[int, int, Entry]]] = {hook: [] for hook in HOOKS}
         for rank, group in enumerate(groups):

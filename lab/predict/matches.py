@@ -53,6 +53,11 @@ class Match:
         packets with one of these values (lab.predict.chains reads a packet's value per key)."""
         return None
 
+    def may_refuse(self) -> bool:
+        """Could testing it say CannotPredict for some packet?  A chain's index never files a rule
+        by a condition after such a one: the packets it skipped would have been refused."""
+        return False
+
 
 def prefix_index(which: str, nets) -> tuple[tuple, tuple[int, ...]] | None:
     """A destination ("dst") or source prefix's key, for networks of one family and length."""
@@ -174,11 +179,12 @@ class Fragment(Match):
 PortRanges = tuple[tuple[int, int], ...]
 
 
-def port_ranges(text: str) -> PortRanges:
-    """"53", "1024:65535", ":1023", "53,15008,1000:2000" as (low, high) pairs."""
+def port_ranges(text: str, through: str = ":") -> PortRanges:
+    """"53", "1024:65535", ":1023", "53,15008,1000:2000" as (low, high) pairs (nft writes a
+    range 1000-2000: `through` "-")."""
     out = []
     for part in text.split(","):
-        low, colon, high = part.partition(":")
+        low, colon, high = part.partition(through)
         try:
             out.append((int(low or 0), int(high or 65535)) if colon else (int(low),) * 2)
         except ValueError:
@@ -190,16 +196,20 @@ def _in(port: int, ranges: PortRanges) -> bool:
     return any(low <= port <= high for low, high in ranges)
 
 
+def splits_ephemeral(ranges: PortRanges) -> bool:
+    """Do the ranges hold part of ip_local_port_range, neither all of it nor none?"""
+    low, high = EPHEMERAL_PORTS
+    return not any(a <= low and high <= b for a, b in ranges) and not all(b < low or a > high for a, b in ranges)
+
+
 def ephemeral_in(ranges: PortRanges, option: str) -> bool:
     """Whether a source port the kernel picks from ip_local_port_range falls in `ranges`:
     known only when the ranges hold all of that range or none of it."""
     low, high = EPHEMERAL_PORTS
-    if any(a <= low and high <= b for a, b in ranges):
-        return True
-    if all(b < low or a > high for a, b in ranges):
-        return False
-    raise CannotPredict(f"{option} depends on the ephemeral source port the kernel picks "
-                        f"({low}-{high}); give the flow a source port")
+    if splits_ephemeral(ranges):
+        raise CannotPredict(f"{option} depends on the ephemeral source port the kernel picks "
+                            f"({low}-{high}); give the flow a source port")
+    return any(a <= low and high <= b for a, b in ranges)
 
 
 def _ports_text(ranges: PortRanges) -> str:
@@ -232,6 +242,9 @@ class Port(Match):
 
     def index(self):
         return ports_index(self.ranges) if self.which == "dport" else None
+
+    def may_refuse(self):
+        return self.which != "dport" and splits_ephemeral(self.ranges)
 
 
 TCP_FLAGS = {"FIN": 0x01, "SYN": 0x02, "RST": 0x04, "PSH": 0x08, "ACK": 0x10, "URG": 0x20,
@@ -480,3 +493,6 @@ class Unknown(Match):
 
     def has(self, p, ns):
         raise CannotPredict(f"{self.where} uses {self.option}")
+
+    def may_refuse(self):
+        return True

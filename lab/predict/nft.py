@@ -23,11 +23,21 @@ from . import inet, matches as m, targets
 from . import nftexpr as x
 from .chains import Base, Chain, Placement, Rule, Table, check
 from .errors import CannotPredict
+from .hooks import CONNTRACK
 from .targets import Verdict
 
-FAMILIES = {"ip": 4, "ip6": 6, "inet": None}  # the tables IP packets meet (None: both)
+
+class Refused(CannotPredict):
+    """What nft or the kernel refuses to load, found in a rule's words: the whole rule set is
+    refused as it is read, not the rule when a packet reaches it."""
+
+
+FAMILIES = {**x.FAMILIES, "inet": None}  # the tables IP packets meet, by the IP version they see (None: both)
 HOOKS = {"prerouting": "PREROUTING", "input": "INPUT", "forward": "FORWARD", "output": "OUTPUT",
          "postrouting": "POSTROUTING"}
+# The hooks each chain type works at in ip, ip6 and inet tables (nft_chain_type's hook_mask);
+# a nat chain must also run after conntrack (nft_chain_parse_hook: priority above -200).
+CHAIN_TYPES = {"filter": tuple(HOOKS), "nat": ("prerouting", "input", "output", "postrouting"), "route": ("output",)}
 BARE_META = frozenset({"mark", "skuid", "skgid", "iifname", "oifname", "iif", "oif", "nftrace"})  # `meta` optional
 OPERATORS = {"==": False, "eq": False, "!=": True, "ne": True}
 VERDICTS = {"accept": Verdict.ACCEPT, "drop": Verdict.DROP, "return": Verdict.RETURN, "continue": Verdict.CONTINUE,
@@ -37,6 +47,9 @@ VERDICTS = {"accept": Verdict.ACCEPT, "drop": Verdict.DROP, "return": Verdict.RE
 TRACKING = frozenset({"ct", "redirect", "masquerade", "snat", "dnat", "flow", "synproxy"})
 STARTS = frozenset({"counter", "comment", "meta", "ct", "ip", "ip6", "tcp", "udp", "th", "redirect", "tproxy",
                     "reject"}) | BARE_META | set(VERDICTS)  # the words an expression predict reads starts with
+# Words after which a word of STARTS is a value, not a new expression (`meta mark set mark or 1`).
+TAKES_VALUE = frozenset({"meta", "ct", "set", "or", "and", "xor", "&", "|", "^", "<<", ">>", "lshift", "rshift", "name",
+                         "to", "with"}) | set(OPERATORS)
 ALL_HOOKS = frozenset(HOOKS.values())
 REDIRECT = Placement("redirect", frozenset({"PREROUTING", "OUTPUT"}), kind="nat")
 TPROXY = Placement("tproxy", frozenset({"PREROUTING"}))
@@ -60,19 +73,47 @@ def tables(rules: nftset.RuleSet, backend: str = "") -> list[Table]:
                 if c.base.hook not in HOOKS:
                     raise CannotPredict(f"chain {c.name} of table {name} hooks {c.base.hook}, which predict does "
                                         f"not model")
+                _check_base(name, c.name, c.base)
                 bases.append(Base(c.name, HOOKS[c.base.hook], c.base.priority, c.base.type, c.base.policy.upper()))
         table.bases = tuple(bases)
         table.chains = {c.name: Chain(c.name, table, [read(table, c.name, n, r) for n, r in enumerate(c.rules, 1)],
                                       HOOKS[c.base.hook] if c.base else None) for c in t.chains.values()}
+        _check_jumps(table)
         check(table)
         out.append(table)
     return out
 
 
+def _check_base(table: str, chain: str, base: nftset.BaseChain) -> None:
+    """What the kernel refuses of a base chain (EOPNOTSUPP): a type it does not know, or at a hook
+    the type does not work at; a nat chain at or before conntrack."""
+    refused = f"the kernel refuses chain {chain} of table {table}"
+    hooks = CHAIN_TYPES.get(base.type)
+    if hooks is None:
+        raise CannotPredict(f"{refused}: no chain type {base.type} (filter, nat or route)")
+    if base.hook not in hooks:
+        said = f"{', '.join(hooks[:-1])} or {hooks[-1]}" if len(hooks) > 1 else f"{hooks[0]} alone"
+        raise CannotPredict(f"{refused}: a {base.type} chain hooks {said}, not {base.hook}")
+    if base.type == "nat" and base.priority <= CONNTRACK:
+        raise CannotPredict(f"{refused}: a nat chain must run after conntrack (priority above {CONNTRACK}), and "
+                            f"{chain}'s is {base.priority}")
+
+
+def _check_jumps(table: Table) -> None:
+    """A base chain is entered from its hook alone: the kernel refuses a jump or goto to one."""
+    for chain in table.chains.values():
+        for rule in chain.rules:
+            to = rule.target.chain if rule.target is not None else None
+            if to in table.chains and table.chains[to].hook is not None:
+                verb = "goto" if rule.target.verdict is Verdict.GOTO else "jump"
+                raise CannotPredict(f"the kernel refuses {table.where(chain.name, rule.ref.number)}: {verb} {to}, a "
+                                    f"base chain: a base chain is entered from its hook alone")
+
+
 def read(table: Table, chain: str, number: int, rule: nftset.Rule) -> Rule:
     """Rule `number` of `chain` in `table`, from its words."""
     where = table.where(chain, number)
-    if "xt" in rule.words:
+    if rule.xt:
         raise CannotPredict(f"{where} was written by iptables-nft through the xt compatibility layer "
                             f"({rule.text}): give that table as iptables-nft-save prints it")
     found = _Reader(rule.words, where, table.family)
@@ -84,13 +125,6 @@ def read(table: Table, chain: str, number: int, rule: nftset.Rule) -> Rule:
                 bool(TRACKING & set(rule.words)), tuple(found.placements))
 
 
-def _elements(word: str) -> list[str]:
-    """A value or a set's elements (`{ 53, 15008 }`), quotes taken off."""
-    if word.startswith("{"):
-        return [e.strip().strip('"') for e in word.strip("{} ").split(",") if e.strip()]
-    return [word.strip('"')]
-
-
 def _number(text: str) -> int:
     try:
         return int(text, 0)
@@ -99,18 +133,15 @@ def _number(text: str) -> int:
 
 
 def _ports(word: str) -> m.PortRanges:
-    out = []
-    for element in _elements(word):
-        low, dash, high = element.partition("-")
-        if not (low.isdigit() and (not dash or high.isdigit())):
-            raise CannotPredict(f"{element!r}: give ports as numbers")
-        out.append((int(low), int(high if dash else low)))
-    return tuple(out)
+    return m.port_ranges(",".join(nftset.elements(word)), through="-")
 
 
 def _ids(word: str) -> tuple[int, ...]:
-    ids = _elements(word)
+    ids = nftset.elements(word)
     named = next((i for i in ids if not i.isdigit()), None)
+    low, dash, high = (named or "").partition("-")
+    if dash and low.isdigit() and high.isdigit():
+        raise CannotPredict(f"{named!r} is a range of ids, which predict does not read")
     if named is not None:
         raise CannotPredict(f"{named!r} is a name, which means what the machine that wrote it said: give ids as "
                             f"numbers, as nft list ruleset prints them")
@@ -119,7 +150,7 @@ def _ids(word: str) -> tuple[int, ...]:
 
 def _protocols(word: str) -> tuple[int, ...]:
     out = []
-    for element in _elements(word):
+    for element in nftset.elements(word):
         number = m.PROTOCOLS.get(element.lower(), element)
         if not str(number).isdigit():
             raise CannotPredict(f"{element!r} is not a protocol")
@@ -147,12 +178,15 @@ class _Reader:
             try:
                 if not self.expression():
                     return self.unknown(start, "")
+            except Refused:
+                raise
             except CannotPredict as e:
                 return self.unknown(start, e.problem)
 
     def unknown(self, start: int, problem: str) -> None:
         """Words predict does not read, up to the next expression it does: a condition that says so."""
-        end = next((k for k in range(start + 1, len(self.w)) if self.w[k] in STARTS), len(self.w))
+        end = next((k for k in range(start + 1, len(self.w)) if self.w[k] in STARTS and self.w[k - 1] not in TAKES_VALUE),
+                   len(self.w))
         said = " ".join(self.w[start:end]) + (f" ({problem})" if problem else "")
         self.conditions.append(m.Unknown(said, self.where))
 
@@ -166,6 +200,8 @@ class _Reader:
         """Read the expression at self.i; False for one predict does not read."""
         word = self.word()
         if word == "counter":
+            if self.word(1) == "name":  # a named counter object: not read
+                return False
             self.i += 1
         elif word == "comment":
             self.i += 2
@@ -218,7 +254,7 @@ class _Reader:
         self.i += 2
         negated, value, said = self.value(start)
         if key == "nfproto":
-            families = tuple({"ipv4": 4, "ipv6": 6}.get(v) for v in _elements(value))
+            families = tuple({"ipv4": 4, "ipv6": 6}.get(v) for v in nftset.elements(value))
             if None in families:
                 raise CannotPredict(f"{value!r} is not ipv4 or ipv6")
             self.condition(x.Protocol(said, families, negated, nfproto=True))
@@ -245,9 +281,9 @@ class _Reader:
         if key in ("skuid", "skgid"):
             self.condition(x.Owner(said, key[2:], _ids(value), negated, self.where))
         elif key == "mark":
-            self.condition(x.Mark(said, tuple(_number(v) for v in _elements(value)), mask, negated=negated))
+            self.condition(x.Mark(said, tuple(_number(v) for v in nftset.elements(value)), mask, negated=negated))
         elif key in ("iifname", "oifname", "iif", "oif"):
-            self.condition(x.Interface(said, key, tuple(_elements(value)), negated))
+            self.condition(x.Interface(said, key, tuple(nftset.elements(value)), negated))
         else:
             return False
         return True
@@ -274,7 +310,7 @@ class _Reader:
         self.i += 2
         negated, value, said = self.value(start)
         try:
-            nets = tuple(inet.network(e, family) for e in _elements(value))
+            nets = tuple(inet.network(e, family) for e in nftset.elements(value))
         except ValueError as e:
             raise CannotPredict(str(e)) from None
         self.condition(x.Address(said, which, nets, negated))
@@ -307,7 +343,7 @@ class _Reader:
             return True
         if key == "state":
             negated, value, said = self.value(start)
-            states = frozenset(s.strip() for e in _elements(value) for s in e.split(","))
+            states = frozenset(s.strip() for e in nftset.elements(value) for s in e.split(","))
             if states - set(x.CT_STATES):
                 raise CannotPredict(f"no ct state {sorted(states - set(x.CT_STATES))[0]}")
             self.condition(x.State(said, states, negated))
@@ -317,7 +353,7 @@ class _Reader:
                 mask = _number(self.word(1))
                 self.i += 2
             negated, value, said = self.value(start)
-            self.condition(x.Mark(said, tuple(_number(v) for v in _elements(value)), mask, True, negated))
+            self.condition(x.Mark(said, tuple(_number(v) for v in nftset.elements(value)), mask, True, negated))
         else:
             return False
         return True
@@ -341,15 +377,18 @@ class _Reader:
     def tproxy(self) -> bool:
         start = self.i
         self.i += 1
-        family = self.family
+        family, named = self.family, ""
         if self.word() in x.FAMILIES:
-            family = x.FAMILIES[self.word()]
+            named, family = self.word(), x.FAMILIES[self.word()]
+            if self.family not in (None, family):
+                raise Refused(f"nft refuses {self.where}: tproxy {named} in an {'ip6' if self.family == 6 else 'ip'} "
+                              f"table")
             self.i += 1
         if self.word() != "to":
             return False
         spec = self.word(1)
         self.i += 2
-        address, port = _endpoint(spec, family)
+        address, port = _endpoint(spec, family, f"{named} to {spec}".strip(), self.where)
         found = x.TransparentSocket(" ".join(self.w[start:self.i]), family, address, port)
         self.condition(found)
         self.statements.append(x.AssignSocket(found))
@@ -357,21 +396,28 @@ class _Reader:
         return True
 
 
-def _endpoint(spec: str, family: int | None) -> tuple[int, int]:
-    """`:15006`, `127.0.0.1`, `127.0.0.1:15006`, `[::1]:15006`: (address or 0, port or 0)."""
+def _endpoint(spec: str, family: int | None, said: str, where: str) -> tuple[int, int]:
+    """`:15006`, `127.0.0.1`, `127.0.0.1:15006`, `[::1]:15006`: (address or 0, port or 0).  An
+    address must be of the statement's family, which an inet table's must name (nft says so)."""
     if spec.startswith(":"):
         host, port = "", spec[1:]
     elif spec.startswith("["):
         host, _, port = spec[1:].partition("]")
         port = port.lstrip(":")
-    elif family == 4 and ":" in spec:
-        host, port = spec.split(":", 1)
+    elif spec.count(":") == 1:  # an IPv4 address and a port (an IPv6 address has two colons or more)
+        host, port = spec.split(":")
     else:
         host, port = spec, ""
     if port and not port.isdigit():
-        raise CannotPredict(f"tproxy to {spec}: give one port")
+        raise CannotPredict(f"tproxy {said}: give one port")
+    if not host:
+        return 0, int(port) if port else 0
+    if family is None:
+        raise Refused(f"nft refuses {where}: tproxy to an address in an inet table needs ip or ip6")
     try:
-        address = inet.parse(host)[1] if host else 0
+        found, address = inet.parse(host)
     except ValueError:
-        raise CannotPredict(f"tproxy to {spec}: not an address") from None
+        raise CannotPredict(f"tproxy {said}: not an address") from None
+    if found != family:
+        raise Refused(f"nft refuses {where}: tproxy {said}: not an IPv{family} address")
     return address, int(port) if port else 0

@@ -118,6 +118,9 @@ class Port(Condition):
     def index(self):
         return m.ports_index(self.ranges) if self.which == "dport" else None
 
+    def may_refuse(self):
+        return self.which == "sport" and m.splits_ephemeral(self.ranges)
+
 
 class Interface(Condition):
     """`iifname lo`, `oifname != "eth0"`, `oifname "eth*"` (a trailing * is a prefix), a set of
@@ -168,6 +171,9 @@ class Owner(Condition):
 
     def index(self):
         return ((self.kind,), self.ids)
+
+    def may_refuse(self):
+        return True  # on TPROXY's socket
 
 
 class Mark(Condition):

@@ -67,6 +67,19 @@ def _names() -> dns.Resolver:
     return dns.Resolver(dns.service_names())
 
 
+def closes(proxy: Proxy, delivered: Delivered) -> Stop | None:
+    """What Envoy closes before it looks any further, a loop included (as the stub does): a
+    connection with no original destination, or addressed to the listener's own port."""
+    if proxy.role == "DNS":
+        return None
+    conn = delivered.packet.conn
+    if conn is None:
+        return Stop(answered=False, why="no original destination, closed")
+    if conn.original_dport == proxy.port:
+        return Stop(answered=False, why="blackhole, closed")
+    return None
+
+
 def relay(topology: Topology, proxy: Proxy, delivered: Delivered, query: str | None) -> Dial | Stop:
     """The proxy's next leg for the connection (or datagram) `delivered`; `query` is the DNS
     name asked, if any (none: the DNS proxy answers, as it does a name in its table or a
@@ -77,11 +90,10 @@ def relay(topology: Topology, proxy: Proxy, delivered: Delivered, query: str | N
             return Stop(answered=True)
         resolver = inet.parse(plan.RESOLVER)[1]
         return Dial(Client("sidecar", topology.proxy_owner), 4, p.proto, resolver, plan.Port.DNS)
-    if p.conn is None:
-        return Stop(answered=False, why="no original destination, closed")
+    closed = closes(proxy, delivered)
+    if closed is not None:
+        return closed
     dst, port = p.conn.original_dst, p.conn.original_dport
-    if port == proxy.port:
-        return Stop(answered=False, why="blackhole, closed")
     if proxy.role == "Outbound":
         endpoint = _endpoints().get((inet.text(p.family, dst), port))
         if endpoint is not None:

@@ -85,7 +85,7 @@ class Topology:
         self.proxy_owner = Owner(sidecar.uid, sidecar.gid)
         self.dual_stack = any(d.family == 6 for d in dumps) or (native is not None and features.nft_ipv6(native))
         self.dns_proxy = features.DNS_CAPTURE in features.of(dumps, native)
-        self.one_listener = features.one_listener(dumps)  # Envoy serves inbound on its outbound port too
+        self.one_listener = features.one_listener(dumps, native)  # Envoy serves inbound on its outbound port too
         groups = [group for w in written for group in w.groups()]
         # ip rule fwmark M lookup 133; ip route add local default dev lo table 133: per family, for
         # the mark a TPROXY rule sets (an inet table's, for each family of the pod)

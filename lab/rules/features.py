@@ -44,15 +44,27 @@ def redirect_port(dump: Dump, chain: str) -> int | None:
     return None
 
 
-def one_listener(dumps: Iterable[Dump]) -> bool:
-    """Do the rules send inbound traffic to the outbound port (ISTIO_IN_REDIRECT and ISTIO_REDIRECT
-    to one port, as Istio 1.0 and 1.1 did, and 1.5 with listed inbound ports)?  Envoy then ran
-    one listener there that told the two apart by the original destination."""
-    for dump in dumps:
-        out, inbound = redirect_port(dump, "ISTIO_REDIRECT"), redirect_port(dump, "ISTIO_IN_REDIRECT")
-        if out is not None and out == inbound:
-            return True
-    return False
+def nft_redirect_port(rules: NftRules, chain: str) -> int | None:
+    """The port the chain's first `redirect to :PORT` sends to, in any table, if any."""
+    for t in rules.tables.values():
+        for rule in t.chains[chain].rules if chain in t.chains else ():
+            w = rule.words
+            to = w[w.index("redirect") + 1:w.index("redirect") + 3] if "redirect" in w else []
+            port = to[1].rsplit(":", 1)[-1] if len(to) == 2 and to[0] == "to" else ""
+            if port.isdigit():
+                return int(port)
+    return None
+
+
+def one_listener(dumps: Iterable[Dump], nft: NftRules | None = None) -> bool:
+    """Do the rules send inbound traffic to the outbound port (ISTIO_IN_REDIRECT and ISTIO_REDIRECT,
+    native istio-in-redirect and istio-redirect, to one port, as Istio 1.0 and 1.1 did, and 1.5
+    with listed inbound ports)?  Envoy then ran one listener there that told the two apart by
+    the original destination."""
+    pairs = [(redirect_port(d, "ISTIO_REDIRECT"), redirect_port(d, "ISTIO_IN_REDIRECT")) for d in dumps]
+    if nft is not None:
+        pairs.append((nft_redirect_port(nft, "istio-redirect"), nft_redirect_port(nft, "istio-in-redirect")))
+    return any(out is not None and out == inbound for out, inbound in pairs)
 
 
 def tproxy_mark(dump: Dump) -> int | None:
@@ -65,12 +77,17 @@ def tproxy_mark(dump: Dump) -> int | None:
 
 
 def nft_tproxy_mark(rules: NftRules) -> int | None:
-    """The mark the first `tproxy` rule sets (`tproxy ip to :15006 meta mark set 1337`), if any."""
+    """The mark the first `tproxy` rule sets (`tproxy ip to :15006 meta mark set 1337`), if it
+    sets a number (`meta mark set ct mark` names none a route could be set up for)."""
     for _, rule in rules.numbered():
         w = rule.words
         if "tproxy" in w:
             at = next((i for i in range(w.index("tproxy"), len(w) - 1) if w[i:i + 2] == ["mark", "set"]), None)
-            return int(w[at + 2], 0) if at is not None and at + 2 < len(w) else None
+            value = w[at + 2:at + 3] if at is not None else []
+            try:
+                return int(value[0], 0) if value else None
+            except ValueError:
+                return None
     return None
 
 

@@ -45,7 +45,7 @@ def load(file: str, text: str, proxy_uid: int | None = None, proxy_gid: int | No
             raise LabError(f"{file}: table {family} {name} is the lab's own trace table: leave it out")
         for chain in table.chains.values():
             for rule in chain.rules:
-                if "xt" in rule.words:
+                if rule.xt:
                     raise LabError(f"{file}:{rule.lineno}: {rule.text!r}: a rule iptables-nft wrote through the xt "
                                    f"compatibility layer, which nft lists but cannot write back (give this table "
                                    f"as iptables-save output: --rules takes that too)")
@@ -57,13 +57,17 @@ def load(file: str, text: str, proxy_uid: int | None = None, proxy_gid: int | No
                        f"(Envoy would capture its own connections)")
     ports = {"outbound": outbound_port or _redirect(file, rules, "istio-redirect", "outbound"),
              "inbound": inbound_port or _inbound(rules, notes)}
+    if ports["inbound"] is not None and ports["inbound"] == ports["outbound"] and inbound_port is None:
+        ports["inbound"] = None  # one port for both: it stays the outbound one (renumbering it would move both)
+        notes.append(f"inbound and outbound are redirected to one port, {ports['outbound']}: Envoy serves both "
+                     f"there and tells them apart by the original destination (Istio 1.0, 1.1)")
     swaps = {key: (theirs, LAB[key]) for key, theirs in ids.items() if theirs not in (None, LAB[key])}
     lab_ports = {"outbound": plan.Port.OUTBOUND, "inbound": plan.Port.INBOUND}
     port_swaps = {theirs: lab_ports[what] for what, theirs in ports.items() if theirs not in (None, lab_ports[what])}
     notes += [f"proxy {'uid' if key == 'skuid' else 'gid'} {theirs} is the lab's {ours} here: renumbered"
               for key, (theirs, ours) in swaps.items()]
-    notes += [f"{what} port {ports[what]} is the lab's {lab_ports[what]} here: renumbered"
-              for what in ports if ports[what] in port_swaps]
+    notes += [f"{what} port {theirs} is the lab's {lab_ports[what]} here: renumbered"
+              for what, theirs in ports.items() if theirs not in (None, lab_ports[what])]
     return ForeignNft(file, rules.map_rules(lambda r: _renumbered(r, swaps, port_swaps)), notes)
 
 

@@ -76,6 +76,13 @@ class Rule:
         return "counter" in self.words
 
     @property
+    def xt(self) -> bool:
+        """Written by iptables-nft through the xt compatibility layer (`xt match "owner"`, `xt
+        target "REDIRECT"`); a chain named xt (`jump xt`) is not."""
+        w = self.words
+        return any(a == "xt" and b in ("match", "target") for a, b in zip(w, w[1:]))
+
+    @property
     def verdict(self) -> str | None:
         """`return`, `accept`, `jump istio-output`, ...: what the rule does last, if a verdict."""
         w = self.words
@@ -272,6 +279,14 @@ def text(rules: RuleSet) -> str:
 def words(text: str) -> list[str]:
     """A rule's words: a quoted string or a `{ ... }` set is one word (a set as `{ a, b }`)."""
     return _fold([t.text for t in _tokens(text) if t.text != "\n"])
+
+
+def elements(word: str) -> list[str]:
+    """A word's values: a set's elements (`{ 53, 15008 }`, as _fold writes it), or the word,
+    quotes taken off."""
+    if word.startswith("{"):
+        return [e.strip().strip('"') for e in word.strip("{} ").split(",") if e.strip()]
+    return [word.strip('"')]
 
 
 def _fold(texts: list[str]) -> list[str]:

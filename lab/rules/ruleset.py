@@ -48,7 +48,7 @@ class RuleSet:
     @property
     def one_listener(self) -> bool:
         """Inbound and outbound redirected to one port: Envoy tells them apart itself."""
-        return features.one_listener(self.dumps)
+        return features.one_listener(self.dumps, self.nft)
 
     @property
     def features(self) -> frozenset[str]:
