@@ -18,6 +18,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 LOCK = REPO / "scripts" / "requirements.lock"
+BUILD_CONSTRAINTS = REPO / "scripts" / "build-constraints.txt"  # what pip builds python-iptables' sdist with
 MINORS = (11, 12, 13)
 
 
@@ -77,7 +78,8 @@ def test_the_installed_wheel_lists_and_runs_scenarios_outside_the_checkout(wheel
     venv = tmp_path / "venv"
     subprocess.run([INTERPRETERS[version], "-m", "venv", str(venv)], check=True, timeout=120)
     pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
-    subprocess.run([*pip, "--require-hashes", "-r", str(LOCK)], check=True, capture_output=True, timeout=600)
+    subprocess.run([*pip, "--require-hashes", "-r", str(LOCK)], check=True, capture_output=True, timeout=600,
+                   env={**os.environ, "PIP_CONSTRAINT": str(BUILD_CONSTRAINTS)})
     subprocess.run([*pip, "--no-deps", str(wheel)], check=True, capture_output=True, timeout=120)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
