@@ -43,7 +43,7 @@ def _parser() -> argparse.ArgumentParser:
                           "or its nft rules (nft list ruleset output, or an nft -f script; run on the nft backend)")
     run.add_argument("--jobs", type=int, metavar="N", default=None,
                      help="with --profile all or a,b,c: at most N labs side by side (default: 2, or 1 on one CPU; "
-                     "each holds ~45 MB while it runs)")
+                     "each lab's processes hold ~55 MB while it runs)")
     run.add_argument("--group", metavar="NAME", help="only the scenarios of a group (istio-lab list shows them), "
                      "e.g. problems")
     for flag, what in (("--proxy-uid", "uid"), ("--proxy-gid", "gid"), ("--outbound-port", "outbound port"),

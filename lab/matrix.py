@@ -37,9 +37,10 @@ from .view import MatrixView, ScenarioView
 
 ALL = "all"
 WORKER = "ilab-worker"  # a worker's process name (ps, /proc/PID/comm)
-# Labs side by side by default: each holds ~45 MB while it runs (its seven processes, its
-# worker), and two keep a whole matrix run under 150 MB (measured: 110-120 MB; three: 140-155).
-# On two cores a third bought ~7% (the labs contend for CPU and the kernel's rtnl lock).
+# Labs side by side by default: each lab's seven processes hold ~55 MB while it runs, its
+# worker ~19 MB, so two put a whole matrix run's peak at ~180 MB (scripts/bench), whatever the
+# number of profiles.  On two cores a third bought ~7% (the labs contend for CPU and the
+# kernel's rtnl lock).
 DEFAULT_JOBS = 2
 _INDEX = struct.Struct("=I")  # a worker is given a lab by its index in the plan
 _LENGTH = struct.Struct("=Q")  # and sends back its views, pickled, after their length

@@ -1,4 +1,5 @@
-"""Rule profiles: the builder against the facts of ISTIO-RULES.md, and on the kernel.
+"""Rule profiles: the builder against the facts of the team's rule notes (ISTIO-RULES.md, kept
+beside the repository), and on the kernel.
 
 The facts' lines are copied here verbatim (iptables-save form) so the suite stands on
 its own; each profile's expected rules are the article's set plus the changes the facts
