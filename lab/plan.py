@@ -140,6 +140,14 @@ VM_PREFIX6, VM_GATEWAY6, VM_ADDRESS6 = 120, "fd10:0:2::1", "fd10:0:2::2"
 POD_SYSCTLS = {"kube-dns": {"net/ipv4/ip_unprivileged_port_start": "53"}}
 
 
+def icmp_sysctls(ipv6: bool) -> dict[str, str]:
+    """Every namespace of a lab sends each ICMP error it owes: by default the kernel limits the
+    errors sent to one peer (a burst of 6, then one a second: icmp_ratelimit, measured), so a
+    datagram to a closed port was refused or met silence depending on the flows before it.
+    The node's "no route" errors keep their own limit (route.error_cost: host-wide, left alone)."""
+    return {"net/ipv4/icmp_ratelimit": "0", **({"net/ipv6/icmp/ratelimit": "0"} if ipv6 else {})}
+
+
 def service_at(address: str, port: int) -> Service | None:
     """The Service whose VIP (either family) and port these are."""
     return next((s for s in SERVICES if address in (s.vip, s.vip6) and s.port == port), None)

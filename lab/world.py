@@ -157,8 +157,7 @@ class Lab:
             inside.route("add", dst=plan.SERVICE_RANGE, gateway=plan.GATEWAY)
             if pod.ip6:
                 self._ipv6_pod(inside, eth0, pod)
-        if pod.name in plan.POD_SYSCTLS:
-            netns.set_sysctls(pod.ns, plan.POD_SYSCTLS[pod.name])
+        netns.set_sysctls(pod.ns, {**plan.icmp_sysctls(pod.ip6 is not None), **plan.POD_SYSCTLS.get(pod.name, {})})
 
     def _neighbours6(self, node, bridge: int) -> None:
         """The pods' IPv6 addresses as permanent neighbours of the node.  A SYN the node DNATs
@@ -186,7 +185,7 @@ class Lab:
             for vip in vips:
                 node.route("add", dst=f"{vip}/32", gateway=self.pods[pod].ip, oif=bridge)
         sysctls = {"net/ipv4/ip_forward": "1", "net/ipv4/conf/all/send_redirects": "0",
-                   f"net/ipv4/conf/{BRIDGE}/send_redirects": "0"}
+                   f"net/ipv4/conf/{BRIDGE}/send_redirects": "0", **plan.icmp_sysctls(self.ipv6)}
         if self.ipv6:  # the IPv6 VIPs are DNATed and forwarded too
             sysctls["net/ipv6/conf/all/forwarding"] = "1"
         netns.set_sysctls(self.node, sysctls)
@@ -220,6 +219,7 @@ class Lab:
             if vm.ip6:
                 inside.addr("add", index=eth0, address=vm.ip6, prefixlen=plan.VM_PREFIX6, flags=IFA_F_NODAD)
                 inside.route("add", dst="::/0", gateway=plan.VM_GATEWAY6, family=socket.AF_INET6)
+        netns.set_sysctls(vm.ns, plan.icmp_sysctls(vm.ip6 is not None))
 
     def destroy(self) -> None:
         if self.up:
