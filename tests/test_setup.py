@@ -177,11 +177,16 @@ def test_leftovers_fail_the_session(tmp_path: Path) -> None:
     name = f"ilab-conftest-{uuid.uuid4().hex[:8]}"
     source = f"""
         import subprocess
+        import time
 
         def test_leaks():
             subprocess.run(["ip", "netns", "add", "{name}"], check=True)
-            subprocess.Popen(["setpriv", "--reuid=1337", "--regid=1337", "--clear-groups",
-                              "sleep", "600"], start_new_session=True)
+            leak = subprocess.Popen(["setpriv", "--reuid=1337", "--regid=1337", "--clear-groups",
+                                     "sleep", "600"], start_new_session=True)
+            # until setpriv has exec'd sleep: the session's check names what it finds then
+            deadline = time.monotonic() + 10
+            while b"sleep" not in open(f"/proc/{{leak.pid}}/cmdline", "rb").read() and time.monotonic() < deadline:
+                time.sleep(0.01)
             subprocess.run(["iptables-legacy", "-t", "nat", "-N", "ISTIO_LEAK"], check=True)
     """
     result = _run_inner_session(tmp_path, source, require=True, prefix=ALONE)
