@@ -20,6 +20,7 @@ from typing import Callable, Iterator, TextIO
 from . import netns, plan, record
 from .backend import Backend, Reader, TracedPorts
 from .errors import LabError
+from .rules.xtables import RuleError
 from .netfilter import TABLES
 from .rules.nftbuilder import MANGLE, NAT, RAW
 from .trace import TraceError, TraceEvent, TraceLost
@@ -66,7 +67,12 @@ class _RuleText:
         if e.kind != "rule":
             return ""
         if (ns, e.table) not in self.cache:
-            self.load(ns, e.table)
+            try:
+                self.load(ns, e.table)
+            except RuleError as why:  # the text is a gloss: the event is printed without it, tried again next time
+                print(f"istio-lab: {ns}: the rules could not be read ({why}); this event without its rule's text",
+                      file=sys.stderr, flush=True)
+                return ""
         return self.cache[ns, e.table].get((e.chain, e.rulenum), "")
 
 

@@ -23,11 +23,15 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from lab import netns, trace
+from lab.netfilter import RuleRef
+from lab.rules.xtables import RuleError
 from lab.trace import TraceEvent, TraceLost, TraceReader, parse_message, parse_prefix
+from lab.watch import _RuleText
 
 DATA = Path(__file__).parent / "data"
 FIXTURE = DATA / "trace_lo_redirect.json"
@@ -477,3 +481,24 @@ if __name__ == "__main__":
         record()
     else:
         sys.exit(f"usage: {sys.argv[0]} record")
+
+
+def test_a_rule_listing_that_fails_leaves_the_event_without_its_text_and_is_read_again(capsys):
+    """`istio-lab trace` glosses each rule event with its rule's text; a listing that could not
+    be read (CI saw ip6tables-legacy-save fail once) must not end the trace."""
+    class Listings:  # the one Backend method the gloss uses: rules(ns, family)
+        fail = True
+
+        def rules(self, ns, family):
+            if self.fail:
+                raise RuleError("ip6tables-legacy-save exited -9: ")
+            return ({RuleRef("nat", "ISTIO_OUTPUT", 4): "-A ISTIO_OUTPUT -m owner --uid-owner 1337 -j RETURN"}
+                    if family == 4 else {}), None
+
+    listings = Listings()
+    gloss = _RuleText(listings)
+    event = SimpleNamespace(kind="rule", table="nat", chain="ISTIO_OUTPUT", rulenum=4)
+    assert gloss("ilab-x-sidecar", event) == ""
+    assert "the rules could not be read (ip6tables-legacy-save exited -9: )" in capsys.readouterr().err
+    listings.fail = False
+    assert gloss("ilab-x-sidecar", event) == "-m owner --uid-owner 1337 -j RETURN"

@@ -363,7 +363,7 @@ def _listing6(ns: str, table_name: str) -> list[NumberedRule]:
     except (OSError, subprocess.TimeoutExpired) as e:
         raise RuleError(f"ip6tables-legacy-save: {e}") from None
     if done.returncode:
-        raise RuleError(f"ip6tables-legacy-save: {' '.join(done.stderr.split())}")
+        raise RuleError(f"ip6tables-legacy-save exited {done.returncode}: {' '.join(done.stderr.split())}")
     _, rules = counted(done.stdout, "ip6tables-legacy-save", 6)
     return rules
 
