@@ -179,6 +179,13 @@ class Rules:
             return None
         return RuleLine.parse(line).target if line.startswith("-A ") else nftset.target(line)
 
+    def tproxy_port(self, ref: RuleRef) -> int:
+        """The port a TPROXY rule hands the packet to (`--on-port`, nft's `tproxy to :PORT`), 0 if none."""
+        line = self.lines.get(ref, "")
+        port = (RuleLine.parse(line).option("--on-port") if line.startswith("-A ")
+                else str(nftset.port_to(nftset.words(line), "tproxy") or ""))
+        return int(port) if port and port.isdigit() else 0
+
     def kills(self, e: TraceEvent) -> str | None:
         """"DROP" or "REJECT" when the event's rule (or its chain's policy) ended the packet."""
         if e.kind == "policy" and e.rulenum > self.counts.get(e.rule.chain_ref, 0):
@@ -358,8 +365,7 @@ def death(events: Sequence[TraceEvent], leg: Leg, rules: dict[str, Rules], error
     if delivered is None:
         mine = [e for e in syn if e.pod == "sidecar"]
         if mine and sidecar.matched(mine[-1]) and sidecar.target(mine[-1].rule) == "TPROXY":
-            port = RuleLine.parse(sidecar.lines[mine[-1].rule]).option("--on-port")
-            return Death("sidecar", int(port) if port and port.isdigit() else 0, kind="dropped", killer=mine[-1])
+            return Death("sidecar", sidecar.tproxy_port(mine[-1].rule), kind="dropped", killer=mine[-1])
     if delivered is not None:
         if not any(word in error for word in REFUSED) and not _no_socket(events, leg, delivered[1]):
             return None

@@ -13,6 +13,7 @@ from lab.measure import Reached, measure
 from lab.netfilter import RuleRef
 from lab.observe import Observation
 from lab.proxylogs import ProxyLine
+from lab.join import Rules
 from lab.rules import profiles
 from lab.scenario import load_all
 from lab.trace import TraceEvent
@@ -352,3 +353,16 @@ def test_every_ending_reads_back_from_its_text():
                  "ISTIO_OUTPUT RULE 1 -> ISTIO_REDIRECT -> Envoy 15001 (loop)"):
         assert str(path.parse(text)) == text
     assert path.parse("A -> OUTPUT -> Envoy 15001 (Outbound) -> blackhole, closed").ending == "closed"
+
+
+@pytest.mark.parametrize("line, port", [
+    ("-A ISTIO_TPROXY ! -d 127.0.0.1/32 -p tcp -j TPROXY --on-port 15006 --on-ip 0.0.0.0 --tproxy-mark 0x539/0xffffffff", 15006),
+    ("meta l4proto tcp tproxy ip to :15006 meta mark set 0x539 accept", 15006),
+    ("meta l4proto tcp tproxy to 127.0.0.1:15006 accept", 15006),
+    ("meta l4proto tcp counter accept", 0),
+])
+def test_a_tproxy_rule_names_its_port_in_either_syntax(line, port) -> None:
+    """A flow TPROXY sent nowhere dies at the rule's port, whether iptables or nft wrote it
+    (nft's text once went to the iptables parser: ValueError)."""
+    ref = RuleRef("mangle", "ISTIO_TPROXY", 1)
+    assert Rules({ref: line}).tproxy_port(ref) == port

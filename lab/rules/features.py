@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Iterable
 
 from .. import plan
+from . import nftset
 from .nftset import RuleSet as NftRules
 from .save import Dump
 
@@ -48,11 +49,9 @@ def nft_redirect_port(rules: NftRules, chain: str) -> int | None:
     """The port the chain's first `redirect to :PORT` sends to, in any table, if any."""
     for t in rules.tables.values():
         for rule in t.chains[chain].rules if chain in t.chains else ():
-            w = rule.words
-            to = w[w.index("redirect") + 1:w.index("redirect") + 3] if "redirect" in w else []
-            port = to[1].rsplit(":", 1)[-1] if len(to) == 2 and to[0] == "to" else ""
-            if port.isdigit():
-                return int(port)
+            port = nftset.port_to(rule.words, "redirect")
+            if port is not None:
+                return port
     return None
 
 

@@ -260,6 +260,17 @@ def target(text: str) -> str | None:
     return None
 
 
+def port_to(w: list[str], statement: str) -> int | None:
+    """The port a rule's `redirect to :PORT` or `tproxy [ip|ip6] to [ADDR]:PORT` sends to."""
+    if statement not in w:
+        return None
+    rest = w[w.index(statement) + 1:]
+    if rest[:1] in (["ip"], ["ip6"]):
+        rest = rest[1:]
+    port = rest[1].rsplit(":", 1)[-1] if len(rest) > 1 and rest[0] == "to" else ""
+    return int(port) if port.isdigit() else None
+
+
 def text(rules: RuleSet) -> str:
     """The rule set as `nft list ruleset` lays it out (table blocks, each chain's spec then its
     rules), in the rules' own words: the lab's canonical form, which parse() reads back."""
