@@ -117,7 +117,7 @@ def _listener(ns: attached.Namespace, port: int) -> str:
         if not entry.isdigit() or procfs.net_inode(entry) != ns.ino:
             continue
         try:
-            held = procfs.sockets(int(entry), "tcp") + procfs.sockets(int(entry), "tcp", ipv6=True)
+            held = procfs.sockets(int(entry), "tcp", ipv6=True)  # tcp and tcp6
         except OSError:
             continue
         if any(s.state == procfs.TCP_LISTEN and s.local.port == port for s in held):

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from .addr import Address
 
-TCP_LISTEN, TCP_ESTABLISHED = "0A", "01"  # include/net/tcp_states.h, as /proc/net/tcp writes them
+TCP_LISTEN = "0A"  # include/net/tcp_states.h, as /proc/net/tcp writes them
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ def net_inode(pid: int | str) -> int | None:
 class Socket:
     local: Address
     remote: Address
-    state: str  # TCP_LISTEN, TCP_ESTABLISHED, ... ("07" for an unconnected UDP socket)
+    state: str  # TCP_LISTEN "0A", established "01", ... ("07" for an unconnected UDP socket)
 
 
 def socket_inodes(pid: int) -> set[int]:

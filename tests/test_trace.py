@@ -272,7 +272,7 @@ def test_recorded_messages_parse(recorded):
     events = events[:-1]
     assert all(isinstance(e, TraceEvent) for e in events)
     assert [e.seq for e in events] == list(range(len(events)))  # the NFLOG message is the next one
-    assert trace._be32(trace._attrs(recorded["messages"][-1]), trace.NFULA_SEQ) == len(events)
+    assert trace._decode(recorded["messages"][-1], "rec", {})[0] == len(events)  # its NFULA_SEQ
 
     tcp = [e for e in events if e.proto == "tcp"]
     assert {e.sport for e in tcp} == {port}

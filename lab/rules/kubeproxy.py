@@ -81,8 +81,3 @@ def dump(family: int = 4, services=plan.SERVICES) -> Dump:
     table = TableDump("nat", dict.fromkeys(BUILTIN_CHAINS["nat"], "ACCEPT"), sorted(chains))
     table.rules = [RuleLine(chain, tuple(spec.split())) for chain, spec in rules]
     return Dump({"nat": table}, family)
-
-
-def dnat_chains() -> dict[str, str]:
-    """Each DNATing chain -> the Service it stands for (`default/remote`), for reports."""
-    return {sep_chain(s): f"{s.namespace}/{s.name}" for s in dnatted()}
