@@ -97,7 +97,7 @@ def test_a_flow_is_traced_through_the_pods_own_rules_and_the_pod_is_left_as_it_w
     # over lo, as the lab writes a local delivery: the hook it left by, then where it arrived
     assert "kernel : Local Pod -> OUTPUT -> ISTIO_OUTPUT RULE 9 -> ISTIO_REDIRECT -> POSTROUTING -> Local Pod" \
         in done.stdout
-    assert f"(pid {listener.pid}) listens there" in done.stdout or "listens there" in done.stdout
+    assert f"(pid {listener.pid}) listens there" in done.stdout or f"pid {listener.pid} listens there" in done.stdout
     assert "ISTIO_OUTPUT RULE 9" in done.stdout and "-A ISTIO_OUTPUT -j ISTIO_REDIRECT" in done.stdout
     assert _state(name, tables) == before
 
