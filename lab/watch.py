@@ -49,31 +49,35 @@ def check(pods: list[str], ports: list[int], tables: list[str], count: int | Non
 
 
 class _RuleText:
-    """What a `rule` event's rule says, read once per pod and table (the rules stay put)."""
+    """What a `rule` event's rule says, read once per pod and family (the rules stay put):
+    an IPv6 packet's rule 2 is ip6tables' rule 2, and a pod whose trace sees no IPv6 packet
+    is never asked for its ip6tables rules."""
 
     def __init__(self, backend: Backend):
         self.backend = backend
-        self.cache: dict[tuple[str, str], dict[tuple[str, int], str]] = {}
+        self.cache: dict[tuple[str, int], dict[tuple[str, str, int], str]] = {}
+        self.unread: set[str] = set()  # pods whose rules could not be read, said once
 
-    def load(self, ns: str, table: str) -> None:
-        """Every table's rules of the pod (iptables' and nft's alike, through the backend)."""
-        for family in (4, 6):
-            for ref, line in self.backend.rules(ns, family)[0].items():
-                text = line.split(" ", 2)[2] if line.startswith("-A ") else line  # nft's words as they are
-                self.cache.setdefault((ns, ref.table), {})[ref.chain, ref.number] = text
-        self.cache.setdefault((ns, table), {})
+    def load(self, ns: str, family: int) -> None:
+        """Every table's rules of the pod in one family (iptables' and nft's alike, through the backend)."""
+        self.cache[ns, family] = {
+            (ref.table, ref.chain, ref.number): line.split(" ", 2)[2] if line.startswith("-A ") else line
+            for ref, line in self.backend.rules(ns, family)[0].items()}  # nft's words as they are
 
     def __call__(self, ns: str, e: TraceEvent) -> str:
         if e.kind != "rule":
             return ""
-        if (ns, e.table) not in self.cache:
+        family = 6 if ":" in e.src else 4
+        if (ns, family) not in self.cache:
             try:
-                self.load(ns, e.table)
-            except RuleError as why:  # the text is a gloss: the event is printed without it, tried again next time
-                print(f"istio-lab: {ns}: the rules could not be read ({why}); this event without its rule's text",
-                      file=sys.stderr, flush=True)
+                self.load(ns, family)
+            except RuleError as why:  # the text is a gloss: events go on without it, and it is read again next time
+                if ns not in self.unread:
+                    self.unread.add(ns)
+                    print(f"istio-lab: {ns}: the rules could not be read ({why}); events without their rule's text",
+                          file=sys.stderr, flush=True)
                 return ""
-        return self.cache[ns, e.table].get((e.chain, e.rulenum), "")
+        return self.cache[ns, family].get((e.table, e.chain, e.rulenum), "")
 
 
 @contextlib.contextmanager
@@ -130,7 +134,7 @@ def watch(labid: str, backend: Backend, pods: list[str], ports: list[int], table
                     backend.prepare(ns)  # a table that does not exist yet reports no event
                     reader = held.enter_context(contextlib.closing(backend.reader(ns, pod)))
                     readers[reader.fileno()] = reader
-                    rule_text.load(ns, "nat")  # the rules events name most; read before traffic
+                    rule_text.load(ns, 4)  # the rules events name most; read before traffic
                 held.enter_context(backend.tracing(list(namespaces.values()), TracedPorts(tuple(ports))))
             except (TraceError, OSError) as e:  # another reader on the pod, or the pod is gone
                 raise LabError(str(e)) from None

@@ -497,8 +497,30 @@ def test_a_rule_listing_that_fails_leaves_the_event_without_its_text_and_is_read
 
     listings = Listings()
     gloss = _RuleText(listings)
-    event = SimpleNamespace(kind="rule", table="nat", chain="ISTIO_OUTPUT", rulenum=4)
+    event = SimpleNamespace(kind="rule", table="nat", chain="ISTIO_OUTPUT", rulenum=4, src="10.244.0.10")
     assert gloss("ilab-x-sidecar", event) == ""
     assert "the rules could not be read (ip6tables-legacy-save exited -9: )" in capsys.readouterr().err
     listings.fail = False
     assert gloss("ilab-x-sidecar", event) == "-m owner --uid-owner 1337 -j RETURN"
+
+
+def test_an_ipv6_event_is_glossed_with_ip6tables_rule_and_an_ipv4_one_never_asks_for_it() -> None:
+    """Rule 4 of ISTIO_OUTPUT is one rule in iptables and another in ip6tables; a trace that
+    sees no IPv6 packet never runs ip6tables-legacy-save."""
+    asked = []
+
+    class Listings:
+        def rules(self, ns, family):
+            asked.append(family)
+            line = ("-A ISTIO_OUTPUT -m owner --uid-owner 1337 -j RETURN" if family == 4
+                    else "-A ISTIO_OUTPUT -s ::6/128 -o lo -j RETURN")
+            return {RuleRef("nat", "ISTIO_OUTPUT", 4): line}, None
+
+    gloss = _RuleText(Listings())
+    v4 = SimpleNamespace(kind="rule", table="nat", chain="ISTIO_OUTPUT", rulenum=4, src="10.244.0.10")
+    assert gloss("ilab-x-sidecar", v4) == "-m owner --uid-owner 1337 -j RETURN"
+    assert asked == [4]
+    v6 = SimpleNamespace(**{**vars(v4), "src": "fd00:10:244::10"})
+    assert gloss("ilab-x-sidecar", v6) == "-s ::6/128 -o lo -j RETURN"
+    assert gloss("ilab-x-sidecar", v4) == "-m owner --uid-owner 1337 -j RETURN"
+    assert asked == [4, 6]
