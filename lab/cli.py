@@ -100,7 +100,7 @@ def _parser() -> argparse.ArgumentParser:
                              "(no root, no namespaces)")
     for command in (probe, predict):
         _flow_arguments(command)
-    probe.add_argument("--backend", choices=backend.CHOICES, default=backend.AUTO,
+    probe.add_argument("--backend", choices=backend.CHOICES, default=None,
                        help="the netfilter backend of the lab (default: auto)")
     probe.add_argument("--netns", metavar="PATH", help="attach mode: send the flow from this network namespace "
                        "(/proc/PID/ns/net, /run/netns/NAME) as the --from uid, tracing it there for the probe only "
@@ -138,8 +138,6 @@ def _flow_arguments(command: argparse.ArgumentParser) -> None:
                        ("--inbound-port", "inbound port")):
         command.add_argument(flag, type=int, metavar="N", help=f"with --rules: the proxy's {what} in the dump "
                              "(default: read from the dump)")
-    if command.prog.endswith("predict"):
-        command.set_defaults(netns=None, backend=None)
 
 
 def main(argv: list[str] | None = None) -> int:

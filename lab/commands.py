@@ -78,11 +78,7 @@ def _rule_set(args, scenarios: bool = True) -> RuleSet:
             raise LabError("--annotations builds a profile's rules with a pod's annotations: give --profile, not --rules")
         return ruleset.from_annotations(pod, args.profile or profiles.DEFAULT)
     if not getattr(args, "rules", None):
-        given = [flag for flag, value in (("--proxy-uid", args.proxy_uid), ("--proxy-gid", args.proxy_gid),
-                                          ("--outbound-port", args.outbound_port), ("--inbound-port", args.inbound_port))
-                 if value is not None]
-        if given:  # a profile's rules are known: the flag would be silently ignored
-            raise LabError(f"{given[0]} describes a dump given with --rules; a profile needs none")
+        _rule_set_flags(args)
         return ruleset.profile(args.profile or profiles.DEFAULT)
     return ruleset.from_file(args.rules, scenarios=scenarios, proxy_uid=args.proxy_uid, proxy_gid=args.proxy_gid,
                              outbound_port=args.outbound_port, inbound_port=args.inbound_port)
@@ -204,6 +200,9 @@ def explain(args) -> int:
         return explain_flow(args)
     if args.id is None:
         raise LabError("explain: name a scenario (istio-lab list), or a flow with --from and --to")
+    given = [flag for flag, value in (("--rules", args.rules), ("--udp", args.udp), ("--ipv6", args.ipv6)) if value]
+    if given:  # a scenario brings its own traffic and rules: the flag would be silently ignored
+        raise LabError(f"explain: {given[0]} goes with a flow of your own (--from and --to), not a scenario")
     s = scenario.select(scenario.load_all(args.scenarios), [args.id])[0]
     written_for = _explained_profile(s)
     profile = profiles.get(args.profile or written_for).name
@@ -580,12 +579,12 @@ def explain_flow(args) -> int:
 
 def probe(args) -> int:
     """One flow, fired in a lab built for it and measured by the kernel."""
-    if args.netns:
+    if args.netns is not None:
         return attach_probe(args)
     q = question(args)
     rules = _flow_rules(args, q)
     preflight.check_root()
-    backend, _ = backends.choose(args.backend, native=rules.native)
+    backend, _ = backends.choose(args.backend or backends.AUTO, native=rules.native)
     _ready_machine(backend)
     protocol = "dns" if q.query else "udp" if q.transport == "udp" else "tcp"
     try:
@@ -612,8 +611,6 @@ def probe(args) -> int:
 def predict_flow(args) -> int:
     """One flow, predicted from the rules alone: no root, no namespaces, no kernel."""
     q = question(args)
-    if args.netns:
-        raise LabError("--netns measures a live pod: that is probe's, predict reads rules (--rules FILE)")
     rules = _flow_rules(args, q)
     flow = PredictedFlow(q.source, q.to.ip, q.to.port, q.uid, q.gid, transport=q.transport, query=q.query or None)
     prediction = Predictor.of(rules).predict(flow)
@@ -655,7 +652,10 @@ def _attach_question(args) -> tuple[int, int, Address]:
 def attach_probe(args) -> int:
     """probe --netns PATH: one flow traced in a namespace the lab does not own, left as it was."""
     given = [flag for flag, value in (("--profile", args.profile), ("--rules", args.rules),
-                                      ("--annotations", args.annotations), ("--query", args.query)) if value]
+                                      ("--annotations", args.annotations), ("--query", args.query),
+                                      ("--backend", args.backend), ("--proxy-uid", args.proxy_uid),
+                                      ("--proxy-gid", args.proxy_gid), ("--outbound-port", args.outbound_port),
+                                      ("--inbound-port", args.inbound_port)) if value not in (None, False, "")]
     if given:
         raise LabError(f"--netns measures the pod's own rules as they are: {given[0]} does not apply")
     uid, gid, to = _attach_question(args)

@@ -42,6 +42,13 @@ CLI_CASES = [
     (["trace", "--port", "99999"], "port 99999 is out of range 1-65535"),
     (["down", "abc", "--all"], "give a lab id or --all, not both"),
     (["run", "--profile", "istio-1.13", "--rules", "x"], "not allowed with argument --profile"),
+    # flags a command would silently ignore
+    (["explain", "type2-local-to-remote", "--rules", "x"], "explain: --rules goes with a flow of your own"),
+    (["explain", "type2-local-to-remote", "--udp"], "explain: --udp goes with a flow of your own"),
+    (["probe", "--netns", "/run/netns/ilab-none", "--from", "1000", "--to", "10.1.0.9:80", "--backend", "nft"],
+     "--netns measures the pod's own rules as they are: --backend does not apply"),
+    (["probe", "--netns", "/run/netns/ilab-none", "--from", "1000", "--to", "10.1.0.9:80", "--proxy-uid", "5"],
+     "--netns measures the pod's own rules as they are: --proxy-uid does not apply"),
     # lab ids: shell metacharacters, too long for the names made from them, empty
     *[(["up", "--id", bad], f"bad lab id {bad!r}") for bad in ["a;reboot", "$(id)", "../x", "x\ny", TOO_LONG, "A", ""]],
     *[(["down", bad], f"no lab {bad!r} on this machine") for bad in ["a;reboot", "`id`", "../../etc", "a b"]],
