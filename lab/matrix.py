@@ -141,15 +141,6 @@ def report(chosen: Plan, pool: "Pool", order: list[Scenario]) -> MatrixView:
                        pool.jobs)
 
 
-def run(chosen: Plan, order: list[Scenario], jobs: int) -> MatrixView:
-    """start(), report() and finish() in one: the matrix, every worker ended."""
-    pool = start(chosen, jobs)
-    try:
-        return report(chosen, pool, order)
-    finally:
-        pool.finish()
-
-
 def _in_order(views: list[ScenarioView], order: list[Scenario]) -> list[ScenarioView]:
     by_id: dict[str, list[ScenarioView]] = {}
     for v in views:
