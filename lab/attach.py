@@ -183,7 +183,7 @@ def probe(path: str, uid: int, gid: int, to: Address, transport: str = "tcp", ti
             client, error = _fire(path, to, transport, uid, gid, timeout)
             events = [e for reader in readers for e in reader.drain(settle=0.02)]
             events += _delivered(marker.drain(settle=0))
-        except TraceError as e:
+        except (TraceError, libnft.NftError) as e:  # a reader or the trace rules could not be placed
             raise LabError(f"--netns {path}: {e}") from None
         finally:
             for reader in (*readers, *([marker] if marker else [])):

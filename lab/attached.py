@@ -149,13 +149,20 @@ class AttachRecord:
 def one_probe(ns: Namespace):
     """One attach probe per namespace at a time (they would share its table and its logger)."""
     os.makedirs(ATTACH_DIR, mode=0o755, exist_ok=True)
-    fd = os.open(os.path.join(ATTACH_DIR, f".{ns.dev}-{ns.ino}.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    lock = os.path.join(ATTACH_DIR, f".{ns.dev}-{ns.ino}.lock")
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise LabError(f"--netns {ns.path}: another istio-lab probe is attached to it now") from None
-        yield
+            held = os.fstat(fd).st_ino == os.stat(lock).st_ino  # not a file the last holder removed
+        except (BlockingIOError, FileNotFoundError):
+            held = False
+        if not held:
+            raise LabError(f"--netns {ns.path}: another istio-lab probe is attached to it now")
+        try:
+            yield
+        finally:
+            os.unlink(lock)  # while held: nothing is left behind, and a late opener sees it gone
     finally:
         os.close(fd)
 

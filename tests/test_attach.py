@@ -100,6 +100,7 @@ def test_a_flow_is_traced_through_the_pods_own_rules_and_the_pod_is_left_as_it_w
     assert f"(pid {listener.pid}) listens there" in done.stdout or f"pid {listener.pid} listens there" in done.stdout
     assert "ISTIO_OUTPUT RULE 9" in done.stdout and "-A ISTIO_OUTPUT -j ISTIO_REDIRECT" in done.stdout
     assert _state(name, tables) == before
+    assert not list(Path(attached.ATTACH_DIR).glob(".*.lock"))  # the probe's lock went with it
 
 
 def test_a_probe_killed_mid_flight_is_put_back_by_the_next_command(pod) -> None:
