@@ -122,9 +122,9 @@ def run(args) -> int:
     labs, skipped = runner.plan(chosen, choice, named=bool(args.ids))  # scenarios' own rules, checked now
     if not labs:  # a lab that would run nothing: say so instead of passing
         raise LabError(f"none of the scenarios applies to {rules.name}'s rules (name one to run it anyway)")
-    report_dir = html_report.prepare(args.report) if args.report is not None else None
     backend, _ = backends.choose(args.backend, native=any(lab.rules.native for lab in labs))
     preflight.check_root()
+    report_dir = html_report.prepare(args.report) if args.report is not None else None  # made once it will be used
     _ready_machine(backend)
     console = _console()
     status = console.status("building the lab") if not args.json else contextlib.nullcontext()
@@ -155,8 +155,8 @@ def run_matrix(args, names: list[str]) -> int:
     chosen = _chosen(args)
     pod = _annotations(args)
     _rule_set_flags(args)
-    report_dir = html_report.prepare(args.report) if args.report is not None else None
     preflight.check_root()
+    report_dir = html_report.prepare(args.report) if args.report is not None else None  # made once it will be used
     backend, _ = backends.choose(args.backend)  # which profiles can run depends on it
     plan = matrix.plan(chosen, names, backend.name, pod, all_asked=args.profile == matrix.ALL, named=bool(args.ids),
                        asked=args.backend)
