@@ -26,7 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from .. import plan, podspec
+from .. import path, plan, podspec
 from ..podspec import PodSpec
 from ..rules import features, kubeproxy
 from ..rules.nftset import RuleSet as NftRules
@@ -40,8 +40,10 @@ NODE = "node"
 # How the article's notation names each pod (as the pytest plugin's traced_request does).
 LABELS = {"sidecar": "Local Pod", "remote": "Remote Pod", "istiod": "Istiod", "prometheus": "Prometheus",
           "kube-dns": "kube-dns", NODE: "node", plan.VM: "VM"}
-ROLES = {plan.Port.OUTBOUND: ("Envoy", "Outbound"), plan.Port.INBOUND: ("Envoy", "Inbound"),
-         plan.Port.DNS_PROXY: ("pilot-agent", "DNS")}
+# The process behind each port the rules send connections to, and the side of it the port is
+# (lab.path's names for both, so a predicted path names proxies as a measured one does).
+ROLES = {**{port: ("Envoy", role) for port, role in path.PROXIES.items()},
+         **{port: ("pilot-agent", role) for port, role in path.AGENT_PROXIES.items()}}
 
 
 @dataclass(frozen=True)
@@ -70,7 +72,13 @@ class Proxy:
 
     @property
     def name(self) -> str:
-        return f"{self.process} {self.port} ({self.role})"
+        """`Envoy 15001 (Outbound)`, as lab.path writes it."""
+        return path.proxy_name(self.port, role=self.role)
+
+    @property
+    def looped(self) -> str:
+        """What the path calls it when the flow came back into it: `Envoy 15006 (loop)`."""
+        return path.proxy_name(self.port, loop=True)
 
 
 class Topology:
@@ -119,7 +127,7 @@ class Topology:
             return None
         if self.one_listener and sock.port == plan.Port.OUTBOUND and packet is not None and packet.conn is not None:
             own = {inet.parse(ip)[1] for ip in (plan.PODS["sidecar"], plan.PODS6["sidecar"])}
-            role = "Inbound" if packet.conn.original_dst in own else "Outbound"
+            role = path.PROXIES[plan.Port.INBOUND if packet.conn.original_dst in own else plan.Port.OUTBOUND]
         return Proxy(process, sock.port, role)
 
     # --- building ---------------------------------------------------------------------------
