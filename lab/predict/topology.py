@@ -36,10 +36,9 @@ from .hooks import Hooks
 from .packet import Owner, Packet, Socket
 from .stack import InterfaceAddress, Namespace, Route
 
-NODE = "node"
-# How the article's notation names each pod (as the pytest plugin's traced_request does).
-LABELS = {"sidecar": "Local Pod", "remote": "Remote Pod", "istiod": "Istiod", "prometheus": "Prometheus",
-          "kube-dns": "kube-dns", NODE: "node", plan.VM: "VM"}
+NODE = plan.NODE
+# How the article's notation names each namespace: the pods as lab.plan does, the node and the VM.
+LABELS = {**plan.POD_LABELS, NODE: "node", plan.VM: "VM"}
 # The process behind each port the rules send connections to, and the side of it the port is
 # (lab.path's names for both, so a predicted path names proxies as a measured one does).
 ROLES = {**{port: ("Envoy", role) for port, role in path.PROXIES.items()},
