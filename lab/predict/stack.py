@@ -152,6 +152,15 @@ class Namespace:
         fitting = [s for s in self.sockets if s.takes(proto, family, address, port)]
         return min(fitting, key=lambda s: s.address is None, default=None)
 
+    def transparent_socket(self, p: Packet, address: int, port: int) -> Socket | None:
+        """The transparent socket TPROXY (iptables' target, nft's `tproxy`) gives the packet: a
+        listener on `address`, or on the input device's first address when it is 0 (any), or
+        on the packet's destination, at `port` (0: the packet's own); None when there is none
+        or it is not transparent."""
+        laddr = address or self.first_address(p.family, p.iif) or p.dst
+        sock = self.socket_for(p.proto, p.family, laddr, port or p.dport)
+        return sock if sock is not None and sock.transparent else None
+
     # --- routing ---------------------------------------------------------------------------
 
     def route(self, family: int, dst: int, mark: int = 0) -> Route | None:

@@ -219,9 +219,8 @@ class Tproxy(Target):
         self.port, self.address, self.value, self.mask = port, address, value, mask
 
     def fire(self, p, ns, hook):
-        laddr = self.address or ns.first_address(p.family, p.iif) or p.dst
-        sock = ns.socket_for(p.proto, p.family, laddr, self.port or p.dport)
-        if sock is None or not sock.transparent:
+        sock = ns.transparent_socket(p, self.address, self.port)
+        if sock is None:
             where = f"{self.port or p.dport}"
             return Outcome(Verdict.DROP, p, f"{where}: no transparent listener, dropped")
         mark = (p.mark & ~self.mask & 0xFFFFFFFF) ^ self.value
