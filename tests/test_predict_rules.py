@@ -305,6 +305,13 @@ def test_goto_returns_past_its_caller() -> None:
     assert path(jumped, flow).startswith("Local Pod -> OUTPUT -> A -> ISTIO_REDIRECT -> Envoy 15001 (Outbound)")
 
 
+def test_redirect_reads_to_port_as_to_ports() -> None:
+    """iptables takes --to-port for --to-ports; predict's reader turns one into the other."""
+    for spec in ("-p tcp -j REDIRECT --to-port 15001", "-p tcp -j REDIRECT --to-ports 15001"):
+        target = rule(spec, chain="ISTIO_REDIRECT").target
+        assert (target.name, target.port) == ("REDIRECT", 15001)
+
+
 def test_redirect_to_a_port_nobody_listens_on_is_refused() -> None:
     text = BASE.replace("15001", "15999") + "-A OUTPUT -p tcp -j ISTIO_REDIRECT\nCOMMIT\n"
     assert path(text, Flow("sidecar", "10.96.0.90", 9080)) == \

@@ -108,7 +108,6 @@ Arrival = Delivered | Death | OnWire
 @dataclass
 class Namespace:
     name: str
-    label: str  # how paths name it: "Local Pod", "node"
     addresses: list[InterfaceAddress]
     routes: list[Route]  # the main table
     marked_routes: dict[int, list[Route]] = field(default_factory=dict)  # ip rule fwmark M lookup T

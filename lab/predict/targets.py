@@ -178,8 +178,8 @@ class DestinationNat(Target):
     HOOKS = frozenset({"PREROUTING", "OUTPUT"})
     name = "DNAT"
 
-    def __init__(self, family: int, address: int, port: int | None):
-        self.family, self.address, self.port = family, address, port
+    def __init__(self, address: int, port: int | None):
+        self.address, self.port = address, port
 
     def fire(self, p, ns, hook):
         return Outcome(Verdict.ACCEPT, _dnat(p, self.address, self.port or p.dport))
@@ -290,14 +290,14 @@ def _address_port(text: str, family: int) -> tuple[int, int | None]:
 
 
 def _redirect(opts, family):
-    return Redirect(_port(_one(opts, "--to-ports", _one(opts, "--to-port"))))
+    return Redirect(_port(_one(opts, "--to-ports")))  # lab.predict.iptables reads --to-port as --to-ports
 
 
 def _dnat_target(opts, family):
     to = _one(opts, "--to-destination")
     if to is None:
         raise CannotPredict("DNAT without --to-destination")
-    return DestinationNat(family, *_address_port(to, family))
+    return DestinationNat(*_address_port(to, family))
 
 
 def _snat(opts, family):
@@ -359,7 +359,7 @@ _MAKERS = {"REDIRECT": _redirect, "DNAT": _dnat_target, "SNAT": _snat, "MASQUERA
            "TPROXY": _tproxy, "MARK": _mark, "CONNMARK": _connmark, "CT": _ct, "NOTRACK": _notrack}
 # The options each target is modelled with; a rule giving another is not predicted.
 _OPTIONS = {
-    "REDIRECT": {"--to-ports", "--to-port"}, "DNAT": {"--to-destination"}, "SNAT": {"--to-source"},
+    "REDIRECT": {"--to-ports"}, "DNAT": {"--to-destination"}, "SNAT": {"--to-source"},
     "MASQUERADE": set(), "TPROXY": {"--on-port", "--on-ip", "--tproxy-mark"},
     "MARK": {"--set-xmark", "--set-mark", "--and-mark", "--or-mark", "--xor-mark"},
     "CONNMARK": {"--set-xmark", "--set-mark", "--save-mark", "--restore-mark", "--nfmask", "--ctmask", "--mask"},

@@ -149,7 +149,7 @@ class Topology:
             gateway6 = inet.parse(plan.GATEWAY6)[1]
             routes += [Route(inet.network(plan.POD_SUBNET6), "eth0"), Route(inet.network("::/0"), "eth0", gateway6),
                        Route(inet.network(plan.SERVICE_RANGE6), "eth0", gateway6)]
-        return Namespace(name, LABELS[name], addresses, routes, sockets=self._sockets(name))
+        return Namespace(name, addresses, routes, sockets=self._sockets(name))
 
     def _vm(self) -> None:
         """The VM behind the sidecar's k6t-eth0, and that interface's address in the sidecar."""
@@ -166,7 +166,7 @@ class Topology:
             addresses.append(InterfaceAddress.of("eth0", f"{plan.VM_ADDRESS6}/{plan.VM_PREFIX6}"))
             routes += [Route(inet.network(f"{plan.VM_GATEWAY6}/{plan.VM_PREFIX6}"), "eth0"),
                        Route(inet.network("::/0"), "eth0", inet.parse(plan.VM_GATEWAY6)[1])]
-        self.namespaces[plan.VM] = Namespace(plan.VM, LABELS[plan.VM], addresses, routes)
+        self.namespaces[plan.VM] = Namespace(plan.VM, addresses, routes)
 
     def _node(self) -> Namespace:
         addresses = [InterfaceAddress.of("lo", "127.0.0.1/8"),
@@ -178,7 +178,7 @@ class Topology:
             addresses.append(InterfaceAddress.of("br0", f"{plan.GATEWAY6}/{plan.POD_PREFIX6}"))
             routes.append(Route(inet.network(plan.POD_SUBNET6), "br0"))
         hooks = {family: Hooks(family, [iptables.tables(kubeproxy.dump(family))]) for family in self._families()}
-        return Namespace(NODE, LABELS[NODE], addresses, routes, forwarding=True, hooks=hooks)
+        return Namespace(NODE, addresses, routes, forwarding=True, hooks=hooks)
 
     def _sockets(self, pod: str) -> list[Socket]:
         P = plan.Port
