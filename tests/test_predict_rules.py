@@ -305,6 +305,14 @@ def test_goto_returns_past_its_caller() -> None:
     assert path(jumped, flow).startswith("Local Pod -> OUTPUT -> A -> ISTIO_REDIRECT -> Envoy 15001 (Outbound)")
 
 
+def test_a_tables_chains_keep_the_dumps_order() -> None:
+    """Built-in chains first, then the dump's own as declared: the order check() meets problems in."""
+    text = ("*nat\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\n"
+            ":ZED - [0:0]\n:ALPHA - [0:0]\n:MIDDLE - [0:0]\n-A OUTPUT -j ZED\nCOMMIT\n")
+    (table,) = iptables.tables(dump(text))
+    assert list(table.chains) == ["PREROUTING", "INPUT", "OUTPUT", "POSTROUTING", "ZED", "ALPHA", "MIDDLE"]
+
+
 def test_redirect_reads_to_port_as_to_ports() -> None:
     """iptables takes --to-port for --to-ports; predict's reader turns one into the other."""
     for spec in ("-p tcp -j REDIRECT --to-port 15001", "-p tcp -j REDIRECT --to-ports 15001"):

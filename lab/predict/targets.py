@@ -11,6 +11,7 @@ hands the packet to a transparent socket, or drops it when there is none.
 from __future__ import annotations
 
 import enum
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -240,7 +241,7 @@ class Unknown(Target):
 
 # --- reading a target's options -----------------------------------------------------------
 
-def build(name: str, options: list[tuple[str, list[str]]], family: int, chains: set[str], where: str) -> Target:
+def build(name: str, options: list[tuple[str, list[str]]], family: int, chains: Collection[str], where: str) -> Target:
     """The target of `-j NAME OPTIONS...` (options as (--flag, values) pairs)."""
     opts = {flag: values for flag, values in options}
     if name in chains:
