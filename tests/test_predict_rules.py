@@ -77,6 +77,18 @@ def test_ipv6_addresses() -> None:
     assert not matches("! -d fd00:10:244::/64", p, family=6)
 
 
+@pytest.mark.parametrize("spec,needs,has", [
+    ("-s 127.0.0.6/32", "-s 127.0.0.6/32", "the source is 10.244.0.10"),
+    ("! -s 10.244.0.10/32", "! -s 10.244.0.10/32", "the source is 10.244.0.10"),
+    ("-d 127.0.0.1/32", "-d 127.0.0.1/32", "the destination is 10.96.0.90"),
+    ("! -d 10.96.0.0/16", "! -d 10.96.0.0/16", "the destination is 10.96.0.90"),
+])
+def test_an_address_says_what_it_needs_and_what_the_packet_has(spec, needs, has) -> None:
+    p = packet()
+    condition = rule(spec).first_miss(p, SIDECAR)
+    assert (condition.needs(), condition.has(p, SIDECAR)) == (needs, has)
+
+
 # --- ports ------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("spec,expected", [

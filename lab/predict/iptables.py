@@ -207,7 +207,7 @@ def _ip_conditions(options: list[Option], family: int, where: str) -> list[m.Mat
                 if "," in o.values[0]:
                     raise CannotPredict(f"{where}: {o.flag} {o.values[0]}: iptables splits an address list into rules")
                 net = inet.network(o.values[0], family)
-                out.append((m.Source if o.flag == "-s" else m.Destination)(net, o.negated))
+                out.append(m.Address(o.flag, net, o.negated))
             elif o.flag in ("-i", "-o"):
                 out.append(m.Interface(o.flag, o.values[0], o.negated))
             elif o.flag == "-p":
