@@ -15,6 +15,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from .. import plan
 from . import inet
 from .errors import CannotPredict
 from .matches import mark_spec
@@ -164,7 +165,7 @@ class Redirect(Target):
 
     def fire(self, p, ns, hook):
         if hook == "OUTPUT":
-            dst = inet.parse("127.0.0.1" if p.family == 4 else "::1")[1]
+            dst = inet.parse(plan.LOCALHOST[p.family])[1]
         else:
             dst = ns.first_address(p.family, p.iif)
             if dst is None:
