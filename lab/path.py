@@ -168,7 +168,7 @@ _END_RE = re.compile(r"^(?:(.+?)\s+)?(\d+):\s*no listener, refused$", re.I)
 _ENDING_RE = re.compile(r"^(DROP|REJECT|.+,\s*(unreachable|closed|dropped|refused))$")  # how a path that died ends
 _POLICY_RE = re.compile(r"^([A-Za-z_][A-Za-z0-9_-]*) POLICY(?:\s*\((.*)\))?$")
 _WHOSE_RE = re.compile(r"^([A-Za-z][A-Za-z -]*?):\s+(.+)$")  # `Remote Pod: INPUT RULE 1 (filter)`
-NODE = "node"  # plan.NODE: the qualifier of a node's rule
+NODE = plan.NODE  # the qualifier of a node's rule
 BACKENDS = ("legacy", "nft")  # the qualifier of a rule in a pod whose rules both backends wrote
 _NFT_TABLE = re.compile(r"[a-z][a-z0-9_]*-[a-z0-9_-]+")  # an nf_tables table of its own: istio-proxy-mangle
 

@@ -77,6 +77,18 @@ def test_ipv6_addresses() -> None:
     assert not matches("! -d fd00:10:244::/64", p, family=6)
 
 
+@pytest.mark.parametrize("spec,needs,has", [
+    ("-s 127.0.0.6/32", "-s 127.0.0.6/32", "the source is 10.244.0.10"),
+    ("! -s 10.244.0.10/32", "! -s 10.244.0.10/32", "the source is 10.244.0.10"),
+    ("-d 127.0.0.1/32", "-d 127.0.0.1/32", "the destination is 10.96.0.90"),
+    ("! -d 10.96.0.0/16", "! -d 10.96.0.0/16", "the destination is 10.96.0.90"),
+])
+def test_an_address_says_what_it_needs_and_what_the_packet_has(spec, needs, has) -> None:
+    p = packet()
+    condition = rule(spec).first_miss(p, SIDECAR)
+    assert (condition.needs(), condition.has(p, SIDECAR)) == (needs, has)
+
+
 # --- ports ------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("spec,expected", [
@@ -303,6 +315,21 @@ def test_goto_returns_past_its_caller() -> None:
     assert path(text, flow) == "Local Pod -> OUTPUT -> A -> POSTROUTING -> KUBE-SEP-REMOTE RULE 2 (node) -> Remote Pod"
     jumped = text.replace("-A OUTPUT -g A", "-A OUTPUT -j A")
     assert path(jumped, flow).startswith("Local Pod -> OUTPUT -> A -> ISTIO_REDIRECT -> Envoy 15001 (Outbound)")
+
+
+def test_a_tables_chains_keep_the_dumps_order() -> None:
+    """Built-in chains first, then the dump's own as declared: the order check() meets problems in."""
+    text = ("*nat\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\n"
+            ":ZED - [0:0]\n:ALPHA - [0:0]\n:MIDDLE - [0:0]\n-A OUTPUT -j ZED\nCOMMIT\n")
+    (table,) = iptables.tables(dump(text))
+    assert list(table.chains) == ["PREROUTING", "INPUT", "OUTPUT", "POSTROUTING", "ZED", "ALPHA", "MIDDLE"]
+
+
+def test_redirect_reads_to_port_as_to_ports() -> None:
+    """iptables takes --to-port for --to-ports; predict's reader turns one into the other."""
+    for spec in ("-p tcp -j REDIRECT --to-port 15001", "-p tcp -j REDIRECT --to-ports 15001"):
+        target = rule(spec, chain="ISTIO_REDIRECT").target
+        assert (target.name, target.port) == ("REDIRECT", 15001)
 
 
 def test_redirect_to_a_port_nobody_listens_on_is_refused() -> None:

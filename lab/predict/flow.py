@@ -108,7 +108,8 @@ def _connect(topology: Topology, dial: Dial) -> Leg:
     """One leg: route the client's first packet, then follow it until it is delivered or dies."""
     ns = topology.namespaces[dial.client.namespace]
     c = dial.client
-    packet = Packet(dial.family, dial.proto, c.address or 0, c.port, dial.address, dial.port, mark=c.mark, owner=c.owner)
+    # the source port is the kernel's to pick (None): no client binds one
+    packet = Packet(dial.family, dial.proto, c.address or 0, None, dial.address, dial.port, mark=c.mark, owner=c.owner)
     passes: list[HookPass] = []
     route = ns.route(dial.family, dial.address, c.mark)
     if route is None:

@@ -14,6 +14,7 @@ when the kernel would evaluate it.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from ..netfilter import BUILTIN_CHAINS, LEGACY_PREFIX, RuleRef, xt_priority
@@ -74,7 +75,9 @@ def tables(dump: Dump, backend: str = "") -> list[Table]:
         table = Table(LEGACY_PREFIX + name if backend == "legacy" else name, name, dump.family, backend)
         table.bases = tuple(Base(hook, hook, xt_priority(name, hook), _kind(name, hook),
                                  saved.policies.get(hook, "ACCEPT")) for hook in BUILTIN_CHAINS[name])
-        declared = set(BUILTIN_CHAINS[name]) | set(saved.chains)
+        # the built-in chains, then the dump's in its order: the chains' order (and which
+        # problem check() meets first) is the dump's, not a set's
+        declared = dict.fromkeys([*BUILTIN_CHAINS[name], *saved.chains])
         numbered: dict[str, list[Rule]] = {chain: [] for chain in declared}
         for line in saved.rules:
             rules = numbered[line.chain]
@@ -93,7 +96,7 @@ def _kind(table: str, hook: str) -> str:
     return "route" if (table, hook) == ("mangle", "OUTPUT") else "filter"
 
 
-def read(table: Table, number: int, rule: RuleLine, chains: set[str]) -> Rule:
+def read(table: Table, number: int, rule: RuleLine, chains: Collection[str]) -> Rule:
     """The rule `rule` (number `number` of its chain) of `table`."""
     where, family = table.where(rule.chain, number), table.family
     ip_part, modules, target = _tokens(rule.args, where)
@@ -204,7 +207,7 @@ def _ip_conditions(options: list[Option], family: int, where: str) -> list[m.Mat
                 if "," in o.values[0]:
                     raise CannotPredict(f"{where}: {o.flag} {o.values[0]}: iptables splits an address list into rules")
                 net = inet.network(o.values[0], family)
-                out.append((m.Source if o.flag == "-s" else m.Destination)(net, o.negated))
+                out.append(m.Address(o.flag, net, o.negated))
             elif o.flag in ("-i", "-o"):
                 out.append(m.Interface(o.flag, o.values[0], o.negated))
             elif o.flag == "-p":

@@ -81,38 +81,27 @@ PORT_BLOCK = 8  # a port range is indexed under each 256-port block it touches
 
 # --- the IP header part ---------------------------------------------------------------
 
-class Source(Match):
-    __slots__ = ("net",)
+class Address(Match):
+    """-s 127.0.0.6/32 (flag "-s": the source) or -d 10.96.0.0/16 ("-d": the destination)."""
 
-    def __init__(self, net: inet.Network, negated: bool = False):
-        super().__init__(f"-s {net}", negated)
+    __slots__ = ("source", "net")
+
+    def __init__(self, flag: str, net: inet.Network, negated: bool = False):
+        super().__init__(f"{flag} {net}", negated)
+        self.source = flag == "-s"
         self.net = net
 
-    def holds(self, p, ns):
-        return p.src in self.net
-
-    def has(self, p, ns):
-        return f"the source is {inet.text(p.family, p.src)}"
-
-    def index(self):
-        return prefix_index("src", (self.net,))
-
-
-class Destination(Match):
-    __slots__ = ("net",)
-
-    def __init__(self, net: inet.Network, negated: bool = False):
-        super().__init__(f"-d {net}", negated)
-        self.net = net
+    def address(self, p: Packet) -> int:
+        return p.src if self.source else p.dst
 
     def holds(self, p, ns):
-        return p.dst in self.net
+        return self.address(p) in self.net
 
     def has(self, p, ns):
-        return f"the destination is {inet.text(p.family, p.dst)}"
+        return f"the {'source' if self.source else 'destination'} is {inet.text(p.family, self.address(p))}"
 
     def index(self):
-        return prefix_index("dst", (self.net,))
+        return prefix_index("src" if self.source else "dst", (self.net,))
 
 
 class Interface(Match):

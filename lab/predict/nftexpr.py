@@ -258,9 +258,7 @@ class TransparentSocket(Condition):
         self.address, self.port = address, port
 
     def socket(self, p: Packet, ns: "Namespace"):
-        laddr = self.address or ns.first_address(p.family, p.iif) or p.dst
-        sock = ns.socket_for(p.proto, p.family, laddr, self.port or p.dport)
-        return sock if sock is not None and sock.transparent else None
+        return ns.transparent_socket(p, self.address, self.port)
 
     def holds(self, p, ns):
         return self.socket(p, ns) is not None

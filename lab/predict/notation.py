@@ -121,10 +121,10 @@ def _leg(leg: Leg, looped: bool) -> list[Mark]:
             out += _exit(passes, back) + after
             continue
         if leg.proxy is not None:
-            name = f"{leg.proxy.process} {leg.proxy.port} (loop)" if looped else leg.proxy.name
+            name = leg.proxy.looped if looped else leg.proxy.name
             return out + [Mark("proxy", name, packet=leg.packet.text())]
         if _refused_where_redirected(end):  # where the proxy would be: the port alone
-            return out + [Mark("end", f"{end.packet.dport}: no listener, refused")]
+            return out + [Mark("end", paths.refused(end.packet.dport).name)]
         out += _exit(passes, back) + after
         if isinstance(end, Death):
             out += _ending(end, killer, passes, back)
@@ -252,7 +252,7 @@ def _death(end: Death) -> str:
     if end.kind in ("DROP", "REJECT") and end.cause is not None:
         return end.why or end.kind  # a target's own words (TPROXY with no socket), or the verdict
     if end.kind == "refused":
-        return f"{LABELS[end.namespace]} {end.packet.dport}: no listener, refused"
+        return paths.refused(end.packet.dport, LABELS[end.namespace]).name
     if end.kind == "unreachable":
         return f"node: {end.why}, unreachable" if end.namespace == NODE else f"{end.why}, unreachable"
     return f"{LABELS[end.namespace]}: {end.why}, dropped"

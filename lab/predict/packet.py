@@ -49,7 +49,6 @@ class Socket:
     port: int
     process: str
     transparent: bool = False
-    mark: int = 0
 
     def takes(self, proto: str, family: int, address: int, port: int) -> bool:
         return (self.proto, self.family, self.port) == (proto, family, port) and self.address in (None, address)

@@ -36,7 +36,6 @@ class Client:
     namespace: str
     owner: Owner
     address: int | None = None  # bound source address (None: the route's)
-    port: int | None = None  # bound source port (None: an ephemeral one)
     mark: int = 0
 
 

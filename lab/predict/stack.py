@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .. import plan
 from . import inet
 from .chains import Hit, Policy, TableWalk, walk
 from .hooks import DESTINATION_HOOKS, Conntrack, Entry, Hooks, NatCore
@@ -108,7 +109,6 @@ Arrival = Delivered | Death | OnWire
 @dataclass
 class Namespace:
     name: str
-    label: str  # how paths name it: "Local Pod", "node"
     addresses: list[InterfaceAddress]
     routes: list[Route]  # the main table
     marked_routes: dict[int, list[Route]] = field(default_factory=dict)  # ip rule fwmark M lookup T
@@ -120,7 +120,7 @@ class Namespace:
 
     def is_local(self, family: int, address: int) -> bool:
         """In the local table: an address of ours, or loopback (all of 127/8 over IPv4)."""
-        if family == 4 and address >> 24 == 127:
+        if family == 4 and inet.is_loopback(family, address):
             return True
         return any(a.family == family and a.address == address for a in self.addresses)
 
@@ -135,7 +135,7 @@ class Namespace:
         mine = [a for a in self.addresses if a.family == family and (device is None or a.device == device)]
         if any(a.address == address for a in mine):
             return "LOCAL"
-        if family == 4 and address >> 24 == 127 and device in (None, "lo"):
+        if family == 4 and inet.is_loopback(family, address) and device in (None, "lo"):
             return "LOCAL"
         if family == 4 and any(a.prefix < 31 and address == a.address | ~a.network.mask & 0xFFFFFFFF
                                for a in mine):
@@ -151,6 +151,15 @@ class Namespace:
         wildcard one (the kernel's lookup scores the exact match higher)."""
         fitting = [s for s in self.sockets if s.takes(proto, family, address, port)]
         return min(fitting, key=lambda s: s.address is None, default=None)
+
+    def transparent_socket(self, p: Packet, address: int, port: int) -> Socket | None:
+        """The transparent socket TPROXY (iptables' target, nft's `tproxy`) gives the packet: a
+        listener on `address`, or on the input device's first address when it is 0 (any), or
+        on the packet's destination, at `port` (0: the packet's own); None when there is none
+        or it is not transparent."""
+        laddr = address or self.first_address(p.family, p.iif) or p.dst
+        sock = self.socket_for(p.proto, p.family, laddr, port or p.dport)
+        return sock if sock is not None and sock.transparent else None
 
     # --- routing ---------------------------------------------------------------------------
 
@@ -170,8 +179,8 @@ class Namespace:
         (127.0.0.1 for the rest of 127/8, the destination for a route with no preferred
         source), else the output device's address."""
         if route.local:
-            if family == 4 and dst >> 24 == 127:
-                return inet.parse("127.0.0.1")[1]
+            if inet.is_loopback(family, dst):
+                return inet.parse(plan.LOCALHOST[family])[1]
             return dst
         return self.first_address(family, route.device) or dst
 

@@ -11,9 +11,11 @@ hands the packet to a transparent socket, or drops it when there is none.
 from __future__ import annotations
 
 import enum
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from .. import plan
 from . import inet
 from .errors import CannotPredict
 from .matches import mark_spec
@@ -163,7 +165,7 @@ class Redirect(Target):
 
     def fire(self, p, ns, hook):
         if hook == "OUTPUT":
-            dst = inet.parse("127.0.0.1" if p.family == 4 else "::1")[1]
+            dst = inet.parse(plan.LOCALHOST[p.family])[1]
         else:
             dst = ns.first_address(p.family, p.iif)
             if dst is None:
@@ -178,8 +180,8 @@ class DestinationNat(Target):
     HOOKS = frozenset({"PREROUTING", "OUTPUT"})
     name = "DNAT"
 
-    def __init__(self, family: int, address: int, port: int | None):
-        self.family, self.address, self.port = family, address, port
+    def __init__(self, address: int, port: int | None):
+        self.address, self.port = address, port
 
     def fire(self, p, ns, hook):
         return Outcome(Verdict.ACCEPT, _dnat(p, self.address, self.port or p.dport))
@@ -219,9 +221,8 @@ class Tproxy(Target):
         self.port, self.address, self.value, self.mask = port, address, value, mask
 
     def fire(self, p, ns, hook):
-        laddr = self.address or ns.first_address(p.family, p.iif) or p.dst
-        sock = ns.socket_for(p.proto, p.family, laddr, self.port or p.dport)
-        if sock is None or not sock.transparent:
+        sock = ns.transparent_socket(p, self.address, self.port)
+        if sock is None:
             where = f"{self.port or p.dport}"
             return Outcome(Verdict.DROP, p, f"{where}: no transparent listener, dropped")
         mark = (p.mark & ~self.mask & 0xFFFFFFFF) ^ self.value
@@ -241,7 +242,7 @@ class Unknown(Target):
 
 # --- reading a target's options -----------------------------------------------------------
 
-def build(name: str, options: list[tuple[str, list[str]]], family: int, chains: set[str], where: str) -> Target:
+def build(name: str, options: list[tuple[str, list[str]]], family: int, chains: Collection[str], where: str) -> Target:
     """The target of `-j NAME OPTIONS...` (options as (--flag, values) pairs)."""
     opts = {flag: values for flag, values in options}
     if name in chains:
@@ -291,14 +292,14 @@ def _address_port(text: str, family: int) -> tuple[int, int | None]:
 
 
 def _redirect(opts, family):
-    return Redirect(_port(_one(opts, "--to-ports", _one(opts, "--to-port"))))
+    return Redirect(_port(_one(opts, "--to-ports")))  # lab.predict.iptables reads --to-port as --to-ports
 
 
 def _dnat_target(opts, family):
     to = _one(opts, "--to-destination")
     if to is None:
         raise CannotPredict("DNAT without --to-destination")
-    return DestinationNat(family, *_address_port(to, family))
+    return DestinationNat(*_address_port(to, family))
 
 
 def _snat(opts, family):
@@ -360,7 +361,7 @@ _MAKERS = {"REDIRECT": _redirect, "DNAT": _dnat_target, "SNAT": _snat, "MASQUERA
            "TPROXY": _tproxy, "MARK": _mark, "CONNMARK": _connmark, "CT": _ct, "NOTRACK": _notrack}
 # The options each target is modelled with; a rule giving another is not predicted.
 _OPTIONS = {
-    "REDIRECT": {"--to-ports", "--to-port"}, "DNAT": {"--to-destination"}, "SNAT": {"--to-source"},
+    "REDIRECT": {"--to-ports"}, "DNAT": {"--to-destination"}, "SNAT": {"--to-source"},
     "MASQUERADE": set(), "TPROXY": {"--on-port", "--on-ip", "--tproxy-mark"},
     "MARK": {"--set-xmark", "--set-mark", "--and-mark", "--or-mark", "--xor-mark"},
     "CONNMARK": {"--set-xmark", "--set-mark", "--save-mark", "--restore-mark", "--nfmask", "--ctmask", "--mask"},

@@ -26,7 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from .. import plan, podspec
+from .. import path, plan, podspec
 from ..podspec import PodSpec
 from ..rules import features, kubeproxy
 from ..rules.nftset import RuleSet as NftRules
@@ -36,12 +36,13 @@ from .hooks import Hooks
 from .packet import Owner, Packet, Socket
 from .stack import InterfaceAddress, Namespace, Route
 
-NODE = "node"
-# How the article's notation names each pod (as the pytest plugin's traced_request does).
-LABELS = {"sidecar": "Local Pod", "remote": "Remote Pod", "istiod": "Istiod", "prometheus": "Prometheus",
-          "kube-dns": "kube-dns", NODE: "node", plan.VM: "VM"}
-ROLES = {plan.Port.OUTBOUND: ("Envoy", "Outbound"), plan.Port.INBOUND: ("Envoy", "Inbound"),
-         plan.Port.DNS_PROXY: ("pilot-agent", "DNS")}
+NODE = plan.NODE
+# How the article's notation names each namespace: the pods as lab.plan does, the node and the VM.
+LABELS = {**plan.POD_LABELS, NODE: "node", plan.VM: "VM"}
+# The process behind each port the rules send connections to, and the side of it the port is
+# (lab.path's names for both, so a predicted path names proxies as a measured one does).
+ROLES = {**{port: ("Envoy", role) for port, role in path.PROXIES.items()},
+         **{port: ("pilot-agent", role) for port, role in path.AGENT_PROXIES.items()}}
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,13 @@ class Proxy:
 
     @property
     def name(self) -> str:
-        return f"{self.process} {self.port} ({self.role})"
+        """`Envoy 15001 (Outbound)`, as lab.path writes it."""
+        return path.proxy_name(self.port, role=self.role)
+
+    @property
+    def looped(self) -> str:
+        """What the path calls it when the flow came back into it: `Envoy 15006 (loop)`."""
+        return path.proxy_name(self.port, loop=True)
 
 
 class Topology:
@@ -119,7 +126,7 @@ class Topology:
             return None
         if self.one_listener and sock.port == plan.Port.OUTBOUND and packet is not None and packet.conn is not None:
             own = {inet.parse(ip)[1] for ip in (plan.PODS["sidecar"], plan.PODS6["sidecar"])}
-            role = "Inbound" if packet.conn.original_dst in own else "Outbound"
+            role = path.PROXIES[plan.Port.INBOUND if packet.conn.original_dst in own else plan.Port.OUTBOUND]
         return Proxy(process, sock.port, role)
 
     # --- building ---------------------------------------------------------------------------
@@ -142,7 +149,7 @@ class Topology:
             gateway6 = inet.parse(plan.GATEWAY6)[1]
             routes += [Route(inet.network(plan.POD_SUBNET6), "eth0"), Route(inet.network("::/0"), "eth0", gateway6),
                        Route(inet.network(plan.SERVICE_RANGE6), "eth0", gateway6)]
-        return Namespace(name, LABELS[name], addresses, routes, sockets=self._sockets(name))
+        return Namespace(name, addresses, routes, sockets=self._sockets(name))
 
     def _vm(self) -> None:
         """The VM behind the sidecar's k6t-eth0, and that interface's address in the sidecar."""
@@ -159,7 +166,7 @@ class Topology:
             addresses.append(InterfaceAddress.of("eth0", f"{plan.VM_ADDRESS6}/{plan.VM_PREFIX6}"))
             routes += [Route(inet.network(f"{plan.VM_GATEWAY6}/{plan.VM_PREFIX6}"), "eth0"),
                        Route(inet.network("::/0"), "eth0", inet.parse(plan.VM_GATEWAY6)[1])]
-        self.namespaces[plan.VM] = Namespace(plan.VM, LABELS[plan.VM], addresses, routes)
+        self.namespaces[plan.VM] = Namespace(plan.VM, addresses, routes)
 
     def _node(self) -> Namespace:
         addresses = [InterfaceAddress.of("lo", "127.0.0.1/8"),
@@ -171,7 +178,7 @@ class Topology:
             addresses.append(InterfaceAddress.of("br0", f"{plan.GATEWAY6}/{plan.POD_PREFIX6}"))
             routes.append(Route(inet.network(plan.POD_SUBNET6), "br0"))
         hooks = {family: Hooks(family, [iptables.tables(kubeproxy.dump(family))]) for family in self._families()}
-        return Namespace(NODE, LABELS[NODE], addresses, routes, forwarding=True, hooks=hooks)
+        return Namespace(NODE, addresses, routes, forwarding=True, hooks=hooks)
 
     def _sockets(self, pod: str) -> list[Socket]:
         P = plan.Port
