@@ -302,9 +302,6 @@ def path(source: str, destination: str, found: list[Leg], events: Sequence[Trace
     return paths.of(hops)
 
 
-REWRITES = ("DNAT", "MASQUERADE")  # what the node's kube-proxy rules do to a packet
-
-
 def node_hops(events: Sequence[TraceEvent], leg: Leg, rules: Rules) -> list[Hop]:
     """The node's rules that rewrote the leg's first packet: its DNAT (kube-proxy's KUBE-SEP
     rule) and, for a pod calling its own Service, the masquerade; from the node's TRACE
@@ -312,7 +309,7 @@ def node_hops(events: Sequence[TraceEvent], leg: Leg, rules: Rules) -> list[Hop]
     return [Hop(paths.CHAIN, e.chain, "nat", e.rulenum, rules.counts.get(e.rule.chain_ref, 2) > 1, packet(e),
                 rules.lines.get(e.rule, ""), where=plan.NODE)
             for e in first_packet(events, leg)
-            if rules.matched(e) and e.table == "nat" and rules.target(e.rule) in REWRITES]
+            if rules.matched(e) and e.table == "nat" and rules.target(e.rule) in paths.NODE_REWRITES]
 
 
 def node_exit(events: Sequence[TraceEvent], leg: Leg) -> Packet | None:

@@ -169,6 +169,7 @@ _ENDING_RE = re.compile(r"^(DROP|REJECT|.+,\s*(unreachable|closed|dropped|refuse
 _POLICY_RE = re.compile(r"^([A-Za-z_][A-Za-z0-9_-]*) POLICY(?:\s*\((.*)\))?$")
 _WHOSE_RE = re.compile(r"^([A-Za-z][A-Za-z -]*?):\s+(.+)$")  # `Remote Pod: INPUT RULE 1 (filter)`
 NODE = plan.NODE  # the qualifier of a node's rule
+NODE_REWRITES = ("DNAT", "MASQUERADE")  # the node's kube-proxy rules that rewrite a packet: each is a hop
 BACKENDS = ("legacy", "nft")  # the qualifier of a rule in a pod whose rules both backends wrote
 _NFT_TABLE = re.compile(r"[a-z][a-z0-9_]*-[a-z0-9_-]+")  # an nf_tables table of its own: istio-proxy-mangle
 

@@ -150,9 +150,6 @@ def _exit(passes: list[HookPass], back: list[Mark]) -> list[Mark]:
     return [Mark("hook", exit_hook, packet=exit_pass.packet.text())] if exit_pass is not None else []
 
 
-REWRITES = ("DNAT", "MASQUERADE")  # what the node's kube-proxy rules do to a packet (lab.join's)
-
-
 def _node_marks(passes: list[HookPass]) -> list[Mark]:
     """The node's rules that rewrote the packet: kube-proxy's DNAT, a hairpin's masquerade."""
     out = []
@@ -161,7 +158,7 @@ def _node_marks(passes: list[HookPass]) -> list[Mark]:
             continue
         for step in _steps(ps):
             if isinstance(step, Hit) and step.chain.table.role == "nat" and step.rule.target is not None \
-                    and step.rule.target.name in REWRITES:
+                    and step.rule.target.name in paths.NODE_REWRITES:
                 out.append(replace(_hit(step), where=NODE))
     return out
 
